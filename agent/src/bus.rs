@@ -1,0 +1,241 @@
+//! The agent's side of the NATS control plane.
+//!
+//! [`Bus`] is a cheap, cloneable handle: one NATS connection (which reconnects on
+//! its own), the JetStream context, and the health bucket. It creates the
+//! streams and bucket the fleet needs if they are missing, so the first agent of
+//! a new fleet sets up the server.
+
+pub(crate) mod micro;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use flotilla_protocol::{
+    encode, subject, Event, EventBody, Heartbeat, HostName, Severity, EVENT_VERSION,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::now_ms;
+
+/// How long event publication waits for the stream's acknowledgement.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A failure talking to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The server could not be reached.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// Server URL.
+        url: String,
+        /// Why.
+        source: async_nats::ConnectError,
+    },
+    /// A JetStream request failed.
+    #[error("JetStream {what} failed: {why}")]
+    JetStream {
+        /// What was attempted.
+        what: &'static str,
+        /// Why.
+        why: String,
+    },
+    /// Shutdown was requested while connecting.
+    #[error("shutdown requested while connecting to NATS")]
+    Cancelled,
+}
+
+impl BusError {
+    /// Connection and JetStream failures are usually passing (server restarting).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, BusError::Cancelled)
+    }
+}
+
+fn js_err(what: &'static str) -> impl FnOnce(String) -> BusError {
+    move |why| BusError::JetStream { what, why }
+}
+
+/// Handle to the NATS connection and the fleet's JetStream resources.
+#[derive(Debug, Clone)]
+pub struct Bus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    health: kv::Store,
+    host: HostName,
+}
+
+impl Bus {
+    /// Connects, retrying with backoff until the server answers or `cancel`
+    /// fires, then makes sure the task and event streams and the health bucket
+    /// exist.
+    pub async fn connect(
+        url: &str,
+        host: &HostName,
+        cancel: &CancellationToken,
+    ) -> Result<Bus, BusError> {
+        let mut delay = Duration::from_millis(250);
+        loop {
+            match Self::try_connect(url, host).await {
+                Ok(bus) => return Ok(bus),
+                Err(e) => {
+                    warn!(error = %e, retry_in = ?delay, "NATS not ready; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(BusError::Cancelled),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    async fn try_connect(url: &str, host: &HostName) -> Result<Bus, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("flotilla-agent/{host}"))
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => info!("connected to NATS"),
+                    async_nats::Event::Disconnected => warn!("disconnected from NATS; reconnecting"),
+                    other => debug!(event = %other, "NATS event"),
+                }
+            })
+            .connect(url)
+            .await
+            .map_err(|source| BusError::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
+        let js = jetstream::new(client.clone());
+        ensure_streams(&js).await?;
+        let health = match js.get_key_value(subject::HEALTH_BUCKET).await {
+            Ok(store) => store,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: subject::HEALTH_BUCKET.into(),
+                    description: "latest heartbeat of every Flotilla agent".into(),
+                    history: 1,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| js_err("create health bucket")(e.to_string()))?,
+        };
+        Ok(Bus {
+            client,
+            js,
+            health,
+            host: host.clone(),
+        })
+    }
+
+    /// The raw NATS client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// This agent's pull consumer on the task stream, created if missing.
+    pub async fn task_consumer(&self) -> Result<consumer::PullConsumer, BusError> {
+        let name = subject::task_consumer(&self.host);
+        let stream = self
+            .js
+            .get_stream(subject::TASK_STREAM)
+            .await
+            .map_err(|e| js_err("get task stream")(e.to_string()))?;
+        stream
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    description: Some(format!("tasks for host {}", self.host)),
+                    filter_subject: subject::task(&self.host),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(60),
+                    max_ack_pending: 64,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| js_err("create task consumer")(e.to_string()))
+    }
+
+    /// Stores `hb` as this host's latest health.
+    pub async fn put_health(&self, hb: &Heartbeat) -> Result<(), BusError> {
+        let bytes = encode(hb).map_err(|e| js_err("encode heartbeat")(e.to_string()))?;
+        self.health
+            .put(subject::health_key(&self.host), bytes.into())
+            .await
+            .map_err(|e| js_err("put heartbeat")(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Publishes an event about this host and waits for the event stream to
+    /// store it. Failures are logged, never returned: an event that cannot be
+    /// published must not stop the work it reports on.
+    pub async fn event(&self, severity: Severity, message: impl Into<String>, body: EventBody) {
+        let event = Event {
+            v: EVENT_VERSION,
+            id: uuid::Uuid::new_v4().to_string(),
+            time: now_ms(),
+            host: self.host.clone(),
+            severity,
+            message: message.into(),
+            body,
+        };
+        let kind = event.body.kind();
+        let bytes = match encode(&event) {
+            Ok(b) => b,
+            Err(e) => return warn!(kind, error = %e, "cannot encode event"),
+        };
+        match self.js.publish(event.subject(), bytes.into()).await {
+            Ok(ack) => match tokio::time::timeout(ACK_TIMEOUT, ack).await {
+                Ok(Ok(_)) => debug!(kind, "event stored"),
+                Ok(Err(e)) => warn!(kind, error = %e, "event not stored"),
+                Err(_) => warn!(kind, "event stream did not acknowledge in time"),
+            },
+            Err(e) => warn!(kind, error = %e, "cannot publish event"),
+        }
+    }
+
+    /// Flushes everything published so far to the server.
+    pub async fn flush(&self) {
+        if let Err(e) = self.client.flush().await {
+            warn!(error = %e, "cannot flush NATS connection");
+        }
+    }
+}
+
+/// Creates the task and event streams if they do not exist. Existing streams
+/// are left as they are, so an operator's tuning survives agent restarts.
+async fn ensure_streams(js: &jetstream::Context) -> Result<(), BusError> {
+    if js.get_stream(subject::TASK_STREAM).await.is_err() {
+        js.get_or_create_stream(stream::Config {
+            name: subject::TASK_STREAM.into(),
+            description: Some("signed Flotilla tasks, until their agent journals them".into()),
+            subjects: vec![subject::task_all()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| js_err("create task stream")(e.to_string()))?;
+    }
+    if js.get_stream(subject::EVENT_STREAM).await.is_err() {
+        js.get_or_create_stream(stream::Config {
+            name: subject::EVENT_STREAM.into(),
+            description: Some("every Flotilla event, for alerting and replay".into()),
+            subjects: vec![subject::event_all()],
+            retention: stream::RetentionPolicy::Limits,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            max_bytes: 1024 * 1024 * 1024,
+            max_messages: 1_000_000,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| js_err("create event stream")(e.to_string()))?;
+    }
+    Ok(())
+}

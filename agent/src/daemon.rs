@@ -1,0 +1,219 @@
+//! The agent daemon: connects, heartbeats, answers discovery, runs tasks, and
+//! shuts down in order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_protocol::{
+    encode, AgentState, EventBody, Heartbeat, RootKind, RunningJob, Severity, HEARTBEAT_VERSION,
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::bus::micro::{self, LatestHealth};
+use crate::bus::{Bus, BusError};
+use crate::config::Settings;
+use crate::engine::Cancel;
+use crate::state::{State, StateError};
+use crate::{health, jobs, now_ms, VERSION};
+
+/// Finished journal entries older than this are forgotten at startup.
+const JOURNAL_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
+/// How long running tasks get to stop when the agent shuts down.
+const JOB_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the agent daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The state directory could not be opened.
+    #[error("cannot open agent state in {dir}: {source}")]
+    State {
+        /// The state directory.
+        dir: String,
+        /// Why.
+        source: StateError,
+    },
+    /// NATS could not be set up.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Tasks running now, with their cancellation flags; read by heartbeats.
+pub(crate) type Running = Arc<Mutex<HashMap<String, (RunningJob, Cancel)>>>;
+
+/// What every part of the running agent shares.
+#[derive(Debug)]
+pub(crate) struct Agent {
+    pub settings: Settings,
+    pub state: State,
+    pub bus: Bus,
+    pub running: Running,
+    pub started_at: u64,
+}
+
+/// Runs the agent until `shutdown` fires, then stops in order.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AgentError> {
+    let started_at = now_ms();
+    let state = State::open(&settings.state_dir).map_err(|source| AgentError::State {
+        dir: settings.state_dir.display().to_string(),
+        source,
+    })?;
+    match state.prune(started_at.saturating_sub(JOURNAL_RETENTION_MS)) {
+        Ok(0) => {}
+        Ok(n) => info!(removed = n, "pruned old journal entries"),
+        Err(e) => warn!(error = %e, "cannot prune task journal"),
+    }
+    info!(host = %settings.host, nats = %settings.nats_url, "connecting to NATS");
+    let bus = match Bus::connect(&settings.nats_url, &settings.host, &shutdown).await {
+        Ok(bus) => bus,
+        Err(BusError::Cancelled) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let agent = Arc::new(Agent {
+        settings,
+        state,
+        bus,
+        running: Arc::default(),
+        started_at,
+    });
+
+    // Children of one token so that shutdown reaches every loop at once; each
+    // loop is owned by the JoinSet and aborted if it outlives the grace period.
+    let loops_cancel = shutdown.child_token();
+    let latest: LatestHealth = Arc::default();
+    let mut loops = JoinSet::new();
+    loops.spawn(heartbeat_loop(agent.clone(), latest.clone(), loops_cancel.clone()));
+    loops.spawn({
+        let agent = agent.clone();
+        let cancel = loops_cancel.clone();
+        let started = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        async move {
+            let client = agent.bus.client().clone();
+            let host = agent.settings.host.clone();
+            if let Err(e) = micro::serve(client, host, VERSION, started, latest, cancel).await {
+                warn!(error = %e, "service discovery stopped");
+            }
+        }
+    });
+    loops.spawn(jobs::task_loop(agent.clone(), loops_cancel.clone()));
+
+    agent
+        .bus
+        .event(
+            Severity::Info,
+            format!("agent {} online (version {VERSION})", agent.settings.host),
+            EventBody::AgentOnline {
+                version: VERSION.into(),
+                roles: agent.settings.roles(),
+                quic_addr: agent.settings.listen.map(|a| a.to_string()),
+            },
+        )
+        .await;
+    info!(host = %agent.settings.host, roles = ?agent.settings.roles(), "agent online");
+
+    shutdown.cancelled().await;
+    info!("shutting down");
+
+    // Shutdown order:
+    // 1. stop the loops: no new task is taken, running tasks are cancelled and
+    //    stay journalled as running, so they resume on the next start;
+    loops_cancel.cancel();
+    let drained = tokio::time::timeout(JOB_STOP_GRACE + Duration::from_secs(1), async {
+        while loops.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!("some loops did not stop in time; aborting them");
+        loops.abort_all();
+    }
+    // 2. tell the fleet, so `hosts` shows offline at once instead of after
+    //    missed heartbeats;
+    let last = agent.heartbeat(AgentState::Offline).await;
+    if let Err(e) = agent.bus.put_health(&last).await {
+        warn!(error = %e, "cannot record offline state");
+    }
+    agent
+        .bus
+        .event(
+            Severity::Warning,
+            format!("agent {} went offline (shutdown)", agent.settings.host),
+            EventBody::AgentOffline {
+                reason: "shutdown".into(),
+            },
+        )
+        .await;
+    // 3. push out what is buffered, then make local state durable.
+    agent.bus.flush().await;
+    if let Err(e) = agent.state.flush().await {
+        warn!(error = %e, "cannot flush agent state");
+    }
+    info!("agent stopped");
+    Ok(())
+}
+
+async fn heartbeat_loop(agent: Arc<Agent>, latest: LatestHealth, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(agent.settings.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let hb = agent.heartbeat(AgentState::Online).await;
+        if let Ok(bytes) = encode(&hb) {
+            if let Ok(mut slot) = latest.lock() {
+                *slot = Some(bytes.into());
+            }
+        }
+        if let Err(e) = agent.bus.put_health(&hb).await {
+            warn!(error = %e, "cannot publish heartbeat");
+        }
+    }
+}
+
+impl Agent {
+    /// Builds a heartbeat from the host's current readings.
+    pub(crate) async fn heartbeat(&self, state: AgentState) -> Heartbeat {
+        let s = &self.settings;
+        let mut roots: Vec<(RootKind, std::path::PathBuf)> = Vec::new();
+        roots.extend(s.backup_roots.iter().map(|p| (RootKind::Backup, p.clone())));
+        roots.extend(s.storage.iter().map(|p| (RootKind::Storage, p.clone())));
+        roots.extend(s.restore_roots.iter().map(|p| (RootKind::Restore, p.clone())));
+        // statvfs can block for a long time on a hung network filesystem.
+        let readings = tokio::task::spawn_blocking(move || {
+            let usage: Vec<_> = roots
+                .iter()
+                .map(|(kind, path)| health::root_usage(*kind, path))
+                .collect();
+            (usage, health::load_average(), health::rss_bytes(), health::memory())
+        })
+        .await;
+        let (roots, load, rss, (mem_total, mem_available)) =
+            readings.unwrap_or_else(|_| (Vec::new(), [0.0; 3], 0, (0, 0)));
+        let running = self
+            .running
+            .lock()
+            .map(|r| r.values().map(|(job, _)| job.clone()).collect())
+            .unwrap_or_default();
+        Heartbeat {
+            v: HEARTBEAT_VERSION,
+            host: s.host.clone(),
+            fleet: s.bundle.fleet.clone(),
+            state,
+            version: VERSION.into(),
+            started_at: self.started_at,
+            time: now_ms(),
+            interval_ms: s.heartbeat_interval.as_millis() as u64,
+            load,
+            rss_bytes: rss,
+            mem_total_bytes: mem_total,
+            mem_available_bytes: mem_available,
+            roles: s.roles(),
+            quic_addr: s.listen.map(|a| a.to_string()),
+            roots,
+            running,
+        }
+    }
+}

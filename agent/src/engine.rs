@@ -1,0 +1,134 @@
+//! The work itself, as plain synchronous code run on blocking threads.
+//!
+//! Engines report progress through [`Progress`] and stop early when their
+//! [`Cancel`] flag is set; the agent implements `Progress` by publishing
+//! `task.progress` events, tests implement it with a vector.
+
+mod estimate;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub use estimate::estimate;
+
+/// Counters of a running task, as shown to the user.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Files seen.
+    pub files: u64,
+    /// Directories seen.
+    pub dirs: u64,
+    /// Bytes seen.
+    pub bytes: u64,
+}
+
+/// Receives progress from an engine. Called often; implementations throttle.
+pub trait Progress: Send {
+    /// The engine has reached `current` with these totals so far.
+    fn update(&mut self, counters: &Counters, current: &Path);
+}
+
+/// A progress sink that ignores everything.
+#[derive(Debug, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn update(&mut self, _: &Counters, _: &Path) {}
+}
+
+/// A cancellation flag shared between the async world and an engine thread.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// Asks the engine to stop at the next opportunity.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether stopping was asked for.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Resolves `requested` paths against the allowlisted `roots`.
+///
+/// Each path is made absolute and canonical (symlinks resolved) and must lie
+/// inside one of the roots, which are canonical already. An empty request means
+/// all roots. Returns the first path that is not allowed as the error.
+pub fn resolve_within(
+    requested: &[String],
+    roots: &[PathBuf],
+) -> Result<Vec<PathBuf>, PathRefused> {
+    if requested.is_empty() {
+        return Ok(roots.to_vec());
+    }
+    requested
+        .iter()
+        .map(|p| {
+            let path = Path::new(p);
+            if !path.is_absolute() {
+                return Err(PathRefused::NotAbsolute(p.clone()));
+            }
+            let canonical = std::fs::canonicalize(path).map_err(|e| PathRefused::Unreadable {
+                path: p.clone(),
+                why: e.to_string(),
+            })?;
+            if roots.iter().any(|root| canonical.starts_with(root)) {
+                Ok(canonical)
+            } else {
+                Err(PathRefused::OutsideRoots(p.clone()))
+            }
+        })
+        .collect()
+}
+
+/// A requested path that may not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathRefused {
+    /// Relative paths are ambiguous on the agent.
+    #[error("path {0:?} is not absolute")]
+    NotAbsolute(String),
+    /// Not inside any configured root.
+    #[error("path {0:?} is outside this agent's configured roots")]
+    OutsideRoots(String),
+    /// Cannot be resolved.
+    #[error("path {path:?} cannot be resolved: {why}")]
+    Unreadable {
+        /// The path.
+        path: String,
+        /// Why.
+        why: String,
+    },
+}
+
+impl PathRefused {
+    /// Whether this is a policy refusal (worth a security event) rather than a
+    /// missing path.
+    pub fn is_policy(&self) -> bool {
+        matches!(self, PathRefused::OutsideRoots(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_outside_roots_and_symlink_escapes_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("sub")).expect("mkdir");
+        std::os::unix::fs::symlink("/etc", root.join("escape")).expect("symlink");
+        let roots = vec![std::fs::canonicalize(&root).expect("canonical")];
+        let ok = root.join("sub").to_string_lossy().into_owned();
+        assert!(resolve_within(&[ok], &roots).is_ok());
+        let esc = root.join("escape").to_string_lossy().into_owned();
+        assert!(matches!(resolve_within(&[esc], &roots), Err(PathRefused::OutsideRoots(_))));
+        let dotdot = root.join("sub/../..").to_string_lossy().into_owned();
+        assert!(matches!(resolve_within(&[dotdot], &roots), Err(PathRefused::OutsideRoots(_))));
+        assert!(matches!(resolve_within(&["rel".into()], &roots), Err(PathRefused::NotAbsolute(_))));
+    }
+}

@@ -1,0 +1,385 @@
+//! Tasks: receiving them from the stream, refusing the bad ones, journalling
+//! and acknowledging the good ones, and running them.
+//!
+//! Order of a task's life: verify (signature, host, fleet, expiry) → journal in
+//! sled and flush → acknowledge to JetStream → run → record the outcome →
+//! publish `task.finished`. A crash before the acknowledgement means the stream
+//! redelivers; a crash after it means the journal resumes the task at startup.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind};
+use flotilla_protocol::{
+    verify_task, EventBody, RejectReason, RunningJob, Severity, TaskBody, TaskFinished, TaskKind,
+    TaskOutcome, TaskProgress, TaskResult,
+};
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::daemon::Agent;
+use crate::engine::{self, Cancel, Counters, PathRefused, Progress};
+use crate::now_ms;
+use crate::state::{Accepted, JobStatus, JournalEntry, JOURNAL_VERSION};
+
+/// How often progress events are published while a task runs.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How long to wait before retrying a consumer that could not be set up.
+const CONSUMER_RETRY: Duration = Duration::from_secs(2);
+
+/// Why a task did not succeed.
+#[derive(Debug, thiserror::Error)]
+enum JobError {
+    /// It asks for something this agent's configuration does not allow.
+    #[error("refused: {0}")]
+    Refused(PathRefused),
+    /// It failed while running.
+    #[error("{message}")]
+    Failed { message: String, retryable: bool },
+}
+
+impl JobError {
+    fn is_retryable(&self) -> bool {
+        match self {
+            JobError::Refused(_) => false,
+            JobError::Failed { retryable, .. } => *retryable,
+        }
+    }
+}
+
+/// Pulls tasks for this host until `cancel` fires, then cancels running tasks
+/// and waits briefly for them to stop.
+pub(crate) async fn task_loop(agent: Arc<Agent>, cancel: CancellationToken) {
+    let mut jobs: JoinSet<()> = JoinSet::new();
+    match agent.state.unfinished() {
+        Ok(entries) => {
+            for entry in entries {
+                agent.resume(entry, &mut jobs);
+            }
+        }
+        Err(e) => error!(error = %e, "cannot read task journal; unfinished tasks are not resumed"),
+    }
+
+    'consume: loop {
+        let consumer = match agent.bus.task_consumer().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot subscribe to tasks; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => break 'consume,
+                    _ = tokio::time::sleep(CONSUMER_RETRY) => continue 'consume,
+                }
+            }
+        };
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "cannot pull tasks; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => break 'consume,
+                    _ = tokio::time::sleep(CONSUMER_RETRY) => continue 'consume,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break 'consume,
+                Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+                next = messages.next() => match next {
+                    Some(Ok(msg)) => agent.handle(msg, &mut jobs).await,
+                    // Missed pull heartbeats and the like while NATS reconnects;
+                    // the stream carries on by itself.
+                    Some(Err(e)) => warn!(error = %e, "task stream hiccup"),
+                    None => continue 'consume,
+                },
+            }
+        }
+    }
+
+    if let Ok(running) = agent.running.lock() {
+        for (_, cancel) in running.values() {
+            cancel.cancel();
+        }
+    }
+    let stopped = tokio::time::timeout(Duration::from_secs(5), async {
+        while jobs.join_next().await.is_some() {}
+    })
+    .await;
+    if stopped.is_err() {
+        warn!("running tasks did not stop in time; they resume on the next start");
+    }
+}
+
+impl Agent {
+    /// Verifies, journals and acknowledges one task message, and starts it.
+    async fn handle(self: &Arc<Self>, msg: jetstream::Message, jobs: &mut JoinSet<()>) {
+        let subject = msg.subject.to_string();
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let s = &self.settings;
+        let body = match verify_task(
+            &msg.payload,
+            &s.coordinator_key,
+            &s.bundle.fleet,
+            &s.host,
+            now_ms(),
+        ) {
+            Ok(body) => body,
+            Err(e) => {
+                let task_id = e.task_id().map(str::to_owned);
+                self.reject(task_id, e.reason(), e.to_string(), &subject).await;
+                terminate(&msg).await;
+                return;
+            }
+        };
+        let entry = JournalEntry {
+            v: JOURNAL_VERSION,
+            task_id: body.id.clone(),
+            kind: body.kind.name().into(),
+            stream_seq: seq,
+            status: JobStatus::Received,
+            received_at: now_ms(),
+            updated_at: now_ms(),
+            envelope: msg.payload.to_vec(),
+            error: None,
+        };
+        match self.state.accept(entry).await {
+            Ok(Accepted::New) => {
+                info!(task = %body.id, kind = body.kind.name(), "task accepted");
+                acknowledge(&msg).await;
+                self.start(body, jobs);
+            }
+            Ok(Accepted::Redelivered(stored)) => {
+                acknowledge(&msg).await;
+                let running = self.running.lock().map(|r| r.contains_key(&body.id)).unwrap_or(true);
+                if !stored.status.is_final() && !running {
+                    info!(task = %body.id, "redelivered task was never finished; running it");
+                    self.start(body, jobs);
+                }
+            }
+            Ok(Accepted::Replayed(stored)) => {
+                let detail = format!(
+                    "task {} was already received in stream message {} (now {seq})",
+                    body.id, stored.stream_seq
+                );
+                self.reject(Some(body.id), RejectReason::Replayed, detail, &subject).await;
+                terminate(&msg).await;
+            }
+            Err(e) => {
+                // Not acknowledged: the stream redelivers it once the disk recovers.
+                error!(task = %body.id, error = %e, "cannot journal task; it will be redelivered");
+                if let Err(e) = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(10)))).await {
+                    warn!(error = %e, "cannot nak task");
+                }
+            }
+        }
+    }
+
+    /// Restarts a task found unfinished in the journal at startup.
+    fn resume(self: &Arc<Self>, entry: JournalEntry, jobs: &mut JoinSet<()>) {
+        let s = &self.settings;
+        // Verified again, as of when it was received: the journal is on disk and
+        // the signature is the proof the task is the coordinator's.
+        match verify_task(&entry.envelope, &s.coordinator_key, &s.bundle.fleet, &s.host, entry.received_at) {
+            Ok(body) => {
+                info!(task = %body.id, kind = body.kind.name(), "resuming unfinished task");
+                self.start(body, jobs);
+            }
+            Err(e) => error!(task = %entry.task_id, error = %e, "journalled task no longer verifies; dropped"),
+        }
+    }
+
+    fn start(self: &Arc<Self>, body: TaskBody, jobs: &mut JoinSet<()>) {
+        let cancel = Cancel::default();
+        let job = RunningJob {
+            task_id: body.id.clone(),
+            kind: body.kind.name().into(),
+            started_at: now_ms(),
+        };
+        if let Ok(mut running) = self.running.lock() {
+            running.insert(body.id.clone(), (job, cancel.clone()));
+        }
+        let span = info_span!("task", id = %body.id, kind = body.kind.name());
+        let agent = self.clone();
+        jobs.spawn(
+            async move {
+                agent.run_task(&body, &cancel).await;
+                if let Ok(mut running) = agent.running.lock() {
+                    running.remove(&body.id);
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn run_task(&self, body: &TaskBody, cancel: &Cancel) {
+        let kind = body.kind.name();
+        if let Err(e) = self.state.set_status(&body.id, JobStatus::Running, None, now_ms()).await {
+            warn!(error = %e, "cannot journal task start");
+        }
+        self.bus
+            .event(
+                Severity::Info,
+                format!("{kind} task {} started", body.id),
+                EventBody::TaskStarted {
+                    task_id: body.id.clone(),
+                    task_kind: kind.into(),
+                },
+            )
+            .await;
+        let started = Instant::now();
+        let result = match &body.kind {
+            TaskKind::Estimate { paths } => self.estimate(body, paths, cancel).await,
+        };
+        if cancel.is_cancelled() {
+            info!("task interrupted by shutdown; it resumes on the next start");
+            return;
+        }
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let (status, outcome, error, result) = match result {
+            Ok(r) => (JobStatus::Succeeded, TaskOutcome::Succeeded, None, Some(r)),
+            Err(e) => (JobStatus::Failed, TaskOutcome::Failed, Some(e), None),
+        };
+        let message = match &error {
+            None => format!("{kind} task {} succeeded", body.id),
+            Some(e) => format!("{kind} task {} failed: {e}", body.id),
+        };
+        info!(?outcome, duration_ms, "task finished");
+        let err_text = error.as_ref().map(|e| e.to_string());
+        if let Err(e) = self.state.set_status(&body.id, status, err_text.clone(), now_ms()).await {
+            warn!(error = %e, "cannot journal task end");
+        }
+        self.bus
+            .event(
+                if error.is_some() { Severity::Error } else { Severity::Info },
+                message,
+                EventBody::TaskFinished(TaskFinished {
+                    task_id: body.id.clone(),
+                    task_kind: kind.into(),
+                    outcome,
+                    retryable: error.as_ref().is_some_and(JobError::is_retryable),
+                    error: err_text,
+                    result,
+                    duration_ms,
+                }),
+            )
+            .await;
+    }
+
+    async fn estimate(
+        &self,
+        body: &TaskBody,
+        paths: &[String],
+        cancel: &Cancel,
+    ) -> Result<TaskResult, JobError> {
+        let roots = self.settings.backup_roots.clone();
+        let requested = paths.to_vec();
+        let resolved = tokio::task::spawn_blocking(move || engine::resolve_within(&requested, &roots))
+            .await
+            .map_err(|e| JobError::Failed { message: format!("path check panicked: {e}"), retryable: true })?;
+        let resolved: Vec<PathBuf> = match resolved {
+            Ok(r) => r,
+            Err(refused) => {
+                if refused.is_policy() {
+                    self.reject(
+                        Some(body.id.clone()),
+                        RejectReason::NotAllowed,
+                        refused.to_string(),
+                        &flotilla_protocol::subject::task(&self.settings.host),
+                    )
+                    .await;
+                    return Err(JobError::Refused(refused));
+                }
+                return Err(JobError::Failed { message: refused.to_string(), retryable: false });
+            }
+        };
+
+        let (tx, mut rx) = watch::channel((Counters::default(), PathBuf::new()));
+        let mut sink = WatchProgress { tx, last: None };
+        let engine_cancel = cancel.clone();
+        let mut walk = tokio::task::spawn_blocking(move || {
+            engine::estimate(&resolved, &mut sink, &engine_cancel)
+        });
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(PROGRESS_EVERY);
+        tick.tick().await;
+        let report = loop {
+            tokio::select! {
+                done = &mut walk => break done.map_err(|e| JobError::Failed {
+                    message: format!("estimate walker crashed: {e}"),
+                    retryable: true,
+                })?,
+                _ = tick.tick() => {
+                    if !rx.has_changed().unwrap_or(false) {
+                        continue;
+                    }
+                    let (counters, current) = rx.borrow_and_update().clone();
+                    self.bus.event(
+                        Severity::Info,
+                        format!("estimate {}: {} files, {} bytes so far", body.id, counters.files, counters.bytes),
+                        EventBody::TaskProgress(TaskProgress {
+                            task_id: body.id.clone(),
+                            task_kind: "estimate".into(),
+                            files: counters.files,
+                            dirs: counters.dirs,
+                            bytes: counters.bytes,
+                            current: Some(current.to_string_lossy().into_owned()),
+                            elapsed_ms: started.elapsed().as_millis() as u64,
+                        }),
+                    ).await;
+                }
+            }
+        };
+        Ok(TaskResult::Estimate(report))
+    }
+
+    async fn reject(&self, task_id: Option<String>, reason: RejectReason, detail: String, subject: &str) {
+        warn!(task = ?task_id, ?reason, %detail, "task rejected");
+        self.bus
+            .event(
+                Severity::Error,
+                format!("rejected a task on {subject}: {detail}"),
+                EventBody::TaskRejected {
+                    task_id,
+                    reason,
+                    detail,
+                    subject: subject.into(),
+                },
+            )
+            .await;
+    }
+}
+
+/// Publishes engine progress into a watch channel, at most every 100 ms.
+struct WatchProgress {
+    tx: watch::Sender<(Counters, PathBuf)>,
+    last: Option<Instant>,
+}
+
+impl Progress for WatchProgress {
+    fn update(&mut self, counters: &Counters, current: &std::path::Path) {
+        if self.last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        self.tx.send_replace((counters.clone(), current.to_path_buf()));
+    }
+}
+
+async fn acknowledge(msg: &jetstream::Message) {
+    // Double ack waits for the server to confirm; if it is lost the stream
+    // redelivers, and the journal recognises the redelivery.
+    if let Err(e) = msg.double_ack().await {
+        warn!(error = %e, "task acknowledgement not confirmed; expecting redelivery");
+    }
+}
+
+async fn terminate(msg: &jetstream::Message) {
+    // Term: a refused message is never redelivered.
+    if let Err(e) = msg.ack_with(AckKind::Term).await {
+        warn!(error = %e, "cannot terminate refused task message");
+    }
+}

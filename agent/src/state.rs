@@ -1,0 +1,299 @@
+//! The agent's own durable state, in sled, behind a small interface.
+//!
+//! Today that is the task journal: every task the agent accepted, keyed by task
+//! id, with the stream message it came in and how far it got. The journal makes
+//! tasks idempotent (a redelivered message is recognised), refuses replays (the
+//! same id in a different message), and lets an agent resume unfinished tasks
+//! after a crash or reboot.
+//!
+//! Every value carries a version ([`JOURNAL_VERSION`]); the database as a whole
+//! carries [`STATE_FORMAT`] in its `meta` tree, and an agent refuses to open a
+//! state directory written by a newer format.
+
+use std::path::Path;
+
+use flotilla_protocol::UnixMillis;
+use serde::{Deserialize, Serialize};
+
+/// Version of the state database layout.
+pub const STATE_FORMAT: u16 = 1;
+/// Version of [`JournalEntry`] values.
+pub const JOURNAL_VERSION: u16 = 1;
+
+/// The agent's state database.
+#[derive(Debug, Clone)]
+pub struct State {
+    db: sled::Db,
+    journal: sled::Tree,
+}
+
+/// One task in the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    /// Value version, [`JOURNAL_VERSION`].
+    pub v: u16,
+    /// Task id.
+    pub task_id: String,
+    /// Task kind name.
+    pub kind: String,
+    /// Stream sequence of the message that brought it; a different sequence
+    /// for a known id is a replay.
+    pub stream_seq: u64,
+    /// How far it got.
+    pub status: JobStatus,
+    /// When the agent accepted it.
+    pub received_at: UnixMillis,
+    /// Last status change.
+    pub updated_at: UnixMillis,
+    /// The signed envelope, kept so the task can be resumed after a restart.
+    #[serde(with = "serde_bytes")]
+    pub envelope: Vec<u8>,
+    /// Error of a failed task.
+    pub error: Option<String>,
+}
+
+/// Where a journalled task stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Accepted and acknowledged, not started.
+    Received,
+    /// Started; if found at startup, the agent died while running it.
+    Running,
+    /// Finished well.
+    Succeeded,
+    /// Finished with some items skipped.
+    Partial,
+    /// Finished badly.
+    Failed,
+}
+
+impl JobStatus {
+    /// Whether the task has reached an end.
+    pub fn is_final(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Partial | JobStatus::Failed)
+    }
+}
+
+/// What [`State::accept`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// First time this id is seen: journalled.
+    New,
+    /// The same message again (redelivery); the stored entry.
+    Redelivered(JournalEntry),
+    /// The same id in another message: a replay.
+    Replayed(JournalEntry),
+}
+
+/// The state database could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// sled failed (disk full, I/O error, corruption).
+    #[error("state database: {0}")]
+    Db(#[from] sled::Error),
+    /// A stored value could not be decoded.
+    #[error("state database holds an unreadable value for {key}: {why}")]
+    Corrupt {
+        /// Key of the value.
+        key: String,
+        /// Why.
+        why: String,
+    },
+    /// The database was written by a newer agent.
+    #[error("state directory was written by a newer agent (format {0}, this build reads {STATE_FORMAT}); upgrade the agent or use another --state-dir")]
+    Newer(u16),
+}
+
+impl StateError {
+    /// Whether trying again may succeed (I/O can recover; corruption cannot).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StateError::Db(sled::Error::Io(_)))
+    }
+}
+
+impl State {
+    /// Opens (or creates) the state database under `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let db = sled::Config::new()
+            .path(dir.join("state.sled"))
+            // The agent must stay small when idle; the journal is tiny.
+            .cache_capacity(4 * 1024 * 1024)
+            .flush_every_ms(Some(1000))
+            .open()?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("format")? {
+            Some(v) => {
+                let found = u16::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                    StateError::Corrupt {
+                        key: "meta/format".into(),
+                        why: "not two bytes".into(),
+                    }
+                })?);
+                if found > STATE_FORMAT {
+                    return Err(StateError::Newer(found));
+                }
+            }
+            None => {
+                meta.insert("format", &STATE_FORMAT.to_be_bytes())?;
+            }
+        }
+        let journal = db.open_tree("journal")?;
+        Ok(Self { db, journal })
+    }
+
+    /// Journals a newly received task, unless its id is known, and makes it
+    /// durable before returning (the caller acknowledges the message after).
+    pub async fn accept(&self, entry: JournalEntry) -> Result<Accepted, StateError> {
+        let value = encode(&entry);
+        let cas = self
+            .journal
+            .compare_and_swap(entry.task_id.as_bytes(), None as Option<&[u8]>, Some(value))?;
+        match cas {
+            Ok(()) => {
+                self.db.flush_async().await?;
+                Ok(Accepted::New)
+            }
+            Err(existing) => {
+                let stored = match existing.current {
+                    Some(bytes) => decode(&entry.task_id, &bytes)?,
+                    None => {
+                        return Err(StateError::Corrupt {
+                            key: entry.task_id,
+                            why: "vanished during insert".into(),
+                        })
+                    }
+                };
+                if stored.stream_seq == entry.stream_seq {
+                    Ok(Accepted::Redelivered(stored))
+                } else {
+                    Ok(Accepted::Replayed(stored))
+                }
+            }
+        }
+    }
+
+    /// Records a status change of a journalled task, durably.
+    pub async fn set_status(
+        &self,
+        task_id: &str,
+        status: JobStatus,
+        error: Option<String>,
+        now: UnixMillis,
+    ) -> Result<(), StateError> {
+        let Some(mut entry) = self.get(task_id)? else {
+            return Err(StateError::Corrupt {
+                key: task_id.into(),
+                why: "status change for a task that is not journalled".into(),
+            });
+        };
+        entry.status = status;
+        entry.error = error;
+        entry.updated_at = now;
+        self.journal.insert(task_id.as_bytes(), encode(&entry))?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// The journal entry of `task_id`.
+    pub fn get(&self, task_id: &str) -> Result<Option<JournalEntry>, StateError> {
+        self.journal
+            .get(task_id.as_bytes())?
+            .map(|v| decode(task_id, &v))
+            .transpose()
+    }
+
+    /// Tasks that were accepted but never finished, oldest first.
+    pub fn unfinished(&self) -> Result<Vec<JournalEntry>, StateError> {
+        let mut out = Vec::new();
+        for item in self.journal.iter() {
+            let (key, value) = item?;
+            let entry = decode(&String::from_utf8_lossy(&key), &value)?;
+            if !entry.status.is_final() {
+                out.push(entry);
+            }
+        }
+        out.sort_by_key(|e| e.received_at);
+        Ok(out)
+    }
+
+    /// Forgets finished tasks last changed before `cutoff`. Their ids can no
+    /// longer be recognised as replays, but by then their signatures have expired.
+    pub fn prune(&self, cutoff: UnixMillis) -> Result<usize, StateError> {
+        let mut removed = 0;
+        for item in self.journal.iter() {
+            let (key, value) = item?;
+            let entry = decode(&String::from_utf8_lossy(&key), &value)?;
+            if entry.status.is_final() && entry.updated_at < cutoff {
+                self.journal.remove(key)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Writes everything to disk.
+    pub async fn flush(&self) -> Result<(), StateError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+fn encode(entry: &JournalEntry) -> Vec<u8> {
+    // A struct of strings, integers and bytes always encodes.
+    flotilla_protocol::encode(entry).unwrap_or_default()
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<JournalEntry, StateError> {
+    let entry: JournalEntry = rmp_serde::from_slice(bytes).map_err(|e| StateError::Corrupt {
+        key: key.into(),
+        why: e.to_string(),
+    })?;
+    if entry.v > JOURNAL_VERSION {
+        return Err(StateError::Newer(entry.v));
+    }
+    Ok(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, seq: u64) -> JournalEntry {
+        JournalEntry {
+            v: JOURNAL_VERSION,
+            task_id: id.into(),
+            kind: "estimate".into(),
+            stream_seq: seq,
+            status: JobStatus::Received,
+            received_at: 1,
+            updated_at: 1,
+            envelope: vec![1, 2, 3],
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn journal_tells_new_redelivered_and_replayed_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = State::open(dir.path()).expect("opens");
+        assert_eq!(state.accept(entry("a", 7)).await.expect("ok"), Accepted::New);
+        assert!(matches!(state.accept(entry("a", 7)).await.expect("ok"), Accepted::Redelivered(_)));
+        assert!(matches!(state.accept(entry("a", 8)).await.expect("ok"), Accepted::Replayed(_)));
+    }
+
+    #[tokio::test]
+    async fn unfinished_tasks_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let state = State::open(dir.path()).expect("opens");
+            state.accept(entry("a", 1)).await.expect("ok");
+            state.accept(entry("b", 2)).await.expect("ok");
+            state.set_status("b", JobStatus::Succeeded, None, 5).await.expect("ok");
+        }
+        let state = State::open(dir.path()).expect("reopens");
+        let open: Vec<_> = state.unfinished().expect("ok").into_iter().map(|e| e.task_id).collect();
+        assert_eq!(open, vec!["a".to_string()]);
+        assert_eq!(state.prune(10).expect("ok"), 1);
+    }
+}

@@ -1,0 +1,178 @@
+//! The `flotilla` command line: flags, subcommands, and their dispatch.
+
+mod estimate;
+mod events;
+mod hosts;
+mod output;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use flotilla_protocol::HostName;
+
+use crate::error::CliError;
+use crate::fleet::Fleet;
+use crate::nats::Nats;
+
+/// Default NATS URL when neither a flag, the environment nor a fleet names one.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// Flotilla: back up a whole homelab fleet from one place.
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 host unknown or offline, \
+4 task rejected or failed, 5 cannot reach NATS.";
+
+/// Flags every subcommand takes.
+#[derive(Debug, Clone, Args)]
+pub struct Global {
+    /// NATS server URL [default: the fleet's, else nats://127.0.0.1:4222].
+    #[arg(long, global = true, env = "FLOTILLA_NATS_URL", value_name = "URL")]
+    pub nats: Option<String>,
+    /// Fleet directory made by `flotilla init`.
+    #[arg(long, global = true, env = "FLOTILLA_FLEET", value_name = "DIR")]
+    pub fleet: Option<PathBuf>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new fleet: id, certificate authority, task-signing key, repository key.
+    Init {
+        /// Overwrite an existing fleet (every enrolled host must be enrolled again).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a host's bundle: certificate, keys and NATS URL, in one file (mode 0600).
+    Enroll {
+        /// Host name (a-z, 0-9, '-', '_').
+        host: HostName,
+        /// Where to write the bundle.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Leave the repository key out: the host can take part but never read backups.
+        #[arg(long)]
+        no_repo_key: bool,
+        /// Overwrite an existing bundle file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show every host ever seen: online or offline, last seen, version, roles, space.
+    Hosts {
+        /// Print one JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the fleet's events (stored ones first), as text or JSON lines.
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(long)]
+        follow: bool,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+        /// Only this kind (`agent.offline`) or family (`agent`, `task`, `security`).
+        #[arg(long, value_name = "KIND")]
+        kind: Option<String>,
+        /// Only events about this host.
+        #[arg(long, value_name = "HOST")]
+        host: Option<HostName>,
+    },
+    /// Walk paths on a host and report files, directories, bytes, largest directories.
+    Estimate {
+        /// The host.
+        host: HostName,
+        /// Path to measure, inside the host's backup roots (repeatable; default: all roots).
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for the result [default: 600, or 30 when the host is offline].
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+    },
+}
+
+impl Global {
+    /// The fleet directory, or an error saying how to name one.
+    pub fn fleet(&self) -> Result<Fleet, CliError> {
+        let dir = self.fleet.as_ref().ok_or(CliError::NoFleet)?;
+        Ok(Fleet::load(dir)?)
+    }
+
+    /// The NATS URL: flag or environment, else the fleet's, else the default.
+    pub fn nats_url(&self) -> String {
+        if let Some(url) = &self.nats {
+            return url.clone();
+        }
+        self.fleet
+            .as_ref()
+            .and_then(|dir| Fleet::load(dir).ok())
+            .map(|f| f.file.nats_url)
+            .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
+    }
+
+    /// Connects to NATS.
+    pub async fn connect(&self) -> Result<Nats, CliError> {
+        Nats::connect(&self.nats_url()).await
+    }
+}
+
+/// Writes one line to stdout; a closed stdout ends the process with success,
+/// as `flotilla events | head` expects.
+pub(crate) fn emit(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{args}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
+/// Runs one parsed command.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Init { force } => {
+            let dir = g.fleet.clone().ok_or(CliError::NoFleet)?;
+            let url = g.nats.clone().unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
+            let fleet = Fleet::init(&dir, &url, force)?;
+            outln!("created fleet {} in {}", fleet.file.id, dir.display());
+            outln!("next: `flotilla enroll HOST --fleet {} --out HOST.toml` for each host", dir.display());
+            Ok(())
+        }
+        Command::Enroll {
+            host,
+            out,
+            no_repo_key,
+            force,
+        } => {
+            let fleet = g.fleet()?;
+            fleet.enroll(&host, &out, g.nats.as_deref(), !no_repo_key, force)?;
+            outln!("wrote bundle for {host} to {} (mode 0600; it holds the host's private key)", out.display());
+            Ok(())
+        }
+        Command::Hosts { json } => hosts::run(g, json).await,
+        Command::Events {
+            follow,
+            json,
+            kind,
+            host,
+        } => events::run(g, follow, json, kind.as_deref(), host.as_ref()).await,
+        Command::Estimate {
+            host,
+            paths,
+            json,
+            timeout,
+        } => estimate::run(g, &host, paths, json, timeout).await,
+    }
+}

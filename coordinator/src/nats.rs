@@ -1,0 +1,157 @@
+//! The coordinator's NATS side: connecting, reading fleet health, dispatching
+//! signed tasks and following their events.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use flotilla_protocol::{subject, AgentState, Heartbeat, HostName, UnixMillis};
+use futures::StreamExt;
+
+use crate::error::{request_err, CliError};
+
+/// A connection to the fleet's NATS server.
+#[derive(Debug, Clone)]
+pub struct Nats {
+    /// The client.
+    pub client: async_nats::Client,
+    /// JetStream on it.
+    pub js: jetstream::Context,
+}
+
+/// How many heartbeat intervals of silence make a host offline.
+pub const MISSED_HEARTBEATS: u64 = 3;
+
+/// One host as the fleet registry sees it.
+#[derive(Debug, Clone)]
+pub struct HostRecord {
+    /// Its latest heartbeat.
+    pub heartbeat: Heartbeat,
+    /// When the server stored it (server clock, unix ms).
+    pub stored_at: UnixMillis,
+}
+
+impl HostRecord {
+    /// Why the host counts as offline at `now`, or `None` if it is online.
+    pub fn offline_reason(&self, now: UnixMillis) -> Option<&'static str> {
+        if self.heartbeat.state == AgentState::Offline {
+            return Some("shutdown");
+        }
+        // One extra second of slack for publication and clock granularity.
+        let deadline = self.stored_at
+            + self.heartbeat.interval_ms.saturating_mul(MISSED_HEARTBEATS)
+            + 1000;
+        (now > deadline).then_some("missed_heartbeats")
+    }
+}
+
+impl Nats {
+    /// Connects, failing fast when the server is not there.
+    pub async fn connect(url: &str) -> Result<Nats, CliError> {
+        let client = async_nats::ConnectOptions::new()
+            .name("flotilla")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(|e| CliError::Nats {
+                url: url.to_owned(),
+                why: e.to_string(),
+            })?;
+        let js = jetstream::new(client.clone());
+        Ok(Nats { client, js })
+    }
+
+    async fn health(&self) -> Result<Option<kv::Store>, CliError> {
+        match self.js.get_key_value(subject::HEALTH_BUCKET).await {
+            Ok(store) => Ok(Some(store)),
+            // No agent has ever connected: the bucket does not exist yet.
+            Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket => Ok(None),
+            Err(e) => Err(request_err("read health bucket")(e)),
+        }
+    }
+
+    /// Every host that ever heartbeated, sorted by name. Undecodable entries
+    /// are skipped with a warning on stderr.
+    pub async fn hosts(&self) -> Result<Vec<HostRecord>, CliError> {
+        let Some(store) = self.health().await? else {
+            return Ok(Vec::new());
+        };
+        let mut keys = store.keys().await.map_err(request_err("list hosts"))?;
+        let mut names = Vec::new();
+        while let Some(key) = keys.next().await {
+            names.push(key.map_err(request_err("list hosts"))?);
+        }
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            if let Some(record) = read_record(&store, &name).await? {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One host's record, if it ever heartbeated.
+    pub async fn host(&self, host: &HostName) -> Result<Option<HostRecord>, CliError> {
+        let Some(store) = self.health().await? else {
+            return Ok(None);
+        };
+        read_record(&store, &subject::health_key(host)).await
+    }
+}
+
+async fn read_record(store: &kv::Store, key: &str) -> Result<Option<HostRecord>, CliError> {
+    let Some(entry) = store.entry(key).await.map_err(request_err("read host health"))? else {
+        return Ok(None);
+    };
+    if entry.operation != kv::Operation::Put {
+        return Ok(None);
+    }
+    match Heartbeat::decode(&entry.value) {
+        Ok(heartbeat) => Ok(Some(HostRecord {
+            heartbeat,
+            stored_at: (entry.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+        })),
+        Err(e) => {
+            eprintln!("warning: ignoring unreadable health record for {key}: {e}");
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_protocol::HEARTBEAT_VERSION;
+
+    fn record(state: AgentState, stored_at: u64) -> HostRecord {
+        HostRecord {
+            heartbeat: Heartbeat {
+                v: HEARTBEAT_VERSION,
+                host: HostName::new("a").expect("valid"),
+                fleet: "f".into(),
+                state,
+                version: "0".into(),
+                started_at: 0,
+                time: stored_at,
+                interval_ms: 1000,
+                load: [0.0; 3],
+                rss_bytes: 0,
+                mem_total_bytes: 0,
+                mem_available_bytes: 0,
+                roles: vec![],
+                quic_addr: None,
+                roots: vec![],
+                running: vec![],
+            },
+            stored_at,
+        }
+    }
+
+    #[test]
+    fn offline_after_three_missed_heartbeats_or_at_shutdown() {
+        let r = record(AgentState::Online, 10_000);
+        assert_eq!(r.offline_reason(13_900), None);
+        assert_eq!(r.offline_reason(14_001), Some("missed_heartbeats"));
+        assert_eq!(record(AgentState::Offline, 10_000).offline_reason(10_000), Some("shutdown"));
+    }
+}

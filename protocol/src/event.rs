@@ -1,0 +1,271 @@
+//! Events: every state change, published for alerting and replay.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{codec, limits, DecodeError, HostName, Role, TaskResult, UnixMillis};
+
+/// Schema version of [`Event`].
+pub const EVENT_VERSION: u16 = 1;
+
+/// One event, published on `flotilla.events.<kind>.<host>` and kept in the event
+/// stream.
+///
+/// On the wire it is one MessagePack map: the fields below plus `kind` (e.g.
+/// `agent.offline`) and `detail` (a map whose fields depend on `kind`), so a
+/// subscriber can switch on `kind` without knowing every detail type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Schema version, [`EVENT_VERSION`].
+    pub v: u16,
+    /// Unique event id (a UUID), for de-duplication by subscribers.
+    pub id: String,
+    /// When it happened, by the publisher's clock.
+    pub time: UnixMillis,
+    /// The host it is about.
+    pub host: HostName,
+    /// How much a human should care.
+    pub severity: Severity,
+    /// One human-readable line.
+    pub message: String,
+    /// `kind` and `detail`.
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+/// How much a human should care about an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Routine.
+    Info,
+    /// Worth a look.
+    Warning,
+    /// Something failed or was attacked.
+    Error,
+}
+
+/// The kind of an event and its kind-specific detail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "detail")]
+pub enum EventBody {
+    /// The agent connected and is heartbeating.
+    #[serde(rename = "agent.online")]
+    AgentOnline {
+        /// Agent version.
+        version: String,
+        /// Its roles.
+        roles: Vec<Role>,
+        /// QUIC address it serves, if any.
+        quic_addr: Option<String>,
+    },
+    /// The agent stopped, or (when published by a watchdog) missed heartbeats.
+    #[serde(rename = "agent.offline")]
+    AgentOffline {
+        /// `shutdown` for a clean stop, `missed_heartbeats` otherwise.
+        reason: String,
+    },
+    /// An agent refused a task or message.
+    #[serde(rename = "security.task_rejected")]
+    TaskRejected {
+        /// The task id, if the task was readable and signed.
+        task_id: Option<String>,
+        /// Machine-readable reason.
+        reason: RejectReason,
+        /// Human-readable detail.
+        detail: String,
+        /// Subject the message arrived on.
+        subject: String,
+    },
+    /// A task started running.
+    #[serde(rename = "task.started")]
+    TaskStarted {
+        /// Task id.
+        task_id: String,
+        /// Task kind, e.g. `estimate`.
+        task_kind: String,
+    },
+    /// Progress of a running task, about once a second.
+    #[serde(rename = "task.progress")]
+    TaskProgress(TaskProgress),
+    /// A task finished, well or badly.
+    #[serde(rename = "task.finished")]
+    TaskFinished(TaskFinished),
+}
+
+/// Why an agent refused a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// Not MessagePack of the expected shape.
+    Malformed,
+    /// Larger than the limit for tasks.
+    Oversized,
+    /// A schema version this agent does not read.
+    UnsupportedVersion,
+    /// No signature.
+    Unsigned,
+    /// Signature does not verify with the coordinator key.
+    BadSignature,
+    /// For another fleet.
+    WrongFleet,
+    /// For another host.
+    WrongHost,
+    /// Past its expiry.
+    Expired,
+    /// Issued in the future.
+    NotYetValid,
+    /// A task id this agent has already received in another message.
+    Replayed,
+    /// Signed and valid, but asks for something outside this agent's allowlists.
+    NotAllowed,
+}
+
+/// Progress of a running task.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskProgress {
+    /// Task id.
+    pub task_id: String,
+    /// Task kind.
+    pub task_kind: String,
+    /// Files seen so far.
+    pub files: u64,
+    /// Directories seen so far.
+    pub dirs: u64,
+    /// Bytes seen so far.
+    pub bytes: u64,
+    /// What it is working on.
+    pub current: Option<String>,
+    /// Time since it started.
+    pub elapsed_ms: u64,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskOutcome {
+    /// Did everything it was asked.
+    Succeeded,
+    /// Finished, but some items could not be handled (listed in the result).
+    Partial,
+    /// Did not finish.
+    Failed,
+}
+
+/// The end of a task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFinished {
+    /// Task id.
+    pub task_id: String,
+    /// Task kind.
+    pub task_kind: String,
+    /// How it ended.
+    pub outcome: TaskOutcome,
+    /// What went wrong, when it failed.
+    pub error: Option<String>,
+    /// Whether running the same task again may succeed.
+    pub retryable: bool,
+    /// What it produced.
+    pub result: Option<TaskResult>,
+    /// Time it ran.
+    pub duration_ms: u64,
+}
+
+impl EventBody {
+    /// The dotted kind name, as on the wire and in the subject.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EventBody::AgentOnline { .. } => "agent.online",
+            EventBody::AgentOffline { .. } => "agent.offline",
+            EventBody::TaskRejected { .. } => "security.task_rejected",
+            EventBody::TaskStarted { .. } => "task.started",
+            EventBody::TaskProgress(_) => "task.progress",
+            EventBody::TaskFinished(_) => "task.finished",
+        }
+    }
+
+    /// The task this event is about, if any.
+    pub fn task_id(&self) -> Option<&str> {
+        match self {
+            EventBody::TaskRejected { task_id, .. } => task_id.as_deref(),
+            EventBody::TaskStarted { task_id, .. } => Some(task_id),
+            EventBody::TaskProgress(p) => Some(&p.task_id),
+            EventBody::TaskFinished(f) => Some(&f.task_id),
+            EventBody::AgentOnline { .. } | EventBody::AgentOffline { .. } => None,
+        }
+    }
+}
+
+impl Event {
+    /// Subject this event is published on.
+    pub fn subject(&self) -> String {
+        crate::subject::event(self.body.kind(), &self.host)
+    }
+
+    /// Decodes an event, checking size and version.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let ev: Self = codec::decode(bytes, limits::EVENT_BYTES)?;
+        codec::check_version(ev.v, EVENT_VERSION)?;
+        Ok(ev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{encode, EstimateReport};
+
+    fn sample(body: EventBody) -> Event {
+        Event {
+            v: EVENT_VERSION,
+            id: "e-1".into(),
+            time: 1,
+            host: HostName::new("nas").expect("valid"),
+            severity: Severity::Info,
+            message: "hello".into(),
+            body,
+        }
+    }
+
+    #[test]
+    fn events_round_trip_with_kind_and_detail_at_top_level() {
+        let events = [
+            sample(EventBody::AgentOffline { reason: "shutdown".into() }),
+            sample(EventBody::TaskFinished(TaskFinished {
+                task_id: "t".into(),
+                task_kind: "estimate".into(),
+                outcome: TaskOutcome::Succeeded,
+                error: None,
+                retryable: false,
+                result: Some(TaskResult::Estimate(EstimateReport::default())),
+                duration_ms: 3,
+            })),
+            sample(EventBody::TaskRejected {
+                task_id: None,
+                reason: RejectReason::Replayed,
+                detail: "x".into(),
+                subject: "flotilla.task.nas".into(),
+            }),
+        ];
+        for ev in events {
+            let bytes = encode(&ev).expect("encodes");
+            assert_eq!(Event::decode(&bytes).expect("decodes"), ev);
+            // A generic MessagePack reader sees `kind` as a top-level string.
+            let generic: std::collections::BTreeMap<String, rmpv_like::Value> =
+                rmp_serde::from_slice(&bytes).expect("map");
+            assert!(matches!(generic.get("kind"), Some(rmpv_like::Value::Str(k)) if k == ev.body.kind()));
+            assert!(generic.contains_key("detail"));
+        }
+    }
+
+    /// Just enough of a dynamic value to look at the top-level map.
+    mod rmpv_like {
+        use serde::Deserialize;
+
+        #[derive(Debug, Deserialize)]
+        #[serde(untagged)]
+        pub enum Value {
+            Str(String),
+            Other(serde::de::IgnoredAny),
+        }
+    }
+}

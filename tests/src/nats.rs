@@ -1,0 +1,160 @@
+//! A real `nats-server` with JetStream, private to one test.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+
+use crate::files::read_lossy;
+
+/// How long a fresh server may take to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts at starting a server; a retry covers the small window in which
+/// another process can take the port we picked.
+const START_ATTEMPTS: usize = 3;
+
+/// A `nats-server -js` on a free loopback port, with its JetStream store and log
+/// in a temporary directory. Killed (and the directory removed) on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    // Dropped after the child is killed, see `Drop`.
+    dir: TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it accepts TCP connections.
+    ///
+    /// The binary is `$NATS_SERVER_BIN`, else `nats-server` on `PATH`.
+    pub fn start() -> Result<Self> {
+        let bin = nats_server_bin()?;
+        let mut last_error = None;
+        for _ in 0..START_ATTEMPTS {
+            match Self::try_start(&bin) {
+                Ok(server) => return Ok(server),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.expect("START_ATTEMPTS is at least one"))
+    }
+
+    fn try_start(bin: &Path) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("flotilla-nats-")
+            .tempdir()
+            .context("cannot create a temporary directory for nats-server")?;
+        let port = free_port()?;
+        let log = dir.path().join("nats-server.log");
+        let log_file =
+            File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let port_arg = port.to_string();
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", port_arg.as_str(), "-js", "-sd"])
+            .arg(dir.path().join("jetstream"))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut server = Self {
+            child,
+            port,
+            log,
+            dir,
+        };
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "nats-server on port {} exited ({status}) before accepting connections; its log:\n{}",
+                    self.port,
+                    self.log()
+                );
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                // Someone answered; make sure it is our server and not a
+                // neighbour that took the port while ours failed to bind.
+                thread::sleep(Duration::from_millis(50));
+                if self.child.try_wait()?.is_none() {
+                    return Ok(());
+                }
+                continue;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "nats-server did not accept connections on port {} within {READY_TIMEOUT:?}; its log:\n{}",
+                    self.port,
+                    self.log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        read_lossy(&self.log)
+    }
+
+    /// The temporary directory holding the JetStream store and the log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        // Kill before the fields drop: the store directory must outlive the server.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn nats_server_bin() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("NATS_SERVER_BIN") {
+        let bin = PathBuf::from(bin);
+        if !bin.is_file() {
+            bail!("NATS_SERVER_BIN={} is not a file", bin.display());
+        }
+        return Ok(bin);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(format!("nats-server{}", std::env::consts::EXE_SUFFIX)))
+        .find(|candidate| candidate.is_file())
+        .context("nats-server is not on PATH: install it (https://github.com/nats-io/nats-server) or set NATS_SERVER_BIN")
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
+    Ok(listener.local_addr()?.port())
+}
