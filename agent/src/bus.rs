@@ -97,7 +97,9 @@ impl Bus {
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => info!("connected to NATS"),
-                    async_nats::Event::Disconnected => warn!("disconnected from NATS; reconnecting"),
+                    async_nats::Event::Disconnected => {
+                        warn!("disconnected from NATS; reconnecting")
+                    }
                     other => debug!(event = %other, "NATS event"),
                 }
             })

@@ -321,7 +321,10 @@ mod tests {
         assert_eq!(merged.bundle, Some(dir.path().join("b.toml")));
         assert_eq!(merged.state_dir, Some(PathBuf::from("/tmp/s")));
         assert_eq!(merged.backup_roots, vec![dir.path().join("data")]);
-        assert_eq!(merged.heartbeat_interval, Some(HumanDuration(Duration::from_secs(2))));
+        assert_eq!(
+            merged.heartbeat_interval,
+            Some(HumanDuration(Duration::from_secs(2)))
+        );
     }
 
     #[test]
@@ -334,8 +337,11 @@ mod tests {
             ..Default::default()
         }
         .merged()
-        .unwrap_err()
+        .expect_err("must be refused")
         .to_string();
-        assert!(err.contains("bakup_roots") && err.contains("line 2"), "{err}");
+        assert!(
+            err.contains("bakup_roots") && err.contains("line 2"),
+            "{err}"
+        );
     }
 }

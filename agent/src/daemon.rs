@@ -84,7 +84,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let loops_cancel = shutdown.child_token();
     let latest: LatestHealth = Arc::default();
     let mut loops = JoinSet::new();
-    loops.spawn(heartbeat_loop(agent.clone(), latest.clone(), loops_cancel.clone()));
+    loops.spawn(heartbeat_loop(
+        agent.clone(),
+        latest.clone(),
+        loops_cancel.clone(),
+    ));
     loops.spawn({
         let agent = agent.clone();
         let cancel = loops_cancel.clone();
@@ -180,14 +184,23 @@ impl Agent {
         let mut roots: Vec<(RootKind, std::path::PathBuf)> = Vec::new();
         roots.extend(s.backup_roots.iter().map(|p| (RootKind::Backup, p.clone())));
         roots.extend(s.storage.iter().map(|p| (RootKind::Storage, p.clone())));
-        roots.extend(s.restore_roots.iter().map(|p| (RootKind::Restore, p.clone())));
+        roots.extend(
+            s.restore_roots
+                .iter()
+                .map(|p| (RootKind::Restore, p.clone())),
+        );
         // statvfs can block for a long time on a hung network filesystem.
         let readings = tokio::task::spawn_blocking(move || {
             let usage: Vec<_> = roots
                 .iter()
                 .map(|(kind, path)| health::root_usage(*kind, path))
                 .collect();
-            (usage, health::load_average(), health::rss_bytes(), health::memory())
+            (
+                usage,
+                health::load_average(),
+                health::rss_bytes(),
+                health::memory(),
+            )
         })
         .await;
         let (roots, load, rss, (mem_total, mem_available)) =

@@ -126,9 +126,18 @@ mod tests {
         let ok = root.join("sub").to_string_lossy().into_owned();
         assert!(resolve_within(&[ok], &roots).is_ok());
         let esc = root.join("escape").to_string_lossy().into_owned();
-        assert!(matches!(resolve_within(&[esc], &roots), Err(PathRefused::OutsideRoots(_))));
+        assert!(matches!(
+            resolve_within(&[esc], &roots),
+            Err(PathRefused::OutsideRoots(_))
+        ));
         let dotdot = root.join("sub/../..").to_string_lossy().into_owned();
-        assert!(matches!(resolve_within(&[dotdot], &roots), Err(PathRefused::OutsideRoots(_))));
-        assert!(matches!(resolve_within(&["rel".into()], &roots), Err(PathRefused::NotAbsolute(_))));
+        assert!(matches!(
+            resolve_within(&[dotdot], &roots),
+            Err(PathRefused::OutsideRoots(_))
+        ));
+        assert!(matches!(
+            resolve_within(&["rel".into()], &roots),
+            Err(PathRefused::NotAbsolute(_))
+        ));
     }
 }

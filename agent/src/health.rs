@@ -57,9 +57,9 @@ pub fn root_usage(kind: RootKind, path: &Path) -> RootUsage {
     };
     match nix::sys::statvfs::statvfs(path) {
         Ok(st) => {
-            let frag = st.fragment_size() as u64;
-            usage.free_bytes = (st.blocks_available() as u64).saturating_mul(frag);
-            usage.total_bytes = (st.blocks() as u64).saturating_mul(frag);
+            let frag = st.fragment_size();
+            usage.free_bytes = st.blocks_available().saturating_mul(frag);
+            usage.total_bytes = st.blocks().saturating_mul(frag);
         }
         Err(e) => usage.error = Some(format!("cannot measure: {e}")),
     }

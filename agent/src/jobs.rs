@@ -130,7 +130,8 @@ impl Agent {
             Ok(body) => body,
             Err(e) => {
                 let task_id = e.task_id().map(str::to_owned);
-                self.reject(task_id, e.reason(), e.to_string(), &subject).await;
+                self.reject(task_id, e.reason(), e.to_string(), &subject)
+                    .await;
                 terminate(&msg).await;
                 return;
             }
@@ -154,7 +155,11 @@ impl Agent {
             }
             Ok(Accepted::Redelivered(stored)) => {
                 acknowledge(&msg).await;
-                let running = self.running.lock().map(|r| r.contains_key(&body.id)).unwrap_or(true);
+                let running = self
+                    .running
+                    .lock()
+                    .map(|r| r.contains_key(&body.id))
+                    .unwrap_or(true);
                 if !stored.status.is_final() && !running {
                     info!(task = %body.id, "redelivered task was never finished; running it");
                     self.start(body, jobs);
@@ -165,13 +170,17 @@ impl Agent {
                     "task {} was already received in stream message {} (now {seq})",
                     body.id, stored.stream_seq
                 );
-                self.reject(Some(body.id), RejectReason::Replayed, detail, &subject).await;
+                self.reject(Some(body.id), RejectReason::Replayed, detail, &subject)
+                    .await;
                 terminate(&msg).await;
             }
             Err(e) => {
                 // Not acknowledged: the stream redelivers it once the disk recovers.
                 error!(task = %body.id, error = %e, "cannot journal task; it will be redelivered");
-                if let Err(e) = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(10)))).await {
+                if let Err(e) = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(10))))
+                    .await
+                {
                     warn!(error = %e, "cannot nak task");
                 }
             }
@@ -183,12 +192,20 @@ impl Agent {
         let s = &self.settings;
         // Verified again, as of when it was received: the journal is on disk and
         // the signature is the proof the task is the coordinator's.
-        match verify_task(&entry.envelope, &s.coordinator_key, &s.bundle.fleet, &s.host, entry.received_at) {
+        match verify_task(
+            &entry.envelope,
+            &s.coordinator_key,
+            &s.bundle.fleet,
+            &s.host,
+            entry.received_at,
+        ) {
             Ok(body) => {
                 info!(task = %body.id, kind = body.kind.name(), "resuming unfinished task");
                 self.start(body, jobs);
             }
-            Err(e) => error!(task = %entry.task_id, error = %e, "journalled task no longer verifies; dropped"),
+            Err(e) => {
+                error!(task = %entry.task_id, error = %e, "journalled task no longer verifies; dropped")
+            }
         }
     }
 
@@ -217,7 +234,11 @@ impl Agent {
 
     async fn run_task(&self, body: &TaskBody, cancel: &Cancel) {
         let kind = body.kind.name();
-        if let Err(e) = self.state.set_status(&body.id, JobStatus::Running, None, now_ms()).await {
+        if let Err(e) = self
+            .state
+            .set_status(&body.id, JobStatus::Running, None, now_ms())
+            .await
+        {
             warn!(error = %e, "cannot journal task start");
         }
         self.bus
@@ -249,12 +270,20 @@ impl Agent {
         };
         info!(?outcome, duration_ms, "task finished");
         let err_text = error.as_ref().map(|e| e.to_string());
-        if let Err(e) = self.state.set_status(&body.id, status, err_text.clone(), now_ms()).await {
+        if let Err(e) = self
+            .state
+            .set_status(&body.id, status, err_text.clone(), now_ms())
+            .await
+        {
             warn!(error = %e, "cannot journal task end");
         }
         self.bus
             .event(
-                if error.is_some() { Severity::Error } else { Severity::Info },
+                if error.is_some() {
+                    Severity::Error
+                } else {
+                    Severity::Info
+                },
                 message,
                 EventBody::TaskFinished(TaskFinished {
                     task_id: body.id.clone(),
@@ -277,9 +306,13 @@ impl Agent {
     ) -> Result<TaskResult, JobError> {
         let roots = self.settings.backup_roots.clone();
         let requested = paths.to_vec();
-        let resolved = tokio::task::spawn_blocking(move || engine::resolve_within(&requested, &roots))
-            .await
-            .map_err(|e| JobError::Failed { message: format!("path check panicked: {e}"), retryable: true })?;
+        let resolved =
+            tokio::task::spawn_blocking(move || engine::resolve_within(&requested, &roots))
+                .await
+                .map_err(|e| JobError::Failed {
+                    message: format!("path check panicked: {e}"),
+                    retryable: true,
+                })?;
         let resolved: Vec<PathBuf> = match resolved {
             Ok(r) => r,
             Err(refused) => {
@@ -293,7 +326,10 @@ impl Agent {
                     .await;
                     return Err(JobError::Refused(refused));
                 }
-                return Err(JobError::Failed { message: refused.to_string(), retryable: false });
+                return Err(JobError::Failed {
+                    message: refused.to_string(),
+                    retryable: false,
+                });
             }
         };
 
@@ -336,7 +372,13 @@ impl Agent {
         Ok(TaskResult::Estimate(report))
     }
 
-    async fn reject(&self, task_id: Option<String>, reason: RejectReason, detail: String, subject: &str) {
+    async fn reject(
+        &self,
+        task_id: Option<String>,
+        reason: RejectReason,
+        detail: String,
+        subject: &str,
+    ) {
         warn!(task = ?task_id, ?reason, %detail, "task rejected");
         self.bus
             .event(
@@ -361,11 +403,15 @@ struct WatchProgress {
 
 impl Progress for WatchProgress {
     fn update(&mut self, counters: &Counters, current: &std::path::Path) {
-        if self.last.is_some_and(|t| t.elapsed() < Duration::from_millis(100)) {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(100))
+        {
             return;
         }
         self.last = Some(Instant::now());
-        self.tx.send_replace((counters.clone(), current.to_path_buf()));
+        self.tx
+            .send_replace((counters.clone(), current.to_path_buf()));
     }
 }
 

@@ -38,14 +38,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Config { command: ConfigCommand::Check(config) } => match Settings::load(config) {
+        Command::Config {
+            command: ConfigCommand::Check(config),
+        } => match Settings::load(config) {
             Ok(s) => {
                 println!(
                     "config ok: host {} in fleet {}, NATS {}, roles {:?}, {} backup root(s), {} restore root(s)",

@@ -71,7 +71,10 @@ pub enum JobStatus {
 impl JobStatus {
     /// Whether the task has reached an end.
     pub fn is_final(self) -> bool {
-        matches!(self, JobStatus::Succeeded | JobStatus::Partial | JobStatus::Failed)
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Partial | JobStatus::Failed
+        )
     }
 }
 
@@ -124,12 +127,11 @@ impl State {
         let meta = db.open_tree("meta")?;
         match meta.get("format")? {
             Some(v) => {
-                let found = u16::from_be_bytes(v.as_ref().try_into().map_err(|_| {
-                    StateError::Corrupt {
+                let found =
+                    u16::from_be_bytes(v.as_ref().try_into().map_err(|_| StateError::Corrupt {
                         key: "meta/format".into(),
                         why: "not two bytes".into(),
-                    }
-                })?);
+                    })?);
                 if found > STATE_FORMAT {
                     return Err(StateError::Newer(found));
                 }
@@ -146,9 +148,11 @@ impl State {
     /// durable before returning (the caller acknowledges the message after).
     pub async fn accept(&self, entry: JournalEntry) -> Result<Accepted, StateError> {
         let value = encode(&entry);
-        let cas = self
-            .journal
-            .compare_and_swap(entry.task_id.as_bytes(), None as Option<&[u8]>, Some(value))?;
+        let cas = self.journal.compare_and_swap(
+            entry.task_id.as_bytes(),
+            None as Option<&[u8]>,
+            Some(value),
+        )?;
         match cas {
             Ok(()) => {
                 self.db.flush_async().await?;
@@ -277,9 +281,18 @@ mod tests {
     async fn journal_tells_new_redelivered_and_replayed_apart() {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = State::open(dir.path()).expect("opens");
-        assert_eq!(state.accept(entry("a", 7)).await.expect("ok"), Accepted::New);
-        assert!(matches!(state.accept(entry("a", 7)).await.expect("ok"), Accepted::Redelivered(_)));
-        assert!(matches!(state.accept(entry("a", 8)).await.expect("ok"), Accepted::Replayed(_)));
+        assert_eq!(
+            state.accept(entry("a", 7)).await.expect("ok"),
+            Accepted::New
+        );
+        assert!(matches!(
+            state.accept(entry("a", 7)).await.expect("ok"),
+            Accepted::Redelivered(_)
+        ));
+        assert!(matches!(
+            state.accept(entry("a", 8)).await.expect("ok"),
+            Accepted::Replayed(_)
+        ));
     }
 
     #[tokio::test]
@@ -289,10 +302,18 @@ mod tests {
             let state = State::open(dir.path()).expect("opens");
             state.accept(entry("a", 1)).await.expect("ok");
             state.accept(entry("b", 2)).await.expect("ok");
-            state.set_status("b", JobStatus::Succeeded, None, 5).await.expect("ok");
+            state
+                .set_status("b", JobStatus::Succeeded, None, 5)
+                .await
+                .expect("ok");
         }
         let state = State::open(dir.path()).expect("reopens");
-        let open: Vec<_> = state.unfinished().expect("ok").into_iter().map(|e| e.task_id).collect();
+        let open: Vec<_> = state
+            .unfinished()
+            .expect("ok")
+            .into_iter()
+            .map(|e| e.task_id)
+            .collect();
         assert_eq!(open, vec!["a".to_string()]);
         assert_eq!(state.prune(10).expect("ok"), 1);
     }

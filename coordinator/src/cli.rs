@@ -144,10 +144,16 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Init { force } => {
             let dir = g.fleet.clone().ok_or(CliError::NoFleet)?;
-            let url = g.nats.clone().unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
+            let url = g
+                .nats
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
             let fleet = Fleet::init(&dir, &url, force)?;
             outln!("created fleet {} in {}", fleet.file.id, dir.display());
-            outln!("next: `flotilla enroll HOST --fleet {} --out HOST.toml` for each host", dir.display());
+            outln!(
+                "next: `flotilla enroll HOST --fleet {} --out HOST.toml` for each host",
+                dir.display()
+            );
             Ok(())
         }
         Command::Enroll {
@@ -158,7 +164,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         } => {
             let fleet = g.fleet()?;
             fleet.enroll(&host, &out, g.nats.as_deref(), !no_repo_key, force)?;
-            outln!("wrote bundle for {host} to {} (mode 0600; it holds the host's private key)", out.display());
+            outln!(
+                "wrote bundle for {host} to {} (mode 0600; it holds the host's private key)",
+                out.display()
+            );
             Ok(())
         }
         Command::Hosts { json } => hosts::run(g, json).await,

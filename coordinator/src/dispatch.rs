@@ -94,7 +94,9 @@ impl<'a> Dispatch<'a> {
             .await
             .map_err(request_err("publish task"))?
             .await
-            .map_err(request_err("store task on the task stream (has any agent set up this NATS server?)"))?;
+            .map_err(request_err(
+                "store task on the task stream (has any agent set up this NATS server?)",
+            ))?;
         Ok(SentTask {
             id: body.id,
             events,
@@ -117,7 +119,9 @@ impl SentTask {
             let Some(msg) = msg else {
                 return Outcome::Lost("event subscription closed".into());
             };
-            let Ok(ev) = Event::decode(&msg.payload) else { continue };
+            let Ok(ev) = Event::decode(&msg.payload) else {
+                continue;
+            };
             if ev.body.task_id() != Some(self.id.as_str()) {
                 continue;
             }

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 
 use flotilla_protocol::{Bundle, HostName, PublicKey, SigningSeed, BUNDLE_VERSION};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use serde::{Deserialize, Serialize};
 
@@ -172,16 +172,31 @@ impl Fleet {
         let seed = SigningSeed(random_bytes()?);
         let repo_key: [u8; 32] = random_bytes()?;
 
-        write_file(&dir.join("ca.key"), ca_key.serialize_pem().as_bytes(), 0o600, force)?;
+        write_file(
+            &dir.join("ca.key"),
+            ca_key.serialize_pem().as_bytes(),
+            0o600,
+            force,
+        )?;
         write_file(&dir.join("ca.crt"), ca_cert.pem().as_bytes(), 0o644, force)?;
-        write_file(&dir.join("coordinator.key"), format!("{}\n", seed.to_hex()).as_bytes(), 0o600, force)?;
+        write_file(
+            &dir.join("coordinator.key"),
+            format!("{}\n", seed.to_hex()).as_bytes(),
+            0o600,
+            force,
+        )?;
         write_file(
             &dir.join("coordinator.pub"),
             format!("{}\n", seed.public_key().to_hex()).as_bytes(),
             0o644,
             force,
         )?;
-        write_file(&dir.join("repo.key"), format!("{}\n", hex::encode(repo_key)).as_bytes(), 0o600, force)?;
+        write_file(
+            &dir.join("repo.key"),
+            format!("{}\n", hex::encode(repo_key)).as_bytes(),
+            0o600,
+            force,
+        )?;
         let file = FleetFile {
             version: FLEET_VERSION,
             id,
@@ -217,7 +232,10 @@ impl Fleet {
         if file.version == 0 || file.version > FLEET_VERSION {
             return Err(FleetError::Invalid {
                 path,
-                why: format!("layout version {} is newer than this flotilla understands", file.version),
+                why: format!(
+                    "layout version {} is newer than this flotilla understands",
+                    file.version
+                ),
             });
         }
         Ok(Fleet {
@@ -267,7 +285,10 @@ impl Fleet {
         let mut params = CertificateParams::new(vec![host.to_string()])?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, host.as_str());
-        dn.push(DnType::OrganizationName, format!("Flotilla fleet {}", self.file.id));
+        dn.push(
+            DnType::OrganizationName,
+            format!("Flotilla fleet {}", self.file.id),
+        );
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -313,19 +334,36 @@ mod tests {
         let fleet_dir = dir.path().join("fleet");
         let fleet = Fleet::init(&fleet_dir, "nats://127.0.0.1:4222", false).expect("init");
         for secret in ["ca.key", "coordinator.key", "repo.key"] {
-            let mode = fs::metadata(fleet_dir.join(secret)).expect("exists").permissions().mode();
+            let mode = fs::metadata(fleet_dir.join(secret))
+                .expect("exists")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600, "{secret}");
         }
-        assert!(matches!(Fleet::init(&fleet_dir, "x", false), Err(FleetError::Exists(_))));
+        assert!(matches!(
+            Fleet::init(&fleet_dir, "x", false),
+            Err(FleetError::Exists(_))
+        ));
 
         let out = dir.path().join("nas.toml");
         let host = HostName::new("nas").expect("valid");
-        let bundle = fleet.enroll(&host, &out, None, true, false).expect("enroll");
-        assert_eq!(fs::metadata(&out).expect("exists").permissions().mode() & 0o777, 0o600);
+        let bundle = fleet
+            .enroll(&host, &out, None, true, false)
+            .expect("enroll");
+        assert_eq!(
+            fs::metadata(&out).expect("exists").permissions().mode() & 0o777,
+            0o600
+        );
         let back = Bundle::parse(&fs::read_to_string(&out).expect("read")).expect("parses");
         assert_eq!(back, bundle);
-        assert_eq!(back.coordinator_public_key().expect("key"), fleet.public_key().expect("key"));
-        assert!(matches!(fleet.enroll(&host, &out, None, true, false), Err(FleetError::Exists(_))));
+        assert_eq!(
+            back.coordinator_public_key().expect("key"),
+            fleet.public_key().expect("key")
+        );
+        assert!(matches!(
+            fleet.enroll(&host, &out, None, true, false),
+            Err(FleetError::Exists(_))
+        ));
         assert!(fleet.enroll(&host, &out, None, true, true).is_ok());
     }
 }

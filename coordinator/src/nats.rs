@@ -37,9 +37,8 @@ impl HostRecord {
             return Some("shutdown");
         }
         // One extra second of slack for publication and clock granularity.
-        let deadline = self.stored_at
-            + self.heartbeat.interval_ms.saturating_mul(MISSED_HEARTBEATS)
-            + 1000;
+        let deadline =
+            self.stored_at + self.heartbeat.interval_ms.saturating_mul(MISSED_HEARTBEATS) + 1000;
         (now > deadline).then_some("missed_heartbeats")
     }
 }
@@ -100,7 +99,11 @@ impl Nats {
 }
 
 async fn read_record(store: &kv::Store, key: &str) -> Result<Option<HostRecord>, CliError> {
-    let Some(entry) = store.entry(key).await.map_err(request_err("read host health"))? else {
+    let Some(entry) = store
+        .entry(key)
+        .await
+        .map_err(request_err("read host health"))?
+    else {
         return Ok(None);
     };
     if entry.operation != kv::Operation::Put {
@@ -152,6 +155,9 @@ mod tests {
         let r = record(AgentState::Online, 10_000);
         assert_eq!(r.offline_reason(13_900), None);
         assert_eq!(r.offline_reason(14_001), Some("missed_heartbeats"));
-        assert_eq!(record(AgentState::Offline, 10_000).offline_reason(10_000), Some("shutdown"));
+        assert_eq!(
+            record(AgentState::Offline, 10_000).offline_reason(10_000),
+            Some("shutdown")
+        );
     }
 }

@@ -229,7 +229,9 @@ mod tests {
     #[test]
     fn events_round_trip_with_kind_and_detail_at_top_level() {
         let events = [
-            sample(EventBody::AgentOffline { reason: "shutdown".into() }),
+            sample(EventBody::AgentOffline {
+                reason: "shutdown".into(),
+            }),
             sample(EventBody::TaskFinished(TaskFinished {
                 task_id: "t".into(),
                 task_kind: "estimate".into(),
@@ -252,7 +254,9 @@ mod tests {
             // A generic MessagePack reader sees `kind` as a top-level string.
             let generic: std::collections::BTreeMap<String, rmpv_like::Value> =
                 rmp_serde::from_slice(&bytes).expect("map");
-            assert!(matches!(generic.get("kind"), Some(rmpv_like::Value::Str(k)) if k == ev.body.kind()));
+            assert!(
+                matches!(generic.get("kind"), Some(rmpv_like::Value::Str(k)) if k == ev.body.kind())
+            );
             assert!(generic.contains_key("detail"));
         }
     }

@@ -36,7 +36,9 @@ pub use event::{
     Event, EventBody, RejectReason, Severity, TaskFinished, TaskOutcome, TaskProgress,
     EVENT_VERSION,
 };
-pub use heartbeat::{AgentState, Heartbeat, Role, RootKind, RootUsage, RunningJob, HEARTBEAT_VERSION};
+pub use heartbeat::{
+    AgentState, Heartbeat, Role, RootKind, RootUsage, RunningJob, HEARTBEAT_VERSION,
+};
 pub use host::{HostName, HostNameError};
 pub use task::{
     sign_task, verify_task, DirUsage, EstimateReport, PublicKey, SigningSeed, TaskBody,

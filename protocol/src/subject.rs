@@ -104,12 +104,21 @@ mod tests {
     fn subjects_have_the_documented_shape() {
         let h = HostName::new("nas").expect("valid");
         assert_eq!(task(&h), "flotilla.task.nas");
-        assert_eq!(event("agent.offline", &h), "flotilla.events.agent.offline.nas");
+        assert_eq!(
+            event("agent.offline", &h),
+            "flotilla.events.agent.offline.nas"
+        );
         assert_eq!(task_events(&h), "flotilla.events.task.*.nas");
         assert_eq!(service_verbs("PING", &h)[2], "$SRV.PING.flotilla-agent.nas");
         assert_eq!(event_filter(None, None), "flotilla.events.>");
-        assert_eq!(event_filter(Some("agent"), None), "flotilla.events.agent.*.*");
-        assert_eq!(event_filter(Some("agent.offline"), Some(&h)), "flotilla.events.agent.offline.nas");
+        assert_eq!(
+            event_filter(Some("agent"), None),
+            "flotilla.events.agent.*.*"
+        );
+        assert_eq!(
+            event_filter(Some("agent.offline"), Some(&h)),
+            "flotilla.events.agent.offline.nas"
+        );
         assert_eq!(event_filter(None, Some(&h)), "flotilla.events.*.*.nas");
     }
 }

@@ -217,7 +217,9 @@ pub enum TaskVerifyError {
         now: UnixMillis,
     },
     /// The task was issued in the future beyond the allowed clock skew.
-    #[error("task {task_id} is issued at {issued_at}, in the future (now {now}, unix ms); check clocks")]
+    #[error(
+        "task {task_id} is issued at {issued_at}, in the future (now {now}, unix ms); check clocks"
+    )]
     NotYetValid {
         /// Task id.
         task_id: String,
@@ -291,8 +293,8 @@ pub fn verify_task(
     if envelope.signature.is_empty() {
         return Err(TaskVerifyError::Unsigned);
     }
-    let signature = Signature::from_slice(&envelope.signature)
-        .map_err(|_| TaskVerifyError::BadSignature)?;
+    let signature =
+        Signature::from_slice(&envelope.signature).map_err(|_| TaskVerifyError::BadSignature)?;
     let verifying = VerifyingKey::from_bytes(&key.0).map_err(|_| TaskVerifyError::BadSignature)?;
     verifying
         .verify(&signed_message(&envelope.body), &signature)
@@ -365,9 +367,19 @@ mod tests {
         }
     }
 
-    fn verify(env: &TaskEnvelope, key: &PublicKey, now: UnixMillis) -> Result<TaskBody, TaskVerifyError> {
+    fn verify(
+        env: &TaskEnvelope,
+        key: &PublicKey,
+        now: UnixMillis,
+    ) -> Result<TaskBody, TaskVerifyError> {
         let bytes = codec::encode(env).expect("encodes");
-        verify_task(&bytes, key, "f1", &HostName::new("nas").expect("valid"), now)
+        verify_task(
+            &bytes,
+            key,
+            "f1",
+            &HostName::new("nas").expect("valid"),
+            now,
+        )
     }
 
     #[test]
@@ -381,32 +393,56 @@ mod tests {
     fn forged_unsigned_misaddressed_and_expired_tasks_are_refused() {
         let env = sign_task(&seed(1), &body("nas")).expect("signs");
         let other = seed(2).public_key();
-        assert_eq!(verify(&env, &other, NOW).unwrap_err().reason(), RejectReason::BadSignature);
+        assert_eq!(
+            verify(&env, &other, NOW).expect_err("must be refused").reason(),
+            RejectReason::BadSignature
+        );
 
         let mut unsigned = env.clone();
         unsigned.signature.clear();
         let key = seed(1).public_key();
-        assert_eq!(verify(&unsigned, &key, NOW).unwrap_err().reason(), RejectReason::Unsigned);
+        assert_eq!(
+            verify(&unsigned, &key, NOW).expect_err("must be refused").reason(),
+            RejectReason::Unsigned
+        );
 
         let mut tampered = env.clone();
         let last = tampered.body.len() - 1;
         tampered.body[last] ^= 1;
-        assert_eq!(verify(&tampered, &key, NOW).unwrap_err().reason(), RejectReason::BadSignature);
+        assert_eq!(
+            verify(&tampered, &key, NOW).expect_err("must be refused").reason(),
+            RejectReason::BadSignature
+        );
 
         let misaddressed = sign_task(&seed(1), &body("laptop")).expect("signs");
-        assert_eq!(verify(&misaddressed, &key, NOW).unwrap_err().reason(), RejectReason::WrongHost);
+        assert_eq!(
+            verify(&misaddressed, &key, NOW).expect_err("must be refused").reason(),
+            RejectReason::WrongHost
+        );
 
         let late = NOW + 60_000 + CLOCK_SKEW_MS + 1;
-        assert_eq!(verify(&env, &key, late).unwrap_err().reason(), RejectReason::Expired);
+        assert_eq!(
+            verify(&env, &key, late).expect_err("must be refused").reason(),
+            RejectReason::Expired
+        );
         let early = NOW - CLOCK_SKEW_MS - 1;
-        assert_eq!(verify(&env, &key, early).unwrap_err().reason(), RejectReason::NotYetValid);
+        assert_eq!(
+            verify(&env, &key, early).expect_err("must be refused").reason(),
+            RejectReason::NotYetValid
+        );
     }
 
     #[test]
     fn oversized_envelopes_are_refused_before_parsing() {
         let bytes = vec![0x90; limits::TASK_BYTES + 1];
-        let err = verify_task(&bytes, &seed(1).public_key(), "f1", &HostName::new("nas").expect("valid"), NOW)
-            .unwrap_err();
+        let err = verify_task(
+            &bytes,
+            &seed(1).public_key(),
+            "f1",
+            &HostName::new("nas").expect("valid"),
+            NOW,
+        )
+        .expect_err("must be refused");
         assert_eq!(err.reason(), RejectReason::Oversized);
     }
 

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
 use flotilla_protocol::{subject, HostName};
+use futures::StreamExt;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};

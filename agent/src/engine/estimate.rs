@@ -1,7 +1,7 @@
 //! `estimate`: how much would a backup of these paths read?
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -28,7 +28,10 @@ struct Frame {
 pub fn estimate(paths: &[PathBuf], progress: &mut dyn Progress, cancel: &Cancel) -> EstimateReport {
     let started = Instant::now();
     let mut report = EstimateReport {
-        paths: paths.iter().map(|p| p.to_string_lossy().into_owned()).collect(),
+        paths: paths
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect(),
         ..Default::default()
     };
     let mut counters = Counters::default();
@@ -44,7 +47,14 @@ pub fn estimate(paths: &[PathBuf], progress: &mut dyn Progress, cancel: &Cancel)
         if cancel.is_cancelled() {
             break;
         }
-        walk_root(root, &mut report, &mut counters, &mut largest, progress, cancel);
+        walk_root(
+            root,
+            &mut report,
+            &mut counters,
+            &mut largest,
+            progress,
+            cancel,
+        );
     }
 
     let mut dirs: Vec<DirUsage> = largest
@@ -72,7 +82,9 @@ fn walk_root(
     let error = |report: &mut EstimateReport, path: &Path, e: std::io::Error| {
         report.errors += 1;
         if report.error_samples.len() < ERROR_SAMPLES {
-            report.error_samples.push(format!("{}: {e}", path.display()));
+            report
+                .error_samples
+                .push(format!("{}: {e}", path.display()));
         }
     };
     let meta = match fs::symlink_metadata(root) {
@@ -87,7 +99,12 @@ fn walk_root(
     report.dirs += 1;
     counters.dirs += 1;
     let mut stack = match fs::read_dir(root) {
-        Ok(entries) => vec![Frame { path: root.to_path_buf(), entries, bytes: 0, files: 0 }],
+        Ok(entries) => vec![Frame {
+            path: root.to_path_buf(),
+            entries,
+            bytes: 0,
+            files: 0,
+        }],
         Err(e) => return error(report, root, e),
     };
     while let Some(top) = stack.last_mut() {
@@ -109,7 +126,12 @@ fn walk_root(
                     counters.dirs += 1;
                     progress.update(counters, &path);
                     match fs::read_dir(&path) {
-                        Ok(entries) => stack.push(Frame { path, entries, bytes: 0, files: 0 }),
+                        Ok(entries) => stack.push(Frame {
+                            path,
+                            entries,
+                            bytes: 0,
+                            files: 0,
+                        }),
                         Err(e) => error(report, &path, e),
                     }
                 } else {
@@ -177,8 +199,15 @@ mod tests {
         fs::write(root.join("c/three"), vec![0; 10]).expect("write");
         std::os::unix::fs::symlink("/nonexistent", root.join("c/link")).expect("symlink");
 
-        let report = estimate(&[root.to_path_buf(), root.join("a")], &mut NoProgress, &Cancel::default());
-        assert_eq!((report.files, report.dirs, report.symlinks, report.bytes), (3, 4, 1, 1110));
+        let report = estimate(
+            &[root.to_path_buf(), root.join("a")],
+            &mut NoProgress,
+            &Cancel::default(),
+        );
+        assert_eq!(
+            (report.files, report.dirs, report.symlinks, report.bytes),
+            (3, 4, 1, 1110)
+        );
         assert_eq!(report.largest_dirs[0].path, root.to_string_lossy());
         assert_eq!(report.largest_dirs[0].bytes, 1110);
         assert_eq!(report.largest_dirs[1].bytes, 1100);

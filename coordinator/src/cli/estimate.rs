@@ -29,7 +29,11 @@ pub(super) async fn run(
         .await?
         .ok_or_else(|| CliError::HostUnknown(host.to_string()))?;
     let offline = record.offline_reason(crate::now_ms()).is_some();
-    let wait = timeout.map(Duration::from_secs).unwrap_or(if offline { WAIT_OFFLINE } else { WAIT_ONLINE });
+    let wait = timeout.map(Duration::from_secs).unwrap_or(if offline {
+        WAIT_OFFLINE
+    } else {
+        WAIT_ONLINE
+    });
 
     let mut task = dispatch.send(host, TaskKind::Estimate { paths }).await?;
     if offline {
@@ -44,7 +48,12 @@ pub(super) async fn run(
     let outcome = task
         .wait(wait, |ev| {
             if let EventBody::TaskProgress(p) = &ev.body {
-                let line = format!("{host}: {} files, {} dirs, {} so far", p.files, p.dirs, output::bytes(p.bytes));
+                let line = format!(
+                    "{host}: {} files, {} dirs, {} so far",
+                    p.files,
+                    p.dirs,
+                    output::bytes(p.bytes)
+                );
                 if tty {
                     eprint!("\r\x1b[2K{line}");
                 } else if !json {
@@ -88,7 +97,10 @@ pub(super) async fn run(
         }
     };
     if json {
-        outln!("{}", serde_json::to_string_pretty(&finished).unwrap_or_default());
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&finished).unwrap_or_default()
+        );
     }
     if finished.outcome == TaskOutcome::Failed {
         return Err(CliError::TaskFailed {
@@ -118,7 +130,12 @@ pub(super) async fn run(
             if !r.largest_dirs.is_empty() {
                 outln!("largest directories:");
                 for d in &r.largest_dirs {
-                    outln!("  {:>10}  {:>8} files  {}", output::bytes(d.bytes), d.files, d.path);
+                    outln!(
+                        "  {:>10}  {:>8} files  {}",
+                        output::bytes(d.bytes),
+                        d.files,
+                        d.path
+                    );
                 }
             }
         }

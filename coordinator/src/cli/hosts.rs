@@ -30,7 +30,11 @@ fn view(r: &HostRecord, now: u64) -> HostView<'_> {
     let reason = r.offline_reason(now);
     HostView {
         host: hb.host.as_str(),
-        status: if reason.is_some() { "offline" } else { "online" },
+        status: if reason.is_some() {
+            "offline"
+        } else {
+            "online"
+        },
         offline_reason: reason,
         last_seen: r.stored_at,
         last_seen_age_secs: now.saturating_sub(r.stored_at) as f64 / 1000.0,
@@ -61,10 +65,19 @@ pub(super) async fn run(g: &Global, json: bool) -> Result<(), CliError> {
     }
     outln!(
         "{:<20} {:<8} {:<10} {:<8} {:<24} {:>11} RUNNING",
-        "HOST", "STATUS", "LAST SEEN", "VERSION", "ROLES", "MIN FREE"
+        "HOST",
+        "STATUS",
+        "LAST SEEN",
+        "VERSION",
+        "ROLES",
+        "MIN FREE"
     );
     for v in &views {
-        let roles: Vec<String> = v.roles.iter().map(|r| format!("{r:?}").to_lowercase()).collect();
+        let roles: Vec<String> = v
+            .roles
+            .iter()
+            .map(|r| format!("{r:?}").to_lowercase())
+            .collect();
         let free = v
             .roots
             .iter()
@@ -76,7 +89,11 @@ pub(super) async fn run(g: &Global, json: bool) -> Result<(), CliError> {
         let running = if v.running.is_empty() {
             "-".to_string()
         } else {
-            v.running.iter().map(|j| j.kind.as_str()).collect::<Vec<_>>().join(",")
+            v.running
+                .iter()
+                .map(|j| j.kind.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
         };
         let status = match v.offline_reason {
             Some("shutdown") => "stopped",
