@@ -394,7 +394,9 @@ mod tests {
         let env = sign_task(&seed(1), &body("nas")).expect("signs");
         let other = seed(2).public_key();
         assert_eq!(
-            verify(&env, &other, NOW).expect_err("must be refused").reason(),
+            verify(&env, &other, NOW)
+                .expect_err("must be refused")
+                .reason(),
             RejectReason::BadSignature
         );
 
@@ -402,7 +404,9 @@ mod tests {
         unsigned.signature.clear();
         let key = seed(1).public_key();
         assert_eq!(
-            verify(&unsigned, &key, NOW).expect_err("must be refused").reason(),
+            verify(&unsigned, &key, NOW)
+                .expect_err("must be refused")
+                .reason(),
             RejectReason::Unsigned
         );
 
@@ -410,24 +414,32 @@ mod tests {
         let last = tampered.body.len() - 1;
         tampered.body[last] ^= 1;
         assert_eq!(
-            verify(&tampered, &key, NOW).expect_err("must be refused").reason(),
+            verify(&tampered, &key, NOW)
+                .expect_err("must be refused")
+                .reason(),
             RejectReason::BadSignature
         );
 
         let misaddressed = sign_task(&seed(1), &body("laptop")).expect("signs");
         assert_eq!(
-            verify(&misaddressed, &key, NOW).expect_err("must be refused").reason(),
+            verify(&misaddressed, &key, NOW)
+                .expect_err("must be refused")
+                .reason(),
             RejectReason::WrongHost
         );
 
         let late = NOW + 60_000 + CLOCK_SKEW_MS + 1;
         assert_eq!(
-            verify(&env, &key, late).expect_err("must be refused").reason(),
+            verify(&env, &key, late)
+                .expect_err("must be refused")
+                .reason(),
             RejectReason::Expired
         );
         let early = NOW - CLOCK_SKEW_MS - 1;
         assert_eq!(
-            verify(&env, &key, early).expect_err("must be refused").reason(),
+            verify(&env, &key, early)
+                .expect_err("must be refused")
+                .reason(),
             RejectReason::NotYetValid
         );
     }
