@@ -2,9 +2,11 @@
 //! shuts down in order.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use flotilla_protocol::repo::RepoKey;
 use flotilla_protocol::{
     encode, AgentState, EventBody, Heartbeat, RootKind, RunningJob, Severity, HEARTBEAT_VERSION,
 };
@@ -16,8 +18,10 @@ use crate::bus::micro::{self, LatestHealth};
 use crate::bus::{Bus, BusError};
 use crate::config::Settings;
 use crate::engine::Cancel;
+use crate::repository::{RepoError, Repository};
 use crate::state::{State, StateError};
-use crate::{health, jobs, now_ms, VERSION};
+use crate::transfer::{Identity, TransferEndpoint, TransferError};
+use crate::{health, jobs, now_ms, storage, VERSION};
 
 /// Finished journal entries older than this are forgotten at startup.
 const JOURNAL_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -38,6 +42,12 @@ pub enum AgentError {
     /// NATS could not be set up.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The QUIC endpoint could not be set up.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// The repository could not be opened.
+    #[error("cannot open the repository: {0}")]
+    Repository(#[from] RepoError),
 }
 
 /// Tasks running now, with their cancellation flags; read by heartbeats.
@@ -51,6 +61,14 @@ pub(crate) struct Agent {
     pub bus: Bus,
     pub running: Running,
     pub started_at: u64,
+    /// QUIC endpoint (serves peers when `--listen` is set; always dials).
+    pub endpoint: Option<Arc<TransferEndpoint>>,
+    /// The repository, on storage hosts.
+    pub repo: Option<Arc<Repository>>,
+    /// The repository key, when the bundle carries it.
+    pub repo_key: Option<Arc<RepoKey>>,
+    /// The QUIC address peers reach this agent at.
+    pub quic_addr: Option<String>,
 }
 
 /// Runs the agent until `shutdown` fires, then stops in order.
@@ -71,12 +89,44 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         Err(BusError::Cancelled) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
+    let repo_key = settings
+        .bundle
+        .repo_key
+        .as_deref()
+        .and_then(RepoKey::from_hex)
+        .map(Arc::new);
+    let identity = Identity::from_bundle(&settings.bundle)?;
+    let bind: SocketAddr = settings
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let endpoint = Arc::new(TransferEndpoint::bind(bind, &identity)?);
+    let quic_addr = match settings.listen {
+        Some(_) => endpoint.local_addr().ok().map(|a| a.to_string()),
+        None => None,
+    };
+    let repo = match settings.storage.clone() {
+        Some(dir) => {
+            let opened = tokio::task::spawn_blocking(move || Repository::open_or_init(&dir))
+                .await
+                .map_err(|e| RepoError::Invalid {
+                    what: "repository".into(),
+                    reason: format!("opening crashed: {e}"),
+                })??;
+            info!(repo = opened.repo_id(), "repository open");
+            Some(Arc::new(opened))
+        }
+        None => None,
+    };
     let agent = Arc::new(Agent {
         settings,
         state,
         bus,
         running: Arc::default(),
         started_at,
+        endpoint: Some(endpoint.clone()),
+        repo: repo.clone(),
+        repo_key,
+        quic_addr,
     });
 
     // Children of one token so that shutdown reaches every loop at once; each
@@ -102,6 +152,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         }
     });
     loops.spawn(jobs::task_loop(agent.clone(), loops_cancel.clone()));
+    if agent.settings.listen.is_some() {
+        loops.spawn(storage::serve(
+            agent.clone(),
+            endpoint.clone(),
+            repo.clone(),
+            loops_cancel.clone(),
+        ));
+    }
+    if let Some(repo) = repo {
+        let (agent, cancel) = (agent.clone(), loops_cancel.clone());
+        loops.spawn(async move {
+            if let Err(e) = storage::serve_queries(agent, repo, cancel).await {
+                warn!(error = %e, "repository queries stopped");
+            }
+        });
+    }
 
     agent
         .bus
@@ -111,7 +177,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             EventBody::AgentOnline {
                 version: VERSION.into(),
                 roles: agent.settings.roles(),
-                quic_addr: agent.settings.listen.map(|a| a.to_string()),
+                quic_addr: agent.quic_addr.clone(),
             },
         )
         .await;
@@ -131,6 +197,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     if drained.is_err() {
         warn!("some loops did not stop in time; aborting them");
         loops.abort_all();
+    }
+    if let Some(endpoint) = &agent.endpoint {
+        endpoint.shutdown().await;
     }
     // 2. tell the fleet, so `hosts` shows offline at once instead of after
     //    missed heartbeats;
@@ -224,7 +293,7 @@ impl Agent {
             mem_total_bytes: mem_total,
             mem_available_bytes: mem_available,
             roles: s.roles(),
-            quic_addr: s.listen.map(|a| a.to_string()),
+            quic_addr: self.quic_addr.clone(),
             roots,
             running,
         }

@@ -4,13 +4,20 @@
 //! [`Cancel`] flag is set; the agent implements `Progress` by publishing
 //! `task.progress` events, tests implement it with a vector.
 
+mod backup;
 mod estimate;
+mod restore;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+pub use backup::{
+    backup, BackupError, BackupOptions, BackupOutcome, CachedFile, FileCache, NoCache, Store,
+    StoreError,
+};
 pub use estimate::estimate;
+pub use restore::{restore, Fetch, FetchError, RestoreError, RestoreOptions};
 
 /// Counters of a running task, as shown to the user.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

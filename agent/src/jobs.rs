@@ -21,6 +21,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, info_span, warn, Instrument};
 
+mod backup;
+mod check;
+mod restore;
+
 use crate::daemon::Agent;
 use crate::engine::{self, Cancel, Counters, PathRefused, Progress};
 use crate::now_ms;
@@ -33,13 +37,27 @@ const CONSUMER_RETRY: Duration = Duration::from_secs(2);
 
 /// Why a task did not succeed.
 #[derive(Debug, thiserror::Error)]
-enum JobError {
+pub(crate) enum JobError {
     /// It asks for something this agent's configuration does not allow.
     #[error("refused: {0}")]
     Refused(PathRefused),
     /// It failed while running.
     #[error("{message}")]
     Failed { message: String, retryable: bool },
+}
+
+/// The error line of a task that ran to the end but failed (a check that
+/// found problems).
+fn failure_text(result: &TaskResult) -> String {
+    match result {
+        TaskResult::Check(r) => format!(
+            "repository check found {} problem(s); {} blob(s) damaged or missing, {} snapshot(s) affected",
+            r.problems.len(),
+            r.damaged_blobs.len(),
+            r.affected_snapshots.len()
+        ),
+        _ => "failed".into(),
+    }
 }
 
 impl JobError {
@@ -151,7 +169,7 @@ impl Agent {
             Ok(Accepted::New) => {
                 info!(task = %body.id, kind = body.kind.name(), "task accepted");
                 acknowledge(&msg).await;
-                self.start(body, jobs);
+                self.start(body, msg.payload.to_vec(), jobs);
             }
             Ok(Accepted::Redelivered(stored)) => {
                 acknowledge(&msg).await;
@@ -162,7 +180,7 @@ impl Agent {
                     .unwrap_or(true);
                 if !stored.status.is_final() && !running {
                     info!(task = %body.id, "redelivered task was never finished; running it");
-                    self.start(body, jobs);
+                    self.start(body, msg.payload.to_vec(), jobs);
                 }
             }
             Ok(Accepted::Replayed(stored)) => {
@@ -201,7 +219,7 @@ impl Agent {
         ) {
             Ok(body) => {
                 info!(task = %body.id, kind = body.kind.name(), "resuming unfinished task");
-                self.start(body, jobs);
+                self.start(body, entry.envelope, jobs);
             }
             Err(e) => {
                 error!(task = %entry.task_id, error = %e, "journalled task no longer verifies; dropped")
@@ -209,7 +227,7 @@ impl Agent {
         }
     }
 
-    fn start(self: &Arc<Self>, body: TaskBody, jobs: &mut JoinSet<()>) {
+    fn start(self: &Arc<Self>, body: TaskBody, envelope: Vec<u8>, jobs: &mut JoinSet<()>) {
         let cancel = Cancel::default();
         let job = RunningJob {
             task_id: body.id.clone(),
@@ -223,7 +241,7 @@ impl Agent {
         let agent = self.clone();
         jobs.spawn(
             async move {
-                agent.run_task(&body, &cancel).await;
+                agent.run_task(&body, &envelope, &cancel).await;
                 if let Ok(mut running) = agent.running.lock() {
                     running.remove(&body.id);
                 }
@@ -232,7 +250,7 @@ impl Agent {
         );
     }
 
-    async fn run_task(&self, body: &TaskBody, cancel: &Cancel) {
+    async fn run_task(&self, body: &TaskBody, envelope: &[u8], cancel: &Cancel) {
         let kind = body.kind.name();
         if let Err(e) = self
             .state
@@ -252,50 +270,159 @@ impl Agent {
             )
             .await;
         let started = Instant::now();
-        let result = match &body.kind {
-            TaskKind::Estimate { paths } => self.estimate(body, paths, cancel).await,
+        let ran = match &body.kind {
+            TaskKind::Estimate { paths } => self
+                .estimate(body, paths, cancel)
+                .await
+                .map(|r| (TaskOutcome::Succeeded, r)),
+            TaskKind::Backup { .. } => self.backup(body, envelope, cancel).await,
+            TaskKind::Restore { .. } => self.restore(body, envelope, cancel).await,
+            TaskKind::Check { read_data } => self.check(body, *read_data).await,
         };
         if cancel.is_cancelled() {
             info!("task interrupted by shutdown; it resumes on the next start");
             return;
         }
         let duration_ms = started.elapsed().as_millis() as u64;
-        let (status, outcome, error, result) = match result {
-            Ok(r) => (JobStatus::Succeeded, TaskOutcome::Succeeded, None, Some(r)),
-            Err(e) => (JobStatus::Failed, TaskOutcome::Failed, Some(e), None),
+        let (outcome, result, error, retryable) = match ran {
+            Ok((outcome, result)) => {
+                let error = (outcome == TaskOutcome::Failed).then(|| failure_text(&result));
+                (outcome, Some(result), error, false)
+            }
+            Err(e) => (
+                TaskOutcome::Failed,
+                None,
+                Some(e.to_string()),
+                e.is_retryable(),
+            ),
         };
-        let message = match &error {
-            None => format!("{kind} task {} succeeded", body.id),
-            Some(e) => format!("{kind} task {} failed: {e}", body.id),
+        let status = match outcome {
+            TaskOutcome::Succeeded => JobStatus::Succeeded,
+            TaskOutcome::Partial => JobStatus::Partial,
+            TaskOutcome::Failed => JobStatus::Failed,
+        };
+        let message = match (&error, outcome) {
+            (Some(e), _) => format!("{kind} task {} failed: {e}", body.id),
+            (None, TaskOutcome::Partial) => {
+                format!(
+                    "{kind} task {} finished, but some items were skipped",
+                    body.id
+                )
+            }
+            (None, _) => format!("{kind} task {} succeeded", body.id),
         };
         info!(?outcome, duration_ms, "task finished");
-        let err_text = error.as_ref().map(|e| e.to_string());
         if let Err(e) = self
             .state
-            .set_status(&body.id, status, err_text.clone(), now_ms())
+            .set_status(&body.id, status, error.clone(), now_ms())
             .await
         {
             warn!(error = %e, "cannot journal task end");
         }
+        let severity = match outcome {
+            TaskOutcome::Succeeded => Severity::Info,
+            TaskOutcome::Partial => Severity::Warning,
+            TaskOutcome::Failed => Severity::Error,
+        };
         self.bus
             .event(
-                if error.is_some() {
-                    Severity::Error
-                } else {
-                    Severity::Info
-                },
+                severity,
                 message,
                 EventBody::TaskFinished(TaskFinished {
                     task_id: body.id.clone(),
                     task_kind: kind.into(),
                     outcome,
-                    retryable: error.as_ref().is_some_and(JobError::is_retryable),
-                    error: err_text,
+                    retryable,
+                    error,
                     result,
                     duration_ms,
                 }),
             )
             .await;
+    }
+
+    /// Resolves requested paths against `roots`, publishing a `not_allowed`
+    /// rejection for paths outside them.
+    pub(crate) async fn allowed_paths(
+        &self,
+        body: &TaskBody,
+        requested: &[String],
+        roots: &[PathBuf],
+    ) -> Result<Vec<PathBuf>, JobError> {
+        let requested = requested.to_vec();
+        let roots = roots.to_vec();
+        let resolved =
+            tokio::task::spawn_blocking(move || engine::resolve_within(&requested, &roots))
+                .await
+                .map_err(|e| JobError::Failed {
+                    message: format!("path check crashed: {e}"),
+                    retryable: true,
+                })?;
+        match resolved {
+            Ok(r) => Ok(r),
+            Err(refused) if refused.is_policy() => {
+                self.reject(
+                    Some(body.id.clone()),
+                    RejectReason::NotAllowed,
+                    refused.to_string(),
+                    &flotilla_protocol::subject::task(&self.settings.host),
+                )
+                .await;
+                Err(JobError::Refused(refused))
+            }
+            Err(refused) => Err(JobError::Failed {
+                message: refused.to_string(),
+                retryable: false,
+            }),
+        }
+    }
+
+    /// Runs `work` on a blocking thread, publishing `task.progress` about once
+    /// a second from what it reports.
+    pub(crate) async fn with_progress<T: Send + 'static>(
+        &self,
+        body: &TaskBody,
+        totals: (Option<u64>, Option<u64>),
+        work: impl FnOnce(&mut dyn Progress) -> T + Send + 'static,
+    ) -> Result<T, JobError> {
+        let (tx, mut rx) = watch::channel((Counters::default(), PathBuf::new()));
+        let mut worker = tokio::task::spawn_blocking(move || {
+            let mut sink = WatchProgress { tx, last: None };
+            work(&mut sink)
+        });
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(PROGRESS_EVERY);
+        tick.tick().await;
+        let kind = body.kind.name();
+        loop {
+            tokio::select! {
+                done = &mut worker => return done.map_err(|e| JobError::Failed {
+                    message: format!("{kind} worker crashed: {e}"),
+                    retryable: true,
+                }),
+                _ = tick.tick() => {
+                    if !rx.has_changed().unwrap_or(false) {
+                        continue;
+                    }
+                    let (counters, current) = rx.borrow_and_update().clone();
+                    self.bus.event(
+                        Severity::Info,
+                        format!("{kind} {}: {} files, {} bytes so far", body.id, counters.files, counters.bytes),
+                        EventBody::TaskProgress(TaskProgress {
+                            task_id: body.id.clone(),
+                            task_kind: kind.into(),
+                            files: counters.files,
+                            dirs: counters.dirs,
+                            bytes: counters.bytes,
+                            current: Some(current.to_string_lossy().into_owned()),
+                            files_total: totals.0,
+                            bytes_total: totals.1,
+                            elapsed_ms: started.elapsed().as_millis() as u64,
+                        }),
+                    ).await;
+                }
+            }
+        }
     }
 
     async fn estimate(
@@ -305,70 +432,13 @@ impl Agent {
         cancel: &Cancel,
     ) -> Result<TaskResult, JobError> {
         let roots = self.settings.backup_roots.clone();
-        let requested = paths.to_vec();
-        let resolved =
-            tokio::task::spawn_blocking(move || engine::resolve_within(&requested, &roots))
-                .await
-                .map_err(|e| JobError::Failed {
-                    message: format!("path check panicked: {e}"),
-                    retryable: true,
-                })?;
-        let resolved: Vec<PathBuf> = match resolved {
-            Ok(r) => r,
-            Err(refused) => {
-                if refused.is_policy() {
-                    self.reject(
-                        Some(body.id.clone()),
-                        RejectReason::NotAllowed,
-                        refused.to_string(),
-                        &flotilla_protocol::subject::task(&self.settings.host),
-                    )
-                    .await;
-                    return Err(JobError::Refused(refused));
-                }
-                return Err(JobError::Failed {
-                    message: refused.to_string(),
-                    retryable: false,
-                });
-            }
-        };
-
-        let (tx, mut rx) = watch::channel((Counters::default(), PathBuf::new()));
-        let mut sink = WatchProgress { tx, last: None };
-        let engine_cancel = cancel.clone();
-        let mut walk = tokio::task::spawn_blocking(move || {
-            engine::estimate(&resolved, &mut sink, &engine_cancel)
-        });
-        let started = Instant::now();
-        let mut tick = tokio::time::interval(PROGRESS_EVERY);
-        tick.tick().await;
-        let report = loop {
-            tokio::select! {
-                done = &mut walk => break done.map_err(|e| JobError::Failed {
-                    message: format!("estimate walker crashed: {e}"),
-                    retryable: true,
-                })?,
-                _ = tick.tick() => {
-                    if !rx.has_changed().unwrap_or(false) {
-                        continue;
-                    }
-                    let (counters, current) = rx.borrow_and_update().clone();
-                    self.bus.event(
-                        Severity::Info,
-                        format!("estimate {}: {} files, {} bytes so far", body.id, counters.files, counters.bytes),
-                        EventBody::TaskProgress(TaskProgress {
-                            task_id: body.id.clone(),
-                            task_kind: "estimate".into(),
-                            files: counters.files,
-                            dirs: counters.dirs,
-                            bytes: counters.bytes,
-                            current: Some(current.to_string_lossy().into_owned()),
-                            elapsed_ms: started.elapsed().as_millis() as u64,
-                        }),
-                    ).await;
-                }
-            }
-        };
+        let resolved = self.allowed_paths(body, paths, &roots).await?;
+        let cancel = cancel.clone();
+        let report = self
+            .with_progress(body, (None, None), move |p| {
+                engine::estimate(&resolved, p, &cancel)
+            })
+            .await?;
         Ok(TaskResult::Estimate(report))
     }
 

@@ -25,7 +25,9 @@
 //! Layout: [`config`](AgentConfig) (flags and TOML), `bus` (NATS: connection,
 //! events, health, discovery), `daemon` (lifecycle and shutdown order), `jobs`
 //! (task intake and execution), `engine` (synchronous work on blocking
-//! threads), `state` (sled), `health` (host readings).
+//! threads), `state` (sled), `health` (host readings), `transfer` (QUIC data
+//! plane between agents: mutual TLS under the fleet CA, framing), [`repository`]
+//! (the storage side: packs, indexes, snapshots, check).
 
 mod bus;
 mod config;
@@ -33,12 +35,20 @@ mod daemon;
 pub mod engine;
 mod health;
 mod jobs;
+mod remote;
+pub mod repository;
 mod state;
+mod storage;
+mod transfer;
 
 pub use bus::{Bus, BusError};
 pub use config::{AgentConfig, ConfigError, HumanDuration, Settings, DEFAULT_HEARTBEAT};
 pub use daemon::{run, AgentError};
 pub use state::{Accepted, JobStatus, JournalEntry, State, StateError};
+pub use transfer::{
+    peer_host, read_frame, read_frame_bytes, transport_config, write_frame, Identity,
+    IncomingConnection, TransferEndpoint, TransferError, HANDSHAKE_TIMEOUT,
+};
 
 /// This agent's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -13,6 +13,8 @@
 use std::path::Path;
 
 use flotilla_protocol::UnixMillis;
+
+use crate::engine::{CachedFile, FileCache};
 use serde::{Deserialize, Serialize};
 
 /// Version of the state database layout.
@@ -236,10 +238,70 @@ impl State {
         Ok(removed)
     }
 
+    /// The file cache of backups into repository `repo_id`.
+    pub fn file_cache(&self, repo_id: &str) -> Result<SledFileCache, StateError> {
+        Ok(SledFileCache {
+            tree: self.db.open_tree(format!("files/{repo_id}"))?,
+        })
+    }
+
+    /// Replaces the file cache of `repo_id` with what the last committed
+    /// backup saw; files that are gone drop out.
+    pub async fn replace_file_cache(
+        &self,
+        repo_id: &str,
+        entries: Vec<(Vec<u8>, CachedFile)>,
+    ) -> Result<(), StateError> {
+        let tree = self.db.open_tree(format!("files/{repo_id}"))?;
+        tree.clear()?;
+        let mut batch = sled::Batch::default();
+        for (path, file) in entries {
+            let value = CacheValue {
+                v: CACHE_VERSION,
+                file,
+            };
+            batch.insert(path, flotilla_protocol::encode(&value).unwrap_or_default());
+        }
+        tree.apply_batch(batch)?;
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Forgets the file cache of `repo_id` (when the repository lost blobs the
+    /// cache points at).
+    pub fn clear_file_cache(&self, repo_id: &str) -> Result<(), StateError> {
+        self.db.open_tree(format!("files/{repo_id}"))?.clear()?;
+        Ok(())
+    }
+
     /// Writes everything to disk.
     pub async fn flush(&self) -> Result<(), StateError> {
         self.db.flush_async().await?;
         Ok(())
+    }
+}
+
+/// Version of file cache values.
+pub const CACHE_VERSION: u16 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct CacheValue {
+    v: u16,
+    file: CachedFile,
+}
+
+/// The file cache of one repository, read by the backup engine.
+#[derive(Debug, Clone)]
+pub struct SledFileCache {
+    tree: sled::Tree,
+}
+
+impl FileCache for SledFileCache {
+    fn get(&self, path: &[u8]) -> Option<CachedFile> {
+        let bytes = self.tree.get(path).ok()??;
+        let value: CacheValue = rmp_serde::from_slice(&bytes).ok()?;
+        // An entry from a newer format is a miss: the file is simply read again.
+        (value.v == CACHE_VERSION).then_some(value.file)
     }
 }
 

@@ -1,9 +1,14 @@
 //! The `flotilla` command line: flags, subcommands, and their dispatch.
 
+mod backup;
+mod check;
 mod estimate;
 mod events;
+mod follow;
 mod hosts;
 mod output;
+mod restore;
+mod snapshots;
 
 use std::path::PathBuf;
 
@@ -28,7 +33,8 @@ pub struct Cli {
 }
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 host unknown or offline, \
-4 task rejected or failed, 5 cannot reach NATS.";
+4 task rejected or failed (also: check found problems), 5 cannot reach NATS, \
+6 finished but some files could not be read or restored.";
 
 /// Flags every subcommand takes.
 #[derive(Debug, Clone, Args)]
@@ -98,6 +104,83 @@ pub enum Command {
         /// Seconds to wait for the result [default: 600, or 30 when the host is offline].
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
+    },
+    /// Back up hosts into a storage host's repository (hosts run concurrently).
+    Backup {
+        /// Hosts, comma-separated.
+        #[arg(value_delimiter = ',', required = true)]
+        hosts: Vec<HostName>,
+        /// Path to back up, inside the hosts' backup roots (repeatable; default: all roots).
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<String>,
+        /// The storage host.
+        #[arg(long, value_name = "STORAGE")]
+        to: HostName,
+        /// Glob to leave out (repeatable), e.g. `**/.cache` or `*.tmp`.
+        #[arg(long = "exclude", value_name = "GLOB")]
+        excludes: Vec<String>,
+        /// Wait and show progress per host until every backup ends.
+        #[arg(long)]
+        wait: bool,
+        /// JSON lines: progress, then a summary per host.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List snapshots across storage hosts.
+    Snapshots {
+        /// Only snapshots of this host.
+        #[arg(long)]
+        host: Option<HostName>,
+        /// Only this storage host.
+        #[arg(long, value_name = "STORAGE")]
+        to: Option<HostName>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the contents of a snapshot (a directory within it with PATH).
+    Ls {
+        /// Snapshot id or unique prefix.
+        snapshot: String,
+        /// Absolute path inside the snapshot.
+        path: Option<String>,
+        /// Only look on this storage host.
+        #[arg(long, value_name = "STORAGE")]
+        to: Option<HostName>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a snapshot into a directory on any enrolled host.
+    Restore {
+        /// Snapshot id or unique prefix.
+        snapshot: String,
+        /// Destination as HOST:DIR (DIR inside the host's restore roots).
+        #[arg(long, value_name = "HOST:DIR")]
+        to: String,
+        /// Only these snapshot paths (repeatable).
+        #[arg(long = "include", value_name = "PATH")]
+        includes: Vec<String>,
+        /// Storage host holding the snapshot (default: search all).
+        #[arg(long, value_name = "STORAGE")]
+        from: Option<HostName>,
+        /// Wait and show progress until it ends.
+        #[arg(long)]
+        wait: bool,
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a storage host's repository: structure, and with --read-data every byte.
+    Check {
+        /// The storage host.
+        storage: HostName,
+        /// Re-read and re-hash all data.
+        #[arg(long)]
+        read_data: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -183,5 +266,35 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             json,
             timeout,
         } => estimate::run(g, &host, paths, json, timeout).await,
+        Command::Backup {
+            hosts,
+            paths,
+            to,
+            excludes,
+            wait,
+            json,
+        } => backup::run(g, &hosts, paths, &to, excludes, wait, json).await,
+        Command::Snapshots { host, to, json } => {
+            snapshots::snapshots(g, host.as_ref(), to.as_ref(), json).await
+        }
+        Command::Ls {
+            snapshot,
+            path,
+            to,
+            json,
+        } => snapshots::ls(g, &snapshot, path.as_deref(), to.as_ref(), json).await,
+        Command::Restore {
+            snapshot,
+            to,
+            includes,
+            from,
+            wait,
+            json,
+        } => restore::run(g, &snapshot, &to, includes, from.as_ref(), wait, json).await,
+        Command::Check {
+            storage,
+            read_data,
+            json,
+        } => check::run(g, &storage, read_data, json).await,
     }
 }

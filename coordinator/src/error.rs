@@ -16,6 +16,8 @@ pub const EXIT_HOST: u8 = 3;
 pub const EXIT_TASK: u8 = 4;
 /// Exit code: the NATS server cannot be reached.
 pub const EXIT_NATS: u8 = 5;
+/// Exit code: finished, but some files could not be read or restored.
+pub const EXIT_PARTIAL: u8 = 6;
 
 /// What went wrong in a `flotilla` command.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +89,9 @@ pub enum CliError {
         /// Error.
         error: String,
     },
+    /// Finished with some files skipped (listed above).
+    #[error("finished, but some files could not be read or restored (listed above)")]
+    Partial,
     /// Bad arguments that clap cannot check.
     #[error("{0}")]
     Usage(String),
@@ -108,6 +113,7 @@ impl CliError {
             CliError::HostUnknown(_) | CliError::HostOffline { .. } => EXIT_HOST,
             CliError::Rejected { .. } | CliError::TaskFailed { .. } => EXIT_TASK,
             CliError::Usage(_) => EXIT_USAGE,
+            CliError::Partial => EXIT_PARTIAL,
             _ => EXIT_FAILURE,
         }
     }

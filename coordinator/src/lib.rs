@@ -36,7 +36,9 @@ mod nats;
 
 pub use cli::{run, Cli, Command, Global, DEFAULT_NATS_URL};
 pub use dispatch::{Dispatch, Outcome, SentTask, TASK_TTL};
-pub use error::{CliError, EXIT_FAILURE, EXIT_HOST, EXIT_NATS, EXIT_OK, EXIT_TASK, EXIT_USAGE};
+pub use error::{
+    CliError, EXIT_FAILURE, EXIT_HOST, EXIT_NATS, EXIT_OK, EXIT_PARTIAL, EXIT_TASK, EXIT_USAGE,
+};
 pub use fleet::{Fleet, FleetError, FleetFile, FLEET_VERSION};
 pub use nats::{HostRecord, Nats, MISSED_HEARTBEATS};
 

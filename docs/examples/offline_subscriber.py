@@ -67,7 +67,9 @@ async def run(url: str, once: bool, durable: str | None, idle: float) -> int:
         print(f"nats: {e}", file=sys.stderr)
 
     try:
-        nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=-1, error_cb=on_error)
+        # Following, keep trying for ever (a daemon outlives server restarts); with
+        # --once, give up after a few attempts so a wrong URL fails fast.
+        nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=2 if once else -1, error_cb=on_error)
     except (NoServersError, OSError, asyncio.TimeoutError) as e:
         print(f"cannot connect to {url}: {e}", file=sys.stderr)
         return 1
@@ -90,7 +92,7 @@ async def run(url: str, once: bool, durable: str | None, idle: float) -> int:
                 async def next_batch(timeout: float) -> list:
                     return [await sub.next_msg(timeout=timeout)]
         except NotFoundError:
-            print(f"stream {STREAM} not found on {url}: no Flotilla agent or coordinator has used this server yet", file=sys.stderr)
+            print(f"stream {STREAM} not found on {url}: no Flotilla agent has connected to this server yet", file=sys.stderr)
             return 1
 
         while True:

@@ -90,6 +90,18 @@ pub enum EventBody {
     /// A task finished, well or badly.
     #[serde(rename = "task.finished")]
     TaskFinished(TaskFinished),
+    /// A repository check found problems.
+    #[serde(rename = "check.failed")]
+    CheckFailed {
+        /// The check task.
+        task_id: String,
+        /// Number of problems.
+        problems: u64,
+        /// Damaged or missing blobs (hex ids, the first 100).
+        damaged_blobs: Vec<String>,
+        /// Snapshots that reference them.
+        affected_snapshots: Vec<String>,
+    },
 }
 
 /// Why an agent refused a task.
@@ -118,6 +130,8 @@ pub enum RejectReason {
     Replayed,
     /// Signed and valid, but asks for something outside this agent's allowlists.
     NotAllowed,
+    /// A data-plane peer without a fleet certificate, or not the host its task names.
+    UnknownPeer,
 }
 
 /// Progress of a running task.
@@ -135,6 +149,12 @@ pub struct TaskProgress {
     pub bytes: u64,
     /// What it is working on.
     pub current: Option<String>,
+    /// Files expected in all, when known (for an ETA).
+    #[serde(default)]
+    pub files_total: Option<u64>,
+    /// Bytes expected in all, when known (for an ETA).
+    #[serde(default)]
+    pub bytes_total: Option<u64>,
     /// Time since it started.
     pub elapsed_ms: u64,
 }
@@ -180,6 +200,7 @@ impl EventBody {
             EventBody::TaskStarted { .. } => "task.started",
             EventBody::TaskProgress(_) => "task.progress",
             EventBody::TaskFinished(_) => "task.finished",
+            EventBody::CheckFailed { .. } => "check.failed",
         }
     }
 
@@ -190,6 +211,7 @@ impl EventBody {
             EventBody::TaskStarted { task_id, .. } => Some(task_id),
             EventBody::TaskProgress(p) => Some(&p.task_id),
             EventBody::TaskFinished(f) => Some(&f.task_id),
+            EventBody::CheckFailed { task_id, .. } => Some(task_id),
             EventBody::AgentOnline { .. } | EventBody::AgentOffline { .. } => None,
         }
     }

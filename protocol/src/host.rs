@@ -6,16 +6,17 @@ use serde::{Deserialize, Serialize};
 
 /// The name of one host in the fleet.
 ///
-/// It is a single NATS subject token and a DNS label at once, so it is limited to
-/// lowercase ASCII letters, digits, `-` and `_`, 1 to 63 characters, starting with a
-/// letter or digit. Dots are not allowed: they separate subject tokens.
+/// It is a single NATS subject token and a DNS label (it names the host in its
+/// certificate) at once, so it is limited to lowercase ASCII letters, digits and
+/// `-`, 1 to 63 characters, starting with a letter and not ending with `-`.
+/// Dots are not allowed: they separate subject tokens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct HostName(String);
 
 /// Why a string is not a valid [`HostName`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid host name {name:?}: {why} (use 1-63 of a-z, 0-9, '-', '_', starting with a letter or digit)")]
+#[error("invalid host name {name:?}: {why} (use 1-63 of a-z, 0-9 and '-', starting with a letter)")]
 pub struct HostNameError {
     /// The rejected input, truncated to 80 characters.
     pub name: String,
@@ -39,12 +40,15 @@ impl HostName {
         }
         if !name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         {
-            return Err(err("it contains a character other than a-z, 0-9, '-', '_'"));
+            return Err(err("it contains a character other than a-z, 0-9 and '-'"));
         }
-        if !name.as_bytes()[0].is_ascii_alphanumeric() {
-            return Err(err("it does not start with a letter or digit"));
+        if !name.as_bytes()[0].is_ascii_lowercase() {
+            return Err(err("it does not start with a letter"));
+        }
+        if name.ends_with('-') {
+            return Err(err("it ends with '-'"));
         }
         Ok(Self(name))
     }
@@ -87,14 +91,26 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_names() {
-        for ok in ["nas", "laptop-2", "db_01", "7zip"] {
+        for ok in ["nas", "laptop-2", "db01", "a"] {
             assert!(HostName::new(ok).is_ok(), "{ok}");
         }
     }
 
     #[test]
     fn rejects_subject_breaking_names() {
-        for bad in ["", "a.b", "a b", "A", "-x", "x*", "x>", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "a.b",
+            "a b",
+            "A",
+            "-x",
+            "x*",
+            "x>",
+            "db_01",
+            "7zip",
+            "x-",
+            &"a".repeat(64),
+        ] {
             assert!(HostName::new(bad).is_err(), "{bad:?}");
         }
     }

@@ -24,11 +24,14 @@
 mod bundle;
 mod codec;
 mod event;
+pub mod frame;
 mod heartbeat;
 mod host;
 pub mod limits;
+pub mod repo;
 pub mod subject;
 mod task;
+pub mod transfer;
 
 pub use bundle::{Bundle, BundleError, BUNDLE_VERSION};
 pub use codec::{decode, encode, DecodeError, EncodeError};
@@ -41,8 +44,9 @@ pub use heartbeat::{
 };
 pub use host::{HostName, HostNameError};
 pub use task::{
-    sign_task, verify_task, DirUsage, EstimateReport, PublicKey, SigningSeed, TaskBody,
-    TaskEnvelope, TaskKind, TaskResult, TaskVerifyError, TASK_VERSION,
+    sign_task, verify_task, verify_task_for_peer, BackupReport, DirUsage, EstimateReport,
+    PublicKey, SigningSeed, TaskBody, TaskEnvelope, TaskKind, TaskResult, TaskVerifyError,
+    TASK_VERSION,
 };
 
 /// Unix time in milliseconds, the one time representation on the wire.

@@ -91,6 +91,18 @@ pub fn service_verbs(verb: &str, host: &HostName) -> [String; 3] {
     ]
 }
 
+/// Request subject for the snapshot list of `storage`'s repository
+/// (reply: [`crate::frame::RepoReply`]).
+pub fn repo_snapshots(storage: &HostName) -> String {
+    format!("{ROOT}.repo.{storage}.snapshots")
+}
+
+/// Request subject for one sealed *tree* blob of `storage`'s repository
+/// (request: the 32-byte id; reply: [`crate::frame::RepoReply`]).
+pub fn repo_tree(storage: &HostName) -> String {
+    format!("{ROOT}.repo.{storage}.tree")
+}
+
 /// Request subject of the agent's `health` service endpoint.
 pub fn health_endpoint(host: &HostName) -> String {
     format!("{ROOT}.agent.{host}.health")

@@ -65,6 +65,35 @@ pub enum TaskKind {
         /// Absolute paths; empty means every backup root.
         paths: Vec<String>,
     },
+    /// Back up `paths` into the repository of the storage host `storage`.
+    Backup {
+        /// Absolute paths inside the source's backup roots; empty means all roots.
+        paths: Vec<String>,
+        /// Glob patterns to leave out.
+        excludes: Vec<String>,
+        /// The storage host; its certificate must name it.
+        storage: HostName,
+        /// Its QUIC address, from its heartbeat.
+        storage_addr: String,
+    },
+    /// Restore a snapshot from `storage` into `target` on this host.
+    Restore {
+        /// Snapshot id or unique prefix.
+        snapshot: String,
+        /// The storage host; its certificate must name it.
+        storage: HostName,
+        /// Its QUIC address, from its heartbeat.
+        storage_addr: String,
+        /// Directory to restore into, inside this host's restore roots.
+        target: String,
+        /// Snapshot paths to restore; empty means everything.
+        includes: Vec<String>,
+    },
+    /// Check this host's repository (run on the storage host).
+    Check {
+        /// Re-read and re-hash every byte.
+        read_data: bool,
+    },
 }
 
 impl TaskKind {
@@ -72,6 +101,9 @@ impl TaskKind {
     pub fn name(&self) -> &'static str {
         match self {
             TaskKind::Estimate { .. } => "estimate",
+            TaskKind::Backup { .. } => "backup",
+            TaskKind::Restore { .. } => "restore",
+            TaskKind::Check { .. } => "check",
         }
     }
 }
@@ -82,6 +114,27 @@ impl TaskKind {
 pub enum TaskResult {
     /// Result of [`TaskKind::Estimate`].
     Estimate(EstimateReport),
+    /// Result of [`TaskKind::Backup`].
+    Backup(BackupReport),
+    /// Result of [`TaskKind::Restore`].
+    Restore(crate::repo::RestoreSummary),
+    /// Result of [`TaskKind::Check`].
+    Check(crate::repo::CheckReport),
+}
+
+/// What a backup produced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupReport {
+    /// The committed snapshot.
+    pub snapshot: String,
+    /// The storage host it went to.
+    pub storage: String,
+    /// Counters.
+    pub summary: crate::repo::BackupSummary,
+    /// Some files could not be read (listed in `unreadable`).
+    pub partial: bool,
+    /// The first unreadable paths, with why.
+    pub unreadable: Vec<String>,
 }
 
 /// Size of a set of paths, as found by walking them.
@@ -287,6 +340,27 @@ pub fn verify_task(
     host: &HostName,
     now: UnixMillis,
 ) -> Result<TaskBody, TaskVerifyError> {
+    let body = verify_task_for_peer(bytes, key, fleet, now)?;
+    if &body.host != host {
+        return Err(TaskVerifyError::WrongHost {
+            task_id: body.id,
+            expected: host.to_string(),
+            found: body.host.to_string(),
+        });
+    }
+    Ok(body)
+}
+
+/// Verifies a task presented by a *peer* (a source opening a backup session
+/// with a storage agent): everything [`verify_task`] checks except that the
+/// task is addressed to the verifier; the caller checks the task names itself
+/// as the storage host and that the peer's certificate names `body.host`.
+pub fn verify_task_for_peer(
+    bytes: &[u8],
+    key: &PublicKey,
+    fleet: &str,
+    now: UnixMillis,
+) -> Result<TaskBody, TaskVerifyError> {
     let envelope: TaskEnvelope =
         codec::decode(bytes, limits::TASK_BYTES).map_err(TaskVerifyError::Envelope)?;
     codec::check_version(envelope.v, TASK_VERSION).map_err(TaskVerifyError::Envelope)?;
@@ -308,13 +382,6 @@ pub fn verify_task(
             task_id: body.id,
             expected: fleet.to_owned(),
             found: body.fleet,
-        });
-    }
-    if &body.host != host {
-        return Err(TaskVerifyError::WrongHost {
-            task_id: body.id,
-            expected: host.to_string(),
-            found: body.host.to_string(),
         });
     }
     if now > body.expires_at.saturating_add(CLOCK_SKEW_MS) {

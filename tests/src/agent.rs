@@ -24,6 +24,9 @@ pub struct AgentBuilder<'f> {
     host: String,
     heartbeat: String,
     backup_root: bool,
+    storage: bool,
+    listen: bool,
+    restore_root: bool,
     extra: Vec<OsString>,
 }
 
@@ -34,8 +37,32 @@ impl<'f> AgentBuilder<'f> {
             host: host.to_owned(),
             heartbeat: "1s".to_owned(),
             backup_root: true,
+            storage: false,
+            listen: false,
+            restore_root: false,
             extra: Vec::new(),
         }
+    }
+
+    /// Makes this a storage host: `--storage storage/<host>` (created empty)
+    /// and `--listen 127.0.0.1:0`; the real bound address is advertised as
+    /// `quic_addr` (see [`Fleet::wait_quic_addr`]).
+    pub fn storage(mut self) -> Self {
+        self.storage = true;
+        self.listen = true;
+        self
+    }
+
+    /// `--listen 127.0.0.1:0` alone: serves QUIC without keeping a repository.
+    pub fn listen(mut self) -> Self {
+        self.listen = true;
+        self
+    }
+
+    /// `--restore-root restore/<host>` (created empty).
+    pub fn restore_root(mut self) -> Self {
+        self.restore_root = true;
+        self
     }
 
     /// `--heartbeat-interval` (default `1s`, so that missed heartbeats are
@@ -94,6 +121,22 @@ impl<'f> AgentBuilder<'f> {
             flags.push("--backup-root".into());
             flags.push(root.into());
         }
+        if self.storage {
+            let dir = fleet.storage_dir(&self.host);
+            fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            flags.push("--storage".into());
+            flags.push(dir.into());
+        }
+        if self.listen {
+            flags.push("--listen".into());
+            flags.push("127.0.0.1:0".into());
+        }
+        if self.restore_root {
+            let dir = fleet.restore_root(&self.host);
+            fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            flags.push("--restore-root".into());
+            flags.push(dir.into());
+        }
         flags.push("--heartbeat-interval".into());
         flags.push(self.heartbeat.clone().into());
         flags.extend(self.extra.iter().cloned());
@@ -119,6 +162,8 @@ impl<'f> AgentBuilder<'f> {
             log: fleet.agent_log(&self.host),
             state_dir: fleet.state_dir(&self.host),
             backup_root: self.backup_root.then(|| fleet.backup_root(&self.host)),
+            storage_dir: self.storage.then(|| fleet.storage_dir(&self.host)),
+            restore_root: self.restore_root.then(|| fleet.restore_root(&self.host)),
             bundle: fleet.bundle_path(&self.host),
             child: None,
             last_exit: None,
@@ -141,6 +186,8 @@ pub struct Agent {
     log: PathBuf,
     state_dir: PathBuf,
     backup_root: Option<PathBuf>,
+    storage_dir: Option<PathBuf>,
+    restore_root: Option<PathBuf>,
     bundle: PathBuf,
     child: Option<Child>,
     last_exit: Option<ExitStatus>,
@@ -198,6 +245,28 @@ impl Agent {
         self.backup_root
             .as_deref()
             .expect("this agent was started without a backup root")
+    }
+
+    /// `--storage`, the repository directory.
+    ///
+    /// # Panics
+    ///
+    /// If the agent was not built with [`storage`](AgentBuilder::storage).
+    pub fn storage_dir(&self) -> &Path {
+        self.storage_dir
+            .as_deref()
+            .expect("this agent was started without --storage")
+    }
+
+    /// `--restore-root`.
+    ///
+    /// # Panics
+    ///
+    /// If the agent was not built with [`restore_root`](AgentBuilder::restore_root).
+    pub fn restore_root(&self) -> &Path {
+        self.restore_root
+            .as_deref()
+            .expect("this agent was started without --restore-root")
     }
 
     /// `--bundle`.

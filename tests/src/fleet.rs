@@ -47,6 +47,8 @@ const KEEP_ENV: &str = "FLOTILLA_E2E_KEEP";
 /// bundles/<host>.toml
 /// state/<host>/     agent --state-dir
 /// roots/<host>/     agent --backup-root
+/// storage/<host>/   agent --storage (storage hosts only)
+/// restore/<host>/   agent --restore-root (when asked for)
 /// logs/<host>.log   agent stdout and stderr
 /// ```
 ///
@@ -127,6 +129,16 @@ impl Fleet {
     /// `host`'s `--backup-root`.
     pub fn backup_root(&self, host: &str) -> PathBuf {
         self.dir.join("roots").join(host)
+    }
+
+    /// `host`'s `--storage` directory (its repository), when it is a storage host.
+    pub fn storage_dir(&self, host: &str) -> PathBuf {
+        self.dir.join("storage").join(host)
+    }
+
+    /// `host`'s `--restore-root`, when it has one.
+    pub fn restore_root(&self, host: &str) -> PathBuf {
+        self.dir.join("restore").join(host)
     }
 
     /// `host`'s agent log.
@@ -268,6 +280,23 @@ impl Fleet {
                 Ok(Some(listed))
             } else {
                 bail!("hosts: {}", summarize_hosts(&listed))
+            }
+        })
+    }
+
+    /// Waits until `host` is listed online with a `quic_addr` (an agent
+    /// started with `--listen`), and returns that address.
+    pub fn wait_quic_addr(&self, host: &str, timeout: Duration) -> String {
+        let what = format!("{host} to be listed online with a quic_addr");
+        self.wait_for(&what, timeout, || {
+            let entry = self.host(host)?;
+            match entry {
+                Some(h) if h["status"] == "online" => match h["quic_addr"].as_str() {
+                    Some(addr) if !addr.is_empty() => Ok(Some(addr.to_owned())),
+                    _ => bail!("{host} is online without a quic_addr: {h}"),
+                },
+                Some(h) => bail!("{host}: {h}"),
+                None => bail!("{host} is not listed"),
             }
         })
     }
@@ -425,6 +454,12 @@ impl Fleet {
     /// A valid estimate task for `host` of this fleet: fresh id, issued now,
     /// expiring in ten minutes. Tests tamper with it before signing.
     pub fn estimate_task(&self, host: &str, paths: Vec<String>) -> Result<TaskBody> {
+        self.task(host, TaskKind::Estimate { paths })
+    }
+
+    /// A valid task of any kind for `host` of this fleet: fresh id, issued
+    /// now, expiring in ten minutes.
+    pub fn task(&self, host: &str, kind: TaskKind) -> Result<TaskBody> {
         let now = now_ms();
         Ok(TaskBody {
             v: TASK_VERSION,
@@ -433,7 +468,7 @@ impl Fleet {
             host: HostName::new(host)?,
             issued_at: now,
             expires_at: now + 10 * 60 * 1000,
-            kind: TaskKind::Estimate { paths },
+            kind,
         })
     }
 

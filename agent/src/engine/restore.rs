@@ -1,0 +1,629 @@
+//! `restore`: writes a snapshot's entries back under a target directory.
+//!
+//! A snapshot is untrusted input: it may come from a compromised host or be
+//! damaged. Nothing in it may cause a write outside the target, so:
+//!
+//! - every name is checked before it becomes part of a path: root names must
+//!   be absolute and normalised, deeper names one real component;
+//! - a directory is written into only after checking that it is a real
+//!   directory whose canonical path is exactly where it should be, so no
+//!   symlink anywhere on the way is followed, including ones that were in the
+//!   target before the restore;
+//! - files, special files and symlinks are created under a fresh temporary
+//!   name (`O_CREAT|O_EXCL|O_NOFOLLOW`, or `mknod`/`symlink`, which never
+//!   follow) and renamed over their final name: the rename replaces whatever
+//!   symlink was there instead of writing through it, and readers never see a
+//!   half-written file;
+//! - the snapshot's own symlinks are created last, after every file and
+//!   directory, so none of them can redirect a later write.
+//!
+//! Every blob is opened with the repository key, which checks it against its
+//! id. A damaged chunk fails its file, a damaged tree its directory's content;
+//! the rest is restored and the failures are counted. Only a storage failure
+//! that may go away (a lost connection) or cancellation stops the restore.
+//!
+//! Directory metadata is applied last, children before parents: creating
+//! entries changes a directory's mtime, and a read-only mode would stop the
+//! writes into it.
+
+mod fsmeta;
+#[cfg(test)]
+mod tests;
+mod write;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use flotilla_protocol::repo::{
+    BlobId, Node, NodeKind, RepoKey, RestoreSummary, Tree, MAX_TREE, REPO_FORMAT,
+};
+use nix::fcntl::OFlag;
+use tracing::{debug, warn};
+
+use super::{Cancel, Counters, Progress};
+use fsmeta::Meta;
+use write::{check_dir, ensure_dir};
+
+/// Errors kept verbatim in the summary; later ones are only counted.
+const ERROR_SAMPLES: usize = 10;
+
+/// Where restored blobs come from: the storage agent over QUIC in production,
+/// a map in tests.
+pub trait Fetch {
+    /// Returns the sealed bytes of each id, in the order asked. Called with up
+    /// to 256 ids at a time.
+    fn get(&mut self, ids: &[BlobId]) -> Result<Vec<Vec<u8>>, FetchError>;
+}
+
+/// Blobs could not be fetched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FetchError {
+    /// What went wrong, for the user.
+    pub message: String,
+    /// Whether asking again later may work (connection lost, storage busy),
+    /// as opposed to a blob the storage does not have.
+    pub retryable: bool,
+}
+
+/// What to restore and where.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Existing, canonical directory to restore into, already checked against
+    /// the agent's allowlist by the caller.
+    pub target: PathBuf,
+    /// Snapshot paths to restore (absolute, as backed up); empty means all.
+    pub includes: Vec<String>,
+    /// Give entries their recorded owner and group (numeric ids). Only done
+    /// when running as root; ignored otherwise.
+    pub restore_owner: bool,
+}
+
+/// Why a restore stopped. Failures of single entries do not stop it; they are
+/// counted in [`RestoreSummary::errors`].
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The target directory is missing or unusable.
+    #[error("restore target {path:?} cannot be used: {source}; it must be an existing directory the agent can write to")]
+    Target {
+        /// The target as given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A root entry of the snapshot names a path that is not absolute and
+    /// normalised; nothing was restored.
+    #[error("snapshot path {path:?} would be restored outside the target: the snapshot is damaged or hostile, nothing was restored")]
+    Escape {
+        /// The offending name, lossily decoded.
+        path: String,
+    },
+    /// A requested path is not absolute and normalised.
+    #[error("restore path {path:?} must be absolute, without \".\" or \"..\", as it was backed up (e.g. /srv/data)")]
+    BadInclude {
+        /// The path as requested.
+        path: String,
+    },
+    /// None of the requested paths is in the snapshot.
+    #[error("none of {paths:?} is in the snapshot; list the snapshot to see which paths it holds")]
+    NotInSnapshot {
+        /// The requested paths.
+        paths: Vec<String>,
+    },
+    /// The snapshot's root tree is missing, damaged or of a newer format.
+    #[error("the snapshot's root tree {id} cannot be read: {why}")]
+    RootTree {
+        /// The root tree's id.
+        id: BlobId,
+        /// Why.
+        why: String,
+    },
+    /// The storage could not be reached; the restore can be run again.
+    #[error(
+        "fetching from the storage host failed: {0}; run the restore again once it is reachable"
+    )]
+    Fetch(#[source] FetchError),
+    /// Asked to stop.
+    #[error("restore cancelled")]
+    Cancelled,
+}
+
+impl RestoreError {
+    /// Whether running the same restore again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RestoreError::Fetch(e) => e.retryable,
+            RestoreError::Target { .. }
+            | RestoreError::Escape { .. }
+            | RestoreError::BadInclude { .. }
+            | RestoreError::NotInSnapshot { .. }
+            | RestoreError::RootTree { .. }
+            | RestoreError::Cancelled => false,
+        }
+    }
+}
+
+/// Restores the snapshot whose root tree is `root` under `opts.target`.
+///
+/// Each root node (named by the absolute path that was backed up, e.g.
+/// `/srv/data`) lands at the same path below the target (`target/srv/data`);
+/// missing directories on the way are created with mode 0755. Returns what was
+/// restored, with failed entries counted and sampled; returns an error only if
+/// nothing can be done safely, storage is unreachable, or `cancel` is set.
+pub fn restore(
+    root: &BlobId,
+    key: &RepoKey,
+    fetch: &mut dyn Fetch,
+    opts: &RestoreOptions,
+    progress: &mut dyn Progress,
+    cancel: &Cancel,
+) -> Result<RestoreSummary, RestoreError> {
+    let target_error = |source: io::Error| RestoreError::Target {
+        path: opts.target.clone(),
+        source,
+    };
+    // The caller canonicalised it already; doing it again costs little and
+    // every "is this still inside?" check below compares against it.
+    let target = fs::canonicalize(&opts.target).map_err(target_error)?;
+    if !fs::symlink_metadata(&target)
+        .map_err(target_error)?
+        .is_dir()
+    {
+        return Err(target_error(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "not a directory",
+        )));
+    }
+    let includes = Includes::parse(&opts.includes)?;
+    let is_root = nix::unistd::geteuid().is_root();
+    let mut r = Restorer {
+        key,
+        fetch,
+        progress,
+        cancel,
+        target,
+        is_root,
+        meta: Meta::new(opts.restore_owner && is_root),
+        includes,
+        summary: RestoreSummary::default(),
+        counters: Counters::default(),
+        links: HashMap::new(),
+        symlinks: Vec::new(),
+        dirs: Vec::new(),
+        seq: 0,
+    };
+
+    let tree = r.load_tree(root).map_err(|f| match f {
+        Fail::Abort(e) => e,
+        Fail::Entry(why) => RestoreError::RootTree { id: *root, why },
+    })?;
+    // Check every root name before writing anything: a hostile root name
+    // refuses the whole snapshot rather than leaving half of it restored.
+    let roots = tree
+        .nodes
+        .into_iter()
+        .map(|node| match components(&node.name) {
+            Some(comps) => Ok((comps, node)),
+            None => Err(RestoreError::Escape {
+                path: String::from_utf8_lossy(&node.name).into_owned(),
+            }),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    for (comps, node) in roots {
+        if r.cancel.is_cancelled() {
+            return Err(RestoreError::Cancelled);
+        }
+        match r.includes.pick(&comps) {
+            Pick::Skip => {}
+            pick => r.root(comps, node, pick)?,
+        }
+    }
+    r.finish()?;
+
+    let missing = r.includes.unmatched();
+    if !missing.is_empty() {
+        if missing.len() == r.includes.paths.len() {
+            return Err(RestoreError::NotInSnapshot { paths: missing });
+        }
+        for path in missing {
+            r.record(format!("{path}: not in the snapshot"));
+        }
+    }
+    debug!(
+        files = r.summary.files,
+        dirs = r.summary.dirs,
+        bytes = r.summary.bytes,
+        errors = r.summary.errors,
+        "restore finished"
+    );
+    Ok(r.summary)
+}
+
+/// Why one entry was not restored, or why the whole restore stops.
+enum Fail {
+    /// This entry (and what is below it) is skipped; the restore goes on.
+    Entry(String),
+    /// The restore stops.
+    Abort(RestoreError),
+}
+
+/// Makes an entry failure out of an I/O error.
+fn io_fail<'p>(path: &'p Path, what: &'p str) -> impl FnOnce(io::Error) -> Fail + 'p {
+    move |e| Fail::Entry(format!("{}: {what}: {e}", path.display()))
+}
+
+/// How much below a snapshot path is wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pick {
+    /// Everything.
+    All,
+    /// Only what leads to a requested path (the path is its ancestor).
+    Within,
+    /// Nothing.
+    Skip,
+}
+
+/// The requested snapshot paths, as components.
+#[derive(Debug)]
+struct Includes {
+    paths: Vec<Vec<Vec<u8>>>,
+    raw: Vec<String>,
+    matched: Vec<bool>,
+}
+
+impl Includes {
+    fn parse(raw: &[String]) -> Result<Self, RestoreError> {
+        let paths = raw
+            .iter()
+            .map(|p| {
+                components(p.as_bytes()).ok_or_else(|| RestoreError::BadInclude { path: p.clone() })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            matched: vec![false; paths.len()],
+            paths,
+            raw: raw.to_vec(),
+        })
+    }
+
+    /// What to restore of the entry at snapshot path `path`.
+    fn pick(&mut self, path: &[Vec<u8>]) -> Pick {
+        if self.paths.is_empty() {
+            return Pick::All;
+        }
+        let mut pick = Pick::Skip;
+        for (include, matched) in self.paths.iter().zip(&mut self.matched) {
+            if path.starts_with(include) {
+                *matched = true;
+                pick = Pick::All;
+            } else if pick == Pick::Skip && include.starts_with(path) {
+                pick = Pick::Within;
+            }
+        }
+        pick
+    }
+
+    /// Requested paths that matched no entry.
+    fn unmatched(&self) -> Vec<String> {
+        self.raw
+            .iter()
+            .zip(&self.matched)
+            .filter(|(_, matched)| !**matched)
+            .map(|(raw, _)| raw.clone())
+            .collect()
+    }
+}
+
+/// Splits an absolute, normalised path into its components; `None` if it is
+/// relative, contains NUL, or has a "." or ".." component. Repeated and
+/// trailing slashes are harmless and accepted.
+fn components(path: &[u8]) -> Option<Vec<Vec<u8>>> {
+    if path.first() != Some(&b'/') || path.contains(&0) {
+        return None;
+    }
+    path.split(|&b| b == b'/')
+        .filter(|c| !c.is_empty())
+        .map(|c| (c != b"." && c != b"..").then(|| c.to_vec()))
+        .collect()
+}
+
+/// Whether `name` is exactly one path component that stays in its directory.
+fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty() && name != b"." && name != b".." && !name.iter().any(|&b| b == b'/' || b == 0)
+}
+
+/// A directory whose entries are being restored.
+struct Frame {
+    /// Where it is restored.
+    dir: PathBuf,
+    /// Entries still to restore.
+    nodes: std::vec::IntoIter<Node>,
+    /// Its snapshot path, when only the way to some requested paths is
+    /// wanted; `None` when everything below is.
+    within: Option<Vec<Vec<u8>>>,
+    /// Its own node, for the metadata applied at the end; `None` for the
+    /// target itself (a backup of "/"), whose metadata is the caller's.
+    meta: Option<Node>,
+}
+
+/// One restore's state.
+struct Restorer<'a> {
+    key: &'a RepoKey,
+    fetch: &'a mut dyn Fetch,
+    progress: &'a mut dyn Progress,
+    cancel: &'a Cancel,
+    /// Canonical target directory.
+    target: PathBuf,
+    /// Running as root: devices can be created.
+    is_root: bool,
+    meta: Meta,
+    includes: Includes,
+    summary: RestoreSummary,
+    counters: Counters,
+    /// First restored path of each multiply-linked file, by (device, inode)
+    /// on the source.
+    links: HashMap<(u64, u64), PathBuf>,
+    /// The snapshot's symlinks, created after everything else.
+    symlinks: Vec<(PathBuf, Node)>,
+    /// Restored directories, children before parents, for their metadata.
+    dirs: Vec<(PathBuf, Node)>,
+    /// Numbers temporary names.
+    seq: u64,
+}
+
+impl Restorer<'_> {
+    /// Counts and logs an entry that was not (fully) restored.
+    fn record(&mut self, why: String) {
+        // Past the samples, the log would drown in one repeated cause.
+        if self.summary.error_samples.len() < ERROR_SAMPLES {
+            warn!("restore: {why}");
+        } else {
+            debug!("restore: {why}");
+        }
+        self.count(why);
+    }
+
+    /// Counts an entry that was not (fully) restored, without logging.
+    fn count(&mut self, why: String) {
+        self.summary.errors += 1;
+        if self.summary.error_samples.len() < ERROR_SAMPLES {
+            self.summary.error_samples.push(why);
+        }
+    }
+
+    /// Records an entry failure and carries on; passes an abort up.
+    fn settle<T>(&mut self, result: Result<T, Fail>) -> Result<Option<T>, RestoreError> {
+        match result {
+            Ok(v) => Ok(Some(v)),
+            Err(Fail::Entry(why)) => {
+                self.record(why);
+                Ok(None)
+            }
+            Err(Fail::Abort(e)) => Err(e),
+        }
+    }
+
+    /// Fetches blobs, telling a storage outage (stop) from missing blobs
+    /// (this entry fails).
+    fn fetch_blobs(&mut self, ids: &[BlobId]) -> Result<Vec<Vec<u8>>, Fail> {
+        let blobs = self.fetch.get(ids).map_err(|e| {
+            if e.retryable {
+                Fail::Abort(RestoreError::Fetch(e))
+            } else {
+                Fail::Entry(format!("cannot fetch from storage: {e}"))
+            }
+        })?;
+        if blobs.len() != ids.len() {
+            return Err(Fail::Entry(format!(
+                "storage returned {} blobs for {} ids",
+                blobs.len(),
+                ids.len()
+            )));
+        }
+        Ok(blobs)
+    }
+
+    fn load_tree(&mut self, id: &BlobId) -> Result<Tree, Fail> {
+        let sealed = self
+            .fetch_blobs(std::slice::from_ref(id))?
+            .pop()
+            .unwrap_or_default();
+        let plain = self
+            .key
+            .open(id, &sealed)
+            .map_err(|e| Fail::Entry(e.to_string()))?;
+        let tree: Tree = flotilla_protocol::decode(&plain, MAX_TREE)
+            .map_err(|e| Fail::Entry(format!("tree {id:?} is malformed: {e}")))?;
+        if tree.v == 0 || tree.v > REPO_FORMAT {
+            return Err(Fail::Entry(format!(
+                "tree {id:?} has format {} but this agent reads up to {REPO_FORMAT}; upgrade the agent",
+                tree.v
+            )));
+        }
+        Ok(tree)
+    }
+
+    /// A directory's entries; a tree that cannot be read is counted and
+    /// treated as empty, so the directory itself is still restored.
+    fn children(&mut self, subtree: Option<BlobId>, dir: &Path) -> Result<Vec<Node>, RestoreError> {
+        let Some(id) = subtree else {
+            return Ok(Vec::new());
+        };
+        let loaded = self.load_tree(&id).map_err(|f| match f {
+            Fail::Entry(why) => {
+                Fail::Entry(format!("{}: content not restored: {why}", dir.display()))
+            }
+            abort => abort,
+        });
+        Ok(self.settle(loaded)?.map(|t| t.nodes).unwrap_or_default())
+    }
+
+    /// Restores one root node: creates its parents, then it and what is below.
+    fn root(&mut self, comps: Vec<Vec<u8>>, node: Node, pick: Pick) -> Result<(), RestoreError> {
+        if pick == Pick::Within && node.kind != NodeKind::Dir {
+            // A requested path below something that is not a directory.
+            return Ok(());
+        }
+        let within = (pick == Pick::Within).then(|| comps.clone());
+        let Some((name, parents)) = comps.split_last() else {
+            // The backed-up path was "/": its entries go straight into the target.
+            if node.kind != NodeKind::Dir {
+                self.record("/: not restored: the snapshot says it is not a directory".into());
+                return Ok(());
+            }
+            let target = self.target.clone();
+            let nodes = self.children(node.subtree, &target)?;
+            return self.walk(Frame {
+                dir: target,
+                nodes: nodes.into_iter(),
+                within,
+                meta: None,
+            });
+        };
+        let mut dir = self.target.clone();
+        for c in parents {
+            dir.push(OsStr::from_bytes(c));
+            // Not in the snapshot: plain directories, as `mkdir -p` makes them.
+            let made = ensure_dir(&dir, 0o755).map_err(io_fail(&dir, "cannot create directory"));
+            if self.settle(made)?.is_none() {
+                return Ok(());
+            }
+        }
+        if self.settle(check_dir(&dir))?.is_none() {
+            return Ok(());
+        }
+        let path = dir.join(OsStr::from_bytes(name));
+        if let Some(frame) = self.visit(path, node, within)? {
+            self.walk(frame)?;
+        }
+        Ok(())
+    }
+
+    /// Restores everything below `first`, depth first. An explicit stack
+    /// rather than recursion: a hostile snapshot can be deep.
+    fn walk(&mut self, first: Frame) -> Result<(), RestoreError> {
+        let mut stack = vec![first];
+        while let Some(top) = stack.last_mut() {
+            if self.cancel.is_cancelled() {
+                return Err(RestoreError::Cancelled);
+            }
+            let Some(node) = top.nodes.next() else {
+                if let Some(done) = stack.pop() {
+                    if let Some(meta) = done.meta {
+                        self.dirs.push((done.dir, meta));
+                    }
+                }
+                continue;
+            };
+            if !valid_name(&node.name) {
+                let name = String::from_utf8_lossy(&node.name);
+                warn!(dir = %top.dir.display(), name = ?name, "skipping an entry whose name would leave its directory");
+                let why = format!(
+                    "{}/{name:?}: not restored: the name is not a single path component (damaged or hostile snapshot)",
+                    top.dir.display()
+                );
+                // Logged above whatever the count: a sign of a hostile snapshot.
+                self.count(why);
+                continue;
+            }
+            let within = match &top.within {
+                None => None,
+                Some(comps) => {
+                    let mut child = comps.clone();
+                    child.push(node.name.clone());
+                    match self.includes.pick(&child) {
+                        Pick::All => None,
+                        Pick::Within if node.kind == NodeKind::Dir => Some(child),
+                        Pick::Within | Pick::Skip => continue,
+                    }
+                }
+            };
+            let path = top.dir.join(OsStr::from_bytes(&node.name));
+            if let Some(frame) = self.visit(path, node, within)? {
+                stack.push(frame);
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores one entry; a directory comes back as a frame to walk.
+    fn visit(
+        &mut self,
+        path: PathBuf,
+        node: Node,
+        within: Option<Vec<Vec<u8>>>,
+    ) -> Result<Option<Frame>, RestoreError> {
+        let outcome = match node.kind {
+            NodeKind::Dir => self.dir(path, node, within).map(Some),
+            NodeKind::File => self.file(&path, &node).map(|()| None),
+            NodeKind::Symlink => {
+                self.symlinks.push((path, node));
+                Ok(None)
+            }
+            NodeKind::Fifo | NodeKind::CharDevice | NodeKind::BlockDevice => {
+                self.special(&path, &node).map(|()| None)
+            }
+            // A socket belongs to the process that listened on it: nothing to restore.
+            NodeKind::Socket => Ok(None),
+        };
+        Ok(self.settle(outcome)?.flatten())
+    }
+
+    fn dir(
+        &mut self,
+        path: PathBuf,
+        mut node: Node,
+        within: Option<Vec<Vec<u8>>>,
+    ) -> Result<Frame, Fail> {
+        // Owner-only until its metadata is applied at the end: nobody else
+        // sees the content while it is incomplete, and we can write into it.
+        ensure_dir(&path, 0o700).map_err(io_fail(&path, "cannot create directory"))?;
+        check_dir(&path)?;
+        self.summary.dirs += 1;
+        self.counters.dirs += 1;
+        self.progress.update(&self.counters, &path);
+        let nodes = self
+            .children(node.subtree.take(), &path)
+            .map_err(Fail::Abort)?;
+        Ok(Frame {
+            dir: path,
+            nodes: nodes.into_iter(),
+            within,
+            meta: Some(node),
+        })
+    }
+
+    /// Creates the symlinks, then applies directory metadata, deepest first.
+    fn finish(&mut self) -> Result<(), RestoreError> {
+        let mut checked: Option<PathBuf> = None;
+        for (path, node) in std::mem::take(&mut self.symlinks) {
+            if self.cancel.is_cancelled() {
+                return Err(RestoreError::Cancelled);
+            }
+            let made = self.symlink(&path, &node, &mut checked);
+            if self.settle(made)?.is_some() {
+                self.summary.symlinks += 1;
+                self.progress.update(&self.counters, &path);
+            }
+        }
+        for (path, node) in std::mem::take(&mut self.dirs) {
+            // O_NOFOLLOW: a directory that became a symlink since is not
+            // followed to apply a mode or owner somewhere else.
+            let applied = OpenOptions::new()
+                .read(true)
+                .custom_flags((OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW).bits())
+                .open(&path)
+                .map_err(io_fail(&path, "cannot open directory to set its metadata"))
+                .and_then(|dir| self.meta.apply_fd(&dir, &node, &path).map_err(Fail::Entry));
+            self.settle(applied)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,234 @@
+//! The `backup` task on a source host.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use flotilla_protocol::repo::{RepoKey, SnapshotMeta, SnapshotRecord, REPO_FORMAT};
+use flotilla_protocol::{BackupReport, TaskBody, TaskKind, TaskOutcome, TaskResult};
+use tokio::runtime::Handle;
+use tracing::{info, warn};
+
+use super::JobError;
+use crate::daemon::Agent;
+use crate::engine::{self, BackupOptions, BackupOutcome, Cancel, NoCache};
+use crate::remote::{BlockingStore, Session, SessionError, UPLOAD_LANES};
+use crate::state::SledFileCache;
+
+/// zstd level for new chunks: fast, and what restic's default roughly uses.
+const ZSTD_LEVEL: i32 = 3;
+
+pub(crate) fn session_err(e: SessionError) -> JobError {
+    JobError::Failed {
+        retryable: e.is_retryable(),
+        message: e.to_string(),
+    }
+}
+
+pub(crate) fn failed(message: impl Into<String>) -> JobError {
+    JobError::Failed {
+        message: message.into(),
+        retryable: false,
+    }
+}
+
+impl Agent {
+    /// The repository key and QUIC endpoint a data-plane task needs.
+    pub(crate) fn data_plane(
+        &self,
+    ) -> Result<(Arc<RepoKey>, Arc<crate::transfer::TransferEndpoint>), JobError> {
+        let key = self.repo_key.clone().ok_or_else(|| {
+            failed(format!(
+                "host {}'s bundle carries no repository key; enroll it again without --no-repo-key",
+                self.settings.host
+            ))
+        })?;
+        let endpoint = self
+            .endpoint
+            .clone()
+            .ok_or_else(|| failed("the QUIC endpoint is not running; see the agent log"))?;
+        Ok((key, endpoint))
+    }
+
+    pub(super) async fn backup(
+        &self,
+        body: &TaskBody,
+        envelope: &[u8],
+        cancel: &Cancel,
+    ) -> Result<(TaskOutcome, TaskResult), JobError> {
+        let TaskKind::Backup {
+            paths,
+            excludes,
+            storage,
+            storage_addr,
+        } = &body.kind
+        else {
+            return Err(failed("not a backup task"));
+        };
+        let (key, endpoint) = self.data_plane()?;
+        let roots = self.settings.backup_roots.clone();
+        let resolved = self.allowed_paths(body, paths, &roots).await?;
+        let addr: SocketAddr = storage_addr
+            .parse()
+            .map_err(|_| failed(format!("storage address {storage_addr:?} is not ADDR:PORT")))?;
+
+        let started_at = crate::now_ms();
+        let mut session = Session::open(&endpoint, addr, storage, envelope)
+            .await
+            .map_err(session_err)?;
+        let repo_id = session.repo_id.clone();
+        let cache = self
+            .state
+            .file_cache(&repo_id)
+            .map_err(|e| failed(format!("cannot open the file cache: {e}")))?;
+
+        let mut attempt_cache = Some(cache);
+        let (outcome, snapshot_id) = loop {
+            let used_cache = attempt_cache.is_some();
+            let (outcome, s) = self
+                .run_engine(
+                    body,
+                    session,
+                    &resolved,
+                    excludes,
+                    key.clone(),
+                    attempt_cache.take(),
+                    cancel,
+                )
+                .await?;
+            session = s;
+            let shown: Vec<String> = resolved.iter().map(|p| p.display().to_string()).collect();
+            let record = snapshot_record(&key, body, &outcome, &shown, excludes, started_at)?;
+            match session.commit(record).await {
+                Ok(id) => break (outcome, id),
+                // The cache named chunks the repository no longer has (lost or
+                // pruned): forget it and read everything once more.
+                Err(e) if used_cache && e.code() == Some("missing_blobs") => {
+                    warn!(error = %e, "file cache is stale; backing up again without it");
+                    if let Err(e) = self.state.clear_file_cache(&repo_id) {
+                        warn!(error = %e, "cannot clear file cache");
+                    }
+                }
+                Err(e) => return Err(session_err(e)),
+            }
+        };
+        session.close();
+        info!(snapshot = %snapshot_id, files_new = outcome.summary.files_new, bytes_added = outcome.summary.bytes_added, "backup committed");
+        if let Err(e) = self
+            .state
+            .replace_file_cache(&repo_id, outcome.cache_updates)
+            .await
+        {
+            warn!(error = %e, "cannot update the file cache; the next backup reads everything again");
+        }
+        let partial = !outcome.unreadable.is_empty();
+        let report = BackupReport {
+            snapshot: snapshot_id,
+            storage: storage.to_string(),
+            summary: outcome.summary,
+            partial,
+            unreadable: outcome.unreadable.into_iter().take(100).collect(),
+        };
+        let verdict = if partial {
+            TaskOutcome::Partial
+        } else {
+            TaskOutcome::Succeeded
+        };
+        Ok((verdict, TaskResult::Backup(report)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_engine(
+        &self,
+        body: &TaskBody,
+        session: Session,
+        paths: &[PathBuf],
+        excludes: &[String],
+        key: Arc<RepoKey>,
+        cache: Option<SledFileCache>,
+        cancel: &Cancel,
+    ) -> Result<(BackupOutcome, Session), JobError> {
+        let uploader = session.uploader(UPLOAD_LANES);
+        let store = BlockingStore {
+            handle: Handle::current(),
+            session,
+            uploader,
+        };
+        let opts = BackupOptions {
+            paths: paths.to_vec(),
+            excludes: excludes.to_vec(),
+            zstd_level: ZSTD_LEVEL,
+        };
+        let totals = {
+            let paths = paths.to_vec();
+            let cancel = cancel.clone();
+            tokio::task::spawn_blocking(move || {
+                engine::estimate(&paths, &mut engine::NoProgress, &cancel)
+            })
+            .await
+            .map(|r| (Some(r.files), Some(r.bytes)))
+            .unwrap_or((None, None))
+        };
+        let cancel = cancel.clone();
+        let (result, store) = self
+            .with_progress(body, totals, move |progress| {
+                let mut store = store;
+                let result = match &cache {
+                    Some(c) => engine::backup(&opts, &key, &mut store, c, progress, &cancel),
+                    None => engine::backup(&opts, &key, &mut store, &NoCache, progress, &cancel),
+                };
+                (result, store)
+            })
+            .await?;
+        let BlockingStore {
+            session, uploader, ..
+        } = store;
+        // Always drain the uploads: their error explains an engine failure.
+        let uploaded = uploader.finish().await;
+        let outcome = match (result, uploaded) {
+            (Ok(o), Ok(_)) => o,
+            (_, Err(e)) => return Err(session_err(e)),
+            (Err(e), Ok(_)) => {
+                return Err(JobError::Failed {
+                    retryable: e.is_retryable(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        Ok((outcome, session))
+    }
+}
+
+fn snapshot_record(
+    key: &RepoKey,
+    body: &TaskBody,
+    outcome: &BackupOutcome,
+    paths: &[String],
+    excludes: &[String],
+    started_at: u64,
+) -> Result<SnapshotRecord, JobError> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let meta = SnapshotMeta {
+        v: REPO_FORMAT,
+        paths: paths.to_vec(),
+        excludes: excludes.to_vec(),
+        task_id: body.id.clone(),
+        summary: outcome.summary.clone(),
+        unreadable: outcome.unreadable.clone(),
+    };
+    let meta_bytes = flotilla_protocol::encode(&meta)
+        .map_err(|e| failed(format!("cannot encode snapshot: {e}")))?;
+    let sealed = key
+        .seal_meta(&SnapshotRecord::meta_context(&id), &meta_bytes)
+        .map_err(|e| failed(format!("cannot encrypt snapshot: {e}")))?;
+    Ok(SnapshotRecord {
+        v: REPO_FORMAT,
+        id,
+        host: body.host.clone(),
+        time: started_at,
+        tree: outcome.tree,
+        partial: !outcome.unreadable.is_empty(),
+        blobs: outcome.blobs.clone(),
+        meta: sealed,
+    })
+}

@@ -1,0 +1,341 @@
+//! The client side of a data-plane session: a source backing up into, or a
+//! destination restoring from, a storage agent's repository over QUIC.
+//!
+//! [`Session`] is async; the engines are synchronous, so [`BlockingStore`] and
+//! [`BlockingFetch`] adapt it for code running on a blocking thread (they call
+//! `Handle::block_on`, which is allowed there and only there).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use flotilla_protocol::frame::{Request, Response, FRAME_VERSION, MAX_FRAME, MAX_IDS};
+use flotilla_protocol::repo::{BlobId, BlobKind, SnapshotRecord};
+use flotilla_protocol::HostName;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, Mutex};
+use tokio::task::JoinSet;
+
+use crate::engine::{Fetch, FetchError, Store, StoreError};
+use crate::transfer::{read_frame, write_frame, TransferEndpoint, TransferError};
+
+/// Parallel upload streams per backup session: enough to keep a LAN busy
+/// while one stream waits on the storage host's fsync.
+pub const UPLOAD_LANES: usize = 4;
+/// Sealed blobs queued for upload (bounded: memory stays flat under backpressure).
+const UPLOAD_QUEUE: usize = 16;
+
+/// A session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The connection or a stream failed.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// The storage agent answered with an error.
+    #[error("storage refused: {message} ({code})")]
+    Refused {
+        /// Error code.
+        code: String,
+        /// What happened.
+        message: String,
+        /// Whether trying again may work.
+        retryable: bool,
+    },
+    /// The storage agent answered something unexpected.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl SessionError {
+    /// Whether trying again may work.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SessionError::Transfer(e) => e.is_retryable(),
+            SessionError::Refused { retryable, .. } => *retryable,
+            SessionError::Protocol(_) => false,
+        }
+    }
+
+    /// The storage agent's error code, when it refused.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            SessionError::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+fn unexpected(resp: Response) -> SessionError {
+    match resp {
+        Response::Error {
+            code,
+            message,
+            retryable,
+        } => SessionError::Refused {
+            code,
+            message,
+            retryable,
+        },
+        other => SessionError::Protocol(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// An open session with a storage agent.
+#[derive(Debug)]
+pub struct Session {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    /// The repository's id (keys the source's file cache).
+    pub repo_id: String,
+}
+
+impl Session {
+    /// Connects to `storage` at `addr` and presents the signed `task`.
+    pub async fn open(
+        endpoint: &TransferEndpoint,
+        addr: SocketAddr,
+        storage: &HostName,
+        task: &[u8],
+    ) -> Result<Session, SessionError> {
+        let conn = endpoint.connect(addr, storage).await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(TransferError::from)?;
+        write_frame(
+            &mut send,
+            &Request::Hello {
+                v: FRAME_VERSION,
+                task: task.to_vec(),
+            },
+        )
+        .await?;
+        match read_frame::<Response>(&mut recv, MAX_FRAME).await? {
+            Some(Response::Welcome { repo_id }) => Ok(Session {
+                conn,
+                send,
+                recv,
+                repo_id,
+            }),
+            Some(other) => Err(unexpected(other)),
+            None => Err(SessionError::Protocol("storage closed the session".into())),
+        }
+    }
+
+    async fn request(&mut self, req: &Request) -> Result<Response, SessionError> {
+        write_frame(&mut self.send, req).await?;
+        read_frame::<Response>(&mut self.recv, MAX_FRAME)
+            .await?
+            .ok_or_else(|| SessionError::Protocol("storage closed the control stream".into()))
+    }
+
+    /// The subset of `ids` the repository lacks.
+    pub async fn missing(&mut self, ids: &[BlobId]) -> Result<Vec<BlobId>, SessionError> {
+        let mut out = Vec::new();
+        for batch in ids.chunks(MAX_IDS) {
+            match self
+                .request(&Request::Have {
+                    ids: batch.to_vec(),
+                })
+                .await?
+            {
+                Response::Missing { ids } => out.extend(ids),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Commits a snapshot whose blobs are all stored.
+    pub async fn commit(&mut self, snapshot: SnapshotRecord) -> Result<String, SessionError> {
+        match self.request(&Request::Commit { snapshot }).await? {
+            Response::Committed { id } => Ok(id),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Looks up a snapshot by id or unique prefix.
+    pub async fn snapshot(&mut self, id: &str) -> Result<SnapshotRecord, SessionError> {
+        match self
+            .request(&Request::GetSnapshot { id: id.into() })
+            .await?
+        {
+            Response::Snapshot { snapshot } => Ok(snapshot),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Starts `lanes` upload streams fed from one bounded queue.
+    pub fn uploader(&self, lanes: usize) -> Uploader {
+        let (tx, rx) = mpsc::channel::<(BlobId, BlobKind, Vec<u8>)>(UPLOAD_QUEUE);
+        let rx = Arc::new(Mutex::new(rx));
+        let mut tasks = JoinSet::new();
+        for _ in 0..lanes.max(1) {
+            let conn = self.conn.clone();
+            let rx = rx.clone();
+            tasks.spawn(async move {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(TransferError::from)?;
+                loop {
+                    // The lock is held only to take one item, not while sending it.
+                    let next = rx.lock().await.recv().await;
+                    let Some((id, kind, data)) = next else { break };
+                    write_frame(&mut send, &Request::Put { id, kind, data }).await?;
+                }
+                send.finish()
+                    .map_err(|e| SessionError::Protocol(e.to_string()))?;
+                match read_frame::<Response>(&mut recv, MAX_FRAME).await? {
+                    Some(Response::Stored { blobs, bytes }) => Ok((blobs, bytes)),
+                    Some(other) => Err(unexpected(other)),
+                    None => Err(SessionError::Protocol(
+                        "upload stream closed without a receipt".into(),
+                    )),
+                }
+            });
+        }
+        Uploader {
+            tx: Some(tx),
+            tasks,
+        }
+    }
+
+    /// A handle for fetching blobs on streams of their own.
+    pub fn fetcher(&self) -> Fetcher {
+        Fetcher {
+            conn: self.conn.clone(),
+        }
+    }
+
+    /// Closes the connection politely.
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"done");
+    }
+}
+
+/// Parallel upload streams of one session.
+#[derive(Debug)]
+pub struct Uploader {
+    tx: Option<mpsc::Sender<(BlobId, BlobKind, Vec<u8>)>>,
+    tasks: JoinSet<Result<(u64, u64), SessionError>>,
+}
+
+impl Uploader {
+    /// Queues a blob, waiting (blocking the thread) while the queue is full.
+    /// For use on blocking threads only.
+    pub fn put_blocking(
+        &self,
+        id: BlobId,
+        kind: BlobKind,
+        data: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let Some(tx) = &self.tx else {
+            return Err(StoreError {
+                message: "uploader already finished".into(),
+                retryable: false,
+            });
+        };
+        tx.blocking_send((id, kind, data)).map_err(|_| StoreError {
+            message: "upload to the storage host failed; see the agent log".into(),
+            retryable: true,
+        })
+    }
+
+    /// Waits until every queued blob is stored durably; returns blobs and bytes.
+    pub async fn finish(mut self) -> Result<(u64, u64), SessionError> {
+        self.tx = None;
+        let (mut blobs, mut bytes) = (0, 0);
+        let mut first_error = None;
+        while let Some(done) = self.tasks.join_next().await {
+            match done {
+                Ok(Ok((b, n))) => {
+                    blobs += b;
+                    bytes += n;
+                }
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_error
+                        .get_or_insert(SessionError::Protocol(format!("upload lane crashed: {e}")));
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok((blobs, bytes)),
+        }
+    }
+}
+
+/// Fetches blobs, one stream per request.
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    conn: quinn::Connection,
+}
+
+impl Fetcher {
+    /// The sealed bytes of `ids`, in order.
+    pub async fn get(&self, ids: &[BlobId]) -> Result<Vec<Vec<u8>>, SessionError> {
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(TransferError::from)?;
+        write_frame(&mut send, &Request::Get { ids: ids.to_vec() }).await?;
+        send.finish()
+            .map_err(|e| SessionError::Protocol(e.to_string()))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for want in ids {
+            match read_frame::<Response>(&mut recv, MAX_FRAME).await? {
+                Some(Response::Blob { id, data, .. }) if id == *want => out.push(data),
+                Some(Response::Blob { id, .. }) => {
+                    return Err(SessionError::Protocol(format!(
+                        "asked for blob {want:?}, got {id:?}"
+                    )))
+                }
+                Some(other) => return Err(unexpected(other)),
+                None => return Err(SessionError::Protocol("blob stream ended early".into())),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// [`Store`] over a session, for the backup engine on a blocking thread.
+#[derive(Debug)]
+pub struct BlockingStore {
+    /// Runtime to run async requests on.
+    pub handle: Handle,
+    /// The session (control stream).
+    pub session: Session,
+    /// Its upload lanes.
+    pub uploader: Uploader,
+}
+
+impl Store for BlockingStore {
+    fn missing(&mut self, ids: &[BlobId]) -> Result<Vec<BlobId>, StoreError> {
+        let session = &mut self.session;
+        self.handle
+            .block_on(session.missing(ids))
+            .map_err(|e| StoreError {
+                retryable: e.is_retryable(),
+                message: e.to_string(),
+            })
+    }
+
+    fn put(&mut self, id: BlobId, kind: BlobKind, sealed: Vec<u8>) -> Result<(), StoreError> {
+        self.uploader.put_blocking(id, kind, sealed)
+    }
+}
+
+/// [`Fetch`] over a session, for the restore engine on a blocking thread.
+#[derive(Debug)]
+pub struct BlockingFetch {
+    /// Runtime to run async requests on.
+    pub handle: Handle,
+    /// Blob fetcher.
+    pub fetcher: Fetcher,
+}
+
+impl Fetch for BlockingFetch {
+    fn get(&mut self, ids: &[BlobId]) -> Result<Vec<Vec<u8>>, FetchError> {
+        self.handle
+            .block_on(self.fetcher.get(ids))
+            .map_err(|e| FetchError {
+                retryable: e.is_retryable(),
+                message: e.to_string(),
+            })
+    }
+}

@@ -1,0 +1,561 @@
+//! The repository on a storage host: sealed blobs in pack files, one index
+//! file per pack, one file per snapshot. Plain synchronous code; callers run
+//! it on blocking threads.
+//!
+//! The storage host never holds keys: blobs arrive sealed and are kept as
+//! opaque bytes named by their [`BlobId`]. Integrity here means "the bytes are
+//! the ones that were written" (BLAKE3 of the sealed bytes, of each pack);
+//! authenticity is checked by key holders when they open a blob.
+//!
+//! ```text
+//! DIR/config                        TOML: version, repository id, created (ms)
+//! DIR/lock                          flock'ed while a process has the repository open
+//! DIR/packs/<2 hex>/<pack id>.pack  packs; id = BLAKE3 of the whole file
+//! DIR/index/<pack id>.idx           index of one pack (MessagePack)
+//! DIR/snapshots/<id>.snap           one SnapshotRecord each (MessagePack)
+//! DIR/tmp/                          files being written; emptied at open
+//! ```
+//!
+//! Every file reaches its final name by rename (or link) after an fsync, and
+//! the directory is fsynced after: a file under its final name is complete.
+//! The commit order is pack → index → snapshot, so a snapshot never names a
+//! blob that is not durably stored. See `docs/repository.md`.
+//!
+//! ```no_run
+//! # fn demo(sealed: &[u8], id: flotilla_protocol::repo::BlobId) -> Result<(), flotilla_agent::repository::RepoError> {
+//! use flotilla_agent::repository::Repository;
+//! use flotilla_protocol::repo::BlobKind;
+//!
+//! let repo = Repository::open_or_init("/srv/flotilla".as_ref())?;
+//! let mut writer = repo.pack_writer();
+//! writer.add(id, BlobKind::Data, sealed)?;
+//! let stats = writer.finish()?;
+//! assert!(repo.contains(&id));
+//! let (_kind, bytes) = repo.read_blob(&id)?;
+//! # Ok(()) }
+//! ```
+
+mod check;
+mod error;
+mod format;
+mod index;
+mod pack;
+mod snapshots;
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use flotilla_protocol::repo::{BlobId, BlobKind, RepoStats};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+pub use error::RepoError;
+pub use pack::{PackWriter, WriteStats};
+
+use format::{hex32, IndexEntry, PackId, ENTRY_HEADER_LEN};
+
+/// Repository format version this build writes and reads.
+pub const REPO_VERSION: u16 = 1;
+/// Payload at which a pack writer closes its pack and starts another.
+pub const PACK_TARGET: u64 = 16 * 1024 * 1024;
+/// Most entries in one pack, so that tiny blobs cannot make one index huge.
+pub const MAX_PACK_ENTRIES: usize = 65_536;
+/// Largest config file read.
+const MAX_CONFIG_BYTES: u64 = 64 * 1024;
+/// Names that may exist in a directory being initialised (a crash during a
+/// previous init leaves some of them behind).
+const LAYOUT: [&str; 5] = ["packs", "index", "snapshots", "tmp", "lock"];
+
+/// A repository opened by this process. Cheap to clone (a handle); also fine
+/// to share as `Arc<Repository>`. Many [`PackWriter`]s may write at once:
+/// only the in-memory index is shared, behind a read-write lock held for
+/// lookups and inserts only.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    shared: Arc<Shared>,
+}
+
+/// State shared by the handle and its pack writers.
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    id: String,
+    index: RwLock<MemIndex>,
+    snapshots: AtomicU64,
+    /// Held for the process's lifetime: two agents writing one repository
+    /// would delete each other's files in tmp/ at open.
+    _lock: Flock<File>,
+}
+
+/// The config file, written once at init.
+#[derive(Debug, Serialize, Deserialize)]
+struct Config {
+    version: u16,
+    id: String,
+    created: u64,
+}
+
+/// Where one blob is. Packs are interned so an entry stays small: the index
+/// of a large repository lives in memory.
+#[derive(Debug, Clone, Copy)]
+struct Location {
+    pack: u32,
+    kind: BlobKind,
+    offset: u64,
+    length: u32,
+}
+
+/// One indexed pack.
+#[derive(Debug, Clone, Copy)]
+struct PackInfo {
+    id: PackId,
+    size: u64,
+}
+
+/// The in-memory index: every blob of every indexed pack.
+#[derive(Debug, Default)]
+struct MemIndex {
+    packs: Vec<PackInfo>,
+    slots: HashMap<PackId, u32>,
+    blobs: HashMap<BlobId, Location>,
+    bytes: u64,
+}
+
+impl MemIndex {
+    /// Adds a pack's entries. A blob already indexed keeps its first
+    /// location: duplicates across packs written concurrently are harmless.
+    fn insert_pack(&mut self, id: PackId, size: u64, entries: &[IndexEntry]) {
+        let slot = match self.slots.get(&id) {
+            Some(s) => *s,
+            None => {
+                let s = self.packs.len() as u32;
+                self.packs.push(PackInfo { id, size });
+                self.slots.insert(id, s);
+                self.bytes += size;
+                s
+            }
+        };
+        for e in entries {
+            self.blobs.entry(e.id).or_insert(Location {
+                pack: slot,
+                kind: e.kind,
+                offset: e.offset,
+                length: e.length,
+            });
+        }
+    }
+}
+
+impl Repository {
+    /// Opens the repository in `dir`, creating it when `dir` is new or empty.
+    ///
+    /// Refuses a newer format, a non-empty directory that is not a repository
+    /// and a repository another process holds. Empties `tmp/` (what a crash
+    /// left), loads every index, rebuilds the index of any pack without a
+    /// readable one, and warns about indexes whose pack is missing or of the
+    /// wrong size (their blobs are then treated as absent, so the next backup
+    /// uploads them again; `check` reports the damage).
+    pub fn open_or_init(dir: &Path) -> Result<Repository, RepoError> {
+        fs::create_dir_all(dir).map_err(|e| RepoError::io("create", dir, e))?;
+        let lock = take_lock(dir)?;
+        let config_path = dir.join("config");
+        let config = if config_path.exists() {
+            read_config(&config_path)?
+        } else {
+            init(dir)?
+        };
+        for sub in ["packs", "index", "snapshots", "tmp"] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p).map_err(|e| RepoError::io("create", &p, e))?;
+        }
+        clear_tmp(&dir.join("tmp"))?;
+        let index = index::load_all(dir)?;
+        let snapshots = snapshots::count(dir)?;
+        info!(
+            repo = %config.id,
+            dir = %dir.display(),
+            packs = index.packs.len(),
+            blobs = index.blobs.len(),
+            snapshots,
+            "repository open"
+        );
+        Ok(Repository {
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                id: config.id,
+                index: RwLock::new(index),
+                snapshots: AtomicU64::new(snapshots),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// The repository's id (32 hex digits).
+    pub fn repo_id(&self) -> &str {
+        &self.shared.id
+    }
+
+    /// The repository's directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Whether a blob is stored.
+    pub fn contains(&self, id: &BlobId) -> bool {
+        self.shared.read_index().blobs.contains_key(id)
+    }
+
+    /// The ids the repository lacks, in the order given.
+    pub fn missing(&self, ids: &[BlobId]) -> Vec<BlobId> {
+        let index = self.shared.read_index();
+        ids.iter()
+            .filter(|id| !index.blobs.contains_key(id))
+            .copied()
+            .collect()
+    }
+
+    /// A writer for one upload stream. Writers are independent; each writes
+    /// its own pack in `tmp/` and publishes it to the index when it closes.
+    pub fn pack_writer(&self) -> PackWriter {
+        PackWriter::new(self.shared.clone())
+    }
+
+    /// Reads one sealed blob, verifying its bytes against the hash stored
+    /// beside them. Damage is an error naming the pack and the blob.
+    pub fn read_blob(&self, id: &BlobId) -> Result<(BlobKind, Vec<u8>), RepoError> {
+        let (loc, pack) = {
+            let index = self.shared.read_index();
+            let loc = *index.blobs.get(id).ok_or_else(|| RepoError::NotFound {
+                what: format!("blob {id}"),
+            })?;
+            // Slots are only ever appended, so the location's slot exists.
+            let pack = index.packs.get(loc.pack as usize).map(|p| p.id);
+            (loc, pack)
+        };
+        let pack = pack.ok_or_else(|| RepoError::NotFound {
+            what: format!("pack of blob {id}"),
+        })?;
+        let path = self.shared.pack_path(&pack);
+        let file = File::open(&path).map_err(|e| RepoError::io("open", &path, e))?;
+        let short = |e: io::Error| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                RepoError::corrupt(&path, format!("pack ends before blob {id} (truncated)"))
+            } else {
+                RepoError::io("read", &path, e)
+            }
+        };
+        // Index offsets were validated at load (≥ header + entry header, and
+        // lengths ≤ MAX_SEALED), so this allocation is bounded.
+        let mut head = [0u8; ENTRY_HEADER_LEN as usize];
+        file.read_exact_at(&mut head, loc.offset - ENTRY_HEADER_LEN)
+            .map_err(short)?;
+        let mut sealed = vec![0u8; loc.length as usize];
+        file.read_exact_at(&mut sealed, loc.offset).map_err(short)?;
+        let h = format::parse_entry_header(&head).ok_or_else(|| {
+            RepoError::corrupt(&path, format!("entry header of blob {id} is damaged"))
+        })?;
+        if h.id != *id || h.kind != loc.kind || h.len != loc.length {
+            return Err(RepoError::corrupt(
+                &path,
+                format!("entry header of blob {id} does not match the index"),
+            ));
+        }
+        if *blake3::hash(&sealed).as_bytes() != h.hash {
+            return Err(RepoError::corrupt(
+                &path,
+                format!("blob {id} does not match its stored hash (bit rot?)"),
+            ));
+        }
+        Ok((loc.kind, sealed))
+    }
+
+    /// Counts from the in-memory index.
+    pub fn stats(&self) -> RepoStats {
+        let index = self.shared.read_index();
+        RepoStats {
+            packs: index.packs.len() as u64,
+            blobs: index.blobs.len() as u64,
+            stored_bytes: index.bytes,
+            snapshots: self.shared.snapshots.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Shared {
+    // Poisoning: the index is only changed by `insert_pack`, which cannot
+    // panic half-way in a way that breaks lookups, so a poisoned lock's data
+    // is still sound.
+    fn read_index(&self) -> RwLockReadGuard<'_, MemIndex> {
+        self.index.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_index(&self) -> RwLockWriteGuard<'_, MemIndex> {
+        self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn pack_path(&self, id: &PackId) -> PathBuf {
+        pack_path(&self.dir, id)
+    }
+}
+
+/// `DIR/packs/<2 hex>/<id>.pack`.
+fn pack_path(dir: &Path, id: &PackId) -> PathBuf {
+    let hex = hex32(id);
+    dir.join("packs")
+        .join(&hex[..2])
+        .join(format!("{hex}.pack"))
+}
+
+/// `DIR/index/<id>.idx`.
+fn idx_path(dir: &Path, id: &PackId) -> PathBuf {
+    dir.join("index").join(format!("{}.idx", hex32(id)))
+}
+
+/// A fresh name in `DIR/tmp/`.
+fn tmp_path(dir: &Path, ext: &str) -> PathBuf {
+    dir.join("tmp")
+        .join(format!("{}.{ext}", uuid::Uuid::new_v4().simple()))
+}
+
+/// Fsyncs a directory so that renames and creations in it are durable.
+fn sync_dir(dir: &Path) -> Result<(), RepoError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| RepoError::io("sync directory", dir, e))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in `DIR/tmp/`,
+/// fsynced, renamed over `path`, and `path`'s directory fsynced.
+fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), RepoError> {
+    let tmp = write_tmp(dir, path, bytes)?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(RepoError::io("rename into", path, e));
+    }
+    sync_dir(parent(path))
+}
+
+/// Writes and fsyncs a new file in `DIR/tmp/` with the extension of `like`.
+fn write_tmp(dir: &Path, like: &Path, bytes: &[u8]) -> Result<PathBuf, RepoError> {
+    let ext = like.extension().and_then(|e| e.to_str()).unwrap_or("tmp");
+    let tmp = tmp_path(dir, ext);
+    let result = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        });
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(RepoError::io("write", &tmp, e));
+    }
+    Ok(tmp)
+}
+
+/// The directory holding `path` (every path here has one).
+fn parent(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("."))
+}
+
+/// Takes the repository's exclusive lock, failing at once if it is held.
+fn take_lock(dir: &Path) -> Result<Flock<File>, RepoError> {
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| RepoError::io("open", &path, e))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, Errno::EWOULDBLOCK)) => Err(RepoError::Locked { path }),
+        Err((_, errno)) => Err(RepoError::io("lock", &path, io::Error::from(errno))),
+    }
+}
+
+/// Reads and checks the config: a newer version is refused before anything
+/// else is parsed, so the message is about the version, not a field.
+fn read_config(path: &Path) -> Result<Config, RepoError> {
+    let file = File::open(path).map_err(|e| RepoError::io("open", path, e))?;
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| RepoError::io("read", path, e))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| RepoError::corrupt(path, e.to_string()))?;
+    let version = table
+        .get("version")
+        .and_then(|v| v.as_integer())
+        .ok_or_else(|| RepoError::corrupt(path, "no version"))?;
+    if version != i64::from(REPO_VERSION) {
+        if version > i64::from(REPO_VERSION) {
+            return Err(RepoError::UnsupportedVersion {
+                path: path.to_path_buf(),
+                found: u16::try_from(version).unwrap_or(u16::MAX),
+                supported: REPO_VERSION,
+            });
+        }
+        return Err(RepoError::corrupt(
+            path,
+            format!("unknown version {version}"),
+        ));
+    }
+    let config: Config =
+        toml::from_str(&text).map_err(|e| RepoError::corrupt(path, e.to_string()))?;
+    if !snapshots::is_id(&config.id) {
+        return Err(RepoError::corrupt(
+            path,
+            "repository id is not 32 lowercase hex digits",
+        ));
+    }
+    Ok(config)
+}
+
+/// Creates the layout in a new or empty directory; the config, written last,
+/// is what makes it a repository, so a crash during init leaves a directory
+/// that init accepts again.
+fn init(dir: &Path) -> Result<Config, RepoError> {
+    let entries = fs::read_dir(dir).map_err(|e| RepoError::io("list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| RepoError::io("list", dir, e))?;
+        let name = entry.file_name();
+        let known = name.to_str().is_some_and(|n| LAYOUT.contains(&n));
+        let empty = name == "lock"
+            || name == "tmp"
+            || fs::read_dir(entry.path()).is_ok_and(|mut d| d.next().is_none());
+        if !known || !empty {
+            return Err(RepoError::NotARepository {
+                path: dir.to_path_buf(),
+            });
+        }
+    }
+    for sub in ["packs", "index", "snapshots", "tmp"] {
+        let p = dir.join(sub);
+        fs::create_dir_all(&p).map_err(|e| RepoError::io("create", &p, e))?;
+    }
+    sync_dir(dir)?;
+    let config = Config {
+        version: REPO_VERSION,
+        id: uuid::Uuid::new_v4().simple().to_string(),
+        created: crate::now_ms(),
+    };
+    let text = toml::to_string(&config).map_err(|e| RepoError::invalid("config", e.to_string()))?;
+    write_atomic(dir, &dir.join("config"), text.as_bytes())?;
+    info!(repo = %config.id, dir = %dir.display(), "repository created");
+    Ok(config)
+}
+
+/// Removes what a crash left in `tmp/`: nothing there is referenced.
+fn clear_tmp(tmp: &Path) -> Result<(), RepoError> {
+    let mut removed = 0u64;
+    for entry in fs::read_dir(tmp).map_err(|e| RepoError::io("list", tmp, e))? {
+        let entry = entry.map_err(|e| RepoError::io("list", tmp, e))?;
+        let path = entry.path();
+        let result = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        result.map_err(|e| RepoError::io("remove", &path, e))?;
+        removed += 1;
+    }
+    if removed > 0 {
+        warn!(removed, dir = %tmp.display(), "removed leftovers of an interrupted write");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn blob(n: u32, len: usize) -> (BlobId, Vec<u8>) {
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u32).wrapping_mul(31).wrapping_add(n) as u8)
+            .collect();
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        (BlobId(id), data)
+    }
+
+    #[test]
+    fn init_then_reopen_keeps_the_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = Repository::open_or_init(dir.path())
+            .unwrap()
+            .repo_id()
+            .to_string();
+        assert_eq!(id.len(), 32);
+        let again = Repository::open_or_init(dir.path()).unwrap();
+        assert_eq!(again.repo_id(), id);
+        for sub in ["packs", "index", "snapshots", "tmp", "config"] {
+            assert!(dir.path().join(sub).exists(), "{sub}");
+        }
+    }
+
+    #[test]
+    fn a_second_open_while_held_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _repo = Repository::open_or_init(dir.path()).unwrap();
+        let err = Repository::open_or_init(dir.path()).unwrap_err();
+        assert!(matches!(err, RepoError::Locked { .. }), "{err}");
+    }
+
+    #[test]
+    fn refuses_newer_versions_and_foreign_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Repository::open_or_init(dir.path()).unwrap());
+        let cfg = dir.path().join("config");
+        let text = fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("version = 1", "version = 7");
+        fs::write(&cfg, text).unwrap();
+        let err = Repository::open_or_init(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, RepoError::UnsupportedVersion { found: 7, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("upgrade"));
+
+        let foreign = tempfile::tempdir().unwrap();
+        fs::write(foreign.path().join("photo.jpg"), b"x").unwrap();
+        let err = Repository::open_or_init(foreign.path()).unwrap_err();
+        assert!(matches!(err, RepoError::NotARepository { .. }), "{err}");
+    }
+
+    #[test]
+    fn leftovers_in_tmp_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Repository::open_or_init(dir.path()).unwrap());
+        fs::write(dir.path().join("tmp/half.pack"), b"FLOTPACK").unwrap();
+        fs::create_dir(dir.path().join("tmp/d")).unwrap();
+        drop(Repository::open_or_init(dir.path()).unwrap());
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn read_blob_of_unknown_id_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_init(dir.path()).unwrap();
+        let err = repo.read_blob(&BlobId([7; 32])).unwrap_err();
+        assert_eq!(err.code(), "not_found");
+        assert_eq!(repo.missing(&[BlobId([7; 32])]), vec![BlobId([7; 32])]);
+        assert_eq!(repo.stats(), RepoStats::default());
+    }
+
+    #[test]
+    fn repository_is_send_and_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<Repository>();
+        check::<PackWriter>();
+    }
+}

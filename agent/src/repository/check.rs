@@ -1,0 +1,480 @@
+//! `check`: what is wrong with the repository, read from disk (not from the
+//! in-memory index, which is what is being checked).
+//!
+//! Structure: every index parses and its pack exists with the size the index
+//! states; every pack has an index; every snapshot parses and names only
+//! indexed blobs. With `read_data`, every indexed pack is also read in full:
+//! header, trailer, the pack's hash, and each blob's hash.
+//!
+//! A blob counts as damaged only when no intact copy is left: concurrent
+//! writers may store the same blob in two packs, and one good copy is enough
+//! for every snapshot that needs it.
+//!
+//! Order matters while backups run: snapshots are listed before indexes,
+//! because a snapshot is committed only after the indexes of all its blobs,
+//! so every blob a listed snapshot needs is already indexed when the indexes
+//! are listed.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs;
+
+use flotilla_protocol::repo::{BlobId, CheckReport, Problem};
+use tracing::{info, warn};
+
+use super::format::{hex32, scan_pack, IndexEntry, PackId};
+use super::{idx_path, index, pack_path, read_config, snapshots, RepoError, Repository};
+
+/// Most `blob_missing` problems listed per snapshot; the rest are counted.
+const MISSING_PER_SNAPSHOT: usize = 10;
+
+fn problem(
+    kind: &str,
+    pack: Option<&PackId>,
+    blob: Option<BlobId>,
+    message: impl Into<String>,
+) -> Problem {
+    Problem {
+        kind: kind.into(),
+        pack: pack.map(hex32),
+        blob,
+        message: message.into(),
+    }
+}
+
+fn io_problem(e: &RepoError) -> Problem {
+    problem("io", None, None, e.to_string())
+}
+
+impl Repository {
+    /// Checks the repository; see the module documentation. Never fails:
+    /// what cannot be read is itself a finding.
+    pub fn check(&self, read_data: bool) -> CheckReport {
+        let dir = &self.shared.dir;
+        let mut report = CheckReport::default();
+        if let Err(e) = read_config(&dir.join("config")) {
+            report
+                .problems
+                .push(problem("config", None, None, e.to_string()));
+        }
+
+        // Only the ids now; each record is read when it is checked, so memory
+        // holds one snapshot's blob list at a time.
+        let snaps = match snapshots::list_ids(dir) {
+            Ok(s) => s,
+            Err(e) => {
+                report.problems.push(io_problem(&e));
+                Vec::new()
+            }
+        };
+        report.snapshots = snaps.len() as u64;
+
+        // Blob id → whether at least one intact copy exists.
+        let mut blobs: HashMap<BlobId, bool> = HashMap::new();
+        let mut indexed: HashSet<PackId> = HashSet::new();
+        match index::list_idx(dir) {
+            Ok(list) => {
+                for (pack, path) in list {
+                    match index::read_idx(&path, &pack) {
+                        Ok(idx) => {
+                            indexed.insert(pack);
+                            let good = self.check_pack(
+                                &pack,
+                                idx.size,
+                                &idx.entries,
+                                read_data,
+                                &mut report,
+                            );
+                            for (entry, ok) in idx.entries.iter().zip(good) {
+                                let slot = blobs.entry(entry.id).or_insert(false);
+                                *slot |= ok;
+                            }
+                        }
+                        Err(e) => report.problems.push(problem(
+                            "idx_unreadable",
+                            Some(&pack),
+                            None,
+                            e.to_string(),
+                        )),
+                    }
+                }
+            }
+            Err(e) => report.problems.push(io_problem(&e)),
+        }
+
+        match index::list_packs(dir) {
+            Ok(list) => {
+                for (pack, path) in list {
+                    report.packs += 1;
+                    report.bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    // An index that exists but does not parse was reported
+                    // above; one written since the listing belongs to a pack
+                    // committed during the check.
+                    if indexed.contains(&pack) || idx_path(dir, &pack).exists() {
+                        continue;
+                    }
+                    let state = if !read_data {
+                        "it is re-indexed at the next open if intact"
+                    } else {
+                        match scan_pack(&path) {
+                            Ok(scan) if scan.is_intact(&pack) => {
+                                "it is intact and is re-indexed at the next open"
+                            }
+                            Ok(_) => "it is damaged and cannot be re-indexed",
+                            Err(_) => "it cannot be read",
+                        }
+                    };
+                    report.problems.push(problem(
+                        "pack_without_index",
+                        Some(&pack),
+                        None,
+                        format!("pack has no index; {state}"),
+                    ));
+                }
+            }
+            Err(e) => report.problems.push(io_problem(&e)),
+        }
+
+        report.blobs = blobs.len() as u64;
+        report.damaged_blobs = blobs
+            .iter()
+            .filter(|(_, ok)| !**ok)
+            .map(|(id, _)| *id)
+            .collect();
+        report.damaged_blobs.sort();
+
+        let mut affected = BTreeSet::new();
+        for id in snaps {
+            let rec = match snapshots::read(dir, &id) {
+                Ok(rec) => rec,
+                Err(e) => {
+                    report
+                        .problems
+                        .push(problem("snapshot_unreadable", None, None, e.to_string()));
+                    continue;
+                }
+            };
+            let mut missing = 0usize;
+            for id in std::iter::once(&rec.tree).chain(&rec.blobs) {
+                match blobs.get(id) {
+                    Some(true) => {}
+                    Some(false) => {
+                        affected.insert(rec.id.clone());
+                    }
+                    None => {
+                        affected.insert(rec.id.clone());
+                        missing += 1;
+                        if missing <= MISSING_PER_SNAPSHOT {
+                            report.problems.push(problem(
+                                "blob_missing",
+                                None,
+                                Some(*id),
+                                format!(
+                                    "snapshot {} references blob {id}, which no index lists",
+                                    rec.id
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+            if missing > MISSING_PER_SNAPSHOT {
+                report.problems.push(problem(
+                    "blob_missing",
+                    None,
+                    None,
+                    format!(
+                        "snapshot {} references {} more missing blobs",
+                        rec.id,
+                        missing - MISSING_PER_SNAPSHOT
+                    ),
+                ));
+            }
+        }
+        report.affected_snapshots = affected.into_iter().collect();
+
+        if report.is_ok() {
+            info!(
+                packs = report.packs,
+                blobs = report.blobs,
+                snapshots = report.snapshots,
+                read_data,
+                "check passed"
+            );
+        } else {
+            warn!(
+                problems = report.problems.len(),
+                damaged = report.damaged_blobs.len(),
+                affected = report.affected_snapshots.len(),
+                read_data,
+                "check found problems"
+            );
+        }
+        report
+    }
+
+    /// Checks one indexed pack; returns, per index entry, whether that copy
+    /// of the blob is intact (as far as this level of checking can tell).
+    fn check_pack(
+        &self,
+        pack: &PackId,
+        size: u64,
+        entries: &[IndexEntry],
+        read_data: bool,
+        report: &mut CheckReport,
+    ) -> Vec<bool> {
+        let path = pack_path(&self.shared.dir, pack);
+        let all = |ok: bool| vec![ok; entries.len()];
+        match fs::metadata(&path) {
+            Err(e) => {
+                report.problems.push(problem(
+                    "pack_missing",
+                    Some(pack),
+                    None,
+                    format!(
+                        "index lists {} blobs but the pack is missing: {e}",
+                        entries.len()
+                    ),
+                ));
+                return all(false);
+            }
+            Ok(m) if m.len() != size => {
+                report.problems.push(problem(
+                    "pack_size",
+                    Some(pack),
+                    None,
+                    format!(
+                        "pack is {} bytes, its index says {size} (truncated or overwritten)",
+                        m.len()
+                    ),
+                ));
+                return all(false);
+            }
+            Ok(_) => {}
+        }
+        if !read_data {
+            return all(true);
+        }
+        let scan = match scan_pack(&path) {
+            Ok(scan) => scan,
+            Err(e) => {
+                report.problems.push(problem(
+                    "io",
+                    Some(pack),
+                    None,
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+                return all(false);
+            }
+        };
+        if let Some(fault) = &scan.fault {
+            report
+                .problems
+                .push(problem("pack_damaged", Some(pack), None, fault.clone()));
+        }
+        for d in &scan.damaged {
+            report.problems.push(problem(
+                "blob_damaged",
+                Some(pack),
+                Some(d.id),
+                format!(
+                    "blob {} at offset {} does not match its stored hash",
+                    d.id, d.offset
+                ),
+            ));
+        }
+        if scan.fault.is_none() && scan.damaged.is_empty() && scan.pack_hash.as_ref() != Some(pack)
+        {
+            report.problems.push(problem(
+                "pack_hash",
+                Some(pack),
+                None,
+                "pack content does not hash to its name",
+            ));
+        }
+        // Each blob is judged by its own hash: a damaged neighbour or trailer
+        // does not make an intact blob unreadable.
+        let damaged: HashSet<u64> = scan.damaged.iter().map(|e| e.offset).collect();
+        let verified: HashMap<u64, &IndexEntry> = scan
+            .entries
+            .iter()
+            .filter(|e| !damaged.contains(&e.offset))
+            .map(|e| (e.offset, e))
+            .collect();
+        entries
+            .iter()
+            .map(|e| {
+                let ok = verified.get(&e.offset).is_some_and(|v| *v == e);
+                if !ok && scan.fault.is_none() && !damaged.contains(&e.offset) {
+                    report.problems.push(problem(
+                        "idx_mismatch",
+                        Some(pack),
+                        Some(e.id),
+                        "index entry does not match the pack's content",
+                    ));
+                }
+                ok
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::format::{ENTRY_HEADER_LEN, HEADER_LEN};
+    use super::super::snapshots::tests::record;
+    use super::super::tests::blob;
+    use super::*;
+    use flotilla_protocol::repo::BlobKind;
+
+    /// Two packs: the first holds blobs 1, 2 (snapshot "a…"), the second
+    /// blob 3 (snapshot "b…").
+    fn setup(dir: &std::path::Path) -> (Repository, [BlobId; 3], [PackId; 2]) {
+        let repo = Repository::open_or_init(dir).unwrap();
+        let mut ids = Vec::new();
+        let mut packs = Vec::new();
+        for group in [&[1u32, 2][..], &[3]] {
+            let mut w = repo.pack_writer();
+            for n in group {
+                let (id, data) = blob(*n, 2000);
+                w.add(id, BlobKind::Data, &data).unwrap();
+                ids.push(id);
+            }
+            w.finish().unwrap();
+            let known: HashSet<PackId> = packs.iter().copied().collect();
+            let new = index::list_packs(dir)
+                .unwrap()
+                .into_iter()
+                .find(|(p, _)| !known.contains(p))
+                .unwrap();
+            packs.push(new.0);
+        }
+        repo.commit_snapshot(&record(&"a".repeat(32), 1, ids[0], vec![ids[0], ids[1]]))
+            .unwrap();
+        repo.commit_snapshot(&record(&"b".repeat(32), 2, ids[2], vec![ids[2]]))
+            .unwrap();
+        (repo, [ids[0], ids[1], ids[2]], [packs[0], packs[1]])
+    }
+
+    #[test]
+    fn a_clean_repository_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _, _) = setup(dir.path());
+        for read_data in [false, true] {
+            let r = repo.check(read_data);
+            assert!(r.is_ok(), "{r:?}");
+            assert_eq!((r.packs, r.blobs, r.snapshots), (2, 3, 2));
+            assert_eq!(r.bytes, repo.stats().stored_bytes);
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_is_found_by_read_blob_and_by_check_with_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, ids, packs) = setup(dir.path());
+        let path = pack_path(dir.path(), &packs[0]);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[(HEADER_LEN + ENTRY_HEADER_LEN + 10) as usize] ^= 0x40;
+        fs::write(&path, &bytes).unwrap();
+
+        let err = repo.read_blob(&ids[0]).unwrap_err();
+        assert_eq!(err.code(), "corrupt");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&hex32(&packs[0])) && msg.contains(&ids[0].to_hex()),
+            "{msg}"
+        );
+        assert_eq!(repo.read_blob(&ids[1]).unwrap().1, blob(2, 2000).1);
+        assert_eq!(repo.read_blob(&ids[2]).unwrap().1, blob(3, 2000).1);
+
+        assert!(
+            repo.check(false).is_ok(),
+            "structure alone cannot see bit rot"
+        );
+        let r = repo.check(true);
+        assert_eq!(r.damaged_blobs, vec![ids[0]]);
+        assert_eq!(r.affected_snapshots, vec!["a".repeat(32)]);
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.kind == "blob_damaged" && p.blob == Some(ids[0])),
+            "{r:?}"
+        );
+        assert!(
+            r.problems.iter().any(|p| p.kind == "pack_damaged"),
+            "the trailer hash no longer matches"
+        );
+    }
+
+    #[test]
+    fn truncated_missing_and_unindexed_packs_and_garbage_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, ids, packs) = setup(dir.path());
+        let first = pack_path(dir.path(), &packs[0]);
+        let bytes = fs::read(&first).unwrap();
+        fs::write(&first, &bytes[..bytes.len() - 7]).unwrap();
+        for read_data in [false, true] {
+            let r = repo.check(read_data);
+            assert!(r.problems.iter().any(|p| p.kind == "pack_size"), "{r:?}");
+            assert_eq!(r.damaged_blobs, vec![ids[0], ids[1]]);
+            assert_eq!(r.affected_snapshots, vec!["a".repeat(32)]);
+        }
+
+        fs::remove_file(&first).unwrap();
+        assert!(repo
+            .check(false)
+            .problems
+            .iter()
+            .any(|p| p.kind == "pack_missing"));
+
+        fs::write(idx_path(dir.path(), &packs[1]), b"\x00garbage").unwrap();
+        let r = repo.check(true);
+        assert!(
+            r.problems.iter().any(|p| p.kind == "idx_unreadable"),
+            "{r:?}"
+        );
+        assert!(
+            r.problems
+                .iter()
+                .any(|p| p.kind == "blob_missing" && p.blob == Some(ids[2])),
+            "{r:?}"
+        );
+        assert_eq!(r.affected_snapshots, vec!["a".repeat(32), "b".repeat(32)]);
+
+        fs::remove_file(idx_path(dir.path(), &packs[1])).unwrap();
+        let r = repo.check(true);
+        let p = r
+            .problems
+            .iter()
+            .find(|p| p.kind == "pack_without_index")
+            .expect("reported");
+        assert!(p.message.contains("intact"), "{p:?}");
+    }
+
+    #[test]
+    fn a_duplicate_good_copy_saves_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, ids, packs) = setup(dir.path());
+        // Write blob 1 again into a third pack, as a concurrent writer could.
+        let (id, data) = blob(1, 2000);
+        let idx = index::read_idx(&idx_path(dir.path(), &packs[0]), &packs[0]).unwrap();
+        drop(repo);
+        fs::remove_file(idx_path(dir.path(), &packs[0])).unwrap();
+        let moved = pack_path(dir.path(), &packs[0]);
+        let saved = fs::read(&moved).unwrap();
+        fs::remove_file(&moved).unwrap();
+        let repo = Repository::open_or_init(dir.path()).unwrap();
+        let mut w = repo.pack_writer();
+        w.add(id, BlobKind::Data, &data).unwrap();
+        w.add(ids[1], BlobKind::Data, &blob(2, 2000).1).unwrap();
+        w.finish().unwrap();
+        // Put the old pack back, damaged, with its index.
+        let mut damaged = saved;
+        damaged[(HEADER_LEN + ENTRY_HEADER_LEN) as usize] ^= 1;
+        fs::write(&moved, damaged).unwrap();
+        index::write_idx(dir.path(), &packs[0], &idx).unwrap();
+        let r = repo.check(true);
+        assert!(r.problems.iter().any(|p| p.kind == "blob_damaged"), "{r:?}");
+        assert!(r.damaged_blobs.is_empty(), "{r:?}");
+        assert!(r.affected_snapshots.is_empty(), "{r:?}");
+    }
+}

@@ -1,0 +1,495 @@
+//! The storage agent's side of the data plane: accepts QUIC sessions from
+//! sources (backup) and destinations (restore) and serves its repository.
+//!
+//! A session starts with `Hello` carrying the signed task that allows it. The
+//! storage agent checks the coordinator's signature, that the task names this
+//! host as its storage, and that the client's certificate names the task's
+//! host; anything else is refused with a `security.task_rejected` event before
+//! a byte of data moves. Backup sessions may only add blobs and commit a
+//! snapshot of their own host; restore sessions may only read the blobs of
+//! the snapshot their task names.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use flotilla_protocol::frame::{RepoReply, Request, Response, MAX_FRAME, MAX_IDS};
+use flotilla_protocol::repo::{BlobId, BlobKind};
+use flotilla_protocol::{
+    subject, verify_task_for_peer, EventBody, HostName, RejectReason, Severity, TaskBody, TaskKind,
+};
+use futures::StreamExt;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::daemon::Agent;
+use crate::now_ms;
+use crate::repository::{RepoError, Repository};
+use crate::transfer::{peer_host, read_frame, write_frame, TransferEndpoint, TransferError};
+
+/// What a session may do, decided by its task.
+#[derive(Debug, Clone)]
+enum Grant {
+    /// Add blobs and commit snapshots of `host`.
+    Backup { host: HostName },
+    /// Read the blobs of one snapshot.
+    Restore {
+        snapshot: String,
+        allowed: Option<Arc<HashSet<BlobId>>>,
+    },
+}
+
+/// Accepts sessions until `cancel` fires.
+pub(crate) async fn serve(
+    agent: Arc<Agent>,
+    endpoint: Arc<TransferEndpoint>,
+    repo: Option<Arc<Repository>>,
+    cancel: CancellationToken,
+) {
+    let mut sessions = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => continue,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let agent = agent.clone();
+        let repo = repo.clone();
+        let peer = incoming.remote_address();
+        sessions.spawn(
+            async move {
+                let conn = match incoming.establish().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // A peer without a fleet certificate ends here.
+                        warn!(error = %e, "QUIC handshake refused");
+                        agent.refused_peer(&peer.to_string(), &e.to_string()).await;
+                        return;
+                    }
+                };
+                if let Err(e) = session(&agent, repo, conn).await {
+                    debug!(error = %e, "session ended with an error");
+                }
+            }
+            .instrument(info_span!("session", %peer)),
+        );
+    }
+    sessions.abort_all();
+}
+
+impl Agent {
+    async fn refused_peer(&self, peer: &str, why: &str) {
+        self.bus
+            .event(
+                Severity::Error,
+                format!("refused a data-plane peer at {peer}: {why}"),
+                EventBody::TaskRejected {
+                    task_id: None,
+                    reason: RejectReason::UnknownPeer,
+                    detail: why.to_owned(),
+                    subject: format!("quic://{peer}"),
+                },
+            )
+            .await;
+    }
+}
+
+fn error(code: &str, message: impl Into<String>, retryable: bool) -> Response {
+    Response::Error {
+        code: code.into(),
+        message: message.into(),
+        retryable,
+    }
+}
+
+fn repo_error(e: &RepoError) -> Response {
+    error(e.code(), e.to_string(), e.is_retryable())
+}
+
+async fn session(
+    agent: &Arc<Agent>,
+    repo: Option<Arc<Repository>>,
+    conn: quinn::Connection,
+) -> Result<(), TransferError> {
+    let peer = conn.remote_address().to_string();
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let Some(Request::Hello { task, .. }) = read_frame::<Request>(&mut recv, MAX_FRAME).await?
+    else {
+        write_frame(
+            &mut send,
+            &error("invalid", "a session must start with hello", false),
+        )
+        .await?;
+        return Ok(());
+    };
+    let s = &agent.settings;
+    let body = match verify_task_for_peer(&task, &s.coordinator_key, &s.bundle.fleet, now_ms()) {
+        Ok(b) => b,
+        Err(e) => {
+            agent
+                .reject_peer_task(e.task_id(), e.reason(), e.to_string(), &peer)
+                .await;
+            write_frame(&mut send, &error("forbidden", e.to_string(), false)).await?;
+            return Ok(());
+        }
+    };
+    let grant = match grant_for(&body, &s.host) {
+        Ok(g) => g,
+        Err(why) => {
+            agent
+                .reject_peer_task(Some(&body.id), RejectReason::NotAllowed, why.clone(), &peer)
+                .await;
+            write_frame(&mut send, &error("forbidden", why, false)).await?;
+            return Ok(());
+        }
+    };
+    if let Err(e) = peer_host(&conn, &body.host) {
+        agent
+            .reject_peer_task(
+                Some(&body.id),
+                RejectReason::UnknownPeer,
+                e.to_string(),
+                &peer,
+            )
+            .await;
+        write_frame(&mut send, &error("forbidden", e.to_string(), false)).await?;
+        return Ok(());
+    }
+    let Some(repo) = repo else {
+        write_frame(
+            &mut send,
+            &error(
+                "invalid",
+                format!(
+                    "host {} keeps no repository (start it with --storage)",
+                    s.host
+                ),
+                false,
+            ),
+        )
+        .await?;
+        return Ok(());
+    };
+    info!(task = %body.id, host = %body.host, kind = body.kind.name(), "session opened");
+    write_frame(
+        &mut send,
+        &Response::Welcome {
+            repo_id: repo.repo_id().to_owned(),
+        },
+    )
+    .await?;
+
+    // Data streams run beside the control stream; they end with the connection.
+    let mut streams = JoinSet::new();
+    let mut grant = grant;
+    loop {
+        tokio::select! {
+            next = read_frame::<Request>(&mut recv, MAX_FRAME) => {
+                let Some(req) = next? else { break };
+                let resp = control(&repo, &mut grant, req).await;
+                write_frame(&mut send, &resp).await?;
+            }
+            stream = conn.accept_bi() => {
+                let Ok((s2, r2)) = stream else { break };
+                let repo = repo.clone();
+                let grant = grant.clone();
+                streams.spawn(async move {
+                    if let Err(e) = data_stream(repo, grant, s2, r2).await {
+                        debug!(error = %e, "data stream ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    // Let uploads that are still being written finish (their packs are
+    // committed even if the client went away: resumed backups reuse them).
+    while streams.join_next().await.is_some() {}
+    info!(task = %body.id, "session closed");
+    Ok(())
+}
+
+fn grant_for(body: &TaskBody, me: &HostName) -> Result<Grant, String> {
+    match &body.kind {
+        TaskKind::Backup { storage, .. } if storage == me => Ok(Grant::Backup {
+            host: body.host.clone(),
+        }),
+        TaskKind::Restore {
+            storage, snapshot, ..
+        } if storage == me => Ok(Grant::Restore {
+            snapshot: snapshot.clone(),
+            allowed: None,
+        }),
+        TaskKind::Backup { storage, .. } | TaskKind::Restore { storage, .. } => Err(format!(
+            "task {} names storage host {storage}, not {me}",
+            body.id
+        )),
+        other => Err(format!(
+            "a {} task does not open a data-plane session",
+            other.name()
+        )),
+    }
+}
+
+async fn control(repo: &Arc<Repository>, grant: &mut Grant, req: Request) -> Response {
+    match (req, &mut *grant) {
+        (Request::Have { ids }, Grant::Backup { .. }) => {
+            if ids.len() > MAX_IDS {
+                return error(
+                    "invalid",
+                    format!("at most {MAX_IDS} ids per request"),
+                    false,
+                );
+            }
+            Response::Missing {
+                ids: repo.missing(&ids),
+            }
+        }
+        (Request::Commit { snapshot }, Grant::Backup { host }) => {
+            if &snapshot.host != host {
+                return error(
+                    "forbidden",
+                    format!(
+                        "a backup session of {host} cannot commit a snapshot of {}",
+                        snapshot.host
+                    ),
+                    false,
+                );
+            }
+            let repo = repo.clone();
+            let id = snapshot.id.clone();
+            match tokio::task::spawn_blocking(move || repo.commit_snapshot(&snapshot)).await {
+                Ok(Ok(())) => {
+                    info!(snapshot = %id, "snapshot committed");
+                    Response::Committed { id }
+                }
+                Ok(Err(e)) => repo_error(&e),
+                Err(e) => error("io", format!("commit crashed: {e}"), true),
+            }
+        }
+        (Request::GetSnapshot { id }, Grant::Restore { snapshot, allowed }) => {
+            if !id.starts_with(snapshot.as_str()) && !snapshot.starts_with(id.as_str()) {
+                return error(
+                    "forbidden",
+                    format!("this session may read snapshot {snapshot} only"),
+                    false,
+                );
+            }
+            let repo2 = repo.clone();
+            let want = snapshot.clone();
+            match tokio::task::spawn_blocking(move || repo2.snapshot(&want)).await {
+                Ok(Ok(rec)) => {
+                    let mut set: HashSet<BlobId> = rec.blobs.iter().copied().collect();
+                    set.insert(rec.tree);
+                    *allowed = Some(Arc::new(set));
+                    *snapshot = rec.id.clone();
+                    Response::Snapshot { snapshot: rec }
+                }
+                Ok(Err(e)) => repo_error(&e),
+                Err(e) => error("io", format!("lookup crashed: {e}"), true),
+            }
+        }
+        (other, _) => error(
+            "forbidden",
+            format!(
+                "request {} is not allowed in this session",
+                request_name(&other)
+            ),
+            false,
+        ),
+    }
+}
+
+fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::Hello { .. } => "hello",
+        Request::Have { .. } => "have",
+        Request::Put { .. } => "put",
+        Request::Commit { .. } => "commit",
+        Request::Get { .. } => "get",
+        Request::GetSnapshot { .. } => "get_snapshot",
+    }
+}
+
+/// One data stream: a run of `Put`s (backup) answered by one `Stored`, or one
+/// `Get` (restore) answered by a `Blob` per id.
+async fn data_stream(
+    repo: Arc<Repository>,
+    grant: Grant,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), TransferError> {
+    match grant {
+        Grant::Backup { .. } => {
+            let mut writer = repo.pack_writer();
+            let mut failure = None;
+            loop {
+                match read_frame::<Request>(&mut recv, MAX_FRAME).await {
+                    Ok(Some(Request::Put { id, kind, data })) => {
+                        if failure.is_none() {
+                            if let Err(e) =
+                                tokio::task::block_in_place(|| writer.add(id, kind, &data))
+                            {
+                                failure = Some(repo_error(&e));
+                            }
+                        }
+                    }
+                    Ok(Some(other)) => {
+                        failure.get_or_insert(error(
+                            "invalid",
+                            format!("{} on an upload stream", request_name(&other)),
+                            false,
+                        ));
+                        break;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        // The client went away: keep what arrived whole.
+                        let _ = tokio::task::spawn_blocking(move || writer.finish()).await;
+                        return Err(e);
+                    }
+                }
+            }
+            let finished = tokio::task::spawn_blocking(move || writer.finish()).await;
+            let resp = match (failure, finished) {
+                (Some(f), _) => f,
+                (None, Ok(Ok(stats))) => Response::Stored {
+                    blobs: stats.blobs,
+                    bytes: stats.bytes,
+                },
+                (None, Ok(Err(e))) => repo_error(&e),
+                (None, Err(e)) => error("io", format!("pack writer crashed: {e}"), true),
+            };
+            write_frame(&mut send, &resp).await?;
+            let _ = send.finish();
+        }
+        Grant::Restore { allowed, .. } => {
+            let Some(Request::Get { ids }) = read_frame::<Request>(&mut recv, MAX_FRAME).await?
+            else {
+                write_frame(&mut send, &error("invalid", "expected get", false)).await?;
+                return Ok(());
+            };
+            if ids.len() > MAX_IDS {
+                write_frame(
+                    &mut send,
+                    &error(
+                        "invalid",
+                        format!("at most {MAX_IDS} ids per request"),
+                        false,
+                    ),
+                )
+                .await?;
+                return Ok(());
+            }
+            for id in ids {
+                let permitted = allowed.as_ref().is_some_and(|a| a.contains(&id));
+                let resp = if !permitted {
+                    error(
+                        "forbidden",
+                        format!("blob {id:?} is not part of this session's snapshot"),
+                        false,
+                    )
+                } else {
+                    let repo = repo.clone();
+                    match tokio::task::spawn_blocking(move || repo.read_blob(&id)).await {
+                        Ok(Ok((kind, data))) => Response::Blob { id, kind, data },
+                        Ok(Err(e)) => repo_error(&e),
+                        Err(e) => error("io", format!("read crashed: {e}"), true),
+                    }
+                };
+                write_frame(&mut send, &resp).await?;
+            }
+            let _ = send.finish();
+        }
+    }
+    Ok(())
+}
+
+impl Agent {
+    async fn reject_peer_task(
+        &self,
+        task_id: Option<&str>,
+        reason: RejectReason,
+        detail: String,
+        peer: &str,
+    ) {
+        warn!(task = ?task_id, ?reason, %detail, %peer, "data-plane session refused");
+        self.bus
+            .event(
+                Severity::Error,
+                format!("refused a data-plane session from {peer}: {detail}"),
+                EventBody::TaskRejected {
+                    task_id: task_id.map(str::to_owned),
+                    reason,
+                    detail,
+                    subject: format!("quic://{peer}"),
+                },
+            )
+            .await;
+    }
+}
+
+/// Answers the read-only repository queries on NATS until `cancel` fires.
+pub(crate) async fn serve_queries(
+    agent: Arc<Agent>,
+    repo: Arc<Repository>,
+    cancel: CancellationToken,
+) -> Result<(), async_nats::SubscribeError> {
+    let client = agent.bus.client().clone();
+    let host = &agent.settings.host;
+    let snaps = client.subscribe(subject::repo_snapshots(host)).await?;
+    let trees = client.subscribe(subject::repo_tree(host)).await?;
+    let mut requests = futures::stream::select(snaps.map(|m| (true, m)), trees.map(|m| (false, m)));
+    loop {
+        let (is_list, msg) = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            next = requests.next() => match next {
+                Some(m) => m,
+                None => return Ok(()),
+            },
+        };
+        let Some(reply) = msg.reply else { continue };
+        let repo = repo.clone();
+        let payload = msg.payload.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            if is_list {
+                match repo.snapshots() {
+                    Ok(mut list) => {
+                        for s in &mut list {
+                            s.blobs.clear();
+                        }
+                        RepoReply::Snapshots { snapshots: list }
+                    }
+                    Err(e) => RepoReply::Error {
+                        message: e.to_string(),
+                    },
+                }
+            } else {
+                let Ok(bytes) = <[u8; 32]>::try_from(payload.as_ref()) else {
+                    return RepoReply::Error {
+                        message: "a tree request is a 32-byte blob id".into(),
+                    };
+                };
+                match repo.read_blob(&BlobId(bytes)) {
+                    Ok((BlobKind::Tree, data)) => RepoReply::Tree { data },
+                    Ok(_) => RepoReply::Error {
+                        message: "only tree blobs are served here".into(),
+                    },
+                    Err(e) => RepoReply::Error {
+                        message: e.to_string(),
+                    },
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|e| RepoReply::Error {
+            message: format!("query crashed: {e}"),
+        });
+        let bytes = flotilla_protocol::encode(&answer).unwrap_or_default();
+        if let Err(e) = client.publish(reply, bytes.into()).await {
+            warn!(error = %e, "cannot answer repository query");
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! `flotilla backup`: signed backup tasks to one or more hosts, followed to the end.
+
+use std::time::Duration;
+
+use flotilla_protocol::{HostName, Role, TaskKind, TaskOutcome, TaskResult};
+use serde_json::json;
+
+use super::follow::follow_all;
+use super::{output, Global};
+use crate::dispatch::{Dispatch, Outcome};
+use crate::error::CliError;
+use crate::nats::Nats;
+
+/// How long `--wait` waits for a backup.
+const WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// The storage host's QUIC address, from its heartbeat; it must be online.
+pub(super) async fn storage_addr(nats: &Nats, storage: &HostName) -> Result<String, CliError> {
+    let record = nats
+        .host(storage)
+        .await?
+        .ok_or_else(|| CliError::HostUnknown(storage.to_string()))?;
+    if !record.heartbeat.roles.contains(&Role::Storage) {
+        return Err(CliError::Usage(format!(
+            "host {storage} keeps no repository (start its agent with --storage DIR --listen ADDR:PORT)"
+        )));
+    }
+    if record.offline_reason(crate::now_ms()).is_some() {
+        return Err(CliError::HostOffline {
+            host: storage.to_string(),
+            task_id: "-".into(),
+            waited_secs: 0,
+        });
+    }
+    record.heartbeat.quic_addr.ok_or_else(|| {
+        CliError::Usage(format!("storage host {storage} serves no QUIC address (start its agent with --listen ADDR:PORT)"))
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run(
+    g: &Global,
+    hosts: &[HostName],
+    paths: Vec<String>,
+    to: &HostName,
+    excludes: Vec<String>,
+    wait: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    let fleet = g.fleet()?;
+    let nats = g.connect().await?;
+    let dispatch = Dispatch::new(&fleet, &nats)?;
+    let addr = storage_addr(&nats, to).await?;
+    let mut sent = Vec::new();
+    for host in hosts {
+        if nats.host(host).await?.is_none() {
+            return Err(CliError::HostUnknown(host.to_string()));
+        }
+        let task = dispatch
+            .send(
+                host,
+                TaskKind::Backup {
+                    paths: paths.clone(),
+                    excludes: excludes.clone(),
+                    storage: to.clone(),
+                    storage_addr: addr.clone(),
+                },
+            )
+            .await?;
+        if !json {
+            eprintln!("{host}: backup task {} sent (to {to})", task.id);
+        }
+        sent.push((host.clone(), task));
+    }
+    if !wait {
+        if json {
+            for (host, task) in &sent {
+                outln!(
+                    "{}",
+                    json!({"type": "queued", "host": host.as_str(), "task_id": task.id})
+                );
+            }
+        }
+        return Ok(());
+    }
+    let results = follow_all(sent, WAIT, json).await;
+    let mut worst: Option<CliError> = None;
+    let mut partial = false;
+    for f in results {
+        let host = f.host.to_string();
+        match f.outcome {
+            Outcome::Finished(done) => {
+                let report = match &done.result {
+                    Some(TaskResult::Backup(r)) => Some(r),
+                    _ => None,
+                };
+                if json {
+                    let mut v = json!({
+                        "type": "summary",
+                        "host": host,
+                        "task_id": done.task_id,
+                        "outcome": done.outcome,
+                        "error": done.error,
+                        "duration_ms": done.duration_ms,
+                    });
+                    if let Some(r) = report {
+                        v["snapshot"] = json!(r.snapshot);
+                        v["files_new"] = json!(r.summary.files_new);
+                        v["files_changed"] = json!(r.summary.files_changed);
+                        v["files_unchanged"] = json!(r.summary.files_unchanged);
+                        v["bytes_read"] = json!(r.summary.bytes_read);
+                        v["bytes_added"] = json!(r.summary.bytes_added);
+                        v["bytes_total"] = json!(r.summary.bytes_total);
+                        v["unreadable"] = json!(r.unreadable);
+                    }
+                    outln!("{v}");
+                } else if let Some(r) = report {
+                    let s = &r.summary;
+                    outln!(
+                        "{host}: snapshot {} — {} new, {} changed, {} unchanged files; read {}, added {} (of {} total) in {:.1}s",
+                        &r.snapshot[..8.min(r.snapshot.len())],
+                        s.files_new,
+                        s.files_changed,
+                        s.files_unchanged,
+                        output::bytes(s.bytes_read),
+                        output::bytes(s.bytes_added),
+                        output::bytes(s.bytes_total),
+                        done.duration_ms as f64 / 1000.0
+                    );
+                    for u in &r.unreadable {
+                        outln!("  unreadable: {u}");
+                    }
+                } else {
+                    outln!(
+                        "{host}: backup failed: {}",
+                        done.error.clone().unwrap_or_default()
+                    );
+                }
+                match done.outcome {
+                    TaskOutcome::Succeeded => {}
+                    TaskOutcome::Partial => partial = true,
+                    TaskOutcome::Failed => {
+                        worst.get_or_insert(CliError::TaskFailed {
+                            host,
+                            task_id: done.task_id,
+                            error: done.error.unwrap_or_default(),
+                        });
+                    }
+                }
+            }
+            Outcome::Rejected { reason, detail } => {
+                worst.get_or_insert(CliError::Rejected {
+                    host,
+                    task_id: f.task_id,
+                    reason,
+                    detail,
+                });
+            }
+            Outcome::TimedOut | Outcome::Lost(_) => {
+                worst.get_or_insert(CliError::Timeout {
+                    host,
+                    task_id: f.task_id,
+                    waited_secs: WAIT.as_secs(),
+                });
+            }
+        }
+    }
+    match worst {
+        Some(e) => Err(e),
+        None if partial => Err(CliError::Partial),
+        None => Ok(()),
+    }
+}

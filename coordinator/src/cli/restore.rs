@@ -1,0 +1,127 @@
+//! `flotilla restore SNAPSHOT --to HOST:DIR`.
+
+use std::time::Duration;
+
+use flotilla_protocol::{HostName, TaskKind, TaskOutcome, TaskResult};
+use serde_json::json;
+
+use super::backup::storage_addr;
+use super::follow::follow_all;
+use super::snapshots::{find, repo_key};
+use super::{output, Global};
+use crate::dispatch::{Dispatch, Outcome};
+use crate::error::CliError;
+
+/// How long `--wait` waits for a restore.
+const WAIT: Duration = Duration::from_secs(24 * 3600);
+
+pub(super) async fn run(
+    g: &Global,
+    snapshot: &str,
+    to: &str,
+    includes: Vec<String>,
+    from: Option<&HostName>,
+    wait: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    let (host, dir) = to
+        .split_once(':')
+        .ok_or_else(|| CliError::Usage(format!("--to {to:?}: expected HOST:DIR")))?;
+    let host = HostName::new(host).map_err(|e| CliError::Usage(e.to_string()))?;
+    if !dir.starts_with('/') {
+        return Err(CliError::Usage(format!(
+            "--to {to:?}: DIR must be absolute"
+        )));
+    }
+    let fleet = g.fleet()?;
+    let key = repo_key(&fleet)?;
+    let nats = g.connect().await?;
+    let found = find(&nats, &key, snapshot, from).await?;
+    if nats.host(&host).await?.is_none() {
+        return Err(CliError::HostUnknown(host.to_string()));
+    }
+    let addr = storage_addr(&nats, &found.storage).await?;
+    let dispatch = Dispatch::new(&fleet, &nats)?;
+    let task = dispatch
+        .send(
+            &host,
+            TaskKind::Restore {
+                snapshot: found.record.id.clone(),
+                storage: found.storage.clone(),
+                storage_addr: addr,
+                target: dir.to_owned(),
+                includes,
+            },
+        )
+        .await?;
+    if !json {
+        eprintln!(
+            "{host}: restore of snapshot {} ({} from {}) into {dir} sent as task {}",
+            &found.record.id[..8],
+            found.record.host,
+            found.storage,
+            task.id
+        );
+    }
+    if !wait {
+        if json {
+            outln!(
+                "{}",
+                json!({"type": "queued", "host": host.as_str(), "task_id": task.id})
+            );
+        }
+        return Ok(());
+    }
+    let mut results = follow_all(vec![(host.clone(), task)], WAIT, json).await;
+    let Some(f) = results.pop() else {
+        return Err(CliError::Request {
+            what: "follow restore".into(),
+            why: "no result".into(),
+        });
+    };
+    match f.outcome {
+        Outcome::Finished(done) => {
+            if json {
+                let mut v = json!({"type": "summary", "host": host.as_str(), "task_id": done.task_id,
+                    "outcome": done.outcome, "error": done.error, "duration_ms": done.duration_ms});
+                if let Some(TaskResult::Restore(r)) = &done.result {
+                    v["restore"] = serde_json::to_value(r).unwrap_or_default();
+                }
+                outln!("{v}");
+            } else if let Some(TaskResult::Restore(r)) = &done.result {
+                outln!(
+                    "{host}: restored {} files, {} dirs, {} symlinks, {} hard links, {} into {dir} in {:.1}s",
+                    r.files,
+                    r.dirs,
+                    r.symlinks,
+                    r.hardlinks,
+                    output::bytes(r.bytes),
+                    done.duration_ms as f64 / 1000.0
+                );
+                for e in &r.error_samples {
+                    outln!("  error: {e}");
+                }
+            }
+            match done.outcome {
+                TaskOutcome::Succeeded => Ok(()),
+                TaskOutcome::Partial => Err(CliError::Partial),
+                TaskOutcome::Failed => Err(CliError::TaskFailed {
+                    host: host.to_string(),
+                    task_id: done.task_id,
+                    error: done.error.unwrap_or_default(),
+                }),
+            }
+        }
+        Outcome::Rejected { reason, detail } => Err(CliError::Rejected {
+            host: host.to_string(),
+            task_id: f.task_id,
+            reason,
+            detail,
+        }),
+        Outcome::TimedOut | Outcome::Lost(_) => Err(CliError::Timeout {
+            host: host.to_string(),
+            task_id: f.task_id,
+            waited_secs: WAIT.as_secs(),
+        }),
+    }
+}
