@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: installs nats-server, builds Flotilla, starts
 # a local fleet of three agents on loopback (two sources and a storage host),
-# and shows it working: the fleet's health, estimates on two hosts, the event
-# stream, and a clean shutdown. Everything lives under .flotilla-demo/.
+# backs both sources up concurrently over QUIC into the storage host's
+# deduplicated, encrypted repository, lists and browses the snapshots, restores
+# one onto the other host and verifies it byte for byte, checks the repository,
+# and shows the event stream. Everything lives under .flotilla-demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -39,29 +41,36 @@ for host in laptop desktop nas; do
     "$BIN/flotilla" enroll "$host" --out "$DEMO/bundles/$host.toml"
 done
 
-log "making sample data"
+log "making sample data (the two hosts share a 16 MiB photo)"
+head -c 16000000 /dev/urandom >"$DEMO/shared-photo.raw"
 for host in laptop desktop; do
-    mkdir -p "$DEMO/data/$host/docs" "$DEMO/data/$host/photos"
-    for i in $(seq 1 20); do
-        printf 'notes %s from %s\n' "$i" "$host" >"$DEMO/data/$host/docs/note-$i.txt"
+    home="$DEMO/data/$host/home"
+    mkdir -p "$home/docs" "$home/photos" "$home/.cache"
+    for i in $(seq 1 50); do
+        printf 'notes %s from %s\n' "$i" "$host" >"$home/docs/note-$i.txt"
     done
-    head -c 3000000 /dev/urandom >"$DEMO/data/$host/photos/holiday.raw"
+    cp "$DEMO/shared-photo.raw" "$home/photos/holiday.raw"
+    head -c 4000000 /dev/urandom >"$home/photos/$host-only.raw"
+    head -c 1000000 /dev/urandom >"$home/.cache/junk"
+    ln -s docs/note-1.txt "$home/latest-note"
 done
 mkdir -p "$DEMO/data/nas/repository" "$DEMO/data/nas/restore"
 
-log "starting three agents"
+log "starting three agents: laptop and desktop (sources), nas (storage)"
 for host in laptop desktop; do
+    mkdir -p "$DEMO/data/$host/restored"
     "$BIN/flotilla-agent" run --bundle "$DEMO/bundles/$host.toml" --state-dir "$DEMO/state/$host" \
-        --backup-root "$DEMO/data/$host" --heartbeat-interval 2s >"$DEMO/logs/$host.log" 2>&1 &
+        --backup-root "$DEMO/data/$host/home" --restore-root "$DEMO/data/$host/restored" \
+        --heartbeat-interval 2s >"$DEMO/logs/$host.log" 2>&1 &
     PIDS+=($!)
 done
 "$BIN/flotilla-agent" run --bundle "$DEMO/bundles/nas.toml" --state-dir "$DEMO/state/nas" \
     --storage "$DEMO/data/nas/repository" --restore-root "$DEMO/data/nas/restore" \
-    --listen 127.0.0.1:17443 --heartbeat-interval 2s >"$DEMO/logs/nas.log" 2>&1 &
+    --listen 127.0.0.1:0 --heartbeat-interval 2s >"$DEMO/logs/nas.log" 2>&1 &
 NAS_PID=$!
 PIDS+=($NAS_PID)
 
-for _ in $(seq 50); do
+for _ in $(seq 100); do
     [ "$("$BIN/flotilla" hosts --json | grep -c '"status": "online"')" -eq 3 ] && break
     sleep 0.2
 done
@@ -69,14 +78,33 @@ done
 log "flotilla hosts"
 "$BIN/flotilla" hosts
 
-for host in laptop desktop; do
-    log "flotilla estimate $host"
-    "$BIN/flotilla" estimate "$host"
-done
+log "flotilla estimate laptop"
+"$BIN/flotilla" estimate laptop
 
-log "a task outside the host's backup roots is refused (exit code 4 expected)"
+log "flotilla backup laptop,desktop --to nas --wait (both at once, deduplicated across hosts)"
+"$BIN/flotilla" backup laptop,desktop --to nas --exclude '**/.cache' --wait
+
+log "a second backup with nothing changed reads no file contents"
+"$BIN/flotilla" backup laptop,desktop --to nas --exclude '**/.cache' --wait
+
+log "flotilla snapshots"
+"$BIN/flotilla" snapshots
+
+SNAP="$("$BIN/flotilla" snapshots --host laptop --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["id"])')"
+log "flotilla ls $SNAP"
+"$BIN/flotilla" ls "$SNAP"
+
+log "restoring laptop's snapshot onto desktop, then comparing byte for byte"
+"$BIN/flotilla" restore "$SNAP" --to "desktop:$DEMO/data/desktop/restored/from-laptop" --wait
+diff -r "$DEMO/data/laptop/home" "$DEMO/data/desktop/restored/from-laptop$DEMO/data/laptop/home" \
+    --exclude .cache && log "restored tree is identical"
+
+log "flotilla check nas --read-data"
+"$BIN/flotilla" check nas --read-data
+
+log "a restore outside the host's restore roots is refused (exit code 4 expected)"
 set +e
-"$BIN/flotilla" estimate laptop --path /etc
+"$BIN/flotilla" restore "$SNAP" --to desktop:/etc/flotilla-demo --wait
 code=$?
 set -e
 [ "$code" -eq 4 ] || die "expected exit code 4, got $code"
@@ -86,7 +114,7 @@ kill -TERM "$NAS_PID"
 wait "$NAS_PID" || true
 "$BIN/flotilla" hosts
 
-log "flotilla events (the stream an alerting subscriber replays)"
-"$BIN/flotilla" events
+log "flotilla events --kind task (the stream an alerting subscriber replays)"
+"$BIN/flotilla" events --kind task | grep -v task.progress | tail -12
 
 log "demo complete; logs and state are in $DEMO"

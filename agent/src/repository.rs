@@ -112,17 +112,11 @@ struct Location {
     length: u32,
 }
 
-/// One indexed pack.
-#[derive(Debug, Clone, Copy)]
-struct PackInfo {
-    id: PackId,
-    size: u64,
-}
-
 /// The in-memory index: every blob of every indexed pack.
 #[derive(Debug, Default)]
 struct MemIndex {
-    packs: Vec<PackInfo>,
+    /// Indexed packs; a `Location`'s `pack` is a position here.
+    packs: Vec<PackId>,
     slots: HashMap<PackId, u32>,
     blobs: HashMap<BlobId, Location>,
     bytes: u64,
@@ -136,7 +130,7 @@ impl MemIndex {
             Some(s) => *s,
             None => {
                 let s = self.packs.len() as u32;
-                self.packs.push(PackInfo { id, size });
+                self.packs.push(id);
                 self.slots.insert(id, s);
                 self.bytes += size;
                 s
@@ -164,8 +158,14 @@ impl Repository {
     /// uploads them again; `check` reports the damage).
     pub fn open_or_init(dir: &Path) -> Result<Repository, RepoError> {
         fs::create_dir_all(dir).map_err(|e| RepoError::io("create", dir, e))?;
-        let lock = take_lock(dir)?;
         let config_path = dir.join("config");
+        // Checked before the lock file is created, so that pointing the agent
+        // at the wrong directory leaves no trace in it; `init` checks again
+        // under the lock.
+        if !config_path.exists() {
+            check_fresh(dir)?;
+        }
+        let lock = take_lock(dir)?;
         let config = if config_path.exists() {
             read_config(&config_path)?
         } else {
@@ -236,7 +236,7 @@ impl Repository {
                 what: format!("blob {id}"),
             })?;
             // Slots are only ever appended, so the location's slot exists.
-            let pack = index.packs.get(loc.pack as usize).map(|p| p.id);
+            let pack = index.packs.get(loc.pack as usize).copied();
             (loc, pack)
         };
         let pack = pack.ok_or_else(|| RepoError::NotFound {
@@ -424,20 +424,7 @@ fn read_config(path: &Path) -> Result<Config, RepoError> {
 /// is what makes it a repository, so a crash during init leaves a directory
 /// that init accepts again.
 fn init(dir: &Path) -> Result<Config, RepoError> {
-    let entries = fs::read_dir(dir).map_err(|e| RepoError::io("list", dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| RepoError::io("list", dir, e))?;
-        let name = entry.file_name();
-        let known = name.to_str().is_some_and(|n| LAYOUT.contains(&n));
-        let empty = name == "lock"
-            || name == "tmp"
-            || fs::read_dir(entry.path()).is_ok_and(|mut d| d.next().is_none());
-        if !known || !empty {
-            return Err(RepoError::NotARepository {
-                path: dir.to_path_buf(),
-            });
-        }
-    }
+    check_fresh(dir)?;
     for sub in ["packs", "index", "snapshots", "tmp"] {
         let p = dir.join(sub);
         fs::create_dir_all(&p).map_err(|e| RepoError::io("create", &p, e))?;
@@ -452,6 +439,26 @@ fn init(dir: &Path) -> Result<Config, RepoError> {
     write_atomic(dir, &dir.join("config"), text.as_bytes())?;
     info!(repo = %config.id, dir = %dir.display(), "repository created");
     Ok(config)
+}
+
+/// Refuses a directory holding anything but (empty) layout entries: it is
+/// someone's data, not a place to create a repository.
+fn check_fresh(dir: &Path) -> Result<(), RepoError> {
+    let entries = fs::read_dir(dir).map_err(|e| RepoError::io("list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| RepoError::io("list", dir, e))?;
+        let name = entry.file_name();
+        let known = name.to_str().is_some_and(|n| LAYOUT.contains(&n));
+        let empty = name == "lock"
+            || name == "tmp"
+            || fs::read_dir(entry.path()).is_ok_and(|mut d| d.next().is_none());
+        if !known || !empty {
+            return Err(RepoError::NotARepository {
+                path: dir.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Removes what a crash left in `tmp/`: nothing there is referenced.
@@ -530,6 +537,10 @@ mod tests {
         fs::write(foreign.path().join("photo.jpg"), b"x").unwrap();
         let err = Repository::open_or_init(foreign.path()).unwrap_err();
         assert!(matches!(err, RepoError::NotARepository { .. }), "{err}");
+        assert!(
+            !foreign.path().join("lock").exists(),
+            "a foreign directory is left as it was"
+        );
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! snapshot of their own host; restore sessions may only read the blobs of
 //! the snapshot their task names.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use flotilla_protocol::frame::{RepoReply, Request, Response, MAX_FRAME, MAX_IDS};
 use flotilla_protocol::repo::{BlobId, BlobKind};
@@ -26,6 +28,62 @@ use crate::daemon::Agent;
 use crate::now_ms;
 use crate::repository::{RepoError, Repository};
 use crate::transfer::{peer_host, read_frame, write_frame, TransferEndpoint, TransferError};
+
+/// Blobs that a live backup session has said it will upload.
+///
+/// When two hosts back up the same new data at the same moment, the second
+/// one's `Have` finds the first one's claim and does not send the bytes again;
+/// its commit then waits until the claimed blobs are durable. A claim dies with
+/// its session, so if the first upload fails, the second commit finds the blob
+/// missing and its source retries.
+#[derive(Debug, Default)]
+pub(crate) struct Claims {
+    owners: Mutex<HashMap<BlobId, u64>>,
+    next_session: AtomicU64,
+}
+
+/// How long a commit waits for blobs another session is still uploading.
+const CLAIM_WAIT: Duration = Duration::from_secs(30 * 60);
+
+impl Claims {
+    fn session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Of the blobs `repo` lacks, those nobody else is uploading; claims them.
+    fn claim_missing(&self, repo: &Repository, ids: &[BlobId], me: u64) -> Vec<BlobId> {
+        let missing = repo.missing(ids);
+        let Ok(mut owners) = self.owners.lock() else {
+            return missing;
+        };
+        missing
+            .into_iter()
+            .filter(|id| match owners.get(id) {
+                Some(owner) if *owner != me => false,
+                _ => {
+                    owners.insert(*id, me);
+                    true
+                }
+            })
+            .collect()
+    }
+
+    /// How many of `ids` are still being uploaded by other sessions.
+    fn pending(&self, repo: &Repository, ids: &[BlobId], me: u64) -> usize {
+        let Ok(owners) = self.owners.lock() else {
+            return 0;
+        };
+        ids.iter()
+            .filter(|id| owners.get(id).is_some_and(|o| *o != me) && !repo.contains(id))
+            .count()
+    }
+
+    fn release(&self, me: u64) {
+        if let Ok(mut owners) = self.owners.lock() {
+            owners.retain(|_, owner| *owner != me);
+        }
+    }
+}
 
 /// What a session may do, decided by its task.
 #[derive(Debug, Clone)]
@@ -47,6 +105,7 @@ pub(crate) async fn serve(
     cancel: CancellationToken,
 ) {
     let mut sessions = JoinSet::new();
+    let claims = Arc::new(Claims::default());
     loop {
         let incoming = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -58,6 +117,7 @@ pub(crate) async fn serve(
         };
         let agent = agent.clone();
         let repo = repo.clone();
+        let claims = claims.clone();
         let peer = incoming.remote_address();
         sessions.spawn(
             async move {
@@ -70,9 +130,11 @@ pub(crate) async fn serve(
                         return;
                     }
                 };
-                if let Err(e) = session(&agent, repo, conn).await {
+                let me = claims.session_id();
+                if let Err(e) = session(&agent, repo, &claims, me, conn).await {
                     debug!(error = %e, "session ended with an error");
                 }
+                claims.release(me);
             }
             .instrument(info_span!("session", %peer)),
         );
@@ -112,6 +174,8 @@ fn repo_error(e: &RepoError) -> Response {
 async fn session(
     agent: &Arc<Agent>,
     repo: Option<Arc<Repository>>,
+    claims: &Claims,
+    me: u64,
     conn: quinn::Connection,
 ) -> Result<(), TransferError> {
     let peer = conn.remote_address().to_string();
@@ -189,7 +253,7 @@ async fn session(
         tokio::select! {
             next = read_frame::<Request>(&mut recv, MAX_FRAME) => {
                 let Some(req) = next? else { break };
-                let resp = control(&repo, &mut grant, req).await;
+                let resp = control(&repo, claims, me, &mut grant, req).await;
                 write_frame(&mut send, &resp).await?;
             }
             stream = conn.accept_bi() => {
@@ -233,7 +297,13 @@ fn grant_for(body: &TaskBody, me: &HostName) -> Result<Grant, String> {
     }
 }
 
-async fn control(repo: &Arc<Repository>, grant: &mut Grant, req: Request) -> Response {
+async fn control(
+    repo: &Arc<Repository>,
+    claims: &Claims,
+    me: u64,
+    grant: &mut Grant,
+    req: Request,
+) -> Response {
     match (req, &mut *grant) {
         (Request::Have { ids }, Grant::Backup { .. }) => {
             if ids.len() > MAX_IDS {
@@ -244,7 +314,7 @@ async fn control(repo: &Arc<Repository>, grant: &mut Grant, req: Request) -> Res
                 );
             }
             Response::Missing {
-                ids: repo.missing(&ids),
+                ids: claims.claim_missing(repo, &ids, me),
             }
         }
         (Request::Commit { snapshot }, Grant::Backup { host }) => {
@@ -257,6 +327,13 @@ async fn control(repo: &Arc<Repository>, grant: &mut Grant, req: Request) -> Res
                     ),
                     false,
                 );
+            }
+            // Blobs another session is still uploading for us: wait for them.
+            let started = Instant::now();
+            let mut needed = snapshot.blobs.clone();
+            needed.push(snapshot.tree);
+            while claims.pending(repo, &needed, me) > 0 && started.elapsed() < CLAIM_WAIT {
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let repo = repo.clone();
             let id = snapshot.id.clone();

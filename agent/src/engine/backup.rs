@@ -704,7 +704,7 @@ mod tests {
             .filter(|(k, _)| *k == BlobKind::Data)
             .count();
         assert!(
-            data_blobs >= 1 && data_blobs <= 8,
+            (1..=8).contains(&data_blobs),
             "identical files dedup: {data_blobs}"
         );
         assert!(out.blobs.iter().all(|b| store.blobs.contains_key(b)));

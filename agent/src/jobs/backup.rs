@@ -83,7 +83,9 @@ impl Agent {
             .map_err(|e| failed(format!("cannot open the file cache: {e}")))?;
 
         let mut attempt_cache = Some(cache);
+        let mut attempts = 0;
         let (outcome, snapshot_id) = loop {
+            attempts += 1;
             let used_cache = attempt_cache.is_some();
             let (outcome, s) = self
                 .run_engine(
@@ -103,10 +105,15 @@ impl Agent {
                 Ok(id) => break (outcome, id),
                 // The cache named chunks the repository no longer has (lost or
                 // pruned): forget it and read everything once more.
-                Err(e) if used_cache && e.code() == Some("missing_blobs") => {
-                    warn!(error = %e, "file cache is stale; backing up again without it");
-                    if let Err(e) = self.state.clear_file_cache(&repo_id) {
-                        warn!(error = %e, "cannot clear file cache");
+                // Either the cache named chunks the repository no longer has,
+                // or another host's upload we relied on failed: read everything
+                // once more (what the repository has is still not sent again).
+                Err(e) if attempts < 3 && e.code() == Some("missing_blobs") => {
+                    warn!(error = %e, used_cache, "repository lacks blobs this backup relied on; backing up again");
+                    if used_cache {
+                        if let Err(e) = self.state.clear_file_cache(&repo_id) {
+                            warn!(error = %e, "cannot clear file cache");
+                        }
                     }
                 }
                 Err(e) => return Err(session_err(e)),
