@@ -34,20 +34,29 @@
 //! Codemap: `nats.rs` the server; `fleet.rs` the fleet directory, the CLI and
 //! polling; `agent.rs` agent processes; `process.rs` finding binaries and running
 //! them with a deadline; `bus.rs` speaking NATS directly (pings, forged tasks);
-//! `files.rs` test data on disk.
+//! `files.rs` test data on disk; `dataplane.rs` backup, restore, snapshots and
+//! check through the CLI; `tree.rs` pseudo-random data and comparing restored
+//! trees with their originals.
 
 mod agent;
 mod bus;
+mod dataplane;
 mod files;
 mod fleet;
 mod nats;
 mod process;
+mod tree;
 
 pub use agent::{Agent, AgentBuilder};
 pub use bus::{connect, now_ms, ping_agents, ping_ids, publish_task, random_seed};
+pub use dataplane::{check_report, json_values, summaries, summary_of, DATA_TIMEOUT};
 pub use files::{read_lossy, write_bytes, write_file, DirStats};
 pub use fleet::{
     summarize_events, summarize_hosts, Fleet, CLI_TIMEOUT, EVENT_TIMEOUT, POLL, STARTUP_TIMEOUT,
 };
 pub use nats::NatsServer;
 pub use process::{binaries, Binaries, CliOutput, CliProcess};
+pub use tree::{
+    allocated_bytes, flip_byte, largest_file, random_bytes, restored_path, same_contents,
+    tree_differences, write_random, Compare, XorShift,
+};

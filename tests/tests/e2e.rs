@@ -4,6 +4,8 @@
 //! Each test owns its server and fleet, so they run in parallel. A failing test
 //! prints every agent log; `FLOTILLA_E2E_KEEP=1` also keeps its directory.
 
+mod dataplane;
+
 use std::path::Path;
 use std::time::Duration;
 

@@ -1,0 +1,604 @@
+//! Data-plane tests: backups into a storage agent's repository over QUIC,
+//! restores out of it, repository checks, and the refusals that keep peers
+//! and restores where they belong.
+//!
+//! Every test runs a storage agent "nas" (`--storage`, `--listen 127.0.0.1:0`,
+//! `--restore-root`, no backup root) beside its sources, and restores onto nas
+//! itself. Trees are compared by the test's own walk ([`tree_differences`]),
+//! never by asking the agent.
+
+use std::fs::{self, File, Permissions};
+use std::os::unix::fs::{symlink, FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use flotilla_protocol::{HostName, TaskKind};
+use flotilla_tests::{
+    allocated_bytes, check_report, flip_byte, largest_file, publish_task, random_bytes,
+    restored_path, same_contents, summarize_events, summary_of, tree_differences, write_bytes,
+    write_random, Agent, CliOutput, Compare, DirStats, Fleet, NatsServer, DATA_TIMEOUT,
+    EVENT_TIMEOUT, STARTUP_TIMEOUT,
+};
+use serde_json::Value;
+
+use super::{is_rejection, is_task_event, path_str};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+/// 2001-01-01T00:00:00Z.
+const OLD_MTIME: u64 = 978_307_200;
+/// How long an interrupted backup may take to resume and finish.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(180);
+
+// ---- helpers ---------------------------------------------------------------
+
+/// Starts nas (storage with a restore root, no backup root) and one agent per
+/// source, and waits until all are online and nas advertises its QUIC address.
+/// `agents[0]` is nas, then the sources in order.
+fn start_world(fleet: &Fleet, sources: &[&str]) -> Vec<Agent> {
+    let nas = fleet
+        .agent("nas")
+        .without_backup_root()
+        .storage()
+        .restore_root()
+        .start()
+        .expect("start the nas agent");
+    let mut agents = vec![nas];
+    for &host in sources {
+        agents.push(fleet.start_agent(host).expect("start a source agent"));
+    }
+    let mut hosts = vec!["nas"];
+    hosts.extend_from_slice(sources);
+    fleet.wait_online(&hosts, STARTUP_TIMEOUT);
+    fleet.wait_quic_addr("nas", STARTUP_TIMEOUT);
+    agents
+}
+
+/// `backup HOSTS --to nas --wait --json`: requires exit 0 and a succeeded
+/// summary with a snapshot for every host; returns them in `hosts` order.
+fn backup_ok(fleet: &Fleet, hosts: &[&str]) -> Vec<Value> {
+    let out = fleet
+        .backup(&hosts.join(","), "nas", &[])
+        .expect("run flotilla backup");
+    if out.code != Some(0) {
+        fleet.fail(format!("backup did not exit 0:\n{out}"));
+    }
+    hosts
+        .iter()
+        .map(|host| {
+            let summary = summary_of(&out, host).expect("a summary line per host");
+            let has_snapshot = summary["snapshot"].as_str().is_some_and(|s| !s.is_empty());
+            if summary["outcome"] != "succeeded" || !has_snapshot {
+                fleet.fail(format!("backup of {host} did not succeed:\n{out}"));
+            }
+            summary
+        })
+        .collect()
+}
+
+fn snapshot_of(summary: &Value) -> String {
+    summary["snapshot"]
+        .as_str()
+        .expect("the summary names its snapshot")
+        .to_owned()
+}
+
+/// `restore SNAPSHOT --to nas:TARGET [--include P]… --wait --json`: requires
+/// exit 0 and a clean summary; returns its `restore` counters.
+fn restore_ok(fleet: &Fleet, snapshot: &str, target: &Path, includes: &[&str]) -> Value {
+    let to = format!("nas:{}", path_str(target));
+    let out = fleet
+        .restore(snapshot, &to, includes)
+        .expect("run flotilla restore");
+    if out.code != Some(0) {
+        fleet.fail(format!("restore did not exit 0:\n{out}"));
+    }
+    let summary = summary_of(&out, "nas").expect("a restore summary line");
+    if summary["outcome"] != "succeeded" || summary["restore"]["errors"] != 0 {
+        fleet.fail(format!("restore was not clean:\n{out}"));
+    }
+    summary["restore"].clone()
+}
+
+fn assert_same_tree(fleet: &Fleet, original: &Path, restored: &Path, what: Compare) {
+    let diffs = tree_differences(original, restored, what).expect("compare the two trees");
+    if !diffs.is_empty() {
+        fleet.fail(format!(
+            "{} restored into {} differs ({what:?}):\n  {}",
+            original.display(),
+            restored.display(),
+            diffs.join("\n  ")
+        ));
+    }
+}
+
+fn assert_exit(fleet: &Fleet, out: &CliOutput, code: i32, why: &str) {
+    if out.code != Some(code) {
+        fleet.fail(format!("expected exit code {code} ({why}):\n{out}"));
+    }
+}
+
+/// Sum of the pack file sizes in a repository.
+fn pack_bytes(storage: &Path) -> u64 {
+    let packs = storage.join("packs");
+    if !packs.exists() {
+        return 0;
+    }
+    DirStats::walk(&packs).expect("walk the packs").bytes
+}
+
+/// A tree with every awkward thing a file system holds, in `dir`.
+fn build_tricky_tree(dir: &Path) {
+    let put = |rel: &str, data: &[u8]| write_bytes(&dir.join(rel), data).expect("write a file");
+    put("héllo wörld.txt", "grüße aus der Flotte\n".as_bytes());
+    put(
+        "dir with spaces/ünïcode 文件",
+        "多字节 content\n".as_bytes(),
+    );
+    put("empty file", b"");
+    fs::create_dir_all(dir.join("empty dir")).expect("create an empty dir");
+    symlink("héllo wörld.txt", dir.join("link to hello")).expect("create a symlink");
+    symlink("no/such/target", dir.join("dangling")).expect("create a dangling symlink");
+    put("hard-a", b"two names, one inode\n");
+    fs::hard_link(dir.join("hard-a"), dir.join("hard-b")).expect("create a hard link");
+
+    // 1 GiB, of which 16 KiB are data.
+    let sparse = File::create(dir.join("sparse.img")).expect("create the sparse file");
+    sparse.set_len(GIB).expect("extend the sparse file");
+    for (i, offset) in [0, 300 * MIB + 123, 700 * MIB, GIB - 4 * KIB]
+        .into_iter()
+        .enumerate()
+    {
+        let data = random_bytes(i as u64 + 1, 4 * KIB as usize);
+        sparse
+            .write_all_at(&data, offset)
+            .expect("write into the sparse file");
+    }
+    drop(sparse);
+
+    put("run me.sh", b"#!/bin/sh\necho hello\n");
+    fs::set_permissions(dir.join("run me.sh"), Permissions::from_mode(0o755)).expect("chmod 0755");
+    put("private/secret.txt", b"s3cret\n");
+    fs::set_permissions(dir.join("private"), Permissions::from_mode(0o700)).expect("chmod 0700");
+
+    let mut deep = dir.join("deep");
+    for level in 1..=30 {
+        deep.push(format!("level {level:02}"));
+    }
+    write_bytes(&deep.join("bottom.txt"), b"30 levels down\n").expect("write the deepest file");
+
+    put("from 2001.txt", b"old news\n");
+    File::options()
+        .write(true)
+        .open(dir.join("from 2001.txt"))
+        .and_then(|f| f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(OLD_MTIME)))
+        .expect("set an mtime in 2001");
+}
+
+// ---- tests -----------------------------------------------------------------
+
+#[test]
+fn round_trip_of_a_tricky_tree_is_identical() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let agents = start_world(&fleet, &["alpha"]);
+    let (nas, alpha) = (&agents[0], &agents[1]);
+    let root = alpha.backup_root().to_path_buf();
+    let tricky = root.join("tricky");
+    build_tricky_tree(&tricky);
+
+    let snapshot = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+    let target = nas.restore_root().join("r1");
+    let counters = restore_ok(&fleet, &snapshot, &target, &[]);
+    assert!(
+        counters["hardlinks"].as_u64().is_some_and(|n| n >= 1),
+        "no hard link recreated: {counters}"
+    );
+    assert!(
+        counters["symlinks"].as_u64().is_some_and(|n| n >= 2),
+        "symlinks not restored: {counters}"
+    );
+
+    let restored_root = restored_path(&target, &root);
+    assert_same_tree(&fleet, &root, &restored_root, Compare::Everything);
+
+    let restored = restored_root.join("tricky");
+    let a = fs::symlink_metadata(restored.join("hard-a")).expect("stat restored hard-a");
+    let b = fs::symlink_metadata(restored.join("hard-b")).expect("stat restored hard-b");
+    assert!(
+        (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        "hard-a and hard-b were restored as two files (inodes {} and {})",
+        a.ino(),
+        b.ino()
+    );
+
+    let sparse = restored.join("sparse.img");
+    let len = fs::metadata(&sparse)
+        .expect("stat the restored sparse file")
+        .len();
+    assert_eq!(len, GIB, "restored sparse file has the wrong size");
+    let source_alloc = allocated_bytes(&tricky.join("sparse.img")).expect("stat the source");
+    let alloc = allocated_bytes(&sparse).expect("stat the restored sparse file");
+    if source_alloc >= 64 * MIB {
+        eprintln!(
+            "note: this file system does not keep holes ({source_alloc} bytes allocated for the source); sparseness not checked"
+        );
+    } else {
+        assert!(
+            alloc < 64 * MIB,
+            "the restored 1 GiB sparse file allocates {alloc} bytes (source: {source_alloc})"
+        );
+    }
+}
+
+#[test]
+fn two_hosts_back_up_concurrently_with_dedup() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let agents = start_world(&fleet, &["alpha", "beta"]);
+    let shared = random_bytes(0x5eed, (8 * MIB) as usize);
+    for (agent, seed) in agents[1..].iter().zip([11, 12]) {
+        let root = agent.backup_root();
+        write_bytes(&root.join("shared/common.bin"), &shared).expect("write the shared file");
+        write_random(&root.join("own/own.bin"), seed, MIB).expect("write the host's own file");
+    }
+
+    backup_ok(&fleet, &["alpha", "beta"]);
+
+    let sources: u64 = agents[1..]
+        .iter()
+        .map(|a| {
+            DirStats::walk(a.backup_root())
+                .expect("walk a source")
+                .bytes
+        })
+        .sum();
+    let stored = pack_bytes(agents[0].storage_dir());
+    assert!(
+        stored < sources - 6 * MIB,
+        "no dedup across hosts: packs hold {stored} bytes for {sources} source bytes \
+         (8 MiB of them shared)"
+    );
+
+    let snapshots = fleet.snapshots(&[]).expect("flotilla snapshots --json");
+    for host in ["alpha", "beta"] {
+        let count = snapshots.iter().filter(|s| s["host"] == host).count();
+        assert_eq!(count, 1, "snapshots of {host}: {snapshots:#?}");
+    }
+    assert!(
+        snapshots
+            .iter()
+            .all(|s| s["storage"] == "nas" && s["partial"] == false),
+        "{snapshots:#?}"
+    );
+}
+
+#[test]
+fn second_backup_with_nothing_changed_reads_nothing() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let agents = start_world(&fleet, &["alpha"]);
+    let root = agents[1].backup_root().to_path_buf();
+    write_random(&root.join("data/blob.bin"), 3, 2 * MIB).expect("write test data");
+    write_bytes(&root.join("data/notes.txt"), b"unchanged\n").expect("write test data");
+
+    let first = backup_ok(&fleet, &["alpha"]).remove(0);
+    assert!(
+        first["bytes_read"].as_u64().is_some_and(|n| n >= 2 * MIB),
+        "first backup read too little: {first}"
+    );
+    let second = backup_ok(&fleet, &["alpha"]).remove(0);
+    assert_eq!(second["bytes_read"], 0, "{second}");
+    assert_eq!(second["files_new"], 0, "{second}");
+    assert_eq!(second["files_changed"], 0, "{second}");
+    let files = DirStats::walk(&root).expect("walk the source").files;
+    assert_eq!(second["files_unchanged"], files, "{second}");
+    assert!(
+        second["bytes_added"].as_u64().is_some_and(|n| n < 64 * KIB),
+        "an unchanged backup added too much: {second}"
+    );
+    assert_ne!(first["snapshot"], second["snapshot"], "{first}\n{second}");
+}
+
+#[test]
+fn source_killed_mid_backup_resumes() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let mut agents = start_world(&fleet, &["alpha"]);
+    let root = agents[1].backup_root().to_path_buf();
+    for i in 0..6 {
+        write_random(&root.join(format!("big/part-{i}.bin")), 1000 + i, 50 * MIB)
+            .expect("write 50 MiB of test data");
+    }
+
+    let out = fleet
+        .cli(["backup", "alpha", "--to", "nas", "--json"])
+        .expect("run flotilla backup without --wait");
+    assert_exit(&fleet, &out, 0, "queued");
+    let queued = out.json_lines().expect("JSON lines");
+    let task_id = queued
+        .iter()
+        .find(|v| v["type"] == "queued" && v["host"] == "alpha")
+        .and_then(|v| v["task_id"].as_str())
+        .expect("a queued line with the task id")
+        .to_owned();
+
+    // true: it is running (progress seen); false: it already finished.
+    let running = fleet.wait_for("progress of the backup", RESUME_TIMEOUT, || {
+        let events = fleet.events_of("task", "alpha")?;
+        if events
+            .iter()
+            .any(|e| is_task_event(e, "task.finished", &task_id))
+        {
+            return Ok(Some(false));
+        }
+        if events
+            .iter()
+            .any(|e| is_task_event(e, "task.progress", &task_id))
+        {
+            return Ok(Some(true));
+        }
+        anyhow::bail!("task events of alpha:\n{}", summarize_events(&events))
+    });
+    if running {
+        let alpha = &mut agents[1];
+        alpha.kill9().expect("kill -9 alpha");
+        std::thread::sleep(Duration::from_secs(1));
+        alpha.restart().expect("restart alpha");
+    } else {
+        eprintln!("note: the backup finished before any progress event; nothing was interrupted");
+    }
+
+    let finished = fleet.wait_for("the backup to finish successfully", RESUME_TIMEOUT, || {
+        let events = fleet.events_of("task.finished", "alpha")?;
+        match events.iter().find(|e| {
+            is_task_event(e, "task.finished", &task_id) && e["detail"]["outcome"] == "succeeded"
+        }) {
+            Some(e) => Ok(Some(e.clone())),
+            None => anyhow::bail!(
+                "task.finished events of alpha:\n{}",
+                summarize_events(&events)
+            ),
+        }
+    });
+    let snapshot = match finished["detail"]["result"]["snapshot"].as_str() {
+        Some(id) => id.to_owned(),
+        None => {
+            let list = fleet
+                .snapshots(&["--host", "alpha"])
+                .expect("flotilla snapshots");
+            list.iter()
+                .rev()
+                .find(|s| s["task_id"] == task_id.as_str())
+                .or(list.last())
+                .and_then(|s| s["id"].as_str())
+                .expect("a snapshot of alpha")
+                .to_owned()
+        }
+    };
+
+    let target = agents[0].restore_root().join("resumed");
+    restore_ok(&fleet, &snapshot, &target, &[]);
+    assert_same_tree(
+        &fleet,
+        &root,
+        &restored_path(&target, &root),
+        Compare::Contents,
+    );
+
+    let out = fleet
+        .check("nas", true)
+        .expect("run flotilla check --read-data");
+    assert_exit(&fleet, &out, 0, "an intact repository");
+    let report = check_report(&out).expect("a check report");
+    assert_eq!(report["ok"], true, "{out}");
+}
+
+#[test]
+fn flipped_byte_is_found_and_unaffected_files_still_restore() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let agents = start_world(&fleet, &["alpha"]);
+    let root = agents[1].backup_root().to_path_buf();
+    let (a, b) = (root.join("pair/a.bin"), root.join("pair/b.bin"));
+    write_random(&a, 51, 3 * MIB).expect("write a.bin");
+    write_random(&b, 52, 3 * MIB).expect("write b.bin");
+    let snapshot = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+
+    // ~1 MiB into the largest pack: inside a data blob, not a tree.
+    let packs = agents[0].storage_dir().join("packs");
+    let (pack, len) = largest_file(&packs, "pack")
+        .expect("list the packs")
+        .expect("the backup wrote a pack");
+    flip_byte(&pack, (len / 2).min(MIB)).expect("flip a byte of the pack");
+
+    let out = fleet
+        .check("nas", true)
+        .expect("run flotilla check --read-data");
+    assert_exit(&fleet, &out, 4, "check found problems");
+    let report = check_report(&out).expect("a check report");
+    assert_eq!(report["ok"], false, "{out}");
+    assert!(
+        report["damaged_blobs"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty()),
+        "no damaged blob named: {out}"
+    );
+    let names_snapshot = |list: &Value| {
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|s| *s == snapshot.as_str()))
+    };
+    assert!(
+        names_snapshot(&report["affected_snapshots"]),
+        "{snapshot} not affected: {out}"
+    );
+    fleet.wait_for_event(
+        "a check.failed event naming the snapshot",
+        EVENT_TIMEOUT,
+        |ev| ev["kind"] == "check.failed" && names_snapshot(&ev["detail"]["affected_snapshots"]),
+    );
+
+    let affected: Vec<String> = report["affected_files"]
+        .as_array()
+        .expect("affected_files is an array")
+        .iter()
+        .filter(|f| f["snapshot"] == snapshot.as_str())
+        .filter_map(|f| f["path"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!affected.is_empty(), "no affected file named: {out}");
+    // A damaged tree shows as "DIR/ (directory listing)": all below it is lost.
+    let lost = |file: &str| {
+        affected.iter().any(|p| {
+            p == file
+                || p.strip_suffix(" (directory listing)")
+                    .is_some_and(|dir| file.starts_with(dir))
+        })
+    };
+    let (a_s, b_s) = (path_str(&a), path_str(&b));
+    let intact: Vec<&str> = [a_s.as_str(), b_s.as_str()]
+        .into_iter()
+        .filter(|f| !lost(f))
+        .collect();
+    let Some(&keep) = intact.first() else {
+        if affected.iter().any(|p| p.ends_with("(directory listing)")) {
+            eprintln!("note: the flipped byte hit a tree ({affected:?}); no file left to restore");
+            return;
+        }
+        fleet.fail(format!("one flipped byte damaged both files: {affected:?}"));
+    };
+
+    let target = agents[0].restore_root().join("r");
+    restore_ok(&fleet, &snapshot, &target, &[keep]);
+    let restored = restored_path(&target, Path::new(keep));
+    assert!(
+        same_contents(Path::new(keep), &restored).expect("compare the restored file"),
+        "{keep} restored into {} differs",
+        restored.display()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_from_another_ca_or_host_are_refused() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let agents = start_world(&fleet, &["alpha"]);
+    let _beta = fleet.agent("beta").listen().start().expect("start beta");
+    let beta_addr = fleet.wait_quic_addr("beta", STARTUP_TIMEOUT);
+
+    // (a) Another fleet, another CA, same NATS: its agent cannot reach nas.
+    let other = Fleet::init(&nats).expect("flotilla init of a second fleet");
+    let _mallory = other.start_agent("mallory").expect("start mallory");
+    other.wait_online(&["mallory"], STARTUP_TIMEOUT);
+    let out = other
+        .backup("mallory", "nas", &[])
+        .expect("run the other fleet's backup");
+    if out.code != Some(4) {
+        fleet.fail(format!(
+            "mallory's backup did not fail with exit 4:\n{out}\n\nthe other fleet's logs:\n{}",
+            other.logs()
+        ));
+    }
+    let error = summary_of(&out, "mallory")
+        .ok()
+        .and_then(|s| s["error"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| out.stderr.clone())
+        .to_lowercase();
+    if !(error.contains("handshake") || error.contains("certificate")) {
+        fleet.wait_for_event(
+            "nas to refuse mallory as an unknown peer",
+            EVENT_TIMEOUT,
+            |ev| is_rejection(ev, "nas", "unknown_peer"),
+        );
+    }
+
+    // (b) A genuine task naming nas, pointed at beta's address: beta's
+    // certificate does not name nas, so alpha must not talk to it.
+    let body = fleet
+        .task(
+            "alpha",
+            TaskKind::Backup {
+                paths: Vec::new(),
+                excludes: Vec::new(),
+                storage: HostName::new("nas").expect("a valid host name"),
+                storage_addr: beta_addr,
+            },
+        )
+        .expect("build a backup task");
+    let client = fleet.nats_client().await.expect("connect to NATS");
+    publish_task(&client, "alpha", fleet.sign(&body).expect("sign the task"))
+        .await
+        .expect("publish the task");
+    let finished = fleet.wait_for_event(
+        "alpha's task.finished for the misdirected backup",
+        Duration::from_secs(120),
+        |ev| is_task_event(ev, "task.finished", &body.id),
+    );
+    assert_eq!(finished["detail"]["outcome"], "failed", "{finished:#}");
+    let error = finished["detail"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("nas"),
+        "the error does not mention nas: {finished:#}"
+    );
+
+    let snapshots = fleet.snapshots(&[]).expect("flotilla snapshots --json");
+    assert!(snapshots.is_empty(), "something was stored: {snapshots:#?}");
+    assert_eq!(pack_bytes(agents[0].storage_dir()), 0, "packs were written");
+}
+
+#[test]
+fn restores_that_would_escape_are_refused() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let agents = start_world(&fleet, &["alpha"]);
+    let snapshot = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+    let restore_root = agents[0].restore_root().to_path_buf();
+    let restore_to = |dir: &str| {
+        let to = format!("nas:{dir}");
+        fleet
+            .cli_with_timeout(
+                ["restore", snapshot.as_str(), "--to", to.as_str(), "--wait"],
+                DATA_TIMEOUT,
+            )
+            .expect("run flotilla restore")
+    };
+
+    // (a) Outside every restore root.
+    let outside: PathBuf =
+        std::env::temp_dir().join(format!("flotilla-e2e-{}-outside", uuid::Uuid::new_v4()));
+    let out = restore_to(&path_str(&outside));
+    let created = outside.exists();
+    if created {
+        let _ = fs::remove_dir_all(&outside);
+    }
+    assert_exit(&fleet, &out, 4, "restore outside the restore roots");
+    assert!(!created, "{} was created", outside.display());
+    fleet.wait_for_event("a not_allowed rejection by nas", EVENT_TIMEOUT, |ev| {
+        is_rejection(ev, "nas", "not_allowed")
+    });
+
+    // (b) Climbing out with "..".
+    let out = restore_to(&format!("{}/../escape", path_str(&restore_root)));
+    assert_exit(&fleet, &out, 4, "restore through ..");
+    let beside = restore_root
+        .parent()
+        .expect("the restore root has a parent")
+        .join("escape");
+    assert!(!beside.exists(), "{} was created", beside.display());
+
+    // (c) Through a symlink inside the restore root.
+    let elsewhere = tempfile::tempdir().expect("create an outside directory");
+    symlink(elsewhere.path(), restore_root.join("link")).expect("create the symlink");
+    let out = restore_to(&format!("{}/link/x", path_str(&restore_root)));
+    assert_exit(&fleet, &out, 4, "restore through a symlink");
+    let leaked: Vec<_> = fs::read_dir(elsewhere.path())
+        .expect("list the outside directory")
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "written outside through the symlink: {leaked:?}"
+    );
+
+    // The refusals were about the targets: a proper one still works.
+    restore_ok(&fleet, &snapshot, &restore_root.join("fine"), &[]);
+}
