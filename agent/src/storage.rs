@@ -40,6 +40,8 @@ use crate::transfer::{peer_host, read_frame, write_frame, TransferEndpoint, Tran
 pub(crate) struct Claims {
     owners: Mutex<HashMap<BlobId, u64>>,
     next_session: AtomicU64,
+    /// Live session of each task: a resumed task (same id) supersedes it.
+    tasks: Mutex<HashMap<String, (u64, quinn::Connection)>>,
 }
 
 /// How long a commit waits for blobs another session is still uploading.
@@ -81,6 +83,28 @@ impl Claims {
     fn release(&self, me: u64) {
         if let Ok(mut owners) = self.owners.lock() {
             owners.retain(|_, owner| *owner != me);
+        }
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.retain(|_, (session, _)| *session != me);
+        }
+    }
+
+    /// Registers session `me` for `task_id`. An older session of the same
+    /// task belongs to a source that died and resumed: its connection may
+    /// linger until the idle timeout, so it is closed and its claims dropped
+    /// now, instead of making the resumed commit wait for them.
+    fn supersede(&self, task_id: &str, me: u64, conn: &quinn::Connection) {
+        let old = self
+            .tasks
+            .lock()
+            .ok()
+            .and_then(|mut t| t.insert(task_id.to_owned(), (me, conn.clone())));
+        if let Some((session, old_conn)) = old.filter(|(s, _)| *s != me) {
+            info!(task = task_id, "a resumed session supersedes an older one");
+            old_conn.close(1u32.into(), b"superseded by a resumed session");
+            if let Ok(mut owners) = self.owners.lock() {
+                owners.retain(|_, owner| *owner != session);
+            }
         }
     }
 }
@@ -238,6 +262,7 @@ async fn session(
         return Ok(());
     };
     info!(task = %body.id, host = %body.host, kind = body.kind.name(), "session opened");
+    claims.supersede(&body.id, me, &conn);
     write_frame(
         &mut send,
         &Response::Welcome {
