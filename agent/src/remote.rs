@@ -5,6 +5,7 @@
 //! [`BlockingFetch`] adapt it for code running on a blocking thread (they call
 //! `Handle::block_on`, which is allowed there and only there).
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -320,22 +321,167 @@ impl Store for BlockingStore {
     }
 }
 
+/// Parallel fetch streams a restore keeps busy with prefetched batches.
+const FETCH_LANES: usize = 4;
+/// Most ids in one prefetch batch.
+const PREFETCH_BATCH_IDS: usize = 128;
+/// Most plaintext bytes in one prefetch batch.
+const PREFETCH_BATCH_BYTES: u64 = 8 * 1024 * 1024;
+/// Most bytes prefetched and not yet used: memory stays bounded however
+/// large the directory.
+const PREFETCH_BUDGET: u64 = 64 * 1024 * 1024;
+
+type BatchResult = (Vec<BlobId>, Result<Vec<Vec<u8>>, SessionError>);
+
 /// [`Fetch`] over a session, for the restore engine on a blocking thread.
+///
+/// It honours the engine's prefetch hints: batches of blobs go out on up to
+/// [`FETCH_LANES`] streams at once while the engine writes files, so many
+/// small files restore in parallel instead of one round trip each.
 #[derive(Debug)]
 pub struct BlockingFetch {
-    /// Runtime to run async requests on.
-    pub handle: Handle,
-    /// Blob fetcher.
-    pub fetcher: Fetcher,
+    handle: Handle,
+    fetcher: Fetcher,
+    ready: HashMap<BlobId, Vec<u8>>,
+    pending: HashSet<BlobId>,
+    queue: VecDeque<(Vec<BlobId>, u64)>,
+    in_flight: usize,
+    budget_used: u64,
+    sizes: HashMap<BlobId, u64>,
+    done_tx: std::sync::mpsc::Sender<BatchResult>,
+    done_rx: std::sync::mpsc::Receiver<BatchResult>,
+}
+
+impl BlockingFetch {
+    /// A fetcher running its requests on `handle`.
+    pub fn new(handle: Handle, fetcher: Fetcher) -> Self {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        Self {
+            handle,
+            fetcher,
+            ready: HashMap::new(),
+            pending: HashSet::new(),
+            queue: VecDeque::new(),
+            in_flight: 0,
+            budget_used: 0,
+            sizes: HashMap::new(),
+            done_tx,
+            done_rx,
+        }
+    }
+
+    /// Starts queued batches while lanes are free.
+    fn pump(&mut self) {
+        while self.in_flight < FETCH_LANES {
+            let Some((batch, _)) = self.queue.pop_front() else {
+                return;
+            };
+            self.in_flight += 1;
+            let fetcher = self.fetcher.clone();
+            let tx = self.done_tx.clone();
+            self.handle.spawn(async move {
+                let result = fetcher.get(&batch).await;
+                let _ = tx.send((batch, result));
+            });
+        }
+    }
+
+    /// Waits for one batch and files its blobs; a failed batch is simply
+    /// forgotten (its blobs are fetched again on demand, which reports the error).
+    fn settle_one(&mut self) -> bool {
+        if self.in_flight == 0 {
+            return false;
+        }
+        let Ok((batch, result)) = self.done_rx.recv() else {
+            return false;
+        };
+        self.in_flight -= 1;
+        match result {
+            Ok(blobs) => {
+                for (id, data) in batch.into_iter().zip(blobs) {
+                    if self.pending.remove(&id) {
+                        self.ready.insert(id, data);
+                    }
+                }
+            }
+            Err(_) => {
+                for id in batch {
+                    if self.pending.remove(&id) {
+                        self.release(&id);
+                    }
+                }
+            }
+        }
+        self.pump();
+        true
+    }
+
+    fn release(&mut self, id: &BlobId) {
+        if let Some(size) = self.sizes.remove(id) {
+            self.budget_used = self.budget_used.saturating_sub(size);
+        }
+    }
 }
 
 impl Fetch for BlockingFetch {
     fn get(&mut self, ids: &[BlobId]) -> Result<Vec<Vec<u8>>, FetchError> {
-        self.handle
-            .block_on(self.fetcher.get(ids))
-            .map_err(|e| FetchError {
-                retryable: e.is_retryable(),
-                message: e.to_string(),
-            })
+        // Wait for prefetched ones still on their way.
+        while ids.iter().any(|id| self.pending.contains(id)) {
+            if !self.settle_one() {
+                break;
+            }
+        }
+        let mut out: Vec<Option<Vec<u8>>> = ids.iter().map(|id| self.ready.remove(id)).collect();
+        for id in ids {
+            self.release(id);
+        }
+        let missing: Vec<BlobId> = ids
+            .iter()
+            .zip(&out)
+            .filter(|(_, got)| got.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if !missing.is_empty() {
+            let fetched = self
+                .handle
+                .block_on(self.fetcher.get(&missing))
+                .map_err(|e| FetchError {
+                    retryable: e.is_retryable(),
+                    message: e.to_string(),
+                })?;
+            let mut fetched = fetched.into_iter();
+            for slot in out.iter_mut().filter(|s| s.is_none()) {
+                *slot = fetched.next();
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    fn prefetch(&mut self, soon: &[(BlobId, u32)]) {
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0u64;
+        for &(id, len) in soon {
+            let size = u64::from(len).max(4096);
+            if self.pending.contains(&id)
+                || self.ready.contains_key(&id)
+                || self.budget_used + size > PREFETCH_BUDGET
+            {
+                continue;
+            }
+            self.pending.insert(id);
+            self.sizes.insert(id, size);
+            self.budget_used += size;
+            batch.push(id);
+            batch_bytes += size;
+            if batch.len() >= PREFETCH_BATCH_IDS || batch_bytes >= PREFETCH_BATCH_BYTES {
+                self.queue
+                    .push_back((std::mem::take(&mut batch), batch_bytes));
+                batch_bytes = 0;
+            }
+        }
+        if !batch.is_empty() {
+            self.queue.push_back((batch, batch_bytes));
+        }
+        self.pump();
     }
 }

@@ -50,10 +50,7 @@ impl Agent {
             .await
             .map_err(session_err)?;
         let record = session.snapshot(snapshot).await.map_err(session_err)?;
-        let mut fetch = BlockingFetch {
-            handle: Handle::current(),
-            fetcher: session.fetcher(),
-        };
+        let mut fetch = BlockingFetch::new(Handle::current(), session.fetcher());
         let opts = RestoreOptions {
             target,
             includes: includes.clone(),

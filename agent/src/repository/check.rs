@@ -466,6 +466,10 @@ mod tests {
         let mut w = repo.pack_writer();
         w.add(id, BlobKind::Data, &data).unwrap();
         w.add(ids[1], BlobKind::Data, &blob(2, 2000).1).unwrap();
+        // A blob of its own, so this pack's content (and so its name) differs
+        // from the old pack that is put back below.
+        let (extra, extra_data) = blob(9, 1234);
+        w.add(extra, BlobKind::Data, &extra_data).unwrap();
         w.finish().unwrap();
         // Put the old pack back, damaged, with its index.
         let mut damaged = saved;

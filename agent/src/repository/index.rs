@@ -247,6 +247,7 @@ mod tests {
         fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         let repo = Repository::open_or_init(dir.path()).unwrap();
         assert_eq!(repo.missing(&ids), ids);
+        drop(repo);
         // The index survives: it is evidence for check, not ours to delete.
         assert!(idx_path(dir.path(), &pack).exists());
         fs::remove_file(idx_path(dir.path(), &pack)).unwrap();
