@@ -1,6 +1,7 @@
 //! The `flotilla` command line: flags, subcommands, and their dispatch.
 
 mod backup;
+pub(crate) use backup::storage_addr;
 mod check;
 mod estimate;
 mod events;
@@ -35,6 +36,17 @@ pub struct Cli {
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 host unknown or offline, \
 4 task rejected or failed (also: check found problems), 5 cannot reach NATS, \
 6 finished but some files could not be read or restored.";
+
+/// `flotilla config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a config file; exit 2 with the line of each mistake.
+    Check {
+        /// The file.
+        #[arg(default_value = "flotilla.toml")]
+        file: PathBuf,
+    },
+}
 
 /// Flags every subcommand takes.
 #[derive(Debug, Clone, Args)]
@@ -105,17 +117,40 @@ pub enum Command {
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
     },
+    /// Run the coordinator daemon: schedules, retries, watchdog, notifications, metrics.
+    Serve {
+        /// The fleet's plans (`flotilla.toml`).
+        #[arg(long, value_name = "FILE", default_value = "flotilla.toml")]
+        config: PathBuf,
+        /// Where the daemon keeps its state [default: FLEET/serve].
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Check a `flotilla.toml`, pointing at the line of each mistake.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Back up hosts into a storage host's repository (hosts run concurrently).
     Backup {
-        /// Hosts, comma-separated.
-        #[arg(value_delimiter = ',', required = true)]
+        /// Hosts, comma-separated (or use --all / --plan with --config).
+        #[arg(value_delimiter = ',', required_unless_present_any = ["all", "plan"])]
         hosts: Vec<HostName>,
+        /// Run every plan of the config file now.
+        #[arg(long, conflicts_with = "plan")]
+        all: bool,
+        /// Run this plan of the config file now.
+        #[arg(long, value_name = "NAME")]
+        plan: Option<String>,
+        /// Config file for --all and --plan.
+        #[arg(long, value_name = "FILE", default_value = "flotilla.toml")]
+        config: PathBuf,
         /// Path to back up, inside the hosts' backup roots (repeatable; default: all roots).
         #[arg(long = "path", value_name = "PATH")]
         paths: Vec<String>,
         /// The storage host.
-        #[arg(long, value_name = "STORAGE")]
-        to: HostName,
+        #[arg(long, value_name = "STORAGE", required_unless_present_any = ["all", "plan"])]
+        to: Option<HostName>,
         /// Glob to leave out (repeatable), e.g. `**/.cache` or `*.tmp`.
         #[arg(long = "exclude", value_name = "GLOB")]
         excludes: Vec<String>,
@@ -266,14 +301,78 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             json,
             timeout,
         } => estimate::run(g, &host, paths, json, timeout).await,
+        Command::Serve { config, state_dir } => {
+            crate::serve::run(g, &config, state_dir.as_deref()).await
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            let config =
+                crate::config::Config::load(&file).map_err(|e| CliError::Usage(e.to_string()))?;
+            outln!(
+                "{}: ok ({} plan(s), {} notification route(s){})",
+                file.display(),
+                config.plan.len(),
+                config.notify.len(),
+                if config.metrics.is_some() {
+                    ", metrics"
+                } else {
+                    ""
+                }
+            );
+            Ok(())
+        }
         Command::Backup {
             hosts,
+            all,
+            plan,
+            config,
             paths,
             to,
             excludes,
             wait,
             json,
-        } => backup::run(g, &hosts, paths, &to, excludes, wait, json).await,
+        } => {
+            if all || plan.is_some() {
+                let cfg = crate::config::Config::load(&config)
+                    .map_err(|e| CliError::Usage(e.to_string()))?;
+                let chosen: Vec<&crate::config::Plan> = cfg
+                    .plan
+                    .iter()
+                    .filter(|p| all || Some(p.name.get_ref()) == plan.as_ref())
+                    .collect();
+                if chosen.is_empty() {
+                    return Err(CliError::Usage(format!(
+                        "no plan {:?} in {}",
+                        plan.unwrap_or_default(),
+                        config.display()
+                    )));
+                }
+                let mut first_err = None;
+                for p in chosen {
+                    let (Some(to), hosts) = (p.storage(), p.host_names()) else {
+                        continue;
+                    };
+                    if let Err(e) = backup::run(
+                        g,
+                        &hosts,
+                        p.paths.clone(),
+                        &to,
+                        p.exclude.clone(),
+                        wait,
+                        json,
+                    )
+                    .await
+                    {
+                        eprintln!("flotilla: plan {}: {e}", p.name.get_ref());
+                        first_err.get_or_insert(e);
+                    }
+                }
+                return first_err.map_or(Ok(()), Err);
+            }
+            let to = to.ok_or_else(|| CliError::Usage("--to STORAGE is required".into()))?;
+            backup::run(g, &hosts, paths, &to, excludes, wait, json).await
+        }
         Command::Snapshots { host, to, json } => {
             snapshots::snapshots(g, host.as_ref(), to.as_ref(), json).await
         }

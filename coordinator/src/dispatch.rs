@@ -65,8 +65,28 @@ impl<'a> Dispatch<'a> {
         })
     }
 
-    /// Signs `kind` for `host` and stores it on the task stream.
+    /// Signs `kind` for `host`, stores it on the task stream, and follows it.
     pub async fn send(&self, host: &HostName, kind: TaskKind) -> Result<SentTask, CliError> {
+        let client = &self.nats.client;
+        // Subscribed before publishing, so no event about the task is missed.
+        let events = client
+            .subscribe(subject::task_events(host))
+            .await
+            .map_err(request_err("subscribe to task events"))?;
+        let security = client
+            .subscribe(subject::security_events(host))
+            .await
+            .map_err(request_err("subscribe to security events"))?;
+        let id = self.publish(host, kind).await?;
+        Ok(SentTask {
+            id,
+            events,
+            security,
+        })
+    }
+
+    /// Signs `kind` for `host` and stores it on the task stream; returns its id.
+    pub async fn publish(&self, host: &HostName, kind: TaskKind) -> Result<String, CliError> {
         let now = crate::now_ms();
         let body = TaskBody {
             v: TASK_VERSION,
@@ -77,15 +97,6 @@ impl<'a> Dispatch<'a> {
             expires_at: now + TASK_TTL.as_millis() as u64,
             kind,
         };
-        let client = &self.nats.client;
-        let events = client
-            .subscribe(subject::task_events(host))
-            .await
-            .map_err(request_err("subscribe to task events"))?;
-        let security = client
-            .subscribe(subject::security_events(host))
-            .await
-            .map_err(request_err("subscribe to security events"))?;
         let envelope = sign_task(&self.seed, &body).map_err(request_err("sign task"))?;
         let bytes = encode(&envelope).map_err(request_err("encode task"))?;
         self.nats
@@ -97,11 +108,7 @@ impl<'a> Dispatch<'a> {
             .map_err(request_err(
                 "store task on the task stream (has any agent set up this NATS server?)",
             ))?;
-        Ok(SentTask {
-            id: body.id,
-            events,
-            security,
-        })
+        Ok(body.id)
     }
 }
 

@@ -29,10 +29,14 @@ macro_rules! outln {
 }
 
 mod cli;
+pub mod config;
 mod dispatch;
 mod error;
 mod fleet;
 mod nats;
+pub mod retention;
+pub mod scheduler;
+mod serve;
 
 pub use cli::{run, Cli, Command, Global, DEFAULT_NATS_URL};
 pub use dispatch::{Dispatch, Outcome, SentTask, TASK_TTL};

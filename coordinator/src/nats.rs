@@ -89,6 +89,34 @@ impl Nats {
         Ok(out)
     }
 
+    /// Publishes an event the coordinator raises (watchdog, job outcomes) and
+    /// waits until the event stream stored it.
+    pub async fn publish_event(
+        &self,
+        host: &HostName,
+        severity: flotilla_protocol::Severity,
+        message: String,
+        body: flotilla_protocol::EventBody,
+    ) -> Result<(), CliError> {
+        let event = flotilla_protocol::Event {
+            v: flotilla_protocol::EVENT_VERSION,
+            id: uuid::Uuid::new_v4().to_string(),
+            time: crate::now_ms(),
+            host: host.clone(),
+            severity,
+            message,
+            body,
+        };
+        let bytes = flotilla_protocol::encode(&event).map_err(request_err("encode event"))?;
+        self.js
+            .publish(event.subject(), bytes.into())
+            .await
+            .map_err(request_err("publish event"))?
+            .await
+            .map_err(request_err("store event"))?;
+        Ok(())
+    }
+
     /// One host's record, if it ever heartbeated.
     pub async fn host(&self, host: &HostName) -> Result<Option<HostRecord>, CliError> {
         let Some(store) = self.health().await? else {

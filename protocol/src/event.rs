@@ -90,6 +90,46 @@ pub enum EventBody {
     /// A task finished, well or badly.
     #[serde(rename = "task.finished")]
     TaskFinished(TaskFinished),
+    /// A job the coordinator daemon dispatched succeeded.
+    #[serde(rename = "job.succeeded")]
+    JobSucceeded(JobEnded),
+    /// A job finished with some files skipped.
+    #[serde(rename = "job.partial")]
+    JobPartial(JobEnded),
+    /// A job failed for good (retries exhausted, or not retryable).
+    #[serde(rename = "job.failed")]
+    JobFailed(JobEnded),
+    /// A job was cancelled.
+    #[serde(rename = "job.cancelled")]
+    JobCancelled(JobEnded),
+    /// A host has had no successful backup of a plan for longer than its RPO.
+    #[serde(rename = "backup.overdue")]
+    BackupOverdue {
+        /// The plan.
+        plan: String,
+        /// Last successful backup, if any.
+        last_success: Option<UnixMillis>,
+        /// The recovery-point objective, in seconds.
+        rpo_secs: u64,
+    },
+    /// A storage or backup root is nearly full.
+    #[serde(rename = "storage.low_space")]
+    StorageLowSpace {
+        /// The root.
+        path: String,
+        /// Free bytes.
+        free_bytes: u64,
+        /// Size of its filesystem.
+        total_bytes: u64,
+    },
+    /// An agent runs another version than the coordinator.
+    #[serde(rename = "agent.version_mismatch")]
+    AgentVersionMismatch {
+        /// The agent's version.
+        agent_version: String,
+        /// The coordinator's version.
+        coordinator_version: String,
+    },
     /// A repository check found problems.
     #[serde(rename = "check.failed")]
     CheckFailed {
@@ -159,6 +199,23 @@ pub struct TaskProgress {
     pub elapsed_ms: u64,
 }
 
+/// The end of a job the coordinator daemon ran (a task plus its retries).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEnded {
+    /// The last task of the job.
+    pub task_id: String,
+    /// `backup`, `check`, …
+    pub job_kind: String,
+    /// The plan it belongs to, if any.
+    pub plan: Option<String>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Why it failed or was cancelled.
+    pub error: Option<String>,
+    /// The snapshot a backup made.
+    pub snapshot: Option<String>,
+}
+
 /// How a task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -201,6 +258,13 @@ impl EventBody {
             EventBody::TaskProgress(_) => "task.progress",
             EventBody::TaskFinished(_) => "task.finished",
             EventBody::CheckFailed { .. } => "check.failed",
+            EventBody::JobSucceeded(_) => "job.succeeded",
+            EventBody::JobPartial(_) => "job.partial",
+            EventBody::JobFailed(_) => "job.failed",
+            EventBody::JobCancelled(_) => "job.cancelled",
+            EventBody::BackupOverdue { .. } => "backup.overdue",
+            EventBody::StorageLowSpace { .. } => "storage.low_space",
+            EventBody::AgentVersionMismatch { .. } => "agent.version_mismatch",
         }
     }
 
@@ -212,7 +276,15 @@ impl EventBody {
             EventBody::TaskProgress(p) => Some(&p.task_id),
             EventBody::TaskFinished(f) => Some(&f.task_id),
             EventBody::CheckFailed { task_id, .. } => Some(task_id),
-            EventBody::AgentOnline { .. } | EventBody::AgentOffline { .. } => None,
+            EventBody::JobSucceeded(j)
+            | EventBody::JobPartial(j)
+            | EventBody::JobFailed(j)
+            | EventBody::JobCancelled(j) => Some(&j.task_id),
+            EventBody::AgentOnline { .. }
+            | EventBody::AgentOffline { .. }
+            | EventBody::BackupOverdue { .. }
+            | EventBody::StorageLowSpace { .. }
+            | EventBody::AgentVersionMismatch { .. } => None,
         }
     }
 }

@@ -36,7 +36,7 @@ pub mod transfer;
 pub use bundle::{Bundle, BundleError, BUNDLE_VERSION};
 pub use codec::{decode, encode, DecodeError, EncodeError};
 pub use event::{
-    Event, EventBody, RejectReason, Severity, TaskFinished, TaskOutcome, TaskProgress,
+    Event, EventBody, JobEnded, RejectReason, Severity, TaskFinished, TaskOutcome, TaskProgress,
     EVENT_VERSION,
 };
 pub use heartbeat::{

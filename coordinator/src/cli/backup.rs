@@ -15,7 +15,7 @@ use crate::nats::Nats;
 const WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// The storage host's QUIC address, from its heartbeat; it must be online.
-pub(super) async fn storage_addr(nats: &Nats, storage: &HostName) -> Result<String, CliError> {
+pub(crate) async fn storage_addr(nats: &Nats, storage: &HostName) -> Result<String, CliError> {
     let record = nats
         .host(storage)
         .await?
