@@ -69,6 +69,8 @@ pub(crate) struct Agent {
     pub repo_key: Option<Arc<RepoKey>>,
     /// The QUIC address peers reach this agent at.
     pub quic_addr: Option<String>,
+    /// What live data-plane sessions rely on (storage hosts).
+    pub claims: Arc<crate::storage::Claims>,
 }
 
 /// Runs the agent until `shutdown` fires, then stops in order.
@@ -127,6 +129,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         repo: repo.clone(),
         repo_key,
         quic_addr,
+        claims: Arc::default(),
     });
 
     // Children of one token so that shutdown reaches every loop at once; each

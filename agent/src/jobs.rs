@@ -23,6 +23,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 mod backup;
 mod check;
+mod prune;
 mod restore;
 
 use crate::daemon::Agent;
@@ -278,6 +279,11 @@ impl Agent {
             TaskKind::Backup { .. } => self.backup(body, envelope, cancel).await,
             TaskKind::Restore { .. } => self.restore(body, envelope, cancel).await,
             TaskKind::Check { read_data } => self.check(body, *read_data).await,
+            TaskKind::Forget { snapshots } => self.forget(snapshots).await,
+            TaskKind::Prune {
+                dry_run,
+                grace_secs,
+            } => self.prune(*dry_run, *grace_secs).await,
         };
         if cancel.is_cancelled() {
             info!("task interrupted by shutdown; it resumes on the next start");

@@ -323,6 +323,8 @@ impl Store for BlockingStore {
 
 /// Parallel fetch streams a restore keeps busy with prefetched batches.
 const FETCH_LANES: usize = 4;
+/// Longest wait for one prefetched batch.
+const FETCH_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Most ids in one prefetch batch.
 const PREFETCH_BATCH_IDS: usize = 128;
 /// Most plaintext bytes in one prefetch batch.
@@ -392,7 +394,13 @@ impl BlockingFetch {
         if self.in_flight == 0 {
             return false;
         }
-        let Ok((batch, result)) = self.done_rx.recv() else {
+        // Bounded wait: a fetch task that died without answering must not
+        // hang the restore; its blobs are then fetched on demand.
+        let Ok((batch, result)) = self.done_rx.recv_timeout(FETCH_WAIT) else {
+            self.in_flight = 0;
+            for id in std::mem::take(&mut self.pending) {
+                self.release(&id);
+            }
             return false;
         };
         self.in_flight -= 1;

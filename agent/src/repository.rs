@@ -40,6 +40,7 @@ mod error;
 mod format;
 mod index;
 mod pack;
+mod prune;
 mod snapshots;
 
 use std::collections::HashMap;

@@ -42,7 +42,15 @@ pub(crate) struct Claims {
     next_session: AtomicU64,
     /// Live session of each task: a resumed task (same id) supersedes it.
     tasks: Mutex<HashMap<String, (u64, quinn::Connection)>>,
+    /// Blobs each live session relies on being kept: those a backup was told
+    /// are present, those a restore reads. Prune leaves them alone.
+    relied: Mutex<HashMap<u64, HashSet<BlobId>>>,
 }
+
+/// How long a client has to present its task.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest hello frame: a task envelope and a little framing.
+const HELLO_BYTES: usize = flotilla_protocol::limits::TASK_BYTES + 1024;
 
 /// How long a commit waits for blobs another session is still uploading.
 const CLAIM_WAIT: Duration = Duration::from_secs(30 * 60);
@@ -52,8 +60,33 @@ impl Claims {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Records that session `me` relies on `ids` staying in the repository.
+    fn rely(&self, me: u64, ids: impl IntoIterator<Item = BlobId>) {
+        if let Ok(mut relied) = self.relied.lock() {
+            relied.entry(me).or_default().extend(ids);
+        }
+    }
+
+    /// Whether a live session uploads or relies on `id` (for prune).
+    pub(crate) fn is_protected(&self, id: &BlobId) -> bool {
+        let claimed = self
+            .owners
+            .lock()
+            .map(|o| o.contains_key(id))
+            .unwrap_or(true);
+        claimed
+            || self
+                .relied
+                .lock()
+                .map(|r| r.values().any(|set| set.contains(id)))
+                .unwrap_or(true)
+    }
+
     /// Of the blobs `repo` lacks, those nobody else is uploading; claims them.
     fn claim_missing(&self, repo: &Repository, ids: &[BlobId], me: u64) -> Vec<BlobId> {
+        // Recorded before the index is read, so a prune that runs meanwhile
+        // sees it (prune checks under the index's write lock).
+        self.rely(me, ids.iter().copied());
         let missing = repo.missing(ids);
         let Ok(mut owners) = self.owners.lock() else {
             return missing;
@@ -86,6 +119,9 @@ impl Claims {
         }
         if let Ok(mut tasks) = self.tasks.lock() {
             tasks.retain(|_, (session, _)| *session != me);
+        }
+        if let Ok(mut relied) = self.relied.lock() {
+            relied.remove(&me);
         }
     }
 
@@ -129,7 +165,7 @@ pub(crate) async fn serve(
     cancel: CancellationToken,
 ) {
     let mut sessions = JoinSet::new();
-    let claims = Arc::new(Claims::default());
+    let claims = agent.claims.clone();
     loop {
         let incoming = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -204,8 +240,14 @@ async fn session(
 ) -> Result<(), TransferError> {
     let peer = conn.remote_address().to_string();
     let (mut send, mut recv) = conn.accept_bi().await?;
-    let Some(Request::Hello { task, .. }) = read_frame::<Request>(&mut recv, MAX_FRAME).await?
-    else {
+    // The hello is small and must come at once: a peer cannot hold a
+    // session (or much memory) without presenting a task.
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame::<Request>(&mut recv, HELLO_BYTES))
+        .await
+        .map_err(|_| TransferError::TimedOut {
+            addr: conn.remote_address(),
+        })??;
+    let Some(Request::Hello { task, .. }) = hello else {
         write_frame(
             &mut send,
             &error("invalid", "a session must start with hello", false),
@@ -271,31 +313,44 @@ async fn session(
     )
     .await?;
 
-    // Data streams run beside the control stream; they end with the connection.
-    let mut streams = JoinSet::new();
-    let mut grant = grant;
-    loop {
-        tokio::select! {
-            next = read_frame::<Request>(&mut recv, MAX_FRAME) => {
-                let Some(req) = next? else { break };
-                let resp = control(&repo, claims, me, &mut grant, req).await;
-                write_frame(&mut send, &resp).await?;
-            }
-            stream = conn.accept_bi() => {
-                let Ok((s2, r2)) = stream else { break };
+    // Data streams are accepted by a task of their own: reading the control
+    // stream is not cancel-safe, so it must never sit in a `select!` that
+    // another event can win halfway through a frame.
+    let (grant_tx, grant_rx) = tokio::sync::watch::channel(grant.clone());
+    let acceptor = {
+        let conn = conn.clone();
+        let repo = repo.clone();
+        tokio::spawn(async move {
+            let mut streams = JoinSet::new();
+            while let Ok((s2, r2)) = conn.accept_bi().await {
                 let repo = repo.clone();
-                let grant = grant.clone();
+                let grant = grant_rx.borrow().clone();
                 streams.spawn(async move {
                     if let Err(e) = data_stream(repo, grant, s2, r2).await {
                         debug!(error = %e, "data stream ended with an error");
                     }
                 });
+                while streams.try_join_next().is_some() {}
             }
+            // Let uploads still being written finish (their packs are kept
+            // even if the client went away: a resumed backup reuses them).
+            while streams.join_next().await.is_some() {}
+        })
+    };
+    let mut grant = grant;
+    let control_result = async {
+        while let Some(req) = read_frame::<Request>(&mut recv, MAX_FRAME).await? {
+            let resp = control(&repo, claims, me, &mut grant, req).await;
+            grant_tx.send_replace(grant.clone());
+            write_frame(&mut send, &resp).await?;
         }
+        Ok::<(), TransferError>(())
     }
-    // Let uploads that are still being written finish (their packs are
-    // committed even if the client went away: resumed backups reuse them).
-    while streams.join_next().await.is_some() {}
+    .await;
+    if control_result.is_err() {
+        conn.close(0u32.into(), b"control stream failed");
+    }
+    let _ = acceptor.await;
     info!(task = %body.id, "session closed");
     Ok(())
 }
@@ -385,6 +440,7 @@ async fn control(
                 Ok(Ok(rec)) => {
                     let mut set: HashSet<BlobId> = rec.blobs.iter().copied().collect();
                     set.insert(rec.tree);
+                    claims.rely(me, set.iter().copied());
                     *allowed = Some(Arc::new(set));
                     *snapshot = rec.id.clone();
                     Response::Snapshot { snapshot: rec }

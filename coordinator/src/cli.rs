@@ -6,6 +6,7 @@ mod check;
 mod estimate;
 mod events;
 mod follow;
+mod forget;
 mod hosts;
 mod output;
 mod restore;
@@ -206,6 +207,65 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Forget snapshots by a keep policy (per host and paths); data goes at the next prune.
+    Forget {
+        /// Only snapshots of this host.
+        #[arg(long)]
+        host: Option<HostName>,
+        /// Use this plan's hosts, storage and keep policy from --config.
+        #[arg(long, value_name = "NAME")]
+        plan: Option<String>,
+        /// Config file for --plan.
+        #[arg(long, value_name = "FILE", default_value = "flotilla.toml")]
+        config: PathBuf,
+        /// Only this storage host.
+        #[arg(long, value_name = "STORAGE")]
+        to: Option<HostName>,
+        /// Keep the newest N.
+        #[arg(long, value_name = "N")]
+        keep_last: Option<u32>,
+        /// Keep the newest of each of the last N hours.
+        #[arg(long, value_name = "N")]
+        keep_hourly: Option<u32>,
+        /// … days.
+        #[arg(long, value_name = "N")]
+        keep_daily: Option<u32>,
+        /// … weeks.
+        #[arg(long, value_name = "N")]
+        keep_weekly: Option<u32>,
+        /// … months.
+        #[arg(long, value_name = "N")]
+        keep_monthly: Option<u32>,
+        /// … years.
+        #[arg(long, value_name = "N")]
+        keep_yearly: Option<u32>,
+        /// Keep everything newer than this (e.g. `7d`).
+        #[arg(long, value_name = "DURATION")]
+        keep_within: Option<String>,
+        /// Show what would be forgotten.
+        #[arg(long)]
+        dry_run: bool,
+        /// Prune the storage hosts afterwards.
+        #[arg(long)]
+        prune: bool,
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete data no snapshot references; never blocks running backups.
+    Prune {
+        /// The storage host.
+        storage: HostName,
+        /// Show what would be freed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep unreferenced data younger than this (e.g. `24h`).
+        #[arg(long, value_name = "DURATION", default_value = "1h")]
+        grace: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a storage host's repository: structure, and with --read-data every byte.
     Check {
         /// The storage host.
@@ -395,5 +455,76 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             read_data,
             json,
         } => check::run(g, &storage, read_data, json).await,
+        Command::Forget {
+            host,
+            plan,
+            config,
+            to,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            keep_within,
+            dry_run,
+            prune,
+            json,
+        } => {
+            let flags = crate::retention::KeepPolicy {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+                yearly: keep_yearly,
+                within: keep_within,
+            };
+            match plan {
+                Some(name) => {
+                    let cfg = crate::config::Config::load(&config)
+                        .map_err(|e| CliError::Usage(e.to_string()))?;
+                    let p = cfg
+                        .plan
+                        .iter()
+                        .find(|p| p.name.get_ref() == &name)
+                        .ok_or_else(|| {
+                            CliError::Usage(format!("no plan {name:?} in {}", config.display()))
+                        })?;
+                    let policy = if flags.is_empty() {
+                        p.keep.clone()
+                    } else {
+                        flags
+                    };
+                    let storage = p.storage();
+                    for h in p.host_names() {
+                        forget::forget(
+                            g,
+                            policy.clone(),
+                            Some(&h),
+                            storage.as_ref(),
+                            dry_run,
+                            prune,
+                            json,
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                }
+                None => {
+                    forget::forget(g, flags, host.as_ref(), to.as_ref(), dry_run, prune, json).await
+                }
+            }
+        }
+        Command::Prune {
+            storage,
+            dry_run,
+            grace,
+            json,
+        } => {
+            let grace = humantime::parse_duration(&grace)
+                .map_err(|e| CliError::Usage(format!("--grace {grace:?}: {e}")))?;
+            forget::run_prune(g, &storage, dry_run, grace, json).await
+        }
     }
 }

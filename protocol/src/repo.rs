@@ -497,6 +497,40 @@ pub struct RestoreSummary {
     pub error_samples: Vec<String>,
 }
 
+/// What `prune` found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneReport {
+    /// Only computed; nothing deleted.
+    pub dry_run: bool,
+    /// Snapshots whose blobs were kept.
+    pub snapshots: u64,
+    /// Packs looked at.
+    pub packs: u64,
+    /// Packs deleted (or that would be, in a dry run).
+    pub packs_deleted: u64,
+    /// Blobs they held.
+    pub blobs_removed: u64,
+    /// Bytes freed.
+    pub bytes_freed: u64,
+    /// Bytes in packs still in use.
+    pub bytes_kept: u64,
+    /// Unreferenced packs kept because they are younger than the grace period.
+    pub packs_in_grace: u64,
+    /// Their bytes.
+    pub bytes_in_grace: u64,
+    /// Unreferenced packs kept because a running backup or restore relies on them.
+    pub packs_protected: u64,
+}
+
+/// What `forget` removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetReport {
+    /// Snapshot records removed.
+    pub removed: Vec<String>,
+    /// Ids that were not there (already forgotten).
+    pub missing: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

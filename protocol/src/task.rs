@@ -94,6 +94,19 @@ pub enum TaskKind {
         /// Re-read and re-hash every byte.
         read_data: bool,
     },
+    /// Remove these snapshots' records from this host's repository (the data
+    /// stays until a prune).
+    Forget {
+        /// Full snapshot ids.
+        snapshots: Vec<String>,
+    },
+    /// Delete data no snapshot references from this host's repository.
+    Prune {
+        /// Only report what would be freed.
+        dry_run: bool,
+        /// Keep unreferenced packs younger than this many seconds.
+        grace_secs: u64,
+    },
 }
 
 impl TaskKind {
@@ -104,6 +117,8 @@ impl TaskKind {
             TaskKind::Backup { .. } => "backup",
             TaskKind::Restore { .. } => "restore",
             TaskKind::Check { .. } => "check",
+            TaskKind::Forget { .. } => "forget",
+            TaskKind::Prune { .. } => "prune",
         }
     }
 }
@@ -120,6 +135,10 @@ pub enum TaskResult {
     Restore(crate::repo::RestoreSummary),
     /// Result of [`TaskKind::Check`].
     Check(crate::repo::CheckReport),
+    /// Result of [`TaskKind::Forget`].
+    Forget(crate::repo::ForgetReport),
+    /// Result of [`TaskKind::Prune`].
+    Prune(crate::repo::PruneReport),
 }
 
 /// What a backup produced.

@@ -35,8 +35,9 @@
 //! polling; `agent.rs` agent processes; `process.rs` finding binaries and running
 //! them with a deadline; `bus.rs` speaking NATS directly (pings, forged tasks);
 //! `files.rs` test data on disk; `dataplane.rs` backup, restore, snapshots and
-//! check through the CLI; `tree.rs` pseudo-random data and comparing restored
-//! trees with their originals.
+//! check through the CLI; `serve.rs` the `flotilla serve` daemon, a webhook
+//! receiver and `/metrics` scraping; `tree.rs` pseudo-random data and comparing
+//! restored trees with their originals.
 
 mod agent;
 mod bus;
@@ -45,6 +46,7 @@ mod files;
 mod fleet;
 mod nats;
 mod process;
+mod serve;
 mod tree;
 
 pub use agent::{Agent, AgentBuilder};
@@ -54,8 +56,9 @@ pub use files::{read_lossy, write_bytes, write_file, DirStats};
 pub use fleet::{
     summarize_events, summarize_hosts, Fleet, CLI_TIMEOUT, EVENT_TIMEOUT, POLL, STARTUP_TIMEOUT,
 };
-pub use nats::NatsServer;
+pub use nats::{free_port, NatsServer};
 pub use process::{binaries, Binaries, CliOutput, CliProcess};
+pub use serve::{flotilla_cli, parse_prometheus, scrape_metrics, Sample, Serve, Webhook};
 pub use tree::{
     allocated_bytes, flip_byte, largest_file, random_bytes, restored_path, same_contents,
     tree_differences, write_random, Compare, XorShift,

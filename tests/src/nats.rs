@@ -153,8 +153,9 @@ fn nats_server_bin() -> Result<PathBuf> {
         .context("nats-server is not on PATH: install it (https://github.com/nats-io/nats-server) or set NATS_SERVER_BIN")
 }
 
-/// A loopback port that was free a moment ago.
-fn free_port() -> Result<u16> {
+/// A loopback port that was free a moment ago (bound to `127.0.0.1:0`, then
+/// released).
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
     Ok(listener.local_addr()?.port())
 }

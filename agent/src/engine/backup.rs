@@ -15,7 +15,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use fastcdc::v2020::{FastCDC, StreamCDC};
 use flotilla_protocol::repo::{
@@ -36,6 +36,8 @@ const BATCH_BYTES: usize = 32 * 1024 * 1024;
 const BATCH_BLOBS: usize = 2048;
 /// Unreadable paths listed in the snapshot.
 const MAX_UNREADABLE: usize = 1000;
+/// Files changed this recently (ns) are not trusted to the file cache.
+const RACY_NS: i64 = 1_000_000_000;
 /// Times a file that changes while being read is read again.
 const CHANGE_RETRIES: usize = 2;
 
@@ -263,6 +265,9 @@ pub fn backup(
     }
     roots.sort_by(|a, b| a.name.cmp(&b.name));
     roots.dedup_by(|a, b| a.name == b.name);
+    if cancel.is_cancelled() {
+        return Err(BackupError::Cancelled);
+    }
     let tree = w.add_tree(roots)?;
     w.flush()?;
     let mut blobs: Vec<BlobId> = w.referenced.into_iter().collect();
@@ -297,7 +302,7 @@ impl Walker<'_> {
                 self.summary.dirs += 1;
                 self.counters.dirs += 1;
                 self.progress.update(&self.counters, path);
-                let children = self.read_dir(path);
+                let children = self.read_dir(path)?;
                 let tree = self.add_tree(children)?;
                 node.subtree = Some(tree);
             }
@@ -311,12 +316,15 @@ impl Walker<'_> {
         Ok(node)
     }
 
-    fn read_dir(&mut self, dir: &Path) -> Vec<Node> {
+    /// The nodes of a directory's entries. Unreadable entries are noted and
+    /// skipped; cancellation and repository failures end the whole backup
+    /// (a truncated tree must never be committed as if it were complete).
+    fn read_dir(&mut self, dir: &Path) -> Result<Vec<Node>, BackupError> {
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) => {
                 self.note_unreadable(dir, e);
-                return Vec::new();
+                return Ok(Vec::new());
             }
         };
         let mut paths: Vec<PathBuf> = Vec::new();
@@ -341,17 +349,13 @@ impl Walker<'_> {
             };
             match self.visit(&path, &meta) {
                 Ok(node) => nodes.push(node),
-                Err(BackupError::Cancelled) => return nodes,
-                Err(e) => {
-                    // Store failures end the backup; remember and stop walking.
-                    self.note_unreadable(&path, &e);
-                    if matches!(e, BackupError::Store(_) | BackupError::Crypto(_)) {
-                        self.cancel.cancel();
-                    }
-                }
+                Err(
+                    e @ (BackupError::Cancelled | BackupError::Store(_) | BackupError::Crypto(_)),
+                ) => return Err(e),
+                Err(e) => self.note_unreadable(&path, &e),
             }
         }
-        nodes
+        Ok(nodes)
     }
 
     fn file(&mut self, path: &Path, meta: &Metadata, node: &mut Node) -> Result<(), BackupError> {
@@ -394,7 +398,17 @@ impl Walker<'_> {
                     let size: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
                     node.size = size;
                     node.content = chunks.clone();
-                    if !changed {
+                    // "Racily clean": a file modified within a timestamp tick
+                    // of this read could change again without its times
+                    // changing; such a file is read again next time.
+                    let racy = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|now| {
+                            let now_ns = now.as_nanos() as i64;
+                            now_ns - mtime_ns(&meta).max(ctime_ns(&meta)) < RACY_NS
+                        })
+                        .unwrap_or(true);
+                    if !changed && !racy {
                         self.cache_updates.push((
                             key,
                             CachedFile {
@@ -702,6 +716,9 @@ mod tests {
         fs::write(root.join("sub/.cache/junk"), b"junk").expect("write");
         fs::write(root.join("empty"), b"").expect("write");
         std::os::unix::fs::symlink("nowhere", root.join("dangling")).expect("symlink");
+        // Files changed within the last second are "racily clean" and not
+        // trusted to the cache; let them settle.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
         let key = RepoKey::from_master(&[3; 32]);
         let opts = BackupOptions {
             paths: vec![root.clone()],

@@ -99,6 +99,13 @@ impl Agent {
                 )
                 .await?;
             session = s;
+            if cancel.is_cancelled() {
+                // Never commit a walk that was cut short; the journal resumes it.
+                return Err(JobError::Failed {
+                    message: "cancelled before commit".into(),
+                    retryable: true,
+                });
+            }
             let shown: Vec<String> = resolved.iter().map(|p| p.display().to_string()).collect();
             let record = snapshot_record(&key, body, &outcome, &shown, excludes, started_at)?;
             match session.commit(record).await {

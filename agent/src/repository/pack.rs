@@ -245,9 +245,11 @@ fn commit(shared: &Shared, open: OpenPack) -> Result<(), RepoError> {
     let path = shared.pack_path(&id);
     let pack_dir = parent(&path);
     let placed = match fs::create_dir(pack_dir) {
-        // A new fan-out directory must itself be made durable in packs/.
+        // A new fan-out directory must itself be made durable in packs/;
+        // when another writer just created it, its fsync may still be
+        // pending, so this writer makes sure too.
         Ok(()) => sync_dir(parent(pack_dir)),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => sync_dir(parent(pack_dir)),
         Err(e) => Err(RepoError::io("create", pack_dir, e)),
     }
     .and_then(|()| fs::rename(&tmp, &path).map_err(|e| RepoError::io("rename into", &path, e)));

@@ -1,0 +1,75 @@
+//! The `forget` and `prune` tasks on a storage host.
+
+use std::time::Duration;
+
+use flotilla_protocol::repo::ForgetReport;
+use flotilla_protocol::{TaskOutcome, TaskResult};
+
+use super::backup::failed;
+use super::JobError;
+use crate::daemon::Agent;
+use crate::repository::Repository;
+
+impl Agent {
+    fn repository(&self) -> Result<Repository, JobError> {
+        self.repo.as_deref().cloned().ok_or_else(|| {
+            failed(format!(
+                "host {} keeps no repository (start its agent with --storage DIR)",
+                self.settings.host
+            ))
+        })
+    }
+
+    pub(super) async fn forget(
+        &self,
+        ids: &[String],
+    ) -> Result<(TaskOutcome, TaskResult), JobError> {
+        let repo = self.repository()?;
+        let ids = ids.to_vec();
+        let report = tokio::task::spawn_blocking(move || {
+            let mut report = ForgetReport::default();
+            for id in ids {
+                match repo.forget_snapshot(&id) {
+                    Ok(true) => report.removed.push(id),
+                    Ok(false) => report.missing.push(id),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(report)
+        })
+        .await
+        .map_err(|e| JobError::Failed {
+            message: format!("forget crashed: {e}"),
+            retryable: true,
+        })?
+        .map_err(|e| JobError::Failed {
+            retryable: e.is_retryable(),
+            message: e.to_string(),
+        })?;
+        Ok((TaskOutcome::Succeeded, TaskResult::Forget(report)))
+    }
+
+    pub(super) async fn prune(
+        &self,
+        dry_run: bool,
+        grace_secs: u64,
+    ) -> Result<(TaskOutcome, TaskResult), JobError> {
+        let repo = self.repository()?;
+        let claims = self.claims.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            repo.prune(Duration::from_secs(grace_secs), dry_run, &|id| {
+                claims.is_protected(id)
+            })
+        })
+        .await
+        .map_err(|e| JobError::Failed {
+            message: format!("prune crashed: {e}"),
+            retryable: true,
+        })?
+        .map_err(|e| JobError::Failed {
+            retryable: e.is_retryable(),
+            message: e.to_string(),
+        })?;
+        Ok((TaskOutcome::Succeeded, TaskResult::Prune(report)))
+    }
+}

@@ -1,0 +1,261 @@
+//! `flotilla forget` and `flotilla prune`: retention across the fleet.
+//!
+//! Which snapshots go is decided here, by the pure policy in
+//! [`crate::retention`], per group of snapshots with the same host and paths
+//! (as restic does). The storage agents only carry out signed `forget` and
+//! `prune` tasks; sources can never delete anything.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{Local, TimeZone};
+use flotilla_protocol::{HostName, TaskKind, TaskOutcome, TaskResult};
+use serde_json::json;
+
+use super::follow::follow_all;
+use super::snapshots::{list, repo_key, Found};
+use super::{output, Global};
+use crate::dispatch::{Dispatch, Outcome};
+use crate::error::CliError;
+use crate::nats::Nats;
+use crate::retention::{KeepPolicy, Verdict};
+
+const WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// The verdicts for every snapshot on `to` (or all storages) of `host`
+/// (or all hosts), grouped by storage, host and paths.
+pub(crate) async fn decide(
+    nats: &Nats,
+    key: &flotilla_protocol::repo::RepoKey,
+    policy: &KeepPolicy,
+    host: Option<&HostName>,
+    to: Option<&HostName>,
+) -> Result<Vec<(Found, Verdict)>, CliError> {
+    let found = list(nats, key, to).await?;
+    let mut groups: BTreeMap<(String, String, Vec<String>), Vec<Found>> = BTreeMap::new();
+    for f in found
+        .into_iter()
+        .filter(|f| host.is_none_or(|h| &f.record.host == h))
+    {
+        let paths = f.meta.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
+        groups
+            .entry((f.storage.to_string(), f.record.host.to_string(), paths))
+            .or_default()
+            .push(f);
+    }
+    let now = Local::now();
+    let mut out = Vec::new();
+    for (_, group) in groups {
+        let times: Vec<(String, chrono::DateTime<Local>)> = group
+            .iter()
+            .map(|f| {
+                let t = Local
+                    .timestamp_millis_opt(f.record.time as i64)
+                    .single()
+                    .unwrap_or(now);
+                (f.record.id.clone(), t)
+            })
+            .collect();
+        for v in policy.apply(&times, &now) {
+            if let Some(f) = group.iter().find(|f| f.record.id == v.id) {
+                out.push((f.clone(), v));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Sends one `forget` task per storage host for the verdicts that drop.
+pub(crate) async fn send_forgets(
+    dispatch: &Dispatch<'_>,
+    verdicts: &[(Found, Verdict)],
+) -> Result<Vec<(HostName, crate::dispatch::SentTask)>, CliError> {
+    let mut by_storage: BTreeMap<HostName, Vec<String>> = BTreeMap::new();
+    for (f, _) in verdicts.iter().filter(|(_, v)| !v.keep) {
+        by_storage
+            .entry(f.storage.clone())
+            .or_default()
+            .push(f.record.id.clone());
+    }
+    let mut sent = Vec::new();
+    for (storage, ids) in by_storage {
+        let task = dispatch
+            .send(&storage, TaskKind::Forget { snapshots: ids })
+            .await?;
+        sent.push((storage, task));
+    }
+    Ok(sent)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn forget(
+    g: &Global,
+    policy: KeepPolicy,
+    host: Option<&HostName>,
+    to: Option<&HostName>,
+    dry_run: bool,
+    prune: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    if policy.is_empty() {
+        return Err(CliError::Usage(
+            "give at least one --keep-* option (forgetting everything is never a default)".into(),
+        ));
+    }
+    policy.within().map_err(CliError::Usage)?;
+    let fleet = g.fleet()?;
+    let key = repo_key(&fleet)?;
+    let nats = g.connect().await?;
+    let verdicts = decide(&nats, &key, &policy, host, to).await?;
+    for (f, v) in &verdicts {
+        if json {
+            outln!(
+                "{}",
+                json!({"type": "verdict", "id": v.id, "host": f.record.host.as_str(), "storage": f.storage.as_str(),
+                    "time": output::time(f.record.time), "keep": v.keep, "reasons": v.reasons})
+            );
+        } else {
+            outln!(
+                "{} {:<10} {}  {:<12} {:<12} {}",
+                if v.keep { "keep  " } else { "forget" },
+                &v.id[..8],
+                output::time(f.record.time),
+                f.record.host,
+                f.storage,
+                v.reasons.join(",")
+            );
+        }
+    }
+    let doomed = verdicts.iter().filter(|(_, v)| !v.keep).count();
+    if dry_run || doomed == 0 {
+        if !json {
+            outln!(
+                "{doomed} snapshot(s) would be forgotten{}",
+                if dry_run { " (dry run)" } else { "" }
+            );
+        }
+        return Ok(());
+    }
+    let dispatch = Dispatch::new(&fleet, &nats)?;
+    let sent = send_forgets(&dispatch, &verdicts).await?;
+    let storages: Vec<HostName> = sent.iter().map(|(h, _)| h.clone()).collect();
+    let mut first_err = None;
+    for f in follow_all(sent, WAIT, json).await {
+        match f.outcome {
+            Outcome::Finished(d) if d.outcome == TaskOutcome::Succeeded => {
+                if let Some(TaskResult::Forget(r)) = &d.result {
+                    if json {
+                        outln!(
+                            "{}",
+                            json!({"type": "forgotten", "storage": f.host.as_str(), "removed": r.removed, "missing": r.missing})
+                        );
+                    } else {
+                        outln!("{}: forgot {} snapshot(s)", f.host, r.removed.len());
+                    }
+                }
+            }
+            Outcome::Finished(d) => {
+                first_err.get_or_insert(CliError::TaskFailed {
+                    host: f.host.to_string(),
+                    task_id: d.task_id,
+                    error: d.error.unwrap_or_default(),
+                });
+            }
+            Outcome::Rejected { reason, detail } => {
+                first_err.get_or_insert(CliError::Rejected {
+                    host: f.host.to_string(),
+                    task_id: f.task_id,
+                    reason,
+                    detail,
+                });
+            }
+            _ => {
+                first_err.get_or_insert(CliError::Timeout {
+                    host: f.host.to_string(),
+                    task_id: f.task_id,
+                    waited_secs: WAIT.as_secs(),
+                });
+            }
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    if prune {
+        for storage in storages {
+            run_prune(g, &storage, false, Duration::from_secs(0), json).await?;
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn run_prune(
+    g: &Global,
+    storage: &HostName,
+    dry_run: bool,
+    grace: Duration,
+    json: bool,
+) -> Result<(), CliError> {
+    let fleet = g.fleet()?;
+    let nats = g.connect().await?;
+    if nats.host(storage).await?.is_none() {
+        return Err(CliError::HostUnknown(storage.to_string()));
+    }
+    let dispatch = Dispatch::new(&fleet, &nats)?;
+    let task = dispatch
+        .send(
+            storage,
+            TaskKind::Prune {
+                dry_run,
+                grace_secs: grace.as_secs(),
+            },
+        )
+        .await?;
+    let mut results = follow_all(vec![(storage.clone(), task)], WAIT, json).await;
+    let Some(f) = results.pop() else {
+        return Err(CliError::Request {
+            what: "follow prune".into(),
+            why: "no result".into(),
+        });
+    };
+    match f.outcome {
+        Outcome::Finished(d) => match (&d.result, d.outcome) {
+            (Some(TaskResult::Prune(r)), TaskOutcome::Succeeded) => {
+                if json {
+                    let mut v = serde_json::to_value(r).unwrap_or_default();
+                    v["storage"] = json!(storage.as_str());
+                    outln!("{v}");
+                } else {
+                    outln!(
+                        "{storage}: {} {} pack(s), {} blob(s), {}{}; {} kept in use, {} pack(s) within the grace period, {} in use by running jobs",
+                        if dry_run { "would delete" } else { "deleted" },
+                        r.packs_deleted,
+                        r.blobs_removed,
+                        output::bytes(r.bytes_freed),
+                        if dry_run { " (dry run)" } else { " freed" },
+                        output::bytes(r.bytes_kept),
+                        r.packs_in_grace,
+                        r.packs_protected
+                    );
+                }
+                Ok(())
+            }
+            _ => Err(CliError::TaskFailed {
+                host: storage.to_string(),
+                task_id: d.task_id,
+                error: d.error.unwrap_or_default(),
+            }),
+        },
+        Outcome::Rejected { reason, detail } => Err(CliError::Rejected {
+            host: storage.to_string(),
+            task_id: f.task_id,
+            reason,
+            detail,
+        }),
+        _ => Err(CliError::Timeout {
+            host: storage.to_string(),
+            task_id: f.task_id,
+            waited_secs: WAIT.as_secs(),
+        }),
+    }
+}

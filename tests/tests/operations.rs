@@ -1,0 +1,380 @@
+//! Operations: `flotilla serve` running a plan on its schedule and reporting
+//! it to Prometheus, standing by behind another daemon until it stops, and
+//! raising watchdog events to a webhook; `flotilla config check`.
+//!
+//! Plans run `* * * * *`, so a scheduled test waits for the next minute
+//! boundary (up to a minute) before anything happens. Every daemon ticks once
+//! a second. A failing test prints the daemons' logs along with the agents'.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::bail;
+use flotilla_tests::{
+    flotilla_cli, free_port, now_ms, parse_prometheus, scrape_metrics, summarize_events,
+    write_bytes, Agent, Fleet, NatsServer, Sample, Webhook, EVENT_TIMEOUT, STARTUP_TIMEOUT,
+};
+use serde_json::Value;
+
+/// The scheduled plan of the tests.
+const PLAN: &str = "every-minute";
+/// Up to a minute until the first scheduled run, then the backup itself.
+const SCHEDULED_TIMEOUT: Duration = Duration::from_secs(90);
+/// Watchdog events: a 3 s RPO or three missed 1 s heartbeats, 1 s ticks, slack.
+const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(20);
+/// Daemon settings of every test config: tick every second, not every five.
+const SERVE: &str = "[serve]\ntick = \"1s\"\n";
+
+// ---- helpers ---------------------------------------------------------------
+
+/// Starts nas (storage, no backup root) and alpha (source) and waits until
+/// both are online and nas advertises its QUIC address. Returns `[nas, alpha]`.
+fn start_world(fleet: &Fleet) -> Vec<Agent> {
+    let nas = fleet
+        .agent("nas")
+        .without_backup_root()
+        .storage()
+        .start()
+        .expect("start the nas agent");
+    let alpha = fleet.start_agent("alpha").expect("start the alpha agent");
+    fleet.wait_online(&["nas", "alpha"], STARTUP_TIMEOUT);
+    fleet.wait_quic_addr("nas", STARTUP_TIMEOUT);
+    vec![nas, alpha]
+}
+
+/// A plan backing alpha up to nas every minute.
+fn minute_plan() -> String {
+    format!(
+        "\n[[plan]]\nname = \"{PLAN}\"\nhosts = [\"alpha\"]\nto = \"nas\"\nschedule = \"* * * * *\"\n"
+    )
+}
+
+fn metrics_section(addr: &str) -> String {
+    format!("\n[metrics]\nlisten = \"{addr}\"\n")
+}
+
+/// `127.0.0.1:PORT` with a port that was free a moment ago.
+fn loopback_addr() -> String {
+    format!("127.0.0.1:{}", free_port().expect("find a free port"))
+}
+
+fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    write_bytes(&path, text.as_bytes()).expect("write the config file");
+    path
+}
+
+/// A `kind` job event of [`PLAN`] on alpha.
+fn is_job(ev: &Value, kind: &str) -> bool {
+    ev["kind"] == kind && ev["host"] == "alpha" && ev["detail"]["plan"] == PLAN
+}
+
+/// Waits for a `job.succeeded` of [`PLAN`] on alpha published after
+/// `after_ms`, failing at once on a `job.failed` or `job.partial`.
+fn wait_job_succeeded(fleet: &Fleet, after_ms: u64) -> Value {
+    let what = format!("a job.succeeded of plan {PLAN} on alpha after {after_ms} ms");
+    fleet.wait_for(&what, SCHEDULED_TIMEOUT, || {
+        let events = fleet.events()?;
+        let recent = |ev: &&Value| ev["time"].as_u64().is_some_and(|t| t > after_ms);
+        if let Some(bad) = events
+            .iter()
+            .filter(recent)
+            .find(|ev| is_job(ev, "job.failed") || is_job(ev, "job.partial"))
+        {
+            fleet.fail(format!("the scheduled backup did not succeed: {bad:#}"));
+        }
+        match events
+            .iter()
+            .filter(recent)
+            .find(|ev| is_job(ev, "job.succeeded"))
+        {
+            Some(ev) => Ok(Some(ev.clone())),
+            None => bail!(
+                "none of the {} stored events is one:\n{}",
+                events.len(),
+                summarize_events(&events)
+            ),
+        }
+    })
+}
+
+/// The samples of `/metrics` at `addr`, which must parse as Prometheus text.
+fn scrape(fleet: &Fleet, addr: &str) -> anyhow::Result<Vec<Sample>> {
+    let text = scrape_metrics(addr)?;
+    match parse_prometheus(&text) {
+        Ok(samples) => Ok(samples),
+        Err(e) => fleet.fail(format!("/metrics is not Prometheus text: {e:#}\n{text}")),
+    }
+}
+
+/// The value of the sample `name` whose labels include every `(label, value)`.
+fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v))
+        })
+        .map(|s| s.value)
+}
+
+/// The minute (since the epoch) in which an event happened.
+fn minute_of(ev: &Value) -> Option<u64> {
+    ev["time"].as_u64().map(|t| t / 60_000)
+}
+
+/// Waits until the webhook has received an event matching `pred`.
+fn wait_hook(fleet: &Fleet, hook: &Webhook, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    fleet.wait_for(what, WATCHDOG_TIMEOUT, || {
+        let got = hook.received();
+        match got.iter().find(|ev| pred(ev)) {
+            Some(ev) => Ok(Some(ev.clone())),
+            None => bail!(
+                "the webhook received {} request(s):\n{}",
+                got.len(),
+                summarize_events(&got)
+            ),
+        }
+    })
+}
+
+// ---- tests -----------------------------------------------------------------
+
+#[test]
+fn scheduled_plan_runs_and_reports_to_metrics() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let _agents = start_world(&fleet);
+    let addr = loopback_addr();
+    let text = format!("{SERVE}{}{}", minute_plan(), metrics_section(&addr));
+    let config = write_config(fleet.dir(), "flotilla.toml", &text);
+    let _serve = fleet.serve("main", &config).expect("start flotilla serve");
+
+    let done = wait_job_succeeded(&fleet, 0);
+    assert_eq!(done["detail"]["job_kind"], "backup", "{done:#}");
+    assert_eq!(done["detail"]["attempts"], 1, "{done:#}");
+    let Some(snapshot) = done["detail"]["snapshot"].as_str() else {
+        fleet.fail(format!("job.succeeded names no snapshot: {done:#}"));
+    };
+    let listed = fleet
+        .snapshots(&["--host", "alpha"])
+        .expect("flotilla snapshots --json");
+    if listed.len() != 1 || listed[0]["id"] != snapshot || listed[0]["storage"] != "nas" {
+        fleet.fail(format!(
+            "expected one snapshot of alpha on nas, {snapshot}; listed: {listed:#?}"
+        ));
+    }
+
+    // Metrics are refreshed every tick, so the success shows within seconds.
+    let samples = fleet.wait_for(
+        "a flotilla_last_success_timestamp_seconds of alpha on /metrics",
+        Duration::from_secs(20),
+        || {
+            let samples = scrape(&fleet, &addr)?;
+            let labels = [("host", "alpha"), ("plan", PLAN)];
+            if sample(&samples, "flotilla_last_success_timestamp_seconds", &labels).is_none() {
+                bail!("no such sample among {samples:#?}");
+            }
+            Ok(Some(samples))
+        },
+    );
+    let labels = [("host", "alpha"), ("plan", PLAN)];
+    let stamp = sample(&samples, "flotilla_last_success_timestamp_seconds", &labels)
+        .expect("the wait found it");
+    let now = now_ms() as f64 / 1000.0;
+    if (now - stamp).abs() > 120.0 {
+        fleet.fail(format!(
+            "last success at {stamp}, {} s away from now ({now})",
+            now - stamp
+        ));
+    }
+    let up = sample(&samples, "flotilla_agent_up", &[("host", "alpha")]);
+    let leader = sample(&samples, "flotilla_coordinator_leader", &[]);
+    if up != Some(1.0) || leader != Some(1.0) {
+        fleet.fail(format!(
+            "expected alpha up and this daemon leader, got up={up:?} leader={leader:?}"
+        ));
+    }
+}
+
+#[test]
+fn only_one_of_two_daemons_dispatches() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let _agents = start_world(&fleet);
+    let addr = loopback_addr();
+    let first_config = write_config(
+        fleet.dir(),
+        "first.toml",
+        &format!("{SERVE}{}{}", minute_plan(), metrics_section(&addr)),
+    );
+    let second_config = write_config(
+        fleet.dir(),
+        "second.toml",
+        &format!("{SERVE}{}", minute_plan()),
+    );
+    let mut first = fleet
+        .serve("first", &first_config)
+        .expect("start the first flotilla serve");
+    // The first takes the lease before the second starts, so we know who leads.
+    fleet.wait_until(
+        "the first daemon to report itself leader",
+        Duration::from_secs(30),
+        || {
+            let samples = scrape(&fleet, &addr)?;
+            Ok(sample(&samples, "flotilla_coordinator_leader", &[]) == Some(1.0))
+        },
+    );
+    let _second = fleet
+        .serve("second", &second_config)
+        .expect("start the second flotilla serve");
+
+    let done = wait_job_succeeded(&fleet, 0);
+    // Time for a duplicate dispatch by the standby to show up.
+    std::thread::sleep(Duration::from_secs(3));
+    let events = fleet.events().expect("flotilla events --json");
+    let started: Vec<&Value> = events
+        .iter()
+        .filter(|ev| {
+            ev["kind"] == "task.started"
+                && ev["host"] == "alpha"
+                && ev["detail"]["task_kind"] == "backup"
+        })
+        .collect();
+    let Some(run) = started
+        .iter()
+        .copied()
+        .find(|ev| ev["detail"]["task_id"] == done["detail"]["task_id"])
+    else {
+        fleet.fail(format!(
+            "no task.started for the task of {done:#}:\n{}",
+            summarize_events(&events)
+        ));
+    };
+    let same_minute: Vec<&Value> = started
+        .iter()
+        .copied()
+        .filter(|ev| minute_of(ev) == minute_of(run))
+        .collect();
+    let succeeded = events
+        .iter()
+        .filter(|ev| {
+            is_job(ev, "job.succeeded")
+                && same_minute
+                    .iter()
+                    .any(|s| s["detail"]["task_id"] == ev["detail"]["task_id"])
+        })
+        .count();
+    if same_minute.len() != 1 || succeeded != 1 {
+        fleet.fail(format!(
+            "two daemons: {} backup(s) of alpha started and {succeeded} job.succeeded \
+             in the scheduled minute, expected one each:\n{}",
+            same_minute.len(),
+            summarize_events(&events)
+        ));
+    }
+
+    // The leader stops and hands the lease over; the standby takes over.
+    first.sigterm().expect("SIGTERM the first daemon");
+    let status = first
+        .wait_exit(Duration::from_secs(20))
+        .expect("the first daemon exits");
+    if !status.success() {
+        fleet.fail(format!(
+            "the first daemon exited with {status} after SIGTERM"
+        ));
+    }
+    let stopped = now_ms();
+    let again = wait_job_succeeded(&fleet, stopped);
+    assert_ne!(
+        again["detail"]["task_id"], done["detail"]["task_id"],
+        "{again:#}"
+    );
+}
+
+#[test]
+fn watchdog_events_reach_a_webhook() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let hook = Webhook::start().expect("start the webhook receiver");
+    let kinds = ["agent.offline", "backup.overdue", "job.failed"];
+    let text = format!(
+        "{SERVE}\n[[plan]]\nname = \"ghost\"\nhosts = [\"alpha\"]\nto = \"nas\"\nrpo = \"3s\"\n\
+         \n[[notify]]\nevents = {kinds:?}\nwebhook = \"{}\"\n",
+        hook.url()
+    );
+    let config = write_config(fleet.dir(), "flotilla.toml", &text);
+    let mut agents = start_world(&fleet);
+    let _serve = fleet.serve("main", &config).expect("start flotilla serve");
+
+    // Never backed up: overdue once the RPO has passed since the daemon started.
+    let overdue = wait_hook(
+        &fleet,
+        &hook,
+        "a backup.overdue of plan ghost on alpha at the webhook",
+        |ev| {
+            ev["kind"] == "backup.overdue"
+                && ev["host"] == "alpha"
+                && ev["detail"]["plan"] == "ghost"
+        },
+    );
+    assert_eq!(overdue["detail"]["rpo_secs"], 3, "{overdue:#}");
+    assert!(overdue["detail"]["last_success"].is_null(), "{overdue:#}");
+
+    agents[1].kill9().expect("kill -9 alpha");
+    let offline = wait_hook(
+        &fleet,
+        &hook,
+        "an agent.offline (missed_heartbeats) of alpha at the webhook",
+        |ev| {
+            ev["kind"] == "agent.offline"
+                && ev["host"] == "alpha"
+                && ev["detail"]["reason"] == "missed_heartbeats"
+        },
+    );
+
+    // The webhook gets the very events the stream keeps, and only the kinds asked for.
+    for ev in [&overdue, &offline] {
+        let what = format!("event {} in `events --json`", ev["id"]);
+        let stored = fleet.wait_for_event(&what, EVENT_TIMEOUT, |e| e["id"] == ev["id"]);
+        assert_eq!(
+            stored, *ev,
+            "the webhook body differs from the stored event"
+        );
+    }
+    let received = hook.received();
+    if let Some(other) = received
+        .iter()
+        .find(|ev| !kinds.iter().any(|k| ev["kind"] == *k))
+    {
+        fleet.fail(format!(
+            "the webhook received an event it did not ask for: {other:#}"
+        ));
+    }
+}
+
+#[test]
+fn config_check_points_at_the_line() {
+    let dir = tempfile::tempdir().expect("create a temporary directory");
+    let config = |schedule: &str| {
+        // Line 5 is the schedule.
+        format!(
+            "{SERVE}\n[[plan]]\nschedule = \"{schedule}\"\nname = \"home\"\nhosts = [\"alpha\"]\nto = \"nas\"\n"
+        )
+    };
+
+    let bad = write_config(dir.path(), "bad.toml", &config("0 25 * * *"));
+    let out = flotilla_cli([OsStr::new("config"), OsStr::new("check"), bad.as_os_str()])
+        .expect("run flotilla config check");
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("line 5"), "{out}");
+
+    let good = write_config(dir.path(), "good.toml", &config("0 3 * * *"));
+    let out = flotilla_cli([OsStr::new("config"), OsStr::new("check"), good.as_os_str()])
+        .expect("run flotilla config check");
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("ok"), "{out}");
+}
