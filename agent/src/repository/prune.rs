@@ -102,7 +102,7 @@ impl Repository {
         }
         let mut index = self.shared.write_index();
         for (pack, size, ids) in candidates {
-            if ids.iter().any(|id| protected(id)) {
+            if ids.iter().any(protected) {
                 report.packs_protected += 1;
                 report.bytes_kept += size;
                 continue;
