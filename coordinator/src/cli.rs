@@ -2,6 +2,8 @@
 
 mod backup;
 pub(crate) use backup::storage_addr;
+pub(crate) use forget::decide;
+pub(crate) use snapshots::repo_key;
 mod check;
 mod estimate;
 mod events;

@@ -62,6 +62,8 @@ pub struct Plan {
     pub check: Option<Spanned<String>>,
     /// Cron for a `check --read-data` of the storage.
     pub check_read_data: Option<Spanned<String>>,
+    /// Cron for a `prune` of the storage (forget runs after every backup).
+    pub prune: Option<Spanned<String>>,
 }
 
 /// Where events go.
@@ -104,6 +106,8 @@ pub struct ServeSettings {
     pub low_space_ratio: f64,
     /// How often the watchdog looks at the fleet (e.g. `"5s"`).
     pub tick: String,
+    /// Unreferenced data younger than this survives a scheduled prune.
+    pub prune_grace: String,
 }
 
 impl Default for ServeSettings {
@@ -114,6 +118,7 @@ impl Default for ServeSettings {
             retry_backoff: "30s".into(),
             low_space_ratio: 0.05,
             tick: "5s".into(),
+            prune_grace: "1h".into(),
         }
     }
 }

@@ -44,6 +44,7 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 enum JobKind {
     Backup { plan: usize },
     Check { read_data: bool, plan: usize },
+    Prune { plan: usize },
 }
 
 /// A job waiting for its turn (or for its retry time).
@@ -255,6 +256,7 @@ impl Daemon {
                         plan: i,
                     },
                 ),
+                ("prune", plan.prune.as_ref(), JobKind::Prune { plan: i }),
             ];
             for (what, cron, kind) in jobs {
                 let Some(cron) = cron else { continue };
@@ -274,7 +276,7 @@ impl Daemon {
                     let _ = self.state.set_last_run(&key, now);
                     let hosts = match kind {
                         JobKind::Backup { .. } => plan.host_names(),
-                        JobKind::Check { .. } => vec![storage.clone()],
+                        JobKind::Check { .. } | JobKind::Prune { .. } => vec![storage.clone()],
                     };
                     for host in hosts {
                         due_jobs.push(Queued {
@@ -353,6 +355,12 @@ impl Daemon {
             JobKind::Check { read_data, .. } => TaskKind::Check {
                 read_data: *read_data,
             },
+            JobKind::Prune { .. } => TaskKind::Prune {
+                dry_run: false,
+                grace_secs: duration(&self.config.serve.prune_grace)
+                    .map(|d| d.num_seconds().max(0) as u64)
+                    .unwrap_or(3600),
+            },
         };
         dispatch.publish(&q.host, kind).await
     }
@@ -366,7 +374,7 @@ impl Daemon {
 
     fn plan_name(&self, kind: &JobKind) -> String {
         match kind {
-            JobKind::Backup { plan } | JobKind::Check { plan, .. } => {
+            JobKind::Backup { plan } | JobKind::Check { plan, .. } | JobKind::Prune { plan } => {
                 self.config.plan[*plan].name.get_ref().clone()
             }
         }
@@ -380,10 +388,10 @@ impl Daemon {
             return;
         };
         let plan = self.plan_name(&run.job.kind);
-        let job_kind = if matches!(run.job.kind, JobKind::Backup { .. }) {
-            "backup"
-        } else {
-            "check"
+        let job_kind = match run.job.kind {
+            JobKind::Backup { .. } => "backup",
+            JobKind::Check { .. } => "check",
+            JobKind::Prune { .. } => "prune",
         };
         let snapshot = match &done.result {
             Some(TaskResult::Backup(r)) => Some(r.snapshot.clone()),
@@ -415,6 +423,10 @@ impl Daemon {
                     let _ = self
                         .state
                         .clear_alert(&format!("overdue/{plan}/{}", run.job.host));
+                    if let JobKind::Backup { plan: i } = run.job.kind {
+                        self.apply_retention(i, &run.job.host, &run.job.storage)
+                            .await;
+                    }
                 }
                 let (sev, body, verb) = if done.outcome == TaskOutcome::Succeeded {
                     (Severity::Info, EventBody::JobSucceeded(ended), "succeeded")
@@ -456,6 +468,48 @@ impl Daemon {
                     .await;
                 }
             }
+        }
+    }
+
+    /// Forgets what the plan's keep policy no longer keeps of `host`'s
+    /// snapshots (data goes at the plan's next prune).
+    async fn apply_retention(&self, plan: usize, host: &HostName, storage: &HostName) {
+        let policy = &self.config.plan[plan].keep;
+        if policy.is_empty() {
+            return;
+        }
+        let key = match crate::cli::repo_key(&self.dispatch_fleet) {
+            Ok(k) => k,
+            Err(e) => return warn!(error = %e, "cannot apply retention"),
+        };
+        let verdicts =
+            match crate::cli::decide(&self.nats, &key, policy, Some(host), Some(storage)).await {
+                Ok(v) => v,
+                Err(e) => return warn!(error = %e, "cannot apply retention"),
+            };
+        let doomed: Vec<String> = verdicts
+            .iter()
+            .filter(|(_, v)| !v.keep)
+            .map(|(f, _)| f.record.id.clone())
+            .collect();
+        if doomed.is_empty() {
+            return;
+        }
+        let dispatch = match Dispatch::new(&self.dispatch_fleet, &self.nats) {
+            Ok(d) => d,
+            Err(e) => return warn!(error = %e, "cannot apply retention"),
+        };
+        match dispatch
+            .publish(
+                storage,
+                TaskKind::Forget {
+                    snapshots: doomed.clone(),
+                },
+            )
+            .await
+        {
+            Ok(task) => info!(%host, forgotten = doomed.len(), %task, "retention applied"),
+            Err(e) => warn!(error = %e, "cannot send forget"),
         }
     }
 

@@ -24,7 +24,7 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A snapshot with its storage host and opened metadata.
 #[derive(Debug, Clone)]
-pub(super) struct Found {
+pub(crate) struct Found {
     pub storage: HostName,
     pub record: SnapshotRecord,
     pub meta: Option<SnapshotMeta>,
@@ -44,7 +44,7 @@ struct SnapshotView<'a> {
     task_id: Option<String>,
 }
 
-pub(super) fn repo_key(fleet: &Fleet) -> Result<RepoKey, CliError> {
+pub(crate) fn repo_key(fleet: &Fleet) -> Result<RepoKey, CliError> {
     let path = fleet.dir.join("repo.key");
     let text = std::fs::read_to_string(&path).map_err(|source| CliError::Io {
         path: path.clone(),
