@@ -377,6 +377,16 @@ pub struct SnapshotMeta {
     pub summary: BackupSummary,
     /// Files that could not be read (the first 1,000).
     pub unreadable: Vec<String>,
+    /// The record's root tree, host and time, sealed so that a storage host
+    /// cannot point a snapshot at other data ([`SnapshotRecord::verify`]).
+    #[serde(default)]
+    pub tree: Option<BlobId>,
+    /// The record's host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The record's time.
+    #[serde(default)]
+    pub time: Option<UnixMillis>,
 }
 
 /// Counters of one backup.
@@ -414,6 +424,28 @@ impl SnapshotRecord {
     pub fn open_meta(&self, key: &RepoKey) -> Option<SnapshotMeta> {
         let bytes = key.open_meta(&Self::meta_context(&self.id), &self.meta)?;
         rmp_serde::from_slice(&bytes).ok()
+    }
+
+    /// Opens the meta and checks that the plaintext parts of the record (root
+    /// tree, host, time) are the ones the backup sealed: the storage host
+    /// holds no key, so it cannot forge them without this failing.
+    pub fn verify(&self, key: &RepoKey) -> Result<SnapshotMeta, String> {
+        let meta = self.open_meta(key).ok_or_else(|| {
+            format!(
+                "snapshot {}: its sealed metadata does not open with this fleet's key",
+                self.id
+            )
+        })?;
+        let same = meta.tree == Some(self.tree)
+            && meta.host.as_deref() == Some(self.host.as_str())
+            && meta.time == Some(self.time);
+        if !same {
+            return Err(format!(
+                "snapshot {}: the record does not match its sealed metadata (tree, host or time changed); the storage host's copy was tampered with",
+                self.id
+            ));
+        }
+        Ok(meta)
     }
 }
 

@@ -228,7 +228,8 @@ impl Drop for Webhook {
 }
 
 fn serve_connection(conn: TcpStream, store: &Mutex<Vec<Value>>) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+    // Pooled connections sit idle between events; the daemon's exit ends them.
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(600)));
     let Ok(mut writer) = conn.try_clone() else {
         return;
     };

@@ -46,7 +46,8 @@ fn start_world(fleet: &Fleet) -> Vec<Agent> {
 /// A plan backing alpha up to nas every minute.
 fn minute_plan() -> String {
     format!(
-        "\n[[plan]]\nname = \"{PLAN}\"\nhosts = [\"alpha\"]\nto = \"nas\"\nschedule = \"* * * * *\"\n"
+        "\n[[plan]]\nname = \"{PLAN}\"\nhosts = [\"alpha\"]\nto = \"nas\"\n\
+         schedule = \"* * * * *\"\n"
     )
 }
 
@@ -362,7 +363,8 @@ fn config_check_points_at_the_line() {
     let config = |schedule: &str| {
         // Line 5 is the schedule.
         format!(
-            "{SERVE}\n[[plan]]\nschedule = \"{schedule}\"\nname = \"home\"\nhosts = [\"alpha\"]\nto = \"nas\"\n"
+            "{SERVE}\n[[plan]]\nschedule = \"{schedule}\"\n\
+             name = \"home\"\nhosts = [\"alpha\"]\nto = \"nas\"\n"
         )
     };
 

@@ -229,6 +229,9 @@ fn snapshot_record(
         task_id: body.id.clone(),
         summary: outcome.summary.clone(),
         unreadable: outcome.unreadable.clone(),
+        tree: Some(outcome.tree),
+        host: Some(body.host.to_string()),
+        time: Some(started_at),
     };
     let meta_bytes = flotilla_protocol::encode(&meta)
         .map_err(|e| failed(format!("cannot encode snapshot: {e}")))?;

@@ -50,6 +50,13 @@ impl Agent {
             .await
             .map_err(session_err)?;
         let record = session.snapshot(snapshot).await.map_err(session_err)?;
+        if !record.id.starts_with(snapshot.as_str()) {
+            return Err(failed(format!(
+                "storage {storage} answered snapshot {} for {snapshot}",
+                record.id
+            )));
+        }
+        record.verify(&key).map_err(failed)?;
         let mut fetch = BlockingFetch::new(Handle::current(), session.fetcher());
         let opts = RestoreOptions {
             target,
