@@ -13,6 +13,7 @@ mod hosts;
 mod output;
 mod restore;
 mod snapshots;
+mod status;
 
 use std::path::PathBuf;
 
@@ -88,6 +89,27 @@ pub enum Command {
     /// Show every host ever seen: online or offline, last seen, version, roles, space.
     Hosts {
         /// Print one JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per host: last successful backup and its age, next run, running job, problems.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent tasks across the fleet, newest first.
+    Jobs {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Live progress of every running task across the fleet.
+    Watch {
+        /// JSON lines of the raw events.
         #[arg(long)]
         json: bool,
     },
@@ -351,6 +373,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Hosts { json } => hosts::run(g, json).await,
+        Command::Status { json } => status::status(g, json).await,
+        Command::Jobs { json, limit } => status::jobs(g, json, limit).await,
+        Command::Watch { json } => status::watch(g, json).await,
         Command::Events {
             follow,
             json,

@@ -74,6 +74,7 @@ struct Daemon {
     metrics: Arc<Mutex<metrics::Snapshot>>,
     leader: bool,
     started: u64,
+    status: Option<async_nats::jetstream::kv::Store>,
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
@@ -139,7 +140,9 @@ pub async fn run(g: &Global, config_path: &Path, state_dir: Option<&Path>) -> Re
         metrics,
         leader: false,
         started: crate::now_ms(),
+        status: None,
     };
+    daemon.status = open_status_bucket(&daemon.nats).await;
     daemon.arm_plans();
     info!(instance = %instance, plans = daemon.config.plan.len(), "flotilla serve started");
 
@@ -186,6 +189,28 @@ pub async fn run(g: &Global, config_path: &Path, state_dir: Option<&Path>) -> Re
     Ok(())
 }
 
+async fn open_status_bucket(nats: &Nats) -> Option<async_nats::jetstream::kv::Store> {
+    use async_nats::jetstream::kv;
+    match nats
+        .js
+        .get_key_value(flotilla_protocol::status::STATUS_BUCKET)
+        .await
+    {
+        Ok(s) => Some(s),
+        Err(_) => nats
+            .js
+            .create_key_value(kv::Config {
+                bucket: flotilla_protocol::status::STATUS_BUCKET.into(),
+                description: "what flotilla serve knows about every plan".into(),
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| warn!(error = %e, "cannot create the status bucket"))
+            .ok(),
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
@@ -225,6 +250,72 @@ impl Daemon {
         self.schedule(now);
         self.dispatch_queued(now).await;
         self.watchdog(now).await;
+        self.publish_status(now).await;
+    }
+
+    /// Writes what `flotilla status` shows into the status bucket.
+    async fn publish_status(&self, now: u64) {
+        let Some(store) = &self.status else { return };
+        let mut entries = Vec::new();
+        for (i, plan) in self.config.plan.iter().enumerate() {
+            let next_run = plan.schedule.as_ref().and_then(|c| {
+                let cron = Cron::parse(c.get_ref()).ok()?;
+                let last = self
+                    .state
+                    .last_run(&run_key(plan, "backup"))
+                    .ok()
+                    .flatten()
+                    .unwrap_or(now);
+                let jitter = plan
+                    .jitter
+                    .as_ref()
+                    .and_then(|j| duration(j.get_ref()).ok())
+                    .map(|max| jitter_for(plan.name.get_ref(), max))
+                    .unwrap_or_else(chrono::Duration::zero);
+                match due(&cron, jitter, &local(last), &local(now)) {
+                    Due::At(t) | Due::Now { scheduled: t, .. } => {
+                        Some(t.timestamp_millis().max(0) as u64)
+                    }
+                    Due::Never => None,
+                }
+            });
+            for host in plan.host_names() {
+                let success = self.state.success(plan.name.get_ref(), host.as_str());
+                let overdue = self
+                    .state
+                    .alert(&format!("overdue/{}/{host}", plan.name.get_ref()))
+                    .is_some();
+                let running_task = self
+                    .running
+                    .iter()
+                    .find(|(_, r)| r.job.host == host && r.job.kind == JobKind::Backup { plan: i })
+                    .map(|(id, _)| id.clone());
+                entries.push(flotilla_protocol::status::PlanHostStatus {
+                    plan: plan.name.get_ref().clone(),
+                    host: host.to_string(),
+                    storage: plan.to.get_ref().clone(),
+                    last_success: success.as_ref().map(|s| s.time),
+                    last_snapshot: success.and_then(|s| s.snapshot),
+                    next_run,
+                    overdue,
+                    running_task,
+                });
+            }
+        }
+        let status = flotilla_protocol::status::FleetStatus {
+            v: flotilla_protocol::status::STATUS_VERSION,
+            time: now,
+            entries,
+            queued: self.queue.len() as u64,
+        };
+        if let Ok(bytes) = flotilla_protocol::encode(&status) {
+            if let Err(e) = store
+                .put(flotilla_protocol::status::STATUS_KEY, bytes.into())
+                .await
+            {
+                warn!(error = %e, "cannot publish status");
+            }
+        }
     }
 
     /// Queues the plans whose time has come.
@@ -385,6 +476,31 @@ impl Daemon {
             return;
         };
         let Some(run) = self.running.remove(&done.task_id) else {
+            // A backup someone ran by hand still counts for the plans it
+            // satisfies (same host, same storage): RPO and status see it.
+            if let (Some(TaskResult::Backup(r)), TaskOutcome::Succeeded | TaskOutcome::Partial) =
+                (&done.result, done.outcome)
+            {
+                for plan in &self.config.plan {
+                    if plan.to.get_ref() == &r.storage && plan.host_names().contains(&ev.host) {
+                        let s = Success {
+                            v: 1,
+                            time: ev.time,
+                            snapshot: Some(r.snapshot.clone()),
+                            bytes_added: r.summary.bytes_added,
+                            duration_ms: done.duration_ms,
+                        };
+                        let _ = self
+                            .state
+                            .set_success(plan.name.get_ref(), ev.host.as_str(), &s);
+                        let _ = self.state.clear_alert(&format!(
+                            "overdue/{}/{}",
+                            plan.name.get_ref(),
+                            ev.host
+                        ));
+                    }
+                }
+            }
             return;
         };
         let plan = self.plan_name(&run.job.kind);

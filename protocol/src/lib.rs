@@ -29,6 +29,7 @@ mod heartbeat;
 mod host;
 pub mod limits;
 pub mod repo;
+pub mod status;
 pub mod subject;
 mod task;
 pub mod transfer;
