@@ -71,6 +71,8 @@ pub(crate) struct Agent {
     pub quic_addr: Option<String>,
     /// What live data-plane sessions rely on (storage hosts).
     pub claims: Arc<crate::storage::Claims>,
+    /// Tasks a signed `cancel` task asked to stop (as opposed to shutdown).
+    pub cancelled: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Runs the agent until `shutdown` fires, then stops in order.
@@ -130,6 +132,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         repo_key,
         quic_addr,
         claims: Arc::default(),
+        cancelled: Mutex::default(),
     });
 
     // Children of one token so that shutdown reaches every loop at once; each

@@ -284,12 +284,47 @@ impl Agent {
                 dry_run,
                 grace_secs,
             } => self.prune(*dry_run, *grace_secs).await,
+            TaskKind::Cancel { task_id } => Ok(self.cancel_task(task_id)),
         };
+        let duration_ms = started.elapsed().as_millis() as u64;
         if cancel.is_cancelled() {
-            info!("task interrupted by shutdown; it resumes on the next start");
+            let asked = self
+                .cancelled
+                .lock()
+                .map(|mut c| c.remove(&body.id))
+                .unwrap_or(false);
+            if !asked {
+                info!("task interrupted by shutdown; it resumes on the next start");
+                return;
+            }
+            info!("task cancelled on request");
+            if let Err(e) = self
+                .state
+                .set_status(&body.id, JobStatus::Cancelled, None, now_ms())
+                .await
+            {
+                warn!(error = %e, "cannot journal task end");
+            }
+            self.bus
+                .event(
+                    Severity::Warning,
+                    format!(
+                        "{kind} task {} cancelled; nothing half-done was committed",
+                        body.id
+                    ),
+                    EventBody::TaskFinished(TaskFinished {
+                        task_id: body.id.clone(),
+                        task_kind: kind.into(),
+                        outcome: TaskOutcome::Cancelled,
+                        retryable: false,
+                        error: Some("cancelled on request".into()),
+                        result: None,
+                        duration_ms,
+                    }),
+                )
+                .await;
             return;
         }
-        let duration_ms = started.elapsed().as_millis() as u64;
         let (outcome, result, error, retryable) = match ran {
             Ok((outcome, result)) => {
                 let error = (outcome == TaskOutcome::Failed).then(|| failure_text(&result));
@@ -306,6 +341,7 @@ impl Agent {
             TaskOutcome::Succeeded => JobStatus::Succeeded,
             TaskOutcome::Partial => JobStatus::Partial,
             TaskOutcome::Failed => JobStatus::Failed,
+            TaskOutcome::Cancelled => JobStatus::Cancelled,
         };
         let message = match (&error, outcome) {
             (Some(e), _) => format!("{kind} task {} failed: {e}", body.id),
@@ -327,7 +363,7 @@ impl Agent {
         }
         let severity = match outcome {
             TaskOutcome::Succeeded => Severity::Info,
-            TaskOutcome::Partial => Severity::Warning,
+            TaskOutcome::Partial | TaskOutcome::Cancelled => Severity::Warning,
             TaskOutcome::Failed => Severity::Error,
         };
         self.bus
@@ -345,6 +381,30 @@ impl Agent {
                 }),
             )
             .await;
+    }
+
+    /// Asks a running task to stop; it then ends `cancelled`.
+    fn cancel_task(&self, task_id: &str) -> (TaskOutcome, TaskResult) {
+        let flag = self
+            .running
+            .lock()
+            .ok()
+            .and_then(|r| r.get(task_id).map(|(_, c)| c.clone()));
+        let found = flag.is_some();
+        if let Some(flag) = flag {
+            if let Ok(mut c) = self.cancelled.lock() {
+                c.insert(task_id.to_owned());
+            }
+            flag.cancel();
+        }
+        info!(task = task_id, found, "cancel requested");
+        (
+            TaskOutcome::Succeeded,
+            TaskResult::Cancel(flotilla_protocol::CancelReport {
+                task_id: task_id.to_owned(),
+                was_running: found,
+            }),
+        )
     }
 
     /// Resolves requested paths against `roots`, publishing a `not_allowed`

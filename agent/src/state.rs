@@ -68,6 +68,8 @@ pub enum JobStatus {
     Partial,
     /// Finished badly.
     Failed,
+    /// Stopped on request.
+    Cancelled,
 }
 
 impl JobStatus {

@@ -236,6 +236,7 @@ impl Config {
                 ("schedule", &plan.schedule),
                 ("check", &plan.check),
                 ("check_read_data", &plan.check_read_data),
+                ("prune", &plan.prune),
             ] {
                 if let Some(c) = cron {
                     if let Err(e) = Cron::parse(c.get_ref()) {
@@ -281,6 +282,7 @@ impl Config {
         for (what, d) in [
             ("serve.retry_backoff", &config.serve.retry_backoff),
             ("serve.tick", &config.serve.tick),
+            ("serve.prune_grace", &config.serve.prune_grace),
         ] {
             if let Err(e) = duration(d) {
                 issues.push(ConfigIssue {
@@ -288,6 +290,14 @@ impl Config {
                     message: format!("{what}: {e}"),
                 });
             }
+        }
+        if duration(&config.serve.tick).is_ok_and(|t| t >= Duration::seconds(10)) {
+            issues.push(ConfigIssue {
+                line: None,
+                message:
+                    "serve.tick must be under 10s: the daemon renews its 15 s lease every tick"
+                        .into(),
+            });
         }
         if issues.is_empty() {
             Ok(config)

@@ -16,6 +16,8 @@ pub const EXIT_HOST: u8 = 3;
 pub const EXIT_TASK: u8 = 4;
 /// Exit code: the NATS server cannot be reached.
 pub const EXIT_NATS: u8 = 5;
+/// Exit code: interrupted (Ctrl-C) and cancelled cleanly, as shells expect.
+pub const EXIT_CANCELLED: u8 = 130;
 /// Exit code: finished, but some files could not be read or restored.
 pub const EXIT_PARTIAL: u8 = 6;
 
@@ -89,6 +91,9 @@ pub enum CliError {
         /// Error.
         error: String,
     },
+    /// Stopped on request (Ctrl-C); nothing half-done was committed.
+    #[error("cancelled; the agents stopped cleanly and nothing half-done was committed")]
+    Cancelled,
     /// Finished with some files skipped (listed above).
     #[error("finished, but some files could not be read or restored (listed above)")]
     Partial,
@@ -114,6 +119,7 @@ impl CliError {
             CliError::Rejected { .. } | CliError::TaskFailed { .. } => EXIT_TASK,
             CliError::Usage(_) => EXIT_USAGE,
             CliError::Partial => EXIT_PARTIAL,
+            CliError::Cancelled => EXIT_CANCELLED,
             _ => EXIT_FAILURE,
         }
     }

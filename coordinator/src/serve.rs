@@ -233,6 +233,7 @@ impl Daemon {
                 run_key(plan, "backup"),
                 run_key(plan, "check"),
                 run_key(plan, "read_data"),
+                run_key(plan, "prune"),
             ] {
                 if matches!(self.state.last_run(&key), Ok(None)) {
                     let _ = self.state.set_last_run(&key, now);
@@ -521,7 +522,22 @@ impl Daemon {
             error: done.error.clone(),
             snapshot: snapshot.clone(),
         };
+        if done.outcome == TaskOutcome::Cancelled {
+            let msg = format!(
+                "{job_kind} job of plan {plan} on {} was cancelled",
+                run.job.host
+            );
+            self.publish(
+                &run.job.host,
+                Severity::Warning,
+                msg,
+                EventBody::JobCancelled(ended),
+            )
+            .await;
+            return;
+        }
         match done.outcome {
+            TaskOutcome::Cancelled => {}
             TaskOutcome::Succeeded | TaskOutcome::Partial => {
                 if let (JobKind::Backup { .. }, Some(TaskResult::Backup(r))) =
                     (&run.job.kind, &done.result)
@@ -642,9 +658,14 @@ impl Daemon {
             return;
         };
         let plan = self.plan_name(&run.job.kind);
+        let job_kind = match run.job.kind {
+            JobKind::Backup { .. } => "backup",
+            JobKind::Check { .. } => "check",
+            JobKind::Prune { .. } => "prune",
+        };
         let ended = JobEnded {
             task_id: id.clone(),
-            job_kind: "backup".into(),
+            job_kind: job_kind.into(),
             plan: Some(plan.clone()),
             attempts: run.job.attempt,
             error: Some(detail.clone()),

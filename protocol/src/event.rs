@@ -226,6 +226,8 @@ pub enum TaskOutcome {
     Partial,
     /// Did not finish.
     Failed,
+    /// Stopped on request; nothing half-done was committed.
+    Cancelled,
 }
 
 /// The end of a task.

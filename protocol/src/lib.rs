@@ -45,9 +45,9 @@ pub use heartbeat::{
 };
 pub use host::{HostName, HostNameError};
 pub use task::{
-    sign_task, verify_task, verify_task_for_peer, BackupReport, DirUsage, EstimateReport,
-    PublicKey, SigningSeed, TaskBody, TaskEnvelope, TaskKind, TaskResult, TaskVerifyError,
-    TASK_VERSION,
+    sign_task, verify_task, verify_task_for_peer, BackupReport, CancelReport, DirUsage,
+    EstimateReport, PublicKey, SigningSeed, TaskBody, TaskEnvelope, TaskKind, TaskResult,
+    TaskVerifyError, TASK_VERSION,
 };
 
 /// Unix time in milliseconds, the one time representation on the wire.

@@ -100,6 +100,12 @@ pub enum TaskKind {
         /// Full snapshot ids.
         snapshots: Vec<String>,
     },
+    /// Stop a running task of this host cleanly; nothing half-done is
+    /// committed and the task ends `cancelled`.
+    Cancel {
+        /// The task to stop.
+        task_id: String,
+    },
     /// Delete data no snapshot references from this host's repository.
     Prune {
         /// Only report what would be freed.
@@ -119,6 +125,7 @@ impl TaskKind {
             TaskKind::Check { .. } => "check",
             TaskKind::Forget { .. } => "forget",
             TaskKind::Prune { .. } => "prune",
+            TaskKind::Cancel { .. } => "cancel",
         }
     }
 }
@@ -139,6 +146,17 @@ pub enum TaskResult {
     Forget(crate::repo::ForgetReport),
     /// Result of [`TaskKind::Prune`].
     Prune(crate::repo::PruneReport),
+    /// Result of [`TaskKind::Cancel`].
+    Cancel(CancelReport),
+}
+
+/// What a cancel request found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelReport {
+    /// The task asked to stop.
+    pub task_id: String,
+    /// Whether it was running (it then ends `cancelled`).
+    pub was_running: bool,
 }
 
 /// What a backup produced.

@@ -36,7 +36,7 @@ const RESUME_TIMEOUT: Duration = Duration::from_secs(180);
 /// Starts nas (storage with a restore root, no backup root) and one agent per
 /// source, and waits until all are online and nas advertises its QUIC address.
 /// `agents[0]` is nas, then the sources in order.
-fn start_world(fleet: &Fleet, sources: &[&str]) -> Vec<Agent> {
+pub(super) fn start_world(fleet: &Fleet, sources: &[&str]) -> Vec<Agent> {
     let nas = fleet
         .agent("nas")
         .without_backup_root()
@@ -57,7 +57,7 @@ fn start_world(fleet: &Fleet, sources: &[&str]) -> Vec<Agent> {
 
 /// `backup HOSTS --to nas --wait --json`: requires exit 0 and a succeeded
 /// summary with a snapshot for every host; returns them in `hosts` order.
-fn backup_ok(fleet: &Fleet, hosts: &[&str]) -> Vec<Value> {
+pub(super) fn backup_ok(fleet: &Fleet, hosts: &[&str]) -> Vec<Value> {
     let out = fleet
         .backup(&hosts.join(","), "nas", &[])
         .expect("run flotilla backup");
@@ -77,7 +77,7 @@ fn backup_ok(fleet: &Fleet, hosts: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-fn snapshot_of(summary: &Value) -> String {
+pub(super) fn snapshot_of(summary: &Value) -> String {
     summary["snapshot"]
         .as_str()
         .expect("the summary names its snapshot")
@@ -86,7 +86,7 @@ fn snapshot_of(summary: &Value) -> String {
 
 /// `restore SNAPSHOT --to nas:TARGET [--include P]… --wait --json`: requires
 /// exit 0 and a clean summary; returns its `restore` counters.
-fn restore_ok(fleet: &Fleet, snapshot: &str, target: &Path, includes: &[&str]) -> Value {
+pub(super) fn restore_ok(fleet: &Fleet, snapshot: &str, target: &Path, includes: &[&str]) -> Value {
     let to = format!("nas:{}", path_str(target));
     let out = fleet
         .restore(snapshot, &to, includes)
@@ -101,7 +101,7 @@ fn restore_ok(fleet: &Fleet, snapshot: &str, target: &Path, includes: &[&str]) -
     summary["restore"].clone()
 }
 
-fn assert_same_tree(fleet: &Fleet, original: &Path, restored: &Path, what: Compare) {
+pub(super) fn assert_same_tree(fleet: &Fleet, original: &Path, restored: &Path, what: Compare) {
     let diffs = tree_differences(original, restored, what).expect("compare the two trees");
     if !diffs.is_empty() {
         fleet.fail(format!(
@@ -113,14 +113,14 @@ fn assert_same_tree(fleet: &Fleet, original: &Path, restored: &Path, what: Compa
     }
 }
 
-fn assert_exit(fleet: &Fleet, out: &CliOutput, code: i32, why: &str) {
+pub(super) fn assert_exit(fleet: &Fleet, out: &CliOutput, code: i32, why: &str) {
     if out.code != Some(code) {
         fleet.fail(format!("expected exit code {code} ({why}):\n{out}"));
     }
 }
 
 /// Sum of the pack file sizes in a repository.
-fn pack_bytes(storage: &Path) -> u64 {
+pub(super) fn pack_bytes(storage: &Path) -> u64 {
     let packs = storage.join("packs");
     if !packs.exists() {
         return 0;

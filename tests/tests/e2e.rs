@@ -6,6 +6,7 @@
 
 mod dataplane;
 mod operations;
+mod retention;
 
 use std::path::Path;
 use std::time::Duration;

@@ -101,7 +101,19 @@ impl Repository {
             return Ok(report);
         }
         let mut index = self.shared.write_index();
+        // Commits hold the index read lock until their snapshot file is in
+        // place, so under the write lock the snapshot list is final: read it
+        // again and spare anything a snapshot committed meanwhile needs.
+        for rec in snapshots::read_all(&dir)? {
+            let rec = rec?;
+            referenced.insert(rec.tree);
+            referenced.extend(rec.blobs);
+        }
         for (pack, size, ids) in candidates {
+            if ids.iter().any(|id| referenced.contains(id)) {
+                report.bytes_kept += size;
+                continue;
+            }
             if ids.iter().any(protected) {
                 report.packs_protected += 1;
                 report.bytes_kept += size;

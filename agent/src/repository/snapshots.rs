@@ -122,8 +122,11 @@ impl Repository {
                 ),
             ));
         }
+        // The read lock is held until the snapshot file is in place: prune
+        // takes the write lock, so it either sees this snapshot or deletes
+        // before this check (which then fails and the source retries).
+        let index = self.shared.read_index();
         let missing = {
-            let index = self.shared.read_index();
             let mut missing = std::iter::once(&rec.tree)
                 .chain(&rec.blobs)
                 .filter(|id| !index.blobs.contains_key(*id));
@@ -160,6 +163,7 @@ impl Repository {
         let _ = fs::remove_file(&tmp);
         placed?;
         sync_dir(parent(&path))?;
+        drop(index);
         self.shared.snapshots.fetch_add(1, Ordering::Relaxed);
         info!(snapshot = %rec.id, host = %rec.host, blobs = rec.blobs.len(), "snapshot committed");
         Ok(())

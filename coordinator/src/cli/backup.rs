@@ -83,7 +83,7 @@ pub(super) async fn run(
         }
         return Ok(());
     }
-    let results = follow_all(sent, WAIT, json).await;
+    let results = follow_all(sent, WAIT, json, Some(&dispatch)).await;
     let mut worst: Option<CliError> = None;
     let mut partial = false;
     for f in results {
@@ -145,6 +145,9 @@ pub(super) async fn run(
                             task_id: done.task_id,
                             error: done.error.unwrap_or_default(),
                         });
+                    }
+                    TaskOutcome::Cancelled => {
+                        worst.get_or_insert(CliError::Cancelled);
                     }
                 }
             }

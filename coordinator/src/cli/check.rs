@@ -33,7 +33,7 @@ pub(super) async fn run(
     let task = dispatch
         .send(storage, TaskKind::Check { read_data })
         .await?;
-    let mut results = follow_all(vec![(storage.clone(), task)], WAIT, json).await;
+    let mut results = follow_all(vec![(storage.clone(), task)], WAIT, json, Some(&dispatch)).await;
     let Some(f) = results.pop() else {
         return Err(CliError::Request {
             what: "follow check".into(),

@@ -26,11 +26,21 @@ pub struct Followed {
 }
 
 /// Waits for every task, rendering progress; returns in the order given.
+///
+/// With `interrupt`, Ctrl-C sends each unfinished task a signed `cancel`
+/// (the agents stop cleanly; the tasks end `cancelled`) and keeps waiting
+/// for them to say so; a second Ctrl-C stops waiting.
 pub async fn follow_all(
     tasks: Vec<(HostName, SentTask)>,
     wait: Duration,
     json: bool,
+    interrupt: Option<&crate::dispatch::Dispatch<'_>>,
 ) -> Vec<Followed> {
+    let targets: Vec<(HostName, String)> = tasks
+        .iter()
+        .map(|(h, t)| (h.clone(), t.id.clone()))
+        .collect();
+    let mut interrupted = false;
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     let mut set = JoinSet::new();
     let order: Vec<String> = tasks.iter().map(|(_, t)| t.id.clone()).collect();
@@ -57,6 +67,22 @@ pub async fn follow_all(
     let mut done = Vec::new();
     loop {
         tokio::select! {
+            _ = tokio::signal::ctrl_c(), if interrupt.is_some() => {
+                if interrupted {
+                    eprintln!("second interrupt: not waiting any longer");
+                    break;
+                }
+                interrupted = true;
+                eprintln!("interrupted: asking the agents to stop cleanly (Ctrl-C again to stop waiting)");
+                if let Some(d) = interrupt {
+                    let finished: Vec<String> = done.iter().map(|f: &Followed| f.task_id.clone()).collect();
+                    for (host, id) in targets.iter().filter(|(_, id)| !finished.contains(id)) {
+                        if let Err(e) = d.publish(host, flotilla_protocol::TaskKind::Cancel { task_id: id.clone() }).await {
+                            eprintln!("cannot cancel {id} on {host}: {e}");
+                        }
+                    }
+                }
+            }
             ev = rx.recv() => {
                 let Some(ev) = ev else { continue };
                 let EventBody::TaskProgress(p) = &ev.body else { continue };

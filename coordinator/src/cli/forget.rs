@@ -37,6 +37,11 @@ pub(crate) async fn decide(
         .into_iter()
         .filter(|f| host.is_none_or(|h| &f.record.host == h))
     {
+        // Only snapshots whose record matches its sealed metadata take part:
+        // a forged or tampered listing must not steer what is forgotten.
+        if f.record.verify(key).is_err() {
+            continue;
+        }
         let paths = f.meta.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
         groups
             .entry((f.storage.to_string(), f.record.host.to_string(), paths))
@@ -140,7 +145,7 @@ pub(super) async fn forget(
     let sent = send_forgets(&dispatch, &verdicts).await?;
     let storages: Vec<HostName> = sent.iter().map(|(h, _)| h.clone()).collect();
     let mut first_err = None;
-    for f in follow_all(sent, WAIT, json).await {
+    for f in follow_all(sent, WAIT, json, Some(&dispatch)).await {
         match f.outcome {
             Outcome::Finished(d) if d.outcome == TaskOutcome::Succeeded => {
                 if let Some(TaskResult::Forget(r)) = &d.result {
@@ -211,7 +216,7 @@ pub(super) async fn run_prune(
             },
         )
         .await?;
-    let mut results = follow_all(vec![(storage.clone(), task)], WAIT, json).await;
+    let mut results = follow_all(vec![(storage.clone(), task)], WAIT, json, Some(&dispatch)).await;
     let Some(f) = results.pop() else {
         return Err(CliError::Request {
             what: "follow prune".into(),

@@ -72,7 +72,7 @@ pub(super) async fn run(
         }
         return Ok(());
     }
-    let mut results = follow_all(vec![(host.clone(), task)], WAIT, json).await;
+    let mut results = follow_all(vec![(host.clone(), task)], WAIT, json, Some(&dispatch)).await;
     let Some(f) = results.pop() else {
         return Err(CliError::Request {
             what: "follow restore".into(),
@@ -105,6 +105,7 @@ pub(super) async fn run(
             match done.outcome {
                 TaskOutcome::Succeeded => Ok(()),
                 TaskOutcome::Partial => Err(CliError::Partial),
+                TaskOutcome::Cancelled => Err(CliError::Cancelled),
                 TaskOutcome::Failed => Err(CliError::TaskFailed {
                     host: host.to_string(),
                     task_id: done.task_id,

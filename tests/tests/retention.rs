@@ -1,0 +1,346 @@
+//! Retention: `forget` applies a keep policy to the snapshot records, and
+//! `prune` deletes the packs nothing references any more, without breaking a
+//! backup that runs beside it.
+//!
+//! The worlds are those of the data-plane tests (nas stores and restores).
+//! Each old state of a source is wiped before the next is written, so old
+//! snapshots share no blob with newer ones and their packs become garbage.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use flotilla_tests::{
+    check_report, json_values, read_lossy, restored_path, summarize_events, write_random,
+    CliOutput, Compare, DirStats, Fleet, NatsServer, DATA_TIMEOUT,
+};
+use serde_json::Value;
+
+use super::dataplane::{
+    assert_exit, assert_same_tree, backup_ok, pack_bytes, restore_ok, snapshot_of, start_world,
+};
+use super::is_task_event;
+
+const MIB: u64 = 1 << 20;
+/// How long beta's 200 MiB backup may take to show progress, then to finish.
+const BACKUP_TIMEOUT: Duration = Duration::from_secs(180);
+/// What the source logs when its commit found blobs missing and it backs up
+/// again: after a prune, that would mean prune deleted what the session used.
+const RELIED_BLOBS_LOST: &str = "repository lacks blobs this backup relied on";
+
+// ---- helpers ---------------------------------------------------------------
+
+/// Empties `root` and writes `len` pseudo-random bytes of `seed` into it, so
+/// the next snapshot shares nothing with the previous ones.
+fn replace_data(root: &Path, seed: u64, len: u64) {
+    for entry in fs::read_dir(root).expect("list the backup root") {
+        let path = entry.expect("read the backup root").path();
+        if path.is_dir() && !path.is_symlink() {
+            fs::remove_dir_all(&path).expect("remove old data");
+        } else {
+            fs::remove_file(&path).expect("remove old data");
+        }
+    }
+    write_random(&root.join(format!("data/seed-{seed}.bin")), seed, len).expect("write test data");
+}
+
+/// Pack files in a repository.
+fn pack_count(storage: &Path) -> u64 {
+    let packs = storage.join("packs");
+    if !packs.exists() {
+        return 0;
+    }
+    DirStats::walk(&packs).expect("walk the packs").files
+}
+
+fn sorted(ids: impl IntoIterator<Item = impl Into<String>>) -> Vec<String> {
+    let mut ids: Vec<String> = ids.into_iter().map(Into::into).collect();
+    ids.sort();
+    ids
+}
+
+/// The string ids of a JSON array (`removed` of a forget, or `id`s of a listing).
+fn ids_of<'a>(values: impl IntoIterator<Item = &'a Value>) -> Vec<String> {
+    sorted(values.into_iter().filter_map(|v| v.as_str()))
+}
+
+/// `forget --host HOST --keep-last 1 --json`, which must exit 0. Returns the
+/// verdict lines and the ids the storage reported removed.
+fn forget_keep_last_1(fleet: &Fleet, host: &str) -> (Vec<Value>, Vec<String>) {
+    let out = fleet
+        .cli(["forget", "--host", host, "--keep-last", "1", "--json"])
+        .expect("run flotilla forget");
+    assert_exit(fleet, &out, 0, "forget --keep-last 1");
+    let values = json_values(&out).expect("JSON lines");
+    let verdicts: Vec<Value> = values
+        .iter()
+        .filter(|v| v["type"] == "verdict")
+        .cloned()
+        .collect();
+    let removed = ids_of(
+        values
+            .iter()
+            .filter(|v| v["type"] == "forgotten" && v["storage"] == "nas")
+            .flat_map(|v| v["removed"].as_array().into_iter().flatten()),
+    );
+    (verdicts, removed)
+}
+
+/// `prune nas --grace 0s [EXTRA…] --json`, which must exit 0; returns its
+/// report (the last JSON document, after any progress lines).
+fn prune(fleet: &Fleet, extra: &[&str]) -> Value {
+    let mut args = vec!["prune", "nas", "--grace", "0s", "--json"];
+    args.extend_from_slice(extra);
+    let out = fleet
+        .cli_with_timeout(args, DATA_TIMEOUT)
+        .expect("run flotilla prune");
+    assert_exit(fleet, &out, 0, "prune");
+    report_of(fleet, &out)
+}
+
+fn report_of(fleet: &Fleet, out: &CliOutput) -> Value {
+    match json_values(out)
+        .expect("JSON output")
+        .into_iter()
+        .rev()
+        .find(|v| v.get("packs_deleted").is_some())
+    {
+        Some(report) if report["storage"] == "nas" => report,
+        _ => fleet.fail(format!("no prune report of nas:\n{out}")),
+    }
+}
+
+fn num(report: &Value, field: &str) -> u64 {
+    report[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number {field} in {report}"))
+}
+
+/// `check nas --read-data` must exit 0 with `ok: true`.
+fn assert_check_ok(fleet: &Fleet) {
+    let out = fleet
+        .check("nas", true)
+        .expect("run flotilla check --read-data");
+    assert_exit(fleet, &out, 0, "an intact repository");
+    let report = check_report(&out).expect("a check report");
+    if report["ok"] != true {
+        fleet.fail(format!("check found problems:\n{out}"));
+    }
+}
+
+/// Restores `snapshot` onto nas under `name` and compares it with `root`.
+fn assert_restores(
+    fleet: &Fleet,
+    nas_restore_root: &Path,
+    snapshot: &str,
+    name: &str,
+    root: &Path,
+) {
+    let target = nas_restore_root.join(name);
+    restore_ok(fleet, snapshot, &target, &[]);
+    assert_same_tree(
+        fleet,
+        root,
+        &restored_path(&target, root),
+        Compare::Contents,
+    );
+}
+
+// ---- tests -----------------------------------------------------------------
+
+#[test]
+fn forget_keeps_the_policy_and_prune_frees_space() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let agents = start_world(&fleet, &["alpha"]);
+    let (nas, alpha) = (&agents[0], &agents[1]);
+    let root = alpha.backup_root().to_path_buf();
+    let storage = nas.storage_dir().to_path_buf();
+
+    let mut snaps = Vec::new();
+    for seed in 1..=3 {
+        replace_data(&root, seed, 4 * MIB);
+        snaps.push(snapshot_of(&backup_ok(&fleet, &["alpha"])[0]));
+    }
+    let (snap1, snap2, snap3) = (&snaps[0], &snaps[1], &snaps[2]);
+
+    // Forgetting everything is never a default.
+    let out = fleet
+        .cli(["forget", "--host", "alpha"])
+        .expect("run flotilla forget");
+    assert_exit(&fleet, &out, 2, "forget without any --keep-*");
+    let listed = fleet.snapshots(&[]).expect("flotilla snapshots --json");
+    assert_eq!(listed.len(), 3, "a refused forget forgot: {listed:#?}");
+
+    let (verdicts, removed) = forget_keep_last_1(&fleet, "alpha");
+    for (id, keep) in [(snap1, false), (snap2, false), (snap3, true)] {
+        match verdicts.iter().find(|v| v["id"] == id.as_str()) {
+            Some(v) if v["keep"] == keep && v["host"] == "alpha" && v["storage"] == "nas" => {}
+            other => fleet.fail(format!(
+                "verdict for {id}: expected keep={keep}, got {other:?}\nall: {verdicts:#?}"
+            )),
+        }
+    }
+    assert_eq!(removed, sorted([snap1, snap2]), "forgotten on nas");
+    let listed = fleet.snapshots(&[]).expect("flotilla snapshots --json");
+    assert_eq!(
+        ids_of(listed.iter().map(|s| &s["id"])),
+        vec![snap3.clone()],
+        "{listed:#?}"
+    );
+
+    let (packs_before, bytes_before) = (pack_count(&storage), pack_bytes(&storage));
+    let report = prune(&fleet, &[]);
+    eprintln!("prune: {report}");
+    assert_eq!(report["dry_run"], false, "{report}");
+    assert_eq!(report["snapshots"], 1, "{report}");
+    assert_eq!(report["packs"], packs_before, "{report}");
+    assert_eq!(report["packs_protected"], 0, "no session is live: {report}");
+    let (deleted, freed) = (num(&report, "packs_deleted"), num(&report, "bytes_freed"));
+    assert!(deleted >= 2, "snap1 and snap2 each left a pack: {report}");
+    assert!(freed >= 6 * MIB, "8 MiB of data were forgotten: {report}");
+    // On disk, independently of the report.
+    assert_eq!(pack_count(&storage), packs_before - deleted, "{report}");
+    assert_eq!(bytes_before - pack_bytes(&storage), freed, "{report}");
+
+    assert_check_ok(&fleet);
+    assert_restores(&fleet, nas.restore_root(), snap3, "snap3", &root);
+
+    // A dry run reports what would go and deletes nothing.
+    replace_data(&root, 4, 4 * MIB);
+    let snap4 = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+    let (_, removed) = forget_keep_last_1(&fleet, "alpha");
+    assert_eq!(removed, vec![snap3.clone()], "keep-last 1 after snap4");
+    let (packs_before, bytes_before) = (pack_count(&storage), pack_bytes(&storage));
+    let dry = prune(&fleet, &["--dry-run"]);
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(dry["packs"], packs_before, "{dry}");
+    assert!(
+        num(&dry, "packs_deleted") >= 1,
+        "snap3's packs would go: {dry}"
+    );
+    assert!(num(&dry, "bytes_freed") >= 3 * MIB, "{dry}");
+    assert_eq!(
+        pack_count(&storage),
+        packs_before,
+        "a dry run deleted packs: {dry}"
+    );
+    assert_eq!(
+        pack_bytes(&storage),
+        bytes_before,
+        "a dry run deleted packs: {dry}"
+    );
+    let again = prune(&fleet, &["--dry-run"]);
+    for field in ["packs", "packs_deleted", "bytes_freed"] {
+        assert_eq!(again[field], dry[field], "{field}: {dry}\nthen {again}");
+    }
+    assert_restores(&fleet, nas.restore_root(), &snap4, "snap4", &root);
+}
+
+#[test]
+fn prune_during_a_concurrent_backup_breaks_nothing() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let agents = start_world(&fleet, &["alpha", "beta"]);
+    let (nas, alpha, beta) = (&agents[0], &agents[1], &agents[2]);
+    let alpha_root = alpha.backup_root().to_path_buf();
+    let beta_root = beta.backup_root().to_path_buf();
+
+    replace_data(&alpha_root, 11, 4 * MIB);
+    let old = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+    replace_data(&alpha_root, 12, 4 * MIB);
+    let kept = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+    for i in 0..5 {
+        write_random(
+            &beta_root.join(format!("big/part-{i}.bin")),
+            21 + i,
+            40 * MIB,
+        )
+        .expect("write 40 MiB of test data");
+    }
+
+    let out = fleet
+        .cli(["backup", "beta", "--to", "nas", "--json"])
+        .expect("run flotilla backup without --wait");
+    assert_exit(&fleet, &out, 0, "queued");
+    let task_id = out
+        .json_lines()
+        .expect("JSON lines")
+        .iter()
+        .find(|v| v["type"] == "queued" && v["host"] == "beta")
+        .and_then(|v| v["task_id"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| fleet.fail(format!("no queued line for beta:\n{out}")));
+
+    // true: it is running (progress seen); false: it already finished.
+    let running = fleet.wait_for("progress of beta's backup", BACKUP_TIMEOUT, || {
+        let events = fleet.events_of("task", "beta")?;
+        if events
+            .iter()
+            .any(|e| is_task_event(e, "task.finished", &task_id))
+        {
+            return Ok(Some(false));
+        }
+        if events
+            .iter()
+            .any(|e| is_task_event(e, "task.progress", &task_id))
+        {
+            return Ok(Some(true));
+        }
+        anyhow::bail!("task events of beta:\n{}", summarize_events(&events))
+    });
+    if !running {
+        eprintln!("note: beta's backup finished before any progress event; prune ran after it");
+    }
+
+    let (_, removed) = forget_keep_last_1(&fleet, "alpha");
+    assert_eq!(removed, vec![old.clone()], "keep-last 1 of alpha");
+    let report = prune(&fleet, &[]);
+    eprintln!(
+        "prune while beta's backup was {}: {report}",
+        if running { "running" } else { "done" }
+    );
+    assert!(
+        num(&report, "packs_deleted") >= 1,
+        "{old}'s packs: {report}"
+    );
+    assert!(num(&report, "bytes_freed") >= 3 * MIB, "{report}");
+
+    let finished = fleet.wait_for("beta's backup to finish", BACKUP_TIMEOUT, || {
+        let events = fleet.events_of("task.finished", "beta")?;
+        match events
+            .iter()
+            .find(|e| is_task_event(e, "task.finished", &task_id))
+        {
+            Some(e) => Ok(Some(e.clone())),
+            None => anyhow::bail!("task.finished of beta:\n{}", summarize_events(&events)),
+        }
+    });
+    if finished["detail"]["outcome"] != "succeeded" {
+        fleet.fail(format!("beta's backup did not succeed: {finished:#}"));
+    }
+    // A commit that found blobs missing is retried by the source and would
+    // hide a prune that deleted what the session relied on.
+    let beta_log = read_lossy(&fleet.agent_log("beta"));
+    if beta_log.contains(RELIED_BLOBS_LOST) {
+        fleet.fail("beta's commit found blobs missing after the prune (see its log)");
+    }
+    let beta_snap = match finished["detail"]["result"]["snapshot"].as_str() {
+        Some(id) => id.to_owned(),
+        None => fleet
+            .snapshots(&["--host", "beta"])
+            .expect("flotilla snapshots")
+            .first()
+            .and_then(|s| s["id"].as_str().map(str::to_owned))
+            .expect("a snapshot of beta"),
+    };
+
+    assert_check_ok(&fleet);
+    let listed = fleet.snapshots(&[]).expect("flotilla snapshots --json");
+    assert_eq!(
+        ids_of(listed.iter().map(|s| &s["id"])),
+        sorted([&kept, &beta_snap]),
+        "{listed:#?}"
+    );
+    assert_restores(&fleet, nas.restore_root(), &kept, "alpha", &alpha_root);
+    assert_restores(&fleet, nas.restore_root(), &beta_snap, "beta", &beta_root);
+}
