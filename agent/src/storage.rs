@@ -589,6 +589,13 @@ impl Agent {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Query {
+    Snapshots,
+    Tree,
+    Stats,
+}
+
 /// Answers the read-only repository queries on NATS until `cancel` fires.
 pub(crate) async fn serve_queries(
     agent: Arc<Agent>,
@@ -599,9 +606,14 @@ pub(crate) async fn serve_queries(
     let host = &agent.settings.host;
     let snaps = client.subscribe(subject::repo_snapshots(host)).await?;
     let trees = client.subscribe(subject::repo_tree(host)).await?;
-    let mut requests = futures::stream::select(snaps.map(|m| (true, m)), trees.map(|m| (false, m)));
+    let stats = client.subscribe(subject::repo_stats(host)).await?;
+    let mut requests = futures::stream::select_all([
+        snaps.map(|m| (Query::Snapshots, m)).boxed(),
+        trees.map(|m| (Query::Tree, m)).boxed(),
+        stats.map(|m| (Query::Stats, m)).boxed(),
+    ]);
     loop {
-        let (is_list, msg) = tokio::select! {
+        let (query, msg) = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
             next = requests.next() => match next {
                 Some(m) => m,
@@ -612,7 +624,12 @@ pub(crate) async fn serve_queries(
         let repo = repo.clone();
         let payload = msg.payload.clone();
         let answer = tokio::task::spawn_blocking(move || {
-            if is_list {
+            if query == Query::Stats {
+                return RepoReply::Stats {
+                    stats: repo.stats(),
+                };
+            }
+            if query == Query::Snapshots {
                 match repo.snapshots() {
                     Ok(mut list) => {
                         for s in &mut list {

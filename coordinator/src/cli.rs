@@ -3,7 +3,7 @@
 mod backup;
 pub(crate) use backup::storage_addr;
 pub(crate) use forget::decide;
-pub(crate) use snapshots::repo_key;
+pub(crate) use snapshots::{query, repo_key};
 mod check;
 mod estimate;
 mod events;
@@ -49,6 +49,9 @@ pub enum ConfigCommand {
         /// The file.
         #[arg(default_value = "flotilla.toml")]
         file: PathBuf,
+        /// Print {"ok": bool, "issues": [{"line", "message"}]}.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -392,21 +395,36 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             crate::serve::run(g, &config, state_dir.as_deref()).await
         }
         Command::Config {
-            command: ConfigCommand::Check { file },
+            command: ConfigCommand::Check { file, json },
         } => {
-            let config =
-                crate::config::Config::load(&file).map_err(|e| CliError::Usage(e.to_string()))?;
-            outln!(
-                "{}: ok ({} plan(s), {} notification route(s){})",
-                file.display(),
-                config.plan.len(),
-                config.notify.len(),
-                if config.metrics.is_some() {
-                    ", metrics"
-                } else {
-                    ""
-                }
-            );
+            let loaded = crate::config::Config::load(&file);
+            if json {
+                let doc = match &loaded {
+                    Ok(c) => serde_json::json!({"ok": true, "plans": c.plan.len(), "issues": []}),
+                    Err(crate::config::ConfigError::Invalid { issues, .. }) => serde_json::json!({
+                        "ok": false,
+                        "issues": issues.iter().map(|i| serde_json::json!({"line": i.line, "message": i.message})).collect::<Vec<_>>(),
+                    }),
+                    Err(e) => {
+                        serde_json::json!({"ok": false, "issues": [{"line": null, "message": e.to_string()}]})
+                    }
+                };
+                outln!("{doc}");
+            }
+            let config = loaded.map_err(|e| CliError::Usage(e.to_string()))?;
+            if !json {
+                outln!(
+                    "{}: ok ({} plan(s), {} notification route(s){})",
+                    file.display(),
+                    config.plan.len(),
+                    config.notify.len(),
+                    if config.metrics.is_some() {
+                        ", metrics"
+                    } else {
+                        ""
+                    }
+                );
+            }
             Ok(())
         }
         Command::Backup {

@@ -862,12 +862,36 @@ impl Daemon {
                         .collect::<Vec<_>>()
                 })
                 .collect(),
+            repositories: self.repository_stats(&hosts).await,
             leader: self.leader,
             running_jobs: self.running.len(),
         };
         if let Ok(mut m) = self.metrics.lock() {
             *m = snapshot;
         }
+    }
+
+    /// Sizes of the online storage hosts' repositories.
+    async fn repository_stats(
+        &self,
+        hosts: &[crate::nats::HostRecord],
+    ) -> Vec<(String, flotilla_protocol::repo::RepoStats)> {
+        let now = crate::now_ms();
+        let mut out = Vec::new();
+        for r in hosts.iter().filter(|r| {
+            r.heartbeat
+                .roles
+                .contains(&flotilla_protocol::Role::Storage)
+                && r.offline_reason(now).is_none()
+        }) {
+            let host = &r.heartbeat.host;
+            let asked =
+                crate::cli::query(&self.nats, subject::repo_stats(host), Vec::new(), host).await;
+            if let Ok(flotilla_protocol::frame::RepoReply::Stats { stats }) = asked {
+                out.push((host.to_string(), stats));
+            }
+        }
+        out
     }
 
     async fn publish(&self, host: &HostName, severity: Severity, message: String, body: EventBody) {

@@ -132,6 +132,11 @@ pub enum RepoReply {
         /// The records, oldest first.
         snapshots: Vec<SnapshotRecord>,
     },
+    /// Size of the repository.
+    Stats {
+        /// Counts from the storage agent's index.
+        stats: crate::repo::RepoStats,
+    },
     /// One sealed tree blob.
     Tree {
         /// Sealed bytes.

@@ -97,6 +97,12 @@ pub fn repo_snapshots(storage: &HostName) -> String {
     format!("{ROOT}.repo.{storage}.snapshots")
 }
 
+/// Request subject for the size of `storage`'s repository
+/// (reply: [`crate::frame::RepoReply::Stats`]).
+pub fn repo_stats(storage: &HostName) -> String {
+    format!("{ROOT}.repo.{storage}.stats")
+}
+
 /// Request subject for one sealed *tree* blob of `storage`'s repository
 /// (request: the 32-byte id; reply: [`crate::frame::RepoReply`]).
 pub fn repo_tree(storage: &HostName) -> String {

@@ -71,7 +71,7 @@ pub(super) async fn storages(
         .collect())
 }
 
-async fn query(
+pub(crate) async fn query(
     nats: &Nats,
     subject: String,
     payload: Vec<u8>,
@@ -118,7 +118,7 @@ pub(super) async fn list(
                     why: message,
                 })
             }
-            RepoReply::Tree { .. } => {}
+            RepoReply::Tree { .. } | RepoReply::Stats { .. } => {}
         }
     }
     out.sort_by_key(|f| f.record.time);
@@ -166,7 +166,7 @@ pub(super) async fn tree(
             what: format!("fetch tree {id:?}"),
             why: message,
         }),
-        RepoReply::Snapshots { .. } => Err(CliError::Request {
+        RepoReply::Snapshots { .. } | RepoReply::Stats { .. } => Err(CliError::Request {
             what: format!("fetch tree {id:?}"),
             why: "unexpected answer".into(),
         }),

@@ -17,6 +17,8 @@ pub struct Snapshot {
     pub agents: Vec<(String, bool)>,
     /// `(storage, path, free, total)` of storage roots.
     pub storage: Vec<(String, String, u64, u64)>,
+    /// `(storage, stats)` of each repository.
+    pub repositories: Vec<(String, flotilla_protocol::repo::RepoStats)>,
     /// Whether this daemon holds the lease.
     pub leader: bool,
     /// Jobs running now.
@@ -28,6 +30,9 @@ fn label(s: &str) -> String {
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
+
+/// Reads one number out of a repository's stats.
+type StatField = fn(&flotilla_protocol::repo::RepoStats) -> u64;
 
 /// Renders the Prometheus text format.
 pub fn render(s: &Snapshot) -> String {
@@ -106,6 +111,28 @@ pub fn render(s: &Snapshot) -> String {
             label(host),
             label(path)
         );
+    }
+    let repo_gauges: [(&str, &str, StatField); 3] = [
+        (
+            "flotilla_repository_stored_bytes",
+            "Bytes of pack files in a repository (after dedup, compression, encryption).",
+            |r| r.stored_bytes,
+        ),
+        ("flotilla_repository_blobs", "Blobs in a repository.", |r| {
+            r.blobs
+        }),
+        (
+            "flotilla_repository_snapshots",
+            "Snapshots in a repository.",
+            |r| r.snapshots,
+        ),
+    ];
+    for (name, help, value) in repo_gauges {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for (storage, r) in &s.repositories {
+            let _ = writeln!(out, "{name}{{storage=\"{}\"}} {}", label(storage), value(r));
+        }
     }
     let _ = writeln!(
         out,
