@@ -74,6 +74,9 @@ pub enum Command {
         /// Overwrite an existing fleet (every enrolled host must be enrolled again).
         #[arg(long)]
         force: bool,
+        /// Print {"fleet", "dir"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Issue a host's bundle: certificate, keys and NATS URL, in one file (mode 0600).
     Enroll {
@@ -88,6 +91,9 @@ pub enum Command {
         /// Overwrite an existing bundle file.
         #[arg(long)]
         force: bool,
+        /// Print {"host", "out", "fleet"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Show every host ever seen: online or offline, last seen, version, roles, space.
     Hosts {
@@ -347,18 +353,25 @@ pub(crate) fn emit(args: std::fmt::Arguments<'_>) {
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let g = &cli.global;
     match cli.command {
-        Command::Init { force } => {
+        Command::Init { force, json } => {
             let dir = g.fleet.clone().ok_or(CliError::NoFleet)?;
             let url = g
                 .nats
                 .clone()
                 .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
             let fleet = Fleet::init(&dir, &url, force)?;
-            outln!("created fleet {} in {}", fleet.file.id, dir.display());
-            outln!(
-                "next: `flotilla enroll HOST --fleet {} --out HOST.toml` for each host",
-                dir.display()
-            );
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::json!({"fleet": fleet.file.id, "dir": dir})
+                );
+            } else {
+                outln!("created fleet {} in {}", fleet.file.id, dir.display());
+                outln!(
+                    "next: `flotilla enroll HOST --fleet {} --out HOST.toml` for each host",
+                    dir.display()
+                );
+            }
             Ok(())
         }
         Command::Enroll {
@@ -366,13 +379,21 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             out,
             no_repo_key,
             force,
+            json,
         } => {
             let fleet = g.fleet()?;
             fleet.enroll(&host, &out, g.nats.as_deref(), !no_repo_key, force)?;
-            outln!(
-                "wrote bundle for {host} to {} (mode 0600; it holds the host's private key)",
-                out.display()
-            );
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::json!({"host": host.as_str(), "out": out, "fleet": fleet.file.id})
+                );
+            } else {
+                outln!(
+                    "wrote bundle for {host} to {} (mode 0600; it holds the host's private key)",
+                    out.display()
+                );
+            }
             Ok(())
         }
         Command::Hosts { json } => hosts::run(g, json).await,
