@@ -100,6 +100,47 @@ fn wait_job_succeeded(fleet: &Fleet, after_ms: u64) -> Value {
     })
 }
 
+/// Waits up to `timeout` for a `job.succeeded` of `plan` on alpha that also
+/// matches `pred`, failing at once on a matching `job.failed` or `job.partial`.
+fn wait_plan_succeeded(
+    fleet: &Fleet,
+    plan: &str,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let of_plan = |ev: &Value, kind: &str| {
+        ev["kind"] == kind && ev["host"] == "alpha" && ev["detail"]["plan"] == plan
+    };
+    fleet.wait_for(what, timeout, || {
+        let events = fleet.events()?;
+        if let Some(bad) = events
+            .iter()
+            .find(|ev| (of_plan(ev, "job.failed") || of_plan(ev, "job.partial")) && pred(ev))
+        {
+            fleet.fail(format!(
+                "the backup of plan {plan} did not succeed: {bad:#}"
+            ));
+        }
+        match events
+            .iter()
+            .find(|ev| of_plan(ev, "job.succeeded") && pred(ev))
+        {
+            Some(ev) => Ok(Some(ev.clone())),
+            None => bail!(
+                "none of the {} stored events is one:\n{}",
+                events.len(),
+                summarize_events(&events)
+            ),
+        }
+    })
+}
+
+/// A `task.started` of a backup on alpha.
+fn is_backup_started(ev: &Value) -> bool {
+    ev["kind"] == "task.started" && ev["host"] == "alpha" && ev["detail"]["task_kind"] == "backup"
+}
+
 /// The samples of `/metrics` at `addr`, which must parse as Prometheus text.
 fn scrape(fleet: &Fleet, addr: &str) -> anyhow::Result<Vec<Sample>> {
     let text = scrape_metrics(addr)?;
@@ -379,4 +420,118 @@ fn config_check_points_at_the_line() {
         .expect("run flotilla config check");
     assert_eq!(out.code, Some(0), "{out}");
     assert!(out.stdout.contains("ok"), "{out}");
+}
+
+/// After downtime a plan runs **once**, however many scheduled times it
+/// missed: the daemon stops after its first scheduled backup, stays down
+/// across three minute boundaries, and once restarted on the same state dir
+/// runs a single catch-up backup instead of replaying the three missed runs.
+///
+/// **Slow: takes about 4-5 minutes** (up to a minute until the first
+/// scheduled run, three missed minutes, then the catch-up). It is a normal
+/// test and runs in parallel with the others.
+#[test]
+fn missed_runs_after_downtime_run_once() {
+    const MINUTELY: &str = "minutely";
+    /// How long the restarted daemon is watched.
+    const WINDOW_MS: u64 = 15_000;
+    const MINUTE_MS: u64 = 60_000;
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let _agents = start_world(&fleet);
+    let text = format!(
+        "{SERVE}\n[[plan]]\nname = \"{MINUTELY}\"\nhosts = [\"alpha\"]\nto = \"nas\"\n\
+         schedule = \"* * * * *\"\n"
+    );
+    let config = write_config(fleet.dir(), "flotilla.toml", &text);
+    fn time_of(ev: &Value) -> u64 {
+        ev["time"].as_u64().unwrap_or(0)
+    }
+
+    let mut first = fleet.serve("a", &config).expect("start flotilla serve");
+    let state_dir = first.state_dir().to_path_buf();
+    wait_plan_succeeded(
+        &fleet,
+        MINUTELY,
+        &format!("the first job.succeeded of plan {MINUTELY} on alpha"),
+        SCHEDULED_TIMEOUT,
+        |_| true,
+    );
+    first.sigterm().expect("SIGTERM flotilla serve");
+    let status = first
+        .wait_exit(Duration::from_secs(20))
+        .expect("flotilla serve exits");
+    if !status.success() {
+        fleet.fail(format!("flotilla serve exited with {status} after SIGTERM"));
+    }
+    let stopped = now_ms();
+
+    // Down until the start of the third minute after the stop, plus 5 s: at
+    // least three scheduled times go by with no daemon.
+    let resume_at = (stopped / MINUTE_MS + 3) * MINUTE_MS + 5_000;
+    std::thread::sleep(Duration::from_millis(resume_at.saturating_sub(now_ms())));
+    let events = fleet.events().expect("flotilla events --json");
+    let while_down: Vec<&Value> = events
+        .iter()
+        .filter(|ev| is_backup_started(ev) && time_of(ev) > stopped)
+        .collect();
+    if !while_down.is_empty() {
+        fleet.fail(format!(
+            "{} backup(s) of alpha started while the daemon was down (since {stopped} ms):\n{}",
+            while_down.len(),
+            summarize_events(&events)
+        ));
+    }
+
+    let restarted = now_ms();
+    let mut second = fleet.serve("a", &config).expect("restart flotilla serve");
+    assert_eq!(
+        second.state_dir(),
+        state_dir,
+        "the restarted daemon must keep its state dir"
+    );
+    let window_end = restarted + WINDOW_MS;
+    std::thread::sleep(Duration::from_millis(window_end.saturating_sub(now_ms())));
+    if !second.is_running() {
+        fleet.fail("the restarted flotilla serve exited");
+    }
+    // Slack for the last events of the window to reach the stream.
+    std::thread::sleep(Duration::from_secs(2));
+    let events = fleet.events().expect("flotilla events --json");
+    let mut started: Vec<&Value> = events
+        .iter()
+        .filter(|ev| is_backup_started(ev) && (restarted..=window_end).contains(&time_of(ev)))
+        .collect();
+    started.sort_by_key(|ev| time_of(ev));
+    // A scheduled time inside the window may add one ordinary run.
+    let boundary_inside =
+        restarted % MINUTE_MS == 0 || window_end / MINUTE_MS != restarted / MINUTE_MS;
+    let expected = if boundary_inside {
+        "one or two (a minute boundary falls inside the window)"
+    } else {
+        "exactly one"
+    };
+    let ok = match started.len() {
+        1 => true,
+        2 => boundary_inside,
+        _ => false,
+    };
+    if !ok {
+        fleet.fail(format!(
+            "{} backup(s) of alpha started in the {WINDOW_MS} ms after the restart \
+             ({restarted}..={window_end} ms), expected {expected}: the missed runs must \
+             be caught up once, not replayed:\n{}",
+            started.len(),
+            summarize_events(&events)
+        ));
+    }
+
+    let catch_up = started[0]["detail"]["task_id"].clone();
+    wait_plan_succeeded(
+        &fleet,
+        MINUTELY,
+        &format!("the job.succeeded of the catch-up task {catch_up}"),
+        Duration::from_secs(60),
+        |ev| ev["detail"]["task_id"] == catch_up,
+    );
 }
