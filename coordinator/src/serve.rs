@@ -501,6 +501,23 @@ impl Daemon {
                         ));
                     }
                 }
+                // The keep policy applies after every successful backup of a
+                // plan's host, whoever started it.
+                if self.leader {
+                    let plans: Vec<(usize, HostName)> = self
+                        .config
+                        .plan
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| {
+                            p.to.get_ref() == &r.storage && p.host_names().contains(&ev.host)
+                        })
+                        .filter_map(|(i, p)| Some((i, p.storage()?)))
+                        .collect();
+                    for (i, storage) in plans {
+                        self.apply_retention(i, &ev.host, &storage).await;
+                    }
+                }
             }
             return;
         };

@@ -535,3 +535,40 @@ fn missed_runs_after_downtime_run_once() {
         |ev| ev["detail"]["task_id"] == catch_up,
     );
 }
+
+/// The daemon applies a plan's keep policy after every successful backup of
+/// the plan's hosts, including backups started by hand.
+#[test]
+fn serve_applies_the_plan_keep_policy_after_each_backup() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let text = format!(
+        "{SERVE}\n[[plan]]\nname = \"kept\"\nhosts = [\"alpha\"]\nto = \"nas\"\nkeep = {{ last = 1 }}\n"
+    );
+    let config = write_config(fleet.dir(), "flotilla.toml", &text);
+    let agents = start_world(&fleet);
+    let _serve = fleet.serve("main", &config).expect("start flotilla serve");
+    // Let the daemon take the lease (it ticks every second).
+    std::thread::sleep(Duration::from_secs(3));
+    let root = agents[1].backup_root().to_path_buf();
+    for i in 0..3u8 {
+        write_bytes(&root.join(format!("changing-{i}.txt")), &[i; 4096]).expect("write test data");
+        fleet
+            .backup("alpha", "nas", &[])
+            .expect("run flotilla backup")
+            .ensure_success()
+            .expect("backup succeeds");
+    }
+    fleet.wait_until(
+        "the keep policy (last = 1) to leave one snapshot of alpha",
+        Duration::from_secs(30),
+        || Ok(fleet.snapshots(&["--host", "alpha"])?.len() == 1),
+    );
+    let left = fleet
+        .snapshots(&["--host", "alpha"])
+        .expect("list snapshots");
+    let newest = fleet
+        .cli_json(["snapshots", "--json"])
+        .expect("list snapshots");
+    assert_eq!(left.len(), 1, "{newest:#}");
+}
