@@ -287,7 +287,14 @@ impl Agent {
             TaskKind::Cancel { task_id } => Ok(self.cancel_task(task_id)),
         };
         let duration_ms = started.elapsed().as_millis() as u64;
-        if cancel.is_cancelled() {
+        // A task that ran to its end reports what it did, even if a cancel
+        // arrived too late to stop it.
+        if cancel.is_cancelled() && ran.is_ok() {
+            if let Ok(mut c) = self.cancelled.lock() {
+                c.remove(&body.id);
+            }
+        }
+        if cancel.is_cancelled() && ran.is_err() {
             let asked = self
                 .cancelled
                 .lock()
@@ -500,11 +507,19 @@ impl Agent {
         let roots = self.settings.backup_roots.clone();
         let resolved = self.allowed_paths(body, paths, &roots).await?;
         let cancel = cancel.clone();
+        let stop = cancel.clone();
         let report = self
             .with_progress(body, (None, None), move |p| {
-                engine::estimate(&resolved, p, &cancel)
+                engine::estimate(&resolved, p, &stop)
             })
             .await?;
+        if cancel.is_cancelled() {
+            // A walk cut short is not an answer.
+            return Err(JobError::Failed {
+                message: "cancelled".into(),
+                retryable: true,
+            });
+        }
         Ok(TaskResult::Estimate(report))
     }
 

@@ -39,7 +39,7 @@ pub struct Cli {
 
 const EXIT_CODES: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 host unknown or offline, \
 4 task rejected or failed (also: check found problems), 5 cannot reach NATS, \
-6 finished but some files could not be read or restored.";
+6 finished but some files could not be read or restored, 130 cancelled with Ctrl-C.";
 
 /// `flotilla config ...`.
 #[derive(Debug, Subcommand)]

@@ -83,7 +83,10 @@ pub(super) async fn run(
         }
         return Ok(());
     }
+    let expected = sent.len();
     let results = follow_all(sent, WAIT, json, Some(&dispatch)).await;
+    // Fewer results than tasks: waiting was given up (a second Ctrl-C).
+    let gave_up = results.len() < expected;
     let mut worst: Option<CliError> = None;
     let mut partial = false;
     for f in results {
@@ -170,6 +173,7 @@ pub(super) async fn run(
     }
     match worst {
         Some(e) => Err(e),
+        None if gave_up => Err(CliError::Cancelled),
         None if partial => Err(CliError::Partial),
         None => Ok(()),
     }

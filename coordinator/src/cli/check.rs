@@ -123,6 +123,7 @@ pub(super) async fn run(
     }
     match done.outcome {
         TaskOutcome::Succeeded => Ok(()),
+        TaskOutcome::Cancelled => Err(CliError::Cancelled),
         _ => Err(CliError::TaskFailed {
             host: storage.to_string(),
             task_id: done.task_id,
