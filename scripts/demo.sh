@@ -55,6 +55,10 @@ for host in laptop desktop; do
     ln -s docs/note-1.txt "$home/latest-note"
 done
 mkdir -p "$DEMO/data/nas/repository" "$DEMO/data/nas/restore"
+# Files changed within the last second are not trusted to the file cache
+# ("racily clean"); let the fresh sample data settle so the second backup
+# below can show that unchanged files are not read again.
+sleep 1.5
 
 log "starting three agents: laptop and desktop (sources), nas (storage)"
 for host in laptop desktop; do
