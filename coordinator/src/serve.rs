@@ -47,6 +47,17 @@ enum JobKind {
     Prune { plan: usize },
 }
 
+impl JobKind {
+    /// The task kind it dispatches, as in events.
+    fn name(&self) -> &'static str {
+        match self {
+            JobKind::Backup { .. } => "backup",
+            JobKind::Check { .. } => "check",
+            JobKind::Prune { .. } => "prune",
+        }
+    }
+}
+
 /// A job waiting for its turn (or for its retry time).
 #[derive(Debug, Clone)]
 struct Queued {
@@ -243,14 +254,19 @@ impl Daemon {
     }
 
     async fn tick(&mut self) {
-        self.refresh_metrics().await;
+        // The registry is read once per tick and shared by metrics and watchdog.
+        let hosts = self.nats.hosts().await.ok();
+        self.refresh_metrics(hosts.as_deref().unwrap_or_default())
+            .await;
         if !self.leader {
             return;
         }
         let now = crate::now_ms();
         self.schedule(now);
         self.dispatch_queued(now).await;
-        self.watchdog(now).await;
+        if let Some(hosts) = &hosts {
+            self.watchdog(now, hosts).await;
+        }
         self.publish_status(now).await;
     }
 
@@ -476,57 +492,19 @@ impl Daemon {
         let EventBody::TaskFinished(done) = &ev.body else {
             return;
         };
+        // Any successful backup counts for every plan it satisfies (same
+        // host, same storage), whoever started it: RPO, status, retention.
+        if let (Some(TaskResult::Backup(r)), TaskOutcome::Succeeded | TaskOutcome::Partial) =
+            (&done.result, done.outcome)
+        {
+            self.backup_succeeded(&ev.host, r, ev.time, done.duration_ms)
+                .await;
+        }
         let Some(run) = self.running.remove(&done.task_id) else {
-            // A backup someone ran by hand still counts for the plans it
-            // satisfies (same host, same storage): RPO and status see it.
-            if let (Some(TaskResult::Backup(r)), TaskOutcome::Succeeded | TaskOutcome::Partial) =
-                (&done.result, done.outcome)
-            {
-                for plan in &self.config.plan {
-                    if plan.to.get_ref() == &r.storage && plan.host_names().contains(&ev.host) {
-                        let s = Success {
-                            v: 1,
-                            time: ev.time,
-                            snapshot: Some(r.snapshot.clone()),
-                            bytes_added: r.summary.bytes_added,
-                            duration_ms: done.duration_ms,
-                        };
-                        let _ = self
-                            .state
-                            .set_success(plan.name.get_ref(), ev.host.as_str(), &s);
-                        let _ = self.state.clear_alert(&format!(
-                            "overdue/{}/{}",
-                            plan.name.get_ref(),
-                            ev.host
-                        ));
-                    }
-                }
-                // The keep policy applies after every successful backup of a
-                // plan's host, whoever started it.
-                if self.leader {
-                    let plans: Vec<(usize, HostName)> = self
-                        .config
-                        .plan
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, p)| {
-                            p.to.get_ref() == &r.storage && p.host_names().contains(&ev.host)
-                        })
-                        .filter_map(|(i, p)| Some((i, p.storage()?)))
-                        .collect();
-                    for (i, storage) in plans {
-                        self.apply_retention(i, &ev.host, &storage).await;
-                    }
-                }
-            }
             return;
         };
         let plan = self.plan_name(&run.job.kind);
-        let job_kind = match run.job.kind {
-            JobKind::Backup { .. } => "backup",
-            JobKind::Check { .. } => "check",
-            JobKind::Prune { .. } => "prune",
-        };
+        let job_kind = run.job.kind.name();
         let snapshot = match &done.result {
             Some(TaskResult::Backup(r)) => Some(r.snapshot.clone()),
             _ => None,
@@ -537,7 +515,7 @@ impl Daemon {
             plan: Some(plan.clone()),
             attempts: run.job.attempt,
             error: done.error.clone(),
-            snapshot: snapshot.clone(),
+            snapshot,
         };
         if done.outcome == TaskOutcome::Cancelled {
             let msg = format!(
@@ -556,27 +534,6 @@ impl Daemon {
         match done.outcome {
             TaskOutcome::Cancelled => {}
             TaskOutcome::Succeeded | TaskOutcome::Partial => {
-                if let (JobKind::Backup { .. }, Some(TaskResult::Backup(r))) =
-                    (&run.job.kind, &done.result)
-                {
-                    let s = Success {
-                        v: 1,
-                        time: ev.time,
-                        snapshot,
-                        bytes_added: r.summary.bytes_added,
-                        duration_ms: done.duration_ms,
-                    };
-                    if let Err(e) = self.state.set_success(&plan, run.job.host.as_str(), &s) {
-                        warn!(error = %e, "cannot record success");
-                    }
-                    let _ = self
-                        .state
-                        .clear_alert(&format!("overdue/{plan}/{}", run.job.host));
-                    if let JobKind::Backup { plan: i } = run.job.kind {
-                        self.apply_retention(i, &run.job.host, &run.job.storage)
-                            .await;
-                    }
-                }
                 let (sev, body, verb) = if done.outcome == TaskOutcome::Succeeded {
                     (Severity::Info, EventBody::JobSucceeded(ended), "succeeded")
                 } else {
@@ -616,6 +573,42 @@ impl Daemon {
                     )
                     .await;
                 }
+            }
+        }
+    }
+
+    /// Records a successful backup of `host` for every plan it satisfies and
+    /// applies those plans' keep policies.
+    async fn backup_succeeded(
+        &self,
+        host: &HostName,
+        report: &flotilla_protocol::BackupReport,
+        time: u64,
+        duration_ms: u64,
+    ) {
+        let plans: Vec<(usize, HostName)> = self
+            .config
+            .plan
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.to.get_ref() == &report.storage && p.host_names().contains(host))
+            .filter_map(|(i, p)| Some((i, p.storage()?)))
+            .collect();
+        for (i, storage) in plans {
+            let name = self.config.plan[i].name.get_ref();
+            let s = Success {
+                v: 1,
+                time,
+                snapshot: Some(report.snapshot.clone()),
+                bytes_added: report.summary.bytes_added,
+                duration_ms,
+            };
+            if let Err(e) = self.state.set_success(name, host.as_str(), &s) {
+                warn!(error = %e, "cannot record success");
+            }
+            let _ = self.state.clear_alert(&format!("overdue/{name}/{host}"));
+            if self.leader {
+                self.apply_retention(i, host, &storage).await;
             }
         }
     }
@@ -675,11 +668,7 @@ impl Daemon {
             return;
         };
         let plan = self.plan_name(&run.job.kind);
-        let job_kind = match run.job.kind {
-            JobKind::Backup { .. } => "backup",
-            JobKind::Check { .. } => "check",
-            JobKind::Prune { .. } => "prune",
-        };
+        let job_kind = run.job.kind.name();
         let ended = JobEnded {
             task_id: id.clone(),
             job_kind: job_kind.into(),
@@ -703,11 +692,8 @@ impl Daemon {
 
     /// Missed heartbeats, missed RPOs, full disks, version drift: each raised
     /// once per occurrence.
-    async fn watchdog(&mut self, now: u64) {
-        let Ok(hosts) = self.nats.hosts().await else {
-            return;
-        };
-        for rec in &hosts {
+    async fn watchdog(&mut self, now: u64, hosts: &[crate::nats::HostRecord]) {
+        for rec in hosts {
             let hb = &rec.heartbeat;
             let host = hb.host.clone();
             let key = format!("offline/{host}");
@@ -834,9 +820,8 @@ impl Daemon {
         }
     }
 
-    async fn refresh_metrics(&mut self) {
+    async fn refresh_metrics(&mut self, hosts: &[crate::nats::HostRecord]) {
         let now = crate::now_ms();
-        let hosts = self.nats.hosts().await.unwrap_or_default();
         let snapshot = metrics::Snapshot {
             successes: self
                 .state
@@ -879,7 +864,7 @@ impl Daemon {
                         .collect::<Vec<_>>()
                 })
                 .collect(),
-            repositories: self.repository_stats(&hosts).await,
+            repositories: self.repository_stats(hosts).await,
             leader: self.leader,
             running_jobs: self.running.len(),
         };

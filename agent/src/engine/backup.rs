@@ -212,7 +212,7 @@ struct Walker<'a> {
     excludes: Excludes,
     zstd_level: i32,
     referenced: HashSet<BlobId>,
-    /// Ids known to be in the repository or sent in this session.
+    /// Ids known to be in the repository, sent, or batched in this session.
     present: HashSet<BlobId>,
     batch: Vec<Pending>,
     batch_bytes: usize,
@@ -515,7 +515,10 @@ impl Walker<'_> {
 
     fn add_blob(&mut self, id: BlobId, kind: BlobKind, plain: Vec<u8>) -> Result<(), BackupError> {
         self.referenced.insert(id);
-        if self.present.contains(&id) || self.batch.iter().any(|p| p.id == id && p.kind == kind) {
+        // `present` also holds the ids batched but not yet asked about: a
+        // chunk repeated within a batch (zeros, copies) is queued once. The
+        // flush below does the asking for every batched id.
+        if !self.present.insert(id) {
             return Ok(());
         }
         self.batch_bytes += plain.len();
@@ -536,7 +539,7 @@ impl Walker<'_> {
         let ids: Vec<BlobId> = batch.iter().map(|p| p.id).collect();
         let missing: HashSet<BlobId> = self.store.missing(&ids)?.into_iter().collect();
         for p in batch {
-            if self.present.insert(p.id) && missing.contains(&p.id) {
+            if missing.contains(&p.id) {
                 let sealed = self.key.seal(&p.id, &p.plain, self.zstd_level)?;
                 self.summary.blobs_new += 1;
                 self.summary.bytes_added += sealed.len() as u64;

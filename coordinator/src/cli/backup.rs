@@ -121,7 +121,7 @@ pub(super) async fn run(
                     let s = &r.summary;
                     outln!(
                         "{host}: snapshot {} — {} new, {} changed, {} unchanged files; read {}, added {} (of {} total) in {:.1}s",
-                        &r.snapshot[..8.min(r.snapshot.len())],
+                        output::short(&r.snapshot),
                         s.files_new,
                         s.files_changed,
                         s.files_unchanged,

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::follow::follow_all;
 use super::snapshots::{list, repo_key, tree, Found};
-use super::Global;
+use super::{output, Global};
 use crate::dispatch::{Dispatch, Outcome};
 use crate::error::CliError;
 use crate::nats::Nats;
@@ -116,7 +116,7 @@ pub(super) async fn run(
                 outln!(
                     "  affected file: {} in snapshot {}",
                     path,
-                    &snap[..8.min(snap.len())]
+                    output::short(snap)
                 );
             }
         }

@@ -123,7 +123,7 @@ pub(super) async fn forget(
             outln!(
                 "{} {:<10} {}  {:<12} {:<12} {}",
                 if v.keep { "keep  " } else { "forget" },
-                &v.id[..8],
+                output::short(&v.id),
                 output::time(f.record.time),
                 f.record.host,
                 f.storage,

@@ -29,6 +29,12 @@ pub fn ago(now: UnixMillis, then: UnixMillis) -> String {
     }
 }
 
+/// The first 8 characters of an id, for tables. Ids come from peers, so this
+/// never slices bytes (a short or non-ASCII id must not panic).
+pub fn short(id: &str) -> String {
+    id.chars().take(8).collect()
+}
+
 /// RFC 3339 time of a unix-ms timestamp.
 pub fn time(ms: UnixMillis) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
@@ -46,5 +52,7 @@ mod tests {
         assert_eq!(bytes(3 * 1024 * 1024 * 1024), "3.0 GiB");
         assert_eq!(ago(10_000, 7_000), "3s ago");
         assert_eq!(ago(7_200_000, 0), "2h ago");
+        assert_eq!(short("0123456789"), "01234567");
+        assert_eq!(short("é"), "é");
     }
 }

@@ -57,7 +57,7 @@ pub(super) async fn run(
     if !json {
         eprintln!(
             "{host}: restore of snapshot {} ({} from {}) into {dir} sent as task {}",
-            &found.record.id[..8],
+            output::short(&found.record.id),
             found.record.host,
             found.storage,
             task.id

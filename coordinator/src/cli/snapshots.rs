@@ -228,7 +228,7 @@ pub(super) async fn snapshots(
     for v in &views {
         outln!(
             "{:<10} {:<24} {:<14} {:<12} {:>8} {:>10}  {}{}",
-            &v.id[..8.min(v.id.len())],
+            output::short(v.id),
             v.time,
             v.host,
             v.storage,

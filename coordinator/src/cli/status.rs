@@ -272,7 +272,7 @@ pub(super) async fn watch(g: &Global, json: bool) -> Result<(), CliError> {
                         "{} {:<8} {}",
                         progress_line(&ev.host, p),
                         p.task_kind,
-                        &p.task_id[..8.min(p.task_id.len())]
+                        output::short(&p.task_id)
                     ),
                 );
             }
@@ -282,7 +282,7 @@ pub(super) async fn watch(g: &Global, json: bool) -> Result<(), CliError> {
                     format!(
                         "{:<16} {task_kind} {} started",
                         ev.host,
-                        &task_id[..8.min(task_id.len())]
+                        output::short(task_id)
                     ),
                 );
             }
