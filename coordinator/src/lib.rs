@@ -34,6 +34,7 @@ mod dispatch;
 mod error;
 mod fleet;
 mod nats;
+mod registry;
 pub mod retention;
 pub mod scheduler;
 mod serve;

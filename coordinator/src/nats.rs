@@ -140,13 +140,18 @@ async fn read_record(store: &kv::Store, key: &str) -> Result<Option<HostRecord>,
     match Heartbeat::decode(&entry.value) {
         Ok(heartbeat) => Ok(Some(HostRecord {
             heartbeat,
-            stored_at: (entry.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+            stored_at: stored_at(&entry),
         })),
         Err(e) => {
             eprintln!("warning: ignoring unreadable health record for {key}: {e}");
             Ok(None)
         }
     }
+}
+
+/// When the server stored `entry` (server clock, unix ms).
+pub(crate) fn stored_at(entry: &kv::Entry) -> UnixMillis {
+    (entry.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64
 }
 
 #[cfg(test)]

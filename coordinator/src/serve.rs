@@ -31,6 +31,7 @@ use crate::config::{duration, Config, Plan};
 use crate::dispatch::Dispatch;
 use crate::error::{request_err, CliError};
 use crate::nats::Nats;
+use crate::registry::Registry;
 use crate::scheduler::{due, jitter_for, Cron, Due};
 use lease::Lease;
 use notify::Notifier;
@@ -83,6 +84,7 @@ struct Daemon {
     queue: VecDeque<Queued>,
     running: HashMap<String, Running>,
     metrics: Arc<Mutex<metrics::Snapshot>>,
+    registry: Registry,
     leader: bool,
     started: u64,
     status: Option<async_nats::jetstream::kv::Store>,
@@ -106,7 +108,11 @@ pub async fn run(g: &Global, config_path: &Path, state_dir: Option<&Path>) -> Re
         })?;
 
     let cancel = CancellationToken::new();
-    let metrics = Arc::new(Mutex::new(metrics::Snapshot::default()));
+    let registry = Registry::spawn(nats.clone(), cancel.child_token());
+    let metrics = Arc::new(Mutex::new(metrics::Snapshot {
+        heartbeats: registry.heartbeats_counter(),
+        ..Default::default()
+    }));
     if let Some(m) = &config.metrics {
         let listener = tokio::net::TcpListener::bind(&m.listen)
             .await
@@ -149,6 +155,7 @@ pub async fn run(g: &Global, config_path: &Path, state_dir: Option<&Path>) -> Re
         queue: VecDeque::new(),
         running: HashMap::new(),
         metrics,
+        registry,
         leader: false,
         started: crate::now_ms(),
         status: None,
@@ -254,8 +261,12 @@ impl Daemon {
     }
 
     async fn tick(&mut self) {
-        // The registry is read once per tick and shared by metrics and watchdog.
-        let hosts = self.nats.hosts().await.ok();
+        // The registry is read once per tick and shared by metrics and watchdog:
+        // from the live copy, or from the bucket until that copy has caught up.
+        let hosts = match self.registry.hosts() {
+            Some(hosts) => Some(hosts),
+            None => self.nats.hosts().await.ok(),
+        };
         self.refresh_metrics(hosts.as_deref().unwrap_or_default())
             .await;
         if !self.leader {
@@ -867,6 +878,7 @@ impl Daemon {
             repositories: self.repository_stats(hosts).await,
             leader: self.leader,
             running_jobs: self.running.len(),
+            heartbeats: self.registry.heartbeats_counter(),
         };
         if let Ok(mut m) = self.metrics.lock() {
             *m = snapshot;

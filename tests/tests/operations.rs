@@ -235,9 +235,13 @@ fn scheduled_plan_runs_and_reports_to_metrics() {
     }
     let up = sample(&samples, "flotilla_agent_up", &[("host", "alpha")]);
     let leader = sample(&samples, "flotilla_coordinator_leader", &[]);
-    if up != Some(1.0) || leader != Some(1.0) {
+    // The daemon's registry follows the health bucket: the heartbeats of the
+    // minute or more this test waited have all been counted.
+    let heartbeats = sample(&samples, "flotilla_heartbeats_received_total", &[]);
+    if up != Some(1.0) || leader != Some(1.0) || heartbeats.unwrap_or(0.0) < 2.0 {
         fleet.fail(format!(
-            "expected alpha up and this daemon leader, got up={up:?} leader={leader:?}"
+            "expected alpha up, this daemon leader and heartbeats counted, got up={up:?} \
+             leader={leader:?} heartbeats={heartbeats:?}"
         ));
     }
 }

@@ -1,6 +1,7 @@
 //! A Prometheus `/metrics` endpoint, served by hand (one route, plain text).
 
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,6 +24,8 @@ pub struct Snapshot {
     pub leader: bool,
     /// Jobs running now.
     pub running_jobs: usize,
+    /// Heartbeats received since start; read live at each scrape.
+    pub heartbeats: Arc<AtomicU64>,
 }
 
 fn label(s: &str) -> String {
@@ -31,87 +34,91 @@ fn label(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// `{k="v",...}` from label pairs, values escaped.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", label(v)))
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+/// Writes one metric family: its HELP and TYPE lines, then one sample per
+/// `(labels, value)`.
+fn family<V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (String, V)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
 /// Reads one number out of a repository's stats.
 type StatField = fn(&flotilla_protocol::repo::RepoStats) -> u64;
 
 /// Renders the Prometheus text format.
 pub fn render(s: &Snapshot) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP flotilla_last_success_timestamp_seconds End of the last successful backup."
+    let by_success = |pick: fn(&(String, String, f64, u64, f64)) -> String| {
+        s.successes
+            .iter()
+            .map(move |x| (labels(&[("host", &x.0), ("plan", &x.1)]), pick(x)))
+    };
+    family(
+        &mut out,
+        "flotilla_last_success_timestamp_seconds",
+        "gauge",
+        "End of the last successful backup.",
+        by_success(|x| x.2.to_string()),
     );
-    let _ = writeln!(out, "# TYPE flotilla_last_success_timestamp_seconds gauge");
-    for (host, plan, t, _, _) in &s.successes {
-        let _ = writeln!(
-            out,
-            "flotilla_last_success_timestamp_seconds{{host=\"{}\",plan=\"{}\"}} {t}",
-            label(host),
-            label(plan)
-        );
-    }
-    let _ = writeln!(out, "# HELP flotilla_last_backup_added_bytes Bytes the last successful backup added to the repository.");
-    let _ = writeln!(out, "# TYPE flotilla_last_backup_added_bytes gauge");
-    for (host, plan, _, bytes, _) in &s.successes {
-        let _ = writeln!(
-            out,
-            "flotilla_last_backup_added_bytes{{host=\"{}\",plan=\"{}\"}} {bytes}",
-            label(host),
-            label(plan)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP flotilla_last_backup_duration_seconds Duration of the last successful backup."
+    family(
+        &mut out,
+        "flotilla_last_backup_added_bytes",
+        "gauge",
+        "Bytes the last successful backup added to the repository.",
+        by_success(|x| x.3.to_string()),
     );
-    let _ = writeln!(out, "# TYPE flotilla_last_backup_duration_seconds gauge");
-    for (host, plan, _, _, d) in &s.successes {
-        let _ = writeln!(
-            out,
-            "flotilla_last_backup_duration_seconds{{host=\"{}\",plan=\"{}\"}} {d}",
-            label(host),
-            label(plan)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP flotilla_agent_up Whether the agent is heartbeating."
+    family(
+        &mut out,
+        "flotilla_last_backup_duration_seconds",
+        "gauge",
+        "Duration of the last successful backup.",
+        by_success(|x| x.4.to_string()),
     );
-    let _ = writeln!(out, "# TYPE flotilla_agent_up gauge");
-    for (host, up) in &s.agents {
-        let _ = writeln!(
-            out,
-            "flotilla_agent_up{{host=\"{}\"}} {}",
-            label(host),
-            u8::from(*up)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP flotilla_storage_free_bytes Free bytes of a storage root."
+    family(
+        &mut out,
+        "flotilla_agent_up",
+        "gauge",
+        "Whether the agent is heartbeating.",
+        s.agents
+            .iter()
+            .map(|(host, up)| (labels(&[("host", host)]), u8::from(*up))),
     );
-    let _ = writeln!(out, "# TYPE flotilla_storage_free_bytes gauge");
-    for (host, path, free, _) in &s.storage {
-        let _ = writeln!(
-            out,
-            "flotilla_storage_free_bytes{{host=\"{}\",path=\"{}\"}} {free}",
-            label(host),
-            label(path)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP flotilla_storage_size_bytes Size of a storage root's filesystem."
+    let by_root = |pick: fn(&(String, String, u64, u64)) -> u64| {
+        s.storage
+            .iter()
+            .map(move |x| (labels(&[("host", &x.0), ("path", &x.1)]), pick(x)))
+    };
+    family(
+        &mut out,
+        "flotilla_storage_free_bytes",
+        "gauge",
+        "Free bytes of a storage root.",
+        by_root(|x| x.2),
     );
-    let _ = writeln!(out, "# TYPE flotilla_storage_size_bytes gauge");
-    for (host, path, _, total) in &s.storage {
-        let _ = writeln!(
-            out,
-            "flotilla_storage_size_bytes{{host=\"{}\",path=\"{}\"}} {total}",
-            label(host),
-            label(path)
-        );
-    }
+    family(
+        &mut out,
+        "flotilla_storage_size_bytes",
+        "gauge",
+        "Size of a storage root's filesystem.",
+        by_root(|x| x.3),
+    );
     let repo_gauges: [(&str, &str, StatField); 3] = [
         (
             "flotilla_repository_stored_bytes",
@@ -128,24 +135,37 @@ pub fn render(s: &Snapshot) -> String {
         ),
     ];
     for (name, help, value) in repo_gauges {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
-        for (storage, r) in &s.repositories {
-            let _ = writeln!(out, "{name}{{storage=\"{}\"}} {}", label(storage), value(r));
-        }
+        family(
+            &mut out,
+            name,
+            "gauge",
+            help,
+            s.repositories
+                .iter()
+                .map(|(storage, r)| (labels(&[("storage", storage)]), value(r))),
+        );
     }
-    let _ = writeln!(
-        out,
-        "# HELP flotilla_coordinator_leader Whether this daemon holds the dispatch lease."
+    family(
+        &mut out,
+        "flotilla_coordinator_leader",
+        "gauge",
+        "Whether this daemon holds the dispatch lease.",
+        [(String::new(), u8::from(s.leader))],
     );
-    let _ = writeln!(out, "# TYPE flotilla_coordinator_leader gauge");
-    let _ = writeln!(out, "flotilla_coordinator_leader {}", u8::from(s.leader));
-    let _ = writeln!(
-        out,
-        "# HELP flotilla_running_jobs Jobs this daemon is following."
+    family(
+        &mut out,
+        "flotilla_running_jobs",
+        "gauge",
+        "Jobs this daemon is following.",
+        [(String::new(), s.running_jobs)],
     );
-    let _ = writeln!(out, "# TYPE flotilla_running_jobs gauge");
-    let _ = writeln!(out, "flotilla_running_jobs {}", s.running_jobs);
+    family(
+        &mut out,
+        "flotilla_heartbeats_received_total",
+        "counter",
+        "Agent heartbeats this daemon has taken into its registry.",
+        [(String::new(), s.heartbeats.load(Ordering::Relaxed))],
+    );
     out
 }
 
