@@ -50,7 +50,7 @@ def fleet_section(f: dict) -> list[str]:
     rows = [
         ("simulated agents", f.get("agents")),
         ("time until every agent had the task (s)", f.get("receive_max_s")),
-        ("  p50 / p90 / p99 (s)", f"{f.get('receive_p50_s')} / {f.get('receive_p90_s')} / {f.get('receive_p99_s')}"),
+        ("  p50 / p90 / p99 (s)", " / ".join(_num(f.get(k)) for k in ("receive_p50_s", "receive_p90_s", "receive_p99_s"))),
         ("CLI wall time until every result was in (s)", f.get("cli_seconds")),
         ("CLI exit code / succeeded summaries", f"{f.get('cli_exit_code')} / {f.get('cli_succeeded')}"),
         ("CLI peak RSS (MiB)", _mib(f.get("cli_peak_rss_bytes"))),
@@ -65,7 +65,7 @@ def fleet_section(f: dict) -> list[str]:
     ]
     lines.append("| figure | value |")
     lines.append("|---|---|")
-    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += [f"| {k} | {_num(v)} |" for k, v in rows]
     lines.append("")
     lines.append(f"Target: zero lost and zero duplicated tasks: {verdict(lost == 0 and dup == 0)}")
     return lines
@@ -84,6 +84,13 @@ def footprint_section(fp: dict) -> list[str]:
     lines.append("")
     lines.append(f"Target: idle agent ≤ 20 MiB RSS: {verdict(rss <= IDLE_RSS_TARGET)}")
     return lines
+
+
+def _num(value: object) -> str:
+    """Floats to three significant decimals; everything else as it is."""
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    return "-" if value is None else str(value)
 
 
 def _mib(value: int | None) -> str:

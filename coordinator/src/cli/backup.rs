@@ -3,16 +3,20 @@
 use std::time::Duration;
 
 use flotilla_protocol::{HostName, Role, TaskKind, TaskOutcome, TaskResult};
+use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 
 use super::follow::follow_all;
 use super::{output, Global};
-use crate::dispatch::{Dispatch, Outcome};
+use crate::dispatch::{Dispatch, Outcome, SentTask};
 use crate::error::CliError;
 use crate::nats::Nats;
 
 /// How long `--wait` waits for a backup.
 const WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// How many hosts' tasks are being sent at once.
+const SEND_CONCURRENCY: usize = 16;
 
 /// The storage host's QUIC address, from its heartbeat; it must be online.
 pub(crate) async fn storage_addr(nats: &Nats, storage: &HostName) -> Result<String, CliError> {
@@ -51,27 +55,31 @@ pub(super) async fn run(
     let nats = g.connect().await?;
     let dispatch = Dispatch::new(&fleet, &nats)?;
     let addr = storage_addr(&nats, to).await?;
-    let mut sent = Vec::new();
-    for host in hosts {
-        if nats.host(host).await?.is_none() {
-            return Err(CliError::HostUnknown(host.to_string()));
-        }
-        let task = dispatch
-            .send(
-                host,
-                TaskKind::Backup {
-                    paths: paths.clone(),
-                    excludes: excludes.clone(),
-                    storage: to.clone(),
-                    storage_addr: addr.clone(),
-                },
-            )
-            .await?;
-        if !json {
-            eprintln!("{host}: backup task {} sent (to {to})", task.id);
-        }
-        sent.push((host.clone(), task));
-    }
+    // Hosts are checked and their tasks sent a few at a time: each costs a
+    // few round trips to NATS, which add up over a large fleet.
+    let kind = TaskKind::Backup {
+        paths,
+        excludes,
+        storage: to.clone(),
+        storage_addr: addr,
+    };
+    let sent: Vec<(HostName, SentTask)> = futures::stream::iter(hosts)
+        .map(|host| {
+            let (nats, dispatch, kind) = (&nats, &dispatch, kind.clone());
+            async move {
+                if nats.host(host).await?.is_none() {
+                    return Err(CliError::HostUnknown(host.to_string()));
+                }
+                let task = dispatch.send(host, kind).await?;
+                if !json {
+                    eprintln!("{host}: backup task {} sent (to {to})", task.id);
+                }
+                Ok((host.clone(), task))
+            }
+        })
+        .buffered(SEND_CONCURRENCY)
+        .try_collect()
+        .await?;
     if !wait {
         if json {
             for (host, task) in &sent {
