@@ -9,12 +9,18 @@
 //! Every value carries a version ([`JOURNAL_VERSION`]); the database as a whole
 //! carries [`STATE_FORMAT`] in its `meta` tree, and an agent refuses to open a
 //! state directory written by a newer format.
+//!
+//! Beside the database, `files/` holds the file cache of each repository the
+//! agent backs up into ([`files`]): one file each, read and written whole.
 
-use std::path::Path;
+mod files;
+
+use std::path::{Path, PathBuf};
 
 use flotilla_protocol::UnixMillis;
 
-use crate::engine::{CachedFile, FileCache};
+use crate::engine::CachedFile;
+pub use files::MapFileCache;
 use serde::{Deserialize, Serialize};
 
 /// Version of the state database layout.
@@ -27,6 +33,7 @@ pub const JOURNAL_VERSION: u16 = 1;
 pub struct State {
     db: sled::Db,
     journal: sled::Tree,
+    files_dir: PathBuf,
 }
 
 /// One task in the journal.
@@ -107,6 +114,9 @@ pub enum StateError {
         /// Why.
         why: String,
     },
+    /// A file beside the database (the file cache) could not be written.
+    #[error("state directory: {0}")]
+    Io(std::io::Error),
     /// The database was written by a newer agent.
     #[error("state directory was written by a newer agent (format {0}, this build reads {STATE_FORMAT}); upgrade the agent or use another --state-dir")]
     Newer(u16),
@@ -115,7 +125,7 @@ pub enum StateError {
 impl StateError {
     /// Whether trying again may succeed (I/O can recover; corruption cannot).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StateError::Db(sled::Error::Io(_)))
+        matches!(self, StateError::Db(sled::Error::Io(_)) | StateError::Io(_))
     }
 }
 
@@ -145,7 +155,18 @@ impl State {
             }
         }
         let journal = db.open_tree("journal")?;
-        Ok(Self { db, journal })
+        // File caches of earlier versions lived in sled trees; they are
+        // simply dropped (the next backup reads every file once).
+        for name in db.tree_names() {
+            if name.starts_with(b"files/") {
+                db.drop_tree(name)?;
+            }
+        }
+        Ok(Self {
+            db,
+            journal,
+            files_dir: dir.join("files"),
+        })
     }
 
     /// Journals a newly received task, unless its id is known, and makes it
@@ -240,11 +261,13 @@ impl State {
         Ok(removed)
     }
 
-    /// The file cache of backups into repository `repo_id`.
-    pub fn file_cache(&self, repo_id: &str) -> Result<SledFileCache, StateError> {
-        Ok(SledFileCache {
-            tree: self.db.open_tree(format!("files/{repo_id}"))?,
-        })
+    /// The file cache of backups into repository `repo_id`, read whole (an
+    /// unreadable one is empty: every file is read again).
+    pub async fn file_cache(&self, repo_id: &str) -> MapFileCache {
+        let path = files::cache_path(&self.files_dir, repo_id);
+        tokio::task::spawn_blocking(move || files::load(&path))
+            .await
+            .unwrap_or_default()
     }
 
     /// Replaces the file cache of `repo_id` with what the last committed
@@ -254,56 +277,23 @@ impl State {
         repo_id: &str,
         entries: Vec<(Vec<u8>, CachedFile)>,
     ) -> Result<(), StateError> {
-        let tree = self.db.open_tree(format!("files/{repo_id}"))?;
-        tree.clear()?;
-        let mut batch = sled::Batch::default();
-        for (path, file) in entries {
-            let value = CacheValue {
-                v: CACHE_VERSION,
-                file,
-            };
-            batch.insert(path, flotilla_protocol::encode(&value).unwrap_or_default());
-        }
-        tree.apply_batch(batch)?;
-        self.db.flush_async().await?;
-        Ok(())
+        let path = files::cache_path(&self.files_dir, repo_id);
+        tokio::task::spawn_blocking(move || files::store(&path, entries))
+            .await
+            .map_err(|e| StateError::Io(std::io::Error::other(e)))?
+            .map_err(StateError::Io)
     }
 
     /// Forgets the file cache of `repo_id` (when the repository lost blobs the
     /// cache points at).
     pub fn clear_file_cache(&self, repo_id: &str) -> Result<(), StateError> {
-        self.db.open_tree(format!("files/{repo_id}"))?.clear()?;
-        Ok(())
+        files::remove(&files::cache_path(&self.files_dir, repo_id)).map_err(StateError::Io)
     }
 
     /// Writes everything to disk.
     pub async fn flush(&self) -> Result<(), StateError> {
         self.db.flush_async().await?;
         Ok(())
-    }
-}
-
-/// Version of file cache values.
-pub const CACHE_VERSION: u16 = 1;
-
-#[derive(Serialize, Deserialize)]
-struct CacheValue {
-    v: u16,
-    file: CachedFile,
-}
-
-/// The file cache of one repository, read by the backup engine.
-#[derive(Debug, Clone)]
-pub struct SledFileCache {
-    tree: sled::Tree,
-}
-
-impl FileCache for SledFileCache {
-    fn get(&self, path: &[u8]) -> Option<CachedFile> {
-        let bytes = self.tree.get(path).ok()??;
-        let value: CacheValue = rmp_serde::from_slice(&bytes).ok()?;
-        // An entry from a newer format is a miss: the file is simply read again.
-        (value.v == CACHE_VERSION).then_some(value.file)
     }
 }
 

@@ -160,7 +160,7 @@ impl RepoKey {
         }
         let mut body = Vec::with_capacity(plaintext.len() / 2 + 64);
         body.push(CODEC_ZSTD);
-        let compressed = zstd::bulk::compress(plaintext, zstd_level).ok();
+        let compressed = compress(plaintext, zstd_level);
         match compressed {
             // Keep compression only when it saves at least 1/32: incompressible
             // data (media, archives) then costs no decompression on restore.
@@ -181,8 +181,7 @@ impl RepoKey {
         let (codec, payload) = body.split_first().ok_or(CryptoError::Unauthentic(*id))?;
         let plain = match *codec {
             CODEC_RAW => payload.to_vec(),
-            CODEC_ZSTD => zstd::bulk::decompress(payload, MAX_TREE)
-                .map_err(|_| CryptoError::Decompress(*id))?,
+            CODEC_ZSTD => decompress(payload).ok_or(CryptoError::Decompress(*id))?,
             _ => return Err(CryptoError::Decompress(*id)),
         };
         if self.blob_id(&plain) != *id {
@@ -561,6 +560,46 @@ pub struct ForgetReport {
     pub removed: Vec<String>,
     /// Ids that were not there (already forgotten).
     pub missing: Vec<String>,
+}
+
+thread_local! {
+    /// One zstd compression context per thread, kept between blobs: making
+    /// one costs more than compressing a small file.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    /// Likewise for decompression.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// zstd-compresses `plain` at `level` with this thread's context.
+fn compress(plain: &[u8], level: i32) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        slot.as_mut()?.1.compress(plain).ok()
+    })
+}
+
+/// Decompresses one zstd frame into a buffer of exactly its declared size,
+/// which must be declared and at most [`MAX_TREE`]: a frame from a peer never
+/// makes us allocate more than that, and a small blob never costs a
+/// [`MAX_TREE`]-sized buffer.
+fn decompress(frame: &[u8]) -> Option<Vec<u8>> {
+    let size = zstd::zstd_safe::get_frame_content_size(frame).ok()??;
+    if size > MAX_TREE as u64 {
+        return None;
+    }
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new().ok()?);
+        }
+        let plain = slot.as_mut()?.decompress(frame, size as usize).ok()?;
+        (plain.len() as u64 == size).then_some(plain)
+    })
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ const CHUNK_MIN: u32 = 512 * 1024;
 const CHUNK_AVG: u32 = 1024 * 1024;
 const CHUNK_MAX: u32 = 8 * 1024 * 1024;
 /// Plaintext held before asking the repository which chunks it lacks.
-const BATCH_BYTES: usize = 32 * 1024 * 1024;
+const BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// Chunks held before asking, whatever their size (many small files).
 const BATCH_BLOBS: usize = 2048;
 /// Unreadable paths listed in the snapshot.
@@ -538,13 +538,15 @@ impl Walker<'_> {
         self.batch_bytes = 0;
         let ids: Vec<BlobId> = batch.iter().map(|p| p.id).collect();
         let missing: HashSet<BlobId> = self.store.missing(&ids)?.into_iter().collect();
-        for p in batch {
-            if missing.contains(&p.id) {
-                let sealed = self.key.seal(&p.id, &p.plain, self.zstd_level)?;
-                self.summary.blobs_new += 1;
-                self.summary.bytes_added += sealed.len() as u64;
-                self.store.put(p.id, p.kind, sealed)?;
-            }
+        let todo: Vec<Pending> = batch
+            .into_iter()
+            .filter(|p| missing.contains(&p.id))
+            .collect();
+        let sealed = seal_all(self.key, &todo, self.zstd_level)?;
+        for (p, sealed) in todo.into_iter().zip(sealed) {
+            self.summary.blobs_new += 1;
+            self.summary.bytes_added += sealed.len() as u64;
+            self.store.put(p.id, p.kind, sealed)?;
         }
         Ok(())
     }
@@ -629,6 +631,44 @@ impl Walker<'_> {
 enum ReadError {
     Io(std::io::Error),
     Backup(BackupError),
+}
+
+/// Below this many bytes a batch is sealed on the walker's thread alone.
+const PARALLEL_SEAL_BYTES: usize = 1024 * 1024;
+
+/// Compresses and encrypts `todo` in order, on two threads when there is
+/// enough of it: sealing (zstd, AES-GCM) is the source's main CPU cost, and
+/// the walker's own thread would otherwise leave the second core idle.
+fn seal_all(key: &RepoKey, todo: &[Pending], level: i32) -> Result<Vec<Vec<u8>>, BackupError> {
+    let seal = |part: &[Pending]| -> Result<Vec<Vec<u8>>, BackupError> {
+        part.iter()
+            .map(|p| Ok(key.seal(&p.id, &p.plain, level)?))
+            .collect()
+    };
+    let total: usize = todo.iter().map(|p| p.plain.len()).sum();
+    if todo.len() < 2 || total < PARALLEL_SEAL_BYTES {
+        return seal(todo);
+    }
+    // Split where half the bytes are on each side.
+    let mut acc = 0;
+    let mid = todo
+        .iter()
+        .position(|p| {
+            acc += p.plain.len();
+            acc >= total / 2
+        })
+        .map_or(todo.len() / 2, |i| (i + 1).min(todo.len() - 1));
+    let (first, second) = todo.split_at(mid);
+    std::thread::scope(|scope| {
+        let other = scope.spawn(|| seal(second));
+        let mut out = seal(first)?;
+        let rest = other.join().map_err(|_| StoreError {
+            message: "a sealing thread panicked".into(),
+            retryable: false,
+        })??;
+        out.extend(rest);
+        Ok(out)
+    })
 }
 
 fn mtime_ns(m: &Metadata) -> i64 {

@@ -13,7 +13,7 @@ use super::JobError;
 use crate::daemon::Agent;
 use crate::engine::{self, BackupOptions, BackupOutcome, Cancel, NoCache};
 use crate::remote::{BlockingStore, Session, SessionError, UPLOAD_LANES};
-use crate::state::SledFileCache;
+use crate::state::MapFileCache;
 
 /// zstd level for new chunks: fast, and what restic's default roughly uses.
 const ZSTD_LEVEL: i32 = 3;
@@ -77,10 +77,7 @@ impl Agent {
             .await
             .map_err(session_err)?;
         let repo_id = session.repo_id.clone();
-        let cache = self
-            .state
-            .file_cache(&repo_id)
-            .map_err(|e| failed(format!("cannot open the file cache: {e}")))?;
+        let cache = self.state.file_cache(&repo_id).await;
 
         let mut attempt_cache = Some(cache);
         let mut attempts = 0;
@@ -159,7 +156,7 @@ impl Agent {
         paths: &[PathBuf],
         excludes: &[String],
         key: Arc<RepoKey>,
-        cache: Option<SledFileCache>,
+        cache: Option<MapFileCache>,
         cancel: &Cancel,
     ) -> Result<(BackupOutcome, Session), JobError> {
         let uploader = session.uploader(UPLOAD_LANES);

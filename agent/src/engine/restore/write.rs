@@ -113,23 +113,42 @@ impl Restorer<'_> {
             }
         }
         let dir = parent(path)?;
-        let nofollow = OFlag::O_NOFOLLOW.bits();
-        let (tmp, file) = temp_name(dir, &mut self.seq, |tmp| {
-            // create_new is O_CREAT|O_EXCL: never opens an existing entry,
-            // symlink or not. Owner-only until the metadata is applied.
+        // create_new is O_CREAT|O_EXCL: never opens an existing entry, symlink
+        // or not. Owner-only until the metadata is applied.
+        let create = |p: &Path| {
             OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .custom_flags(nofollow)
-                .open(tmp)
-        })
-        .map_err(io_fail(path, "cannot create file"))?;
-        let filled = self.fill(&file, &tmp, path, node);
-        if filled.is_err() {
-            // Best effort: the failure itself is what gets reported.
-            let _ = fs::remove_file(&tmp);
-        }
+                .custom_flags(OFlag::O_NOFOLLOW.bits())
+                .open(p)
+        };
+        // Into an empty place (the usual restore) the file is created under
+        // its own name; only an existing entry is replaced through a
+        // temporary name and a rename, so it is never seen half-written.
+        let filled = match create(path) {
+            Ok(file) => {
+                let filled = self.fill(&file, path, node);
+                if filled.is_err() {
+                    // Best effort: the failure itself is what gets reported.
+                    let _ = fs::remove_file(path);
+                }
+                filled
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                let (tmp, file) = temp_name(dir, &mut self.seq, create)
+                    .map_err(io_fail(path, "cannot create file"))?;
+                let filled = self.fill(&file, path, node).and_then(|()| {
+                    rename_into_place(&tmp, path)
+                        .map_err(io_fail(path, "cannot move file into place"))
+                });
+                if filled.is_err() {
+                    let _ = fs::remove_file(&tmp);
+                }
+                filled
+            }
+            Err(e) => return Err(io_fail(path, "cannot create file")(e)),
+        };
         filled?;
         if let Some(k) = link_key {
             self.links.insert(k, path.to_path_buf());
@@ -141,8 +160,8 @@ impl Restorer<'_> {
         Ok(())
     }
 
-    /// Writes, finishes and moves into place the temporary file `tmp`.
-    fn fill(&mut self, file: &File, tmp: &Path, path: &Path, node: &Node) -> Result<(), Fail> {
+    /// Writes the content and metadata of the newly created `file`.
+    fn fill(&mut self, file: &File, path: &Path, node: &Node) -> Result<(), Fail> {
         self.write_content(file, path, node)?;
         if let Err(why) = self.meta.apply_fd(file, node, path) {
             // The content is right; keep it and report the metadata.
@@ -150,7 +169,7 @@ impl Restorer<'_> {
         }
         // No fsync per file: one syncfs at the end of the restore makes
         // everything durable at a fraction of the cost for many small files.
-        rename_into_place(tmp, path).map_err(io_fail(path, "cannot move file into place"))
+        Ok(())
     }
 
     /// Fetches the chunks in batches and writes them at their offsets;
@@ -222,9 +241,13 @@ impl Restorer<'_> {
             self.counters.bytes += bytes;
             self.progress.update(&self.counters, path);
         }
-        // Extends over trailing holes (a sparse file ending in zeros).
-        file.set_len(node.size)
-            .map_err(io_fail(path, "cannot set size"))
+        // Extends over trailing holes (a sparse file ending in zeros); a file
+        // written to its end needs no extra call.
+        if node.sparse {
+            file.set_len(node.size)
+                .map_err(io_fail(path, "cannot set size"))?;
+        }
+        Ok(())
     }
 
     /// Makes `path` another name of the already restored `first`.
