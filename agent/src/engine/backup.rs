@@ -633,42 +633,16 @@ enum ReadError {
     Backup(BackupError),
 }
 
-/// Below this many bytes a batch is sealed on the walker's thread alone.
-const PARALLEL_SEAL_BYTES: usize = 1024 * 1024;
-
-/// Compresses and encrypts `todo` in order, on two threads when there is
-/// enough of it: sealing (zstd, AES-GCM) is the source's main CPU cost, and
-/// the walker's own thread would otherwise leave the second core idle.
+/// Compresses and encrypts `todo`, in order, on two threads.
 fn seal_all(key: &RepoKey, todo: &[Pending], level: i32) -> Result<Vec<Vec<u8>>, BackupError> {
-    let seal = |part: &[Pending]| -> Result<Vec<Vec<u8>>, BackupError> {
-        part.iter()
-            .map(|p| Ok(key.seal(&p.id, &p.plain, level)?))
-            .collect()
-    };
-    let total: usize = todo.iter().map(|p| p.plain.len()).sum();
-    if todo.len() < 2 || total < PARALLEL_SEAL_BYTES {
-        return seal(todo);
-    }
-    // Split where half the bytes are on each side.
-    let mut acc = 0;
-    let mid = todo
-        .iter()
-        .position(|p| {
-            acc += p.plain.len();
-            acc >= total / 2
-        })
-        .map_or(todo.len() / 2, |i| (i + 1).min(todo.len() - 1));
-    let (first, second) = todo.split_at(mid);
-    std::thread::scope(|scope| {
-        let other = scope.spawn(|| seal(second));
-        let mut out = seal(first)?;
-        let rest = other.join().map_err(|_| StoreError {
-            message: "a sealing thread panicked".into(),
-            retryable: false,
-        })??;
-        out.extend(rest);
-        Ok(out)
-    })
+    super::on_two_threads(
+        todo,
+        |p| p.plain.len(),
+        |p| key.seal(&p.id, &p.plain, level),
+    )
+    .into_iter()
+    .map(|sealed| Ok(sealed?))
+    .collect()
 }
 
 fn mtime_ns(m: &Metadata) -> i64 {

@@ -19,7 +19,7 @@ use super::{io_fail, Fail, RestoreError, Restorer};
 /// Most ids in one fetch.
 const BATCH_BLOBS: usize = 256;
 /// Most chunk plaintext in one fetch, so a batch's sealed bytes stay small.
-const BATCH_BYTES: u64 = 64 * 1024 * 1024;
+const BATCH_BYTES: u64 = 32 * 1024 * 1024;
 /// Temporary names tried before giving up (each collision means a leftover
 /// or a hostile entry of the same name; a hundred means something is wrong).
 const TEMP_ATTEMPTS: usize = 100;
@@ -214,29 +214,43 @@ impl Restorer<'_> {
                 Fail::Entry(why) => Fail::Entry(format!("{}: not restored: {why}", path.display())),
                 abort => abort,
             })?;
+            // Each chunk is decrypted, decompressed and written at its offset
+            // on one of two threads: both the CPU work and the kernel's copy
+            // into the page cache then use both cores.
+            let mut work = Vec::with_capacity(batch.len());
             for c in batch {
-                let blob = index
-                    .get(&c.id)
-                    .and_then(|&i| sealed.get(i))
-                    .map_or(&[][..], Vec::as_slice);
-                let plain = self
-                    .key
-                    .open(&c.id, blob)
-                    .map_err(|e| Fail::Entry(format!("{}: not restored: {e}", path.display())))?;
-                if plain.len() != c.len as usize {
-                    return Err(Fail::Entry(format!(
-                        "{}: not restored: chunk {:?} holds {} bytes, the tree says {} (damaged snapshot)",
-                        path.display(),
-                        c.id,
-                        plain.len(),
-                        c.len
-                    )));
-                }
-                if !(node.sparse && plain.iter().all(|&b| b == 0)) {
-                    file.write_all_at(&plain, offset)
-                        .map_err(io_fail(path, "cannot write"))?;
-                }
+                let blob = index.get(&c.id).and_then(|&i| sealed.get(i));
+                work.push((c, offset, blob));
                 offset += u64::from(c.len);
+            }
+            let key = self.key;
+            let sparse = node.sparse;
+            let results = super::super::on_two_threads(
+                &work,
+                |(c, _, _)| c.len as usize,
+                |&(c, at, blob)| -> Result<(), String> {
+                    let blob = blob.ok_or_else(|| format!("chunk {:?} was not fetched", c.id))?;
+                    let plain = key.open(&c.id, blob).map_err(|e| e.to_string())?;
+                    if plain.len() != c.len as usize {
+                        return Err(format!(
+                            "chunk {:?} holds {} bytes, the tree says {} (damaged snapshot)",
+                            c.id,
+                            plain.len(),
+                            c.len
+                        ));
+                    }
+                    if sparse && plain.iter().all(|&b| b == 0) {
+                        return Ok(());
+                    }
+                    file.write_all_at(&plain, at)
+                        .map_err(|e| format!("cannot write: {e}"))
+                },
+            );
+            if let Some(Err(why)) = results.into_iter().find(Result::is_err) {
+                return Err(Fail::Entry(format!(
+                    "{}: not restored: {why}",
+                    path.display()
+                )));
             }
             self.counters.bytes += bytes;
             self.progress.update(&self.counters, path);
