@@ -37,8 +37,8 @@ Method
   that one tool's dirty pages are not written back during another's timing.
   Flotilla's file cache distrusts files changed less than 1 s before a backup
   ("racily clean"); so that ``unchanged`` measures the no-read path for every
-  tool alike, the run waits until the dataset is 1.1 s old before ``initial``
-  and sleeps 1.1 s after changing files before ``changed``.
+  tool alike, the run waits until the dataset is 1.1 s old before ``initial``.
+  There is no wait after changing files: every tool reads a changed file anyway.
 * **Memory**: one-shot commands (restic, borg, rsync, the ``flotilla`` CLI) are
   reaped with ``os.wait4``, whose ``ru_maxrss`` is the peak RSS of the process
   (Linux folds in the peaks of its waited-for children, e.g. rsync's helpers).

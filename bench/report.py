@@ -57,6 +57,7 @@ def fleet_section(f: dict) -> list[str]:
         ("lost tasks", lost),
         ("duplicated tasks", dup),
         ("redelivered messages", f.get("redelivered")),
+        ("tasks at the wrong host / refused / failed acks", f"{f.get('unexpected')} / {f.get('rejected')} / {f.get('ack_errors')}"),
         ("heartbeats processed by serve per second (idle)", f.get("heartbeats_per_s_settle")),
         ("heartbeats processed by serve per second (dispatch)", f.get("heartbeats_per_s_dispatch")),
         ("serve CPU over the dispatch (%)", f.get("serve_cpu_percent_dispatch")),
@@ -67,7 +68,10 @@ def fleet_section(f: dict) -> list[str]:
     lines.append("|---|---|")
     lines += [f"| {k} | {_num(v)} |" for k, v in rows]
     lines.append("")
-    lines.append(f"Target: zero lost and zero duplicated tasks: {verdict(lost == 0 and dup == 0)}")
+    lines.append(
+        "Target: zero lost and zero duplicated tasks (and no refused copy, failed ack or "
+        f"failed command that could hide one): {verdict(bool(f.get('ok')))}"
+    )
     return lines
 
 

@@ -135,7 +135,8 @@ pub struct FleetReport {
     pub sim_heartbeats_per_s_dispatch: f64,
     pub serve_cpu_seconds_dispatch: f64,
     pub serve_cpu_percent_dispatch: f64,
-    /// `flotilla serve`'s VmRSS and VmHWM at the end of the dispatch.
+    /// `flotilla serve`'s VmRSS at the end of the dispatch, and its peak
+    /// during the dispatch (VmHWM reset when it began).
     pub serve_rss_bytes: Option<u64>,
     pub serve_peak_rss_bytes: Option<u64>,
     #[serde(flatten)]
@@ -241,8 +242,14 @@ pub async fn run(args: &FleetArgs) -> Result<FleetReport> {
     stop(&cancel, loops).await;
 
     let d = dispatched.window;
+    let totals = SimTotals::of(&shared.counters);
+    // A failed ack or a refused copy may hide a duplicate (JetStream would
+    // redeliver after ack_wait, long after this run); both fail the run.
     let ok = dispatched.delivery.lost == 0
         && dispatched.delivery.duplicated == 0
+        && dispatched.delivery.unexpected == 0
+        && totals.ack_errors == 0
+        && totals.rejected == 0
         && dispatched.cli.cli_exit_code == Some(0);
     let report = FleetReport {
         agents: args.agents,
@@ -268,7 +275,7 @@ pub async fn run(args: &FleetArgs) -> Result<FleetReport> {
         serve_cpu_percent_dispatch: d.cpu_percent,
         serve_rss_bytes: d.rss_bytes,
         serve_peak_rss_bytes: d.hwm_bytes,
-        totals: SimTotals::of(&shared.counters),
+        totals,
         errors: shared.errors(),
         ok,
     };
@@ -551,6 +558,11 @@ async fn dispatch(
     sources: &[HostName],
     ticks: u64,
 ) -> Result<Dispatched> {
+    // The serve peak reported is the dispatch's, not the connection storm's.
+    let peak_reset = proc::reset_peak_rss(args.serve_pid);
+    if !peak_reset {
+        eprintln!("cannot reset flotilla serve's peak RSS: the figure is its lifetime peak");
+    }
     let begin = mark(args, shared).await?;
     let t0 = shared.start.elapsed();
     let t0_unix_ms = now_ms();

@@ -41,6 +41,12 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
     parse_status_bytes(&read_status(pid)?, "VmHWM")
 }
 
+/// Resets `pid`'s peak resident memory (VmHWM) to its current RSS, so a later
+/// [`peak_rss`] covers only what came after; false if the kernel refused.
+pub fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
 /// Clock ticks per second, the unit of the CPU times in `/proc/PID/stat`.
 pub fn clock_ticks_per_sec() -> u64 {
     match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
