@@ -528,22 +528,20 @@ impl Daemon {
             error: done.error.clone(),
             snapshot,
         };
-        if done.outcome == TaskOutcome::Cancelled {
-            let msg = format!(
-                "{job_kind} job of plan {plan} on {} was cancelled",
-                run.job.host
-            );
-            self.publish(
-                &run.job.host,
-                Severity::Warning,
-                msg,
-                EventBody::JobCancelled(ended),
-            )
-            .await;
-            return;
-        }
         match done.outcome {
-            TaskOutcome::Cancelled => {}
+            TaskOutcome::Cancelled => {
+                let msg = format!(
+                    "{job_kind} job of plan {plan} on {} was cancelled",
+                    run.job.host
+                );
+                self.publish(
+                    &run.job.host,
+                    Severity::Warning,
+                    msg,
+                    EventBody::JobCancelled(ended),
+                )
+                .await;
+            }
             TaskOutcome::Succeeded | TaskOutcome::Partial => {
                 let (sev, body, verb) = if done.outcome == TaskOutcome::Succeeded {
                     (Severity::Info, EventBody::JobSucceeded(ended), "succeeded")

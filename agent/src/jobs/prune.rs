@@ -8,7 +8,7 @@ use flotilla_protocol::{TaskOutcome, TaskResult};
 use super::backup::failed;
 use super::JobError;
 use crate::daemon::Agent;
-use crate::repository::Repository;
+use crate::repository::{RepoError, Repository};
 
 impl Agent {
     fn repository(&self) -> Result<Repository, JobError> {
@@ -26,7 +26,7 @@ impl Agent {
     ) -> Result<(TaskOutcome, TaskResult), JobError> {
         let repo = self.repository()?;
         let ids = ids.to_vec();
-        let report = tokio::task::spawn_blocking(move || {
+        let report = on_repository("forget", move || {
             let mut report = ForgetReport::default();
             for id in ids {
                 match repo.forget_snapshot(&id) {
@@ -37,15 +37,7 @@ impl Agent {
             }
             Ok(report)
         })
-        .await
-        .map_err(|e| JobError::Failed {
-            message: format!("forget crashed: {e}"),
-            retryable: true,
-        })?
-        .map_err(|e| JobError::Failed {
-            retryable: e.is_retryable(),
-            message: e.to_string(),
-        })?;
+        .await?;
         Ok((TaskOutcome::Succeeded, TaskResult::Forget(report)))
     }
 
@@ -56,20 +48,30 @@ impl Agent {
     ) -> Result<(TaskOutcome, TaskResult), JobError> {
         let repo = self.repository()?;
         let claims = self.claims.clone();
-        let report = tokio::task::spawn_blocking(move || {
+        let report = on_repository("prune", move || {
             repo.prune(Duration::from_secs(grace_secs), dry_run, &|id| {
                 claims.is_protected(id)
             })
         })
+        .await?;
+        Ok((TaskOutcome::Succeeded, TaskResult::Prune(report)))
+    }
+}
+
+/// Runs repository work `what` on a blocking thread; its error, or a crash of
+/// that thread, fails the task (retryable as the error says).
+async fn on_repository<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, RepoError> + Send + 'static,
+) -> Result<T, JobError> {
+    tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| JobError::Failed {
-            message: format!("prune crashed: {e}"),
+            message: format!("{what} crashed: {e}"),
             retryable: true,
         })?
         .map_err(|e| JobError::Failed {
             retryable: e.is_retryable(),
             message: e.to_string(),
-        })?;
-        Ok((TaskOutcome::Succeeded, TaskResult::Prune(report)))
-    }
+        })
 }

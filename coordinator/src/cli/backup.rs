@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::follow::follow_all;
 use super::{output, Global};
-use crate::dispatch::{Dispatch, Outcome, SentTask};
+use crate::dispatch::{Dispatch, SentTask};
 use crate::error::CliError;
 use crate::nats::Nats;
 
@@ -99,8 +99,8 @@ pub(super) async fn run(
     let mut partial = false;
     for f in results {
         let host = f.host.to_string();
-        match f.outcome {
-            Outcome::Finished(done) => {
+        match f.finished(WAIT) {
+            Ok(done) => {
                 let report = match &done.result {
                     Some(TaskResult::Backup(r)) => Some(r),
                     _ => None,
@@ -162,20 +162,8 @@ pub(super) async fn run(
                     }
                 }
             }
-            Outcome::Rejected { reason, detail } => {
-                worst.get_or_insert(CliError::Rejected {
-                    host,
-                    task_id: f.task_id,
-                    reason,
-                    detail,
-                });
-            }
-            Outcome::TimedOut | Outcome::Lost(_) => {
-                worst.get_or_insert(CliError::Timeout {
-                    host,
-                    task_id: f.task_id,
-                    waited_secs: WAIT.as_secs(),
-                });
+            Err(e) => {
+                worst.get_or_insert(e);
             }
         }
     }

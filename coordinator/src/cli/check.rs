@@ -7,10 +7,10 @@ use flotilla_protocol::repo::{BlobId, CheckReport, RepoKey};
 use flotilla_protocol::{HostName, TaskKind, TaskOutcome, TaskResult};
 use serde_json::json;
 
-use super::follow::follow_all;
+use super::follow::follow_one;
 use super::snapshots::{list, repo_key, tree, Found};
 use super::{output, Global};
-use crate::dispatch::{Dispatch, Outcome};
+use crate::dispatch::Dispatch;
 use crate::error::CliError;
 use crate::nats::Nats;
 
@@ -33,31 +33,7 @@ pub(super) async fn run(
     let task = dispatch
         .send(storage, TaskKind::Check { read_data })
         .await?;
-    let mut results = follow_all(vec![(storage.clone(), task)], WAIT, json, Some(&dispatch)).await;
-    let Some(f) = results.pop() else {
-        return Err(CliError::Request {
-            what: "follow check".into(),
-            why: "no result".into(),
-        });
-    };
-    let done = match f.outcome {
-        Outcome::Finished(d) => d,
-        Outcome::Rejected { reason, detail } => {
-            return Err(CliError::Rejected {
-                host: storage.to_string(),
-                task_id: f.task_id,
-                reason,
-                detail,
-            })
-        }
-        _ => {
-            return Err(CliError::Timeout {
-                host: storage.to_string(),
-                task_id: f.task_id,
-                waited_secs: WAIT.as_secs(),
-            })
-        }
-    };
+    let done = follow_one(storage, task, "check", WAIT, json, &dispatch).await?;
     let Some(TaskResult::Check(report)) = done.result else {
         return Err(CliError::TaskFailed {
             host: storage.to_string(),

@@ -7,12 +7,13 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use flotilla_protocol::{Event, EventBody, HostName, TaskProgress};
+use flotilla_protocol::{Event, EventBody, HostName, TaskFinished, TaskProgress};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::output;
-use crate::dispatch::{Outcome, SentTask};
+use crate::dispatch::{Dispatch, Outcome, SentTask};
+use crate::error::CliError;
 
 /// How one followed task ended.
 #[derive(Debug)]
@@ -25,6 +26,47 @@ pub struct Followed {
     pub outcome: Outcome,
 }
 
+impl Followed {
+    /// The task's end, or the error for a refusal or for a wait (of `wait`)
+    /// that ran out or lost its subscription.
+    pub fn finished(self, wait: Duration) -> Result<TaskFinished, CliError> {
+        match self.outcome {
+            Outcome::Finished(done) => Ok(done),
+            Outcome::Rejected { reason, detail } => Err(CliError::Rejected {
+                host: self.host.to_string(),
+                task_id: self.task_id,
+                reason,
+                detail,
+            }),
+            Outcome::TimedOut | Outcome::Lost(_) => Err(CliError::Timeout {
+                host: self.host.to_string(),
+                task_id: self.task_id,
+                waited_secs: wait.as_secs(),
+            }),
+        }
+    }
+}
+
+/// Follows one task (`what` names it in errors) to its end, with progress
+/// and Ctrl-C handling as [`follow_all`].
+pub async fn follow_one(
+    host: &HostName,
+    task: SentTask,
+    what: &str,
+    wait: Duration,
+    json: bool,
+    dispatch: &Dispatch<'_>,
+) -> Result<TaskFinished, CliError> {
+    let followed = follow_all(vec![(host.clone(), task)], wait, json, Some(dispatch))
+        .await
+        .pop()
+        .ok_or_else(|| CliError::Request {
+            what: format!("follow {what}"),
+            why: "no result".into(),
+        })?;
+    followed.finished(wait)
+}
+
 /// Waits for every task, rendering progress; returns in the order given.
 ///
 /// With `interrupt`, Ctrl-C sends each unfinished task a signed `cancel`
@@ -34,7 +76,7 @@ pub async fn follow_all(
     tasks: Vec<(HostName, SentTask)>,
     wait: Duration,
     json: bool,
-    interrupt: Option<&crate::dispatch::Dispatch<'_>>,
+    interrupt: Option<&Dispatch<'_>>,
 ) -> Vec<Followed> {
     let targets: Vec<(HostName, String)> = tasks
         .iter()

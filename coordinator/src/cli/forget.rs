@@ -12,10 +12,10 @@ use chrono::{Local, TimeZone};
 use flotilla_protocol::{HostName, TaskKind, TaskOutcome, TaskResult};
 use serde_json::json;
 
-use super::follow::follow_all;
+use super::follow::{follow_all, follow_one};
 use super::snapshots::{list, repo_key, Found};
 use super::{output, Global};
-use crate::dispatch::{Dispatch, Outcome};
+use crate::dispatch::Dispatch;
 use crate::error::CliError;
 use crate::nats::Nats;
 use crate::retention::{KeepPolicy, Verdict};
@@ -146,40 +146,29 @@ pub(super) async fn forget(
     let storages: Vec<HostName> = sent.iter().map(|(h, _)| h.clone()).collect();
     let mut first_err = None;
     for f in follow_all(sent, WAIT, json, Some(&dispatch)).await {
-        match f.outcome {
-            Outcome::Finished(d) if d.outcome == TaskOutcome::Succeeded => {
+        let host = f.host.clone();
+        match f.finished(WAIT) {
+            Ok(d) if d.outcome == TaskOutcome::Succeeded => {
                 if let Some(TaskResult::Forget(r)) = &d.result {
                     if json {
                         outln!(
                             "{}",
-                            json!({"type": "forgotten", "storage": f.host.as_str(), "removed": r.removed, "missing": r.missing})
+                            json!({"type": "forgotten", "storage": host.as_str(), "removed": r.removed, "missing": r.missing})
                         );
                     } else {
-                        outln!("{}: forgot {} snapshot(s)", f.host, r.removed.len());
+                        outln!("{}: forgot {} snapshot(s)", host, r.removed.len());
                     }
                 }
             }
-            Outcome::Finished(d) => {
+            Ok(d) => {
                 first_err.get_or_insert(CliError::TaskFailed {
-                    host: f.host.to_string(),
+                    host: host.to_string(),
                     task_id: d.task_id,
                     error: d.error.unwrap_or_default(),
                 });
             }
-            Outcome::Rejected { reason, detail } => {
-                first_err.get_or_insert(CliError::Rejected {
-                    host: f.host.to_string(),
-                    task_id: f.task_id,
-                    reason,
-                    detail,
-                });
-            }
-            _ => {
-                first_err.get_or_insert(CliError::Timeout {
-                    host: f.host.to_string(),
-                    task_id: f.task_id,
-                    waited_secs: WAIT.as_secs(),
-                });
+            Err(e) => {
+                first_err.get_or_insert(e);
             }
         }
     }
@@ -216,22 +205,15 @@ pub(super) async fn run_prune(
             },
         )
         .await?;
-    let mut results = follow_all(vec![(storage.clone(), task)], WAIT, json, Some(&dispatch)).await;
-    let Some(f) = results.pop() else {
-        return Err(CliError::Request {
-            what: "follow prune".into(),
-            why: "no result".into(),
-        });
-    };
-    match f.outcome {
-        Outcome::Finished(d) => match (&d.result, d.outcome) {
-            (Some(TaskResult::Prune(r)), TaskOutcome::Succeeded) => {
-                if json {
-                    let mut v = serde_json::to_value(r).unwrap_or_default();
-                    v["storage"] = json!(storage.as_str());
-                    outln!("{v}");
-                } else {
-                    outln!(
+    let d = follow_one(storage, task, "prune", WAIT, json, &dispatch).await?;
+    match (&d.result, d.outcome) {
+        (Some(TaskResult::Prune(r)), TaskOutcome::Succeeded) => {
+            if json {
+                let mut v = serde_json::to_value(r).unwrap_or_default();
+                v["storage"] = json!(storage.as_str());
+                outln!("{v}");
+            } else {
+                outln!(
                         "{storage}: {} {} pack(s), {} blob(s), {}{}; {} kept in use, {} pack(s) within the grace period, {} in use by running jobs",
                         if dry_run { "would delete" } else { "deleted" },
                         r.packs_deleted,
@@ -242,25 +224,13 @@ pub(super) async fn run_prune(
                         r.packs_in_grace,
                         r.packs_protected
                     );
-                }
-                Ok(())
             }
-            _ => Err(CliError::TaskFailed {
-                host: storage.to_string(),
-                task_id: d.task_id,
-                error: d.error.unwrap_or_default(),
-            }),
-        },
-        Outcome::Rejected { reason, detail } => Err(CliError::Rejected {
+            Ok(())
+        }
+        _ => Err(CliError::TaskFailed {
             host: storage.to_string(),
-            task_id: f.task_id,
-            reason,
-            detail,
-        }),
-        _ => Err(CliError::Timeout {
-            host: storage.to_string(),
-            task_id: f.task_id,
-            waited_secs: WAIT.as_secs(),
+            task_id: d.task_id,
+            error: d.error.unwrap_or_default(),
         }),
     }
 }

@@ -6,10 +6,10 @@ use flotilla_protocol::{HostName, TaskKind, TaskOutcome, TaskResult};
 use serde_json::json;
 
 use super::backup::storage_addr;
-use super::follow::follow_all;
+use super::follow::follow_one;
 use super::snapshots::{find, repo_key};
 use super::{output, Global};
-use crate::dispatch::{Dispatch, Outcome};
+use crate::dispatch::Dispatch;
 use crate::error::CliError;
 
 /// How long `--wait` waits for a restore.
@@ -72,57 +72,36 @@ pub(super) async fn run(
         }
         return Ok(());
     }
-    let mut results = follow_all(vec![(host.clone(), task)], WAIT, json, Some(&dispatch)).await;
-    let Some(f) = results.pop() else {
-        return Err(CliError::Request {
-            what: "follow restore".into(),
-            why: "no result".into(),
-        });
-    };
-    match f.outcome {
-        Outcome::Finished(done) => {
-            if json {
-                let mut v = json!({"type": "summary", "host": host.as_str(), "task_id": done.task_id,
-                    "outcome": done.outcome, "error": done.error, "duration_ms": done.duration_ms});
-                if let Some(TaskResult::Restore(r)) = &done.result {
-                    v["restore"] = serde_json::to_value(r).unwrap_or_default();
-                }
-                outln!("{v}");
-            } else if let Some(TaskResult::Restore(r)) = &done.result {
-                outln!(
-                    "{host}: restored {} files, {} dirs, {} symlinks, {} hard links, {} into {dir} in {:.1}s",
-                    r.files,
-                    r.dirs,
-                    r.symlinks,
-                    r.hardlinks,
-                    output::bytes(r.bytes),
-                    done.duration_ms as f64 / 1000.0
-                );
-                for e in &r.error_samples {
-                    outln!("  error: {e}");
-                }
-            }
-            match done.outcome {
-                TaskOutcome::Succeeded => Ok(()),
-                TaskOutcome::Partial => Err(CliError::Partial),
-                TaskOutcome::Cancelled => Err(CliError::Cancelled),
-                TaskOutcome::Failed => Err(CliError::TaskFailed {
-                    host: host.to_string(),
-                    task_id: done.task_id,
-                    error: done.error.unwrap_or_default(),
-                }),
-            }
+    let done = follow_one(&host, task, "restore", WAIT, json, &dispatch).await?;
+    if json {
+        let mut v = json!({"type": "summary", "host": host.as_str(), "task_id": done.task_id,
+            "outcome": done.outcome, "error": done.error, "duration_ms": done.duration_ms});
+        if let Some(TaskResult::Restore(r)) = &done.result {
+            v["restore"] = serde_json::to_value(r).unwrap_or_default();
         }
-        Outcome::Rejected { reason, detail } => Err(CliError::Rejected {
+        outln!("{v}");
+    } else if let Some(TaskResult::Restore(r)) = &done.result {
+        outln!(
+            "{host}: restored {} files, {} dirs, {} symlinks, {} hard links, {} into {dir} in {:.1}s",
+            r.files,
+            r.dirs,
+            r.symlinks,
+            r.hardlinks,
+            output::bytes(r.bytes),
+            done.duration_ms as f64 / 1000.0
+        );
+        for e in &r.error_samples {
+            outln!("  error: {e}");
+        }
+    }
+    match done.outcome {
+        TaskOutcome::Succeeded => Ok(()),
+        TaskOutcome::Partial => Err(CliError::Partial),
+        TaskOutcome::Cancelled => Err(CliError::Cancelled),
+        TaskOutcome::Failed => Err(CliError::TaskFailed {
             host: host.to_string(),
-            task_id: f.task_id,
-            reason,
-            detail,
-        }),
-        Outcome::TimedOut | Outcome::Lost(_) => Err(CliError::Timeout {
-            host: host.to_string(),
-            task_id: f.task_id,
-            waited_secs: WAIT.as_secs(),
+            task_id: done.task_id,
+            error: done.error.unwrap_or_default(),
         }),
     }
 }
