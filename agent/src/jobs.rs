@@ -455,7 +455,7 @@ impl Agent {
     pub(crate) async fn with_progress<T: Send + 'static>(
         &self,
         body: &TaskBody,
-        totals: (Option<u64>, Option<u64>),
+        totals: Option<Totals>,
         work: impl FnOnce(&mut dyn Progress) -> T + Send + 'static,
     ) -> Result<T, JobError> {
         let (tx, mut rx) = watch::channel((Counters::default(), PathBuf::new()));
@@ -478,6 +478,7 @@ impl Agent {
                         continue;
                     }
                     let (counters, current) = rx.borrow_and_update().clone();
+                    let known = totals.as_ref().and_then(|t| t.get().copied());
                     self.bus.event(
                         Severity::Info,
                         format!("{kind} {}: {} files, {} bytes so far", body.id, counters.files, counters.bytes),
@@ -488,8 +489,8 @@ impl Agent {
                             dirs: counters.dirs,
                             bytes: counters.bytes,
                             current: Some(current.to_string_lossy().into_owned()),
-                            files_total: totals.0,
-                            bytes_total: totals.1,
+                            files_total: known.map(|(files, _)| files),
+                            bytes_total: known.map(|(_, bytes)| bytes),
                             elapsed_ms: started.elapsed().as_millis() as u64,
                         }),
                     ).await;
@@ -509,9 +510,7 @@ impl Agent {
         let cancel = cancel.clone();
         let stop = cancel.clone();
         let report = self
-            .with_progress(body, (None, None), move |p| {
-                engine::estimate(&resolved, p, &stop)
-            })
+            .with_progress(body, None, move |p| engine::estimate(&resolved, p, &stop))
             .await?;
         if cancel.is_cancelled() {
             // A walk cut short is not an answer.
@@ -547,6 +546,10 @@ impl Agent {
 }
 
 /// Publishes engine progress into a watch channel, at most every 100 ms.
+/// Files and bytes a task will cover, once something has counted them (the
+/// estimate that runs beside a backup); progress events carry them from then on.
+pub(crate) type Totals = std::sync::Arc<std::sync::OnceLock<(u64, u64)>>;
+
 struct WatchProgress {
     tx: watch::Sender<(Counters, PathBuf)>,
     last: Option<Instant>,

@@ -9,7 +9,7 @@ use flotilla_protocol::{BackupReport, TaskBody, TaskKind, TaskOutcome, TaskResul
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
-use super::JobError;
+use super::{JobError, Totals};
 use crate::daemon::Agent;
 use crate::engine::{self, BackupOptions, BackupOutcome, Cancel, NoCache};
 use crate::remote::{BlockingStore, Session, SessionError, UPLOAD_LANES};
@@ -170,19 +170,23 @@ impl Agent {
             excludes: excludes.to_vec(),
             zstd_level: ZSTD_LEVEL,
         };
-        let totals = {
-            let paths = paths.to_vec();
-            let cancel = cancel.clone();
+        // The totals for progress are counted beside the backup, not before
+        // it: the walk does not wait for a second walk of the same tree. The
+        // count stops when the backup ends, whether it got there or not.
+        let totals = Totals::default();
+        let counting = Cancel::default();
+        {
+            let (paths, totals, counting) = (paths.to_vec(), totals.clone(), counting.clone());
             tokio::task::spawn_blocking(move || {
-                engine::estimate(&paths, &mut engine::NoProgress, &cancel)
-            })
-            .await
-            .map(|r| (Some(r.files), Some(r.bytes)))
-            .unwrap_or((None, None))
-        };
+                let r = engine::estimate(&paths, &mut engine::NoProgress, &counting);
+                if !counting.is_cancelled() {
+                    let _ = totals.set((r.files, r.bytes));
+                }
+            });
+        }
         let cancel = cancel.clone();
-        let (result, store) = self
-            .with_progress(body, totals, move |progress| {
+        let backed_up = self
+            .with_progress(body, Some(totals), move |progress| {
                 let mut store = store;
                 let result = match &cache {
                     Some(c) => engine::backup(&opts, &key, &mut store, c, progress, &cancel),
@@ -190,7 +194,9 @@ impl Agent {
                 };
                 (result, store)
             })
-            .await?;
+            .await;
+        counting.cancel();
+        let (result, store) = backed_up?;
         let BlockingStore {
             session, uploader, ..
         } = store;

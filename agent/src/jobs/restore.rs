@@ -66,7 +66,7 @@ impl Agent {
         let cancel = cancel.clone();
         let tree = record.tree;
         let summary = self
-            .with_progress(body, (None, None), move |progress| {
+            .with_progress(body, None, move |progress| {
                 engine::restore(&tree, &key, &mut fetch, &opts, progress, &cancel)
             })
             .await?;
