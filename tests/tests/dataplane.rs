@@ -328,22 +328,7 @@ fn source_killed_mid_backup_resumes() {
         .to_owned();
 
     // true: it is running (progress seen); false: it already finished.
-    let running = fleet.wait_for("progress of the backup", RESUME_TIMEOUT, || {
-        let events = fleet.events_of("task", "alpha")?;
-        if events
-            .iter()
-            .any(|e| is_task_event(e, "task.finished", &task_id))
-        {
-            return Ok(Some(false));
-        }
-        if events
-            .iter()
-            .any(|e| is_task_event(e, "task.progress", &task_id))
-        {
-            return Ok(Some(true));
-        }
-        anyhow::bail!("task events of alpha:\n{}", summarize_events(&events))
-    });
+    let running = super::wait_running_or_done(&fleet, "alpha", &task_id, RESUME_TIMEOUT);
     if running {
         let alpha = &mut agents[1];
         alpha.kill9().expect("kill -9 alpha");

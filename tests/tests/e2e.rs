@@ -58,6 +58,27 @@ fn is_task_event(ev: &Value, kind: &str, task_id: &str) -> bool {
     ev["kind"] == kind && ev["detail"]["task_id"] == task_id
 }
 
+/// Waits until `host`'s task `task_id` shows progress (true: it is running)
+/// or has finished (false: it ended before any progress event).
+fn wait_running_or_done(fleet: &Fleet, host: &str, task_id: &str, timeout: Duration) -> bool {
+    fleet.wait_for(&format!("progress of {host}'s task"), timeout, || {
+        let events = fleet.events_of("task", host)?;
+        if events
+            .iter()
+            .any(|e| is_task_event(e, "task.finished", task_id))
+        {
+            return Ok(Some(false));
+        }
+        if events
+            .iter()
+            .any(|e| is_task_event(e, "task.progress", task_id))
+        {
+            return Ok(Some(true));
+        }
+        anyhow::bail!("task events of {host}:\n{}", summarize_events(&events))
+    })
+}
+
 fn host_entry(fleet: &Fleet, host: &str) -> Result<Value> {
     fleet
         .host(host)?

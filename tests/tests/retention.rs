@@ -272,22 +272,7 @@ fn prune_during_a_concurrent_backup_breaks_nothing() {
         .unwrap_or_else(|| fleet.fail(format!("no queued line for beta:\n{out}")));
 
     // true: it is running (progress seen); false: it already finished.
-    let running = fleet.wait_for("progress of beta's backup", BACKUP_TIMEOUT, || {
-        let events = fleet.events_of("task", "beta")?;
-        if events
-            .iter()
-            .any(|e| is_task_event(e, "task.finished", &task_id))
-        {
-            return Ok(Some(false));
-        }
-        if events
-            .iter()
-            .any(|e| is_task_event(e, "task.progress", &task_id))
-        {
-            return Ok(Some(true));
-        }
-        anyhow::bail!("task events of beta:\n{}", summarize_events(&events))
-    });
+    let running = super::wait_running_or_done(&fleet, "beta", &task_id, BACKUP_TIMEOUT);
     if !running {
         eprintln!("note: beta's backup finished before any progress event; prune ran after it");
     }
