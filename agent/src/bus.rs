@@ -6,6 +6,7 @@
 //! a new fleet sets up the server.
 
 pub(crate) mod micro;
+pub(crate) mod queries;
 
 use std::time::Duration;
 

@@ -1,27 +1,32 @@
-//! The agent daemon: connects, heartbeats, answers discovery, runs tasks, and
-//! shuts down in order.
+//! The agent daemon: opens the state, connects, builds the shared
+//! [`Agent`], starts the loops (heartbeats, discovery, tasks, the data-plane
+//! server, repository queries) and shuts them down in order.
+//!
+//! It wires things together and decides nothing about a task (that is
+//! `jobs`) and serves no session (that is `transfer::server`, which gets a
+//! [`ServerContext`] of what it needs, not the agent).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_protocol::repo::RepoKey;
 use flotilla_protocol::{
-    encode, AgentState, EventBody, Heartbeat, RootKind, RunningJob, Severity, HEARTBEAT_VERSION,
+    encode, AgentState, EventBody, Heartbeat, RootKind, Severity, HEARTBEAT_VERSION,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::bus::micro::{self, LatestHealth};
-use crate::bus::{Bus, BusError};
+use crate::bus::{queries, Bus, BusError};
 use crate::config::Settings;
-use crate::engine::Cancel;
+use crate::jobs::{self, Agent};
 use crate::repository::{RepoError, Repository};
 use crate::state::{State, StateError};
+use crate::transfer::server::{self, ServerContext};
 use crate::transfer::{Identity, TransferEndpoint, TransferError};
-use crate::{health, jobs, now_ms, storage, VERSION};
+use crate::{health, now_ms, VERSION};
 
 /// Finished journal entries older than this are forgotten at startup.
 const JOURNAL_RETENTION_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -48,31 +53,6 @@ pub enum AgentError {
     /// The repository could not be opened.
     #[error("cannot open the repository: {0}")]
     Repository(#[from] RepoError),
-}
-
-/// Tasks running now, with their cancellation flags; read by heartbeats.
-pub(crate) type Running = Arc<Mutex<HashMap<String, (RunningJob, Cancel)>>>;
-
-/// What every part of the running agent shares.
-#[derive(Debug)]
-pub(crate) struct Agent {
-    pub settings: Settings,
-    pub state: State,
-    pub bus: Bus,
-    pub running: Running,
-    pub started_at: u64,
-    /// QUIC endpoint (serves peers when `--listen` is set; always dials).
-    pub endpoint: Option<Arc<TransferEndpoint>>,
-    /// The repository, on storage hosts.
-    pub repo: Option<Arc<Repository>>,
-    /// The repository key, when the bundle carries it.
-    pub repo_key: Option<Arc<RepoKey>>,
-    /// The QUIC address peers reach this agent at.
-    pub quic_addr: Option<String>,
-    /// What live data-plane sessions rely on (storage hosts).
-    pub claims: Arc<crate::storage::Claims>,
-    /// Tasks a signed `cancel` task asked to stop (as opposed to shutdown).
-    pub cancelled: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Runs the agent until `shutdown` fires, then stops in order.
@@ -159,17 +139,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     });
     loops.spawn(jobs::task_loop(agent.clone(), loops_cancel.clone()));
     if agent.settings.listen.is_some() {
-        loops.spawn(storage::serve(
-            agent.clone(),
-            endpoint.clone(),
-            repo.clone(),
-            loops_cancel.clone(),
-        ));
+        // The server gets what it checks and serves, not the agent: no
+        // journal, no repository key.
+        let ctx = ServerContext {
+            host: agent.settings.host.clone(),
+            fleet: agent.settings.bundle.fleet.clone(),
+            coordinator_key: agent.settings.coordinator_key,
+            repo: repo.clone(),
+            claims: agent.claims.clone(),
+            bus: agent.bus.clone(),
+        };
+        loops.spawn(server::serve(ctx, endpoint.clone(), loops_cancel.clone()));
     }
     if let Some(repo) = repo {
-        let (agent, cancel) = (agent.clone(), loops_cancel.clone());
+        let (bus, cancel) = (agent.bus.clone(), loops_cancel.clone());
         loops.spawn(async move {
-            if let Err(e) = storage::serve_queries(agent, repo, cancel).await {
+            if let Err(e) = queries::serve(bus, repo, cancel).await {
                 warn!(error = %e, "repository queries stopped");
             }
         });
@@ -209,7 +194,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     }
     // 2. tell the fleet, so `hosts` shows offline at once instead of after
     //    missed heartbeats;
-    let last = agent.heartbeat(AgentState::Offline).await;
+    let last = heartbeat(&agent, AgentState::Offline).await;
     if let Err(e) = agent.bus.put_health(&last).await {
         warn!(error = %e, "cannot record offline state");
     }
@@ -240,7 +225,7 @@ async fn heartbeat_loop(agent: Arc<Agent>, latest: LatestHealth, cancel: Cancell
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let hb = agent.heartbeat(AgentState::Online).await;
+        let hb = heartbeat(&agent, AgentState::Online).await;
         if let Ok(bytes) = encode(&hb) {
             if let Ok(mut slot) = latest.lock() {
                 *slot = Some(bytes.into());
@@ -252,56 +237,54 @@ async fn heartbeat_loop(agent: Arc<Agent>, latest: LatestHealth, cancel: Cancell
     }
 }
 
-impl Agent {
-    /// Builds a heartbeat from the host's current readings.
-    pub(crate) async fn heartbeat(&self, state: AgentState) -> Heartbeat {
-        let s = &self.settings;
-        let mut roots: Vec<(RootKind, std::path::PathBuf)> = Vec::new();
-        roots.extend(s.backup_roots.iter().map(|p| (RootKind::Backup, p.clone())));
-        roots.extend(s.storage.iter().map(|p| (RootKind::Storage, p.clone())));
-        roots.extend(
-            s.restore_roots
-                .iter()
-                .map(|p| (RootKind::Restore, p.clone())),
-        );
-        // statvfs can block for a long time on a hung network filesystem.
-        let readings = tokio::task::spawn_blocking(move || {
-            let usage: Vec<_> = roots
-                .iter()
-                .map(|(kind, path)| health::root_usage(*kind, path))
-                .collect();
-            (
-                usage,
-                health::load_average(),
-                health::rss_bytes(),
-                health::memory(),
-            )
-        })
-        .await;
-        let (roots, load, rss, (mem_total, mem_available)) =
-            readings.unwrap_or_else(|_| (Vec::new(), [0.0; 3], 0, (0, 0)));
-        let running = self
-            .running
-            .lock()
-            .map(|r| r.values().map(|(job, _)| job.clone()).collect())
-            .unwrap_or_default();
-        Heartbeat {
-            v: HEARTBEAT_VERSION,
-            host: s.host.clone(),
-            fleet: s.bundle.fleet.clone(),
-            state,
-            version: VERSION.into(),
-            started_at: self.started_at,
-            time: now_ms(),
-            interval_ms: s.heartbeat_interval.as_millis() as u64,
-            load,
-            rss_bytes: rss,
-            mem_total_bytes: mem_total,
-            mem_available_bytes: mem_available,
-            roles: s.roles(),
-            quic_addr: self.quic_addr.clone(),
-            roots,
-            running,
-        }
+/// Builds a heartbeat from the host's current readings.
+async fn heartbeat(agent: &Agent, state: AgentState) -> Heartbeat {
+    let s = &agent.settings;
+    let mut roots: Vec<(RootKind, std::path::PathBuf)> = Vec::new();
+    roots.extend(s.backup_roots.iter().map(|p| (RootKind::Backup, p.clone())));
+    roots.extend(s.storage.iter().map(|p| (RootKind::Storage, p.clone())));
+    roots.extend(
+        s.restore_roots
+            .iter()
+            .map(|p| (RootKind::Restore, p.clone())),
+    );
+    // statvfs can block for a long time on a hung network filesystem.
+    let readings = tokio::task::spawn_blocking(move || {
+        let usage: Vec<_> = roots
+            .iter()
+            .map(|(kind, path)| health::root_usage(*kind, path))
+            .collect();
+        (
+            usage,
+            health::load_average(),
+            health::rss_bytes(),
+            health::memory(),
+        )
+    })
+    .await;
+    let (roots, load, rss, (mem_total, mem_available)) =
+        readings.unwrap_or_else(|_| (Vec::new(), [0.0; 3], 0, (0, 0)));
+    let running = agent
+        .running
+        .lock()
+        .map(|r| r.values().map(|(job, _)| job.clone()).collect())
+        .unwrap_or_default();
+    Heartbeat {
+        v: HEARTBEAT_VERSION,
+        host: s.host.clone(),
+        fleet: s.bundle.fleet.clone(),
+        state,
+        version: VERSION.into(),
+        started_at: agent.started_at,
+        time: now_ms(),
+        interval_ms: s.heartbeat_interval.as_millis() as u64,
+        load,
+        rss_bytes: rss,
+        mem_total_bytes: mem_total,
+        mem_available_bytes: mem_available,
+        roles: s.roles(),
+        quic_addr: agent.quic_addr.clone(),
+        roots,
+        running,
     }
 }

@@ -4,7 +4,12 @@
 //! Order of a task's life: verify (signature, host, fleet, expiry) → journal in
 //! sled and flush → acknowledge to JetStream → run → record the outcome →
 //! publish `task.finished`. A crash before the acknowledgement means the stream
-//! redelivers; a crash after it means the journal resumes the task at startup.
+//! redelivers; a crash after it means the journal resumes the task at startup
+//! (unless it has expired meanwhile).
+//!
+//! What to do at each step is decided by [`lifecycle`], which does no I/O;
+//! this file performs its decisions. One runner per task kind lives beside
+//! it: `backup.rs`, `restore.rs`, `check.rs`, `prune.rs` (forget and prune).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use flotilla_protocol::{
-    verify_task, EventBody, RejectReason, RunningJob, Severity, TaskBody, TaskFinished, TaskKind,
+    subject, verify_task, EventBody, RejectReason, RunningJob, Severity, TaskBody, TaskKind,
     TaskOutcome, TaskProgress, TaskResult,
 };
 use futures::StreamExt;
@@ -23,18 +28,24 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 mod backup;
 mod check;
+mod context;
+mod lifecycle;
 mod prune;
 mod restore;
 
-use crate::daemon::Agent;
+pub(crate) use context::Agent;
+
 use crate::engine::{self, Cancel, Counters, PathRefused, Progress};
 use crate::now_ms;
 use crate::state::{Accepted, JobStatus, JournalEntry, JOURNAL_VERSION};
+use lifecycle::{Decision, Intake, Publish, Ran, Rejection, Reply, Resumed, Stop, Task};
 
 /// How often progress events are published while a task runs.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// How long to wait before retrying a consumer that could not be set up.
 const CONSUMER_RETRY: Duration = Duration::from_secs(2);
+/// When a task the journal could not take is redelivered.
+const JOURNAL_RETRY: Duration = Duration::from_secs(10);
 
 /// Why a task did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -45,20 +56,6 @@ pub(crate) enum JobError {
     /// It failed while running.
     #[error("{message}")]
     Failed { message: String, retryable: bool },
-}
-
-/// The error line of a task that ran to the end but failed (a check that
-/// found problems).
-fn failure_text(result: &TaskResult) -> String {
-    match result {
-        TaskResult::Check(r) => format!(
-            "repository check found {} problem(s); {} blob(s) damaged or missing, {} snapshot(s) affected",
-            r.problems.len(),
-            r.damaged_blobs.len(),
-            r.affected_snapshots.len()
-        ),
-        _ => "failed".into(),
-    }
 }
 
 impl JobError {
@@ -77,7 +74,7 @@ pub(crate) async fn task_loop(agent: Arc<Agent>, cancel: CancellationToken) {
     match agent.state.unfinished() {
         Ok(entries) => {
             for entry in entries {
-                agent.resume(entry, &mut jobs);
+                agent.resume(entry, &mut jobs).await;
             }
         }
         Err(e) => error!(error = %e, "cannot read task journal; unfinished tasks are not resumed"),
@@ -134,27 +131,52 @@ pub(crate) async fn task_loop(agent: Arc<Agent>, cancel: CancellationToken) {
 }
 
 impl Agent {
-    /// Verifies, journals and acknowledges one task message, and starts it.
+    /// Verifies and journals one task message, then does what
+    /// [`lifecycle::intake`] decides: reject, acknowledge, start.
     async fn handle(self: &Arc<Self>, msg: jetstream::Message, jobs: &mut JoinSet<()>) {
         let subject = msg.subject.to_string();
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let s = &self.settings;
-        let body = match verify_task(
+        let verified = verify_task(
             &msg.payload,
             &s.coordinator_key,
             &s.bundle.fleet,
             &s.host,
             now_ms(),
-        ) {
-            Ok(body) => body,
+        );
+        let (intake, body) = match verified {
             Err(e) => {
-                let task_id = e.task_id().map(str::to_owned);
-                self.reject(task_id, e.reason(), e.to_string(), &subject)
-                    .await;
-                terminate(&msg).await;
-                return;
+                let rejection = Rejection {
+                    task_id: e.task_id().map(str::to_owned),
+                    reason: e.reason(),
+                    detail: e.to_string(),
+                };
+                (Intake::Refused(rejection), None)
             }
+            Ok(body) => (self.journal_new(&body, seq, &msg.payload).await, Some(body)),
         };
+        let new = matches!(intake, Intake::New);
+        let decision = lifecycle::intake(intake);
+        if let (true, Some(body)) = (decision.run, &body) {
+            if new {
+                info!(task = %body.id, kind = body.kind.name(), "task accepted");
+            } else {
+                info!(task = %body.id, "redelivered task was never finished; running it");
+            }
+        }
+        self.record(&decision, body.as_ref().map(|b| b.id.as_str()), &subject)
+            .await;
+        if let Some(reply) = decision.reply {
+            answer(&msg, reply).await;
+        }
+        if let (true, Some(body)) = (decision.run, body) {
+            self.start(body, msg.payload.to_vec(), jobs);
+        }
+    }
+
+    /// Journals a verified task as received; what the journal found is the
+    /// lifecycle's input.
+    async fn journal_new(&self, body: &TaskBody, seq: u64, payload: &[u8]) -> Intake {
         let entry = JournalEntry {
             v: JOURNAL_VERSION,
             task_id: body.id.clone(),
@@ -163,68 +185,59 @@ impl Agent {
             status: JobStatus::Received,
             received_at: now_ms(),
             updated_at: now_ms(),
-            envelope: msg.payload.to_vec(),
+            envelope: payload.to_vec(),
             error: None,
         };
         match self.state.accept(entry).await {
-            Ok(Accepted::New) => {
-                info!(task = %body.id, kind = body.kind.name(), "task accepted");
-                acknowledge(&msg).await;
-                self.start(body, msg.payload.to_vec(), jobs);
-            }
-            Ok(Accepted::Redelivered(stored)) => {
-                acknowledge(&msg).await;
-                let running = self
+            Ok(Accepted::New) => Intake::New,
+            Ok(Accepted::Redelivered(stored)) => Intake::Redelivered {
+                status: stored.status,
+                // A poisoned lock says nothing; assume running, never run twice.
+                running_here: self
                     .running
                     .lock()
                     .map(|r| r.contains_key(&body.id))
-                    .unwrap_or(true);
-                if !stored.status.is_final() && !running {
-                    info!(task = %body.id, "redelivered task was never finished; running it");
-                    self.start(body, msg.payload.to_vec(), jobs);
-                }
-            }
-            Ok(Accepted::Replayed(stored)) => {
-                let detail = format!(
-                    "task {} was already received in stream message {} (now {seq})",
-                    body.id, stored.stream_seq
-                );
-                self.reject(Some(body.id), RejectReason::Replayed, detail, &subject)
-                    .await;
-                terminate(&msg).await;
-            }
+                    .unwrap_or(true),
+            },
+            Ok(Accepted::Replayed(stored)) => Intake::Replayed {
+                task_id: body.id.clone(),
+                stored_seq: stored.stream_seq,
+                seq,
+            },
             Err(e) => {
-                // Not acknowledged: the stream redelivers it once the disk recovers.
                 error!(task = %body.id, error = %e, "cannot journal task; it will be redelivered");
-                if let Err(e) = msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(10))))
-                    .await
-                {
-                    warn!(error = %e, "cannot nak task");
-                }
+                Intake::JournalFailed
             }
         }
     }
 
-    /// Restarts a task found unfinished in the journal at startup.
-    fn resume(self: &Arc<Self>, entry: JournalEntry, jobs: &mut JoinSet<()>) {
+    /// Does what [`lifecycle::resume`] decides for a task found unfinished in
+    /// the journal at startup.
+    async fn resume(self: &Arc<Self>, entry: JournalEntry, jobs: &mut JoinSet<()>) {
         let s = &self.settings;
-        // Verified again, as of when it was received: the journal is on disk and
-        // the signature is the proof the task is the coordinator's.
-        match verify_task(
+        let resumed = lifecycle::verify_resumed(
             &entry.envelope,
             &s.coordinator_key,
             &s.bundle.fleet,
             &s.host,
             entry.received_at,
-        ) {
-            Ok(body) => {
-                info!(task = %body.id, kind = body.kind.name(), "resuming unfinished task");
-                self.start(body, entry.envelope, jobs);
-            }
+            now_ms(),
+        );
+        let Resumed { body, expired } = match resumed {
+            Ok(r) => r,
             Err(e) => {
-                error!(task = %entry.task_id, error = %e, "journalled task no longer verifies; dropped")
+                return error!(task = %entry.task_id, error = %e, "journalled task no longer verifies; dropped")
             }
+        };
+        let decision = lifecycle::resume(Task::of(&body), entry.status, expired);
+        if expired {
+            warn!(task = %body.id, "journalled task expired while the agent was down; not resumed");
+        }
+        self.record(&decision, Some(&body.id), &subject::task(&s.host))
+            .await;
+        if decision.run {
+            info!(task = %body.id, kind = body.kind.name(), "resuming unfinished task");
+            self.start(body, entry.envelope, jobs);
         }
     }
 
@@ -251,24 +264,11 @@ impl Agent {
         );
     }
 
+    /// Runs a task and records its start and end as the lifecycle decides.
     async fn run_task(&self, body: &TaskBody, envelope: &[u8], cancel: &Cancel) {
-        let kind = body.kind.name();
-        if let Err(e) = self
-            .state
-            .set_status(&body.id, JobStatus::Running, None, now_ms())
-            .await
-        {
-            warn!(error = %e, "cannot journal task start");
-        }
-        self.bus
-            .event(
-                Severity::Info,
-                format!("{kind} task {} started", body.id),
-                EventBody::TaskStarted {
-                    task_id: body.id.clone(),
-                    task_kind: kind.into(),
-                },
-            )
+        let task = Task::of(body);
+        let from = subject::task(&self.settings.host);
+        self.record(&lifecycle::start(task), Some(&body.id), &from)
             .await;
         let started = Instant::now();
         let ran = match &body.kind {
@@ -287,107 +287,76 @@ impl Agent {
             TaskKind::Cancel { task_id } => Ok(self.cancel_task(task_id)),
         };
         let duration_ms = started.elapsed().as_millis() as u64;
-        // A task that ran to its end reports what it did, even if a cancel
-        // arrived too late to stop it.
-        if cancel.is_cancelled() && ran.is_ok() {
-            if let Ok(mut c) = self.cancelled.lock() {
-                c.remove(&body.id);
-            }
-        }
-        if cancel.is_cancelled() && ran.is_err() {
-            let asked = self
+        // Whether a `cancel` task set the flag, as opposed to shutdown; taken
+        // out of the set either way, so the set holds only running tasks.
+        let asked = cancel.is_cancelled()
+            && self
                 .cancelled
                 .lock()
                 .map(|mut c| c.remove(&body.id))
                 .unwrap_or(false);
-            if !asked {
-                info!("task interrupted by shutdown; it resumes on the next start");
-                return;
-            }
-            info!("task cancelled on request");
+        let stop = Stop::from_flags(cancel.is_cancelled(), asked);
+        let ran = match ran {
+            Ok((outcome, result)) => Ran::Done(outcome, result),
+            Err(e) => Ran::Failed {
+                retryable: e.is_retryable(),
+                error: e.to_string(),
+            },
+        };
+        if let (Ran::Failed { .. }, Stop::Shutdown) = (&ran, stop) {
+            info!("task interrupted by shutdown; it resumes on the next start");
+        }
+        let decision = lifecycle::finish(task, ran, stop, duration_ms);
+        if let Some(Publish::Finished { finished, .. }) = &decision.publish {
+            info!(outcome = ?finished.outcome, duration_ms, "task finished");
+        }
+        self.record(&decision, Some(&body.id), &from).await;
+    }
+
+    /// Performs the journal write and the event of `decision` about task
+    /// `task_id`, in that order; `subject` is where a rejected task came from.
+    async fn record(&self, decision: &Decision, task_id: Option<&str>, subject: &str) {
+        if let (Some((status, error)), Some(id)) = (&decision.journal, task_id) {
             if let Err(e) = self
                 .state
-                .set_status(&body.id, JobStatus::Cancelled, None, now_ms())
+                .set_status(id, *status, error.clone(), now_ms())
                 .await
             {
-                warn!(error = %e, "cannot journal task end");
+                warn!(error = %e, ?status, "cannot journal task status");
             }
-            self.bus
-                .event(
-                    Severity::Warning,
-                    format!(
-                        "{kind} task {} cancelled; nothing half-done was committed",
-                        body.id
-                    ),
-                    EventBody::TaskFinished(TaskFinished {
-                        task_id: body.id.clone(),
-                        task_kind: kind.into(),
-                        outcome: TaskOutcome::Cancelled,
-                        retryable: false,
-                        error: Some("cancelled on request".into()),
-                        result: None,
-                        duration_ms,
-                    }),
-                )
-                .await;
-            return;
         }
-        let (outcome, result, error, retryable) = match ran {
-            Ok((outcome, result)) => {
-                let error = (outcome == TaskOutcome::Failed).then(|| failure_text(&result));
-                (outcome, Some(result), error, false)
+        match &decision.publish {
+            None => {}
+            Some(Publish::Started { task_id, task_kind }) => {
+                self.bus
+                    .event(
+                        Severity::Info,
+                        format!("{task_kind} task {task_id} started"),
+                        EventBody::TaskStarted {
+                            task_id: task_id.clone(),
+                            task_kind: task_kind.clone(),
+                        },
+                    )
+                    .await
             }
-            Err(e) => (
-                TaskOutcome::Failed,
-                None,
-                Some(e.to_string()),
-                e.is_retryable(),
-            ),
-        };
-        let status = match outcome {
-            TaskOutcome::Succeeded => JobStatus::Succeeded,
-            TaskOutcome::Partial => JobStatus::Partial,
-            TaskOutcome::Failed => JobStatus::Failed,
-            TaskOutcome::Cancelled => JobStatus::Cancelled,
-        };
-        let message = match (&error, outcome) {
-            (Some(e), _) => format!("{kind} task {} failed: {e}", body.id),
-            (None, TaskOutcome::Partial) => {
-                format!(
-                    "{kind} task {} finished, but some items were skipped",
-                    body.id
-                )
-            }
-            (None, _) => format!("{kind} task {} succeeded", body.id),
-        };
-        info!(?outcome, duration_ms, "task finished");
-        if let Err(e) = self
-            .state
-            .set_status(&body.id, status, error.clone(), now_ms())
-            .await
-        {
-            warn!(error = %e, "cannot journal task end");
-        }
-        let severity = match outcome {
-            TaskOutcome::Succeeded => Severity::Info,
-            TaskOutcome::Partial | TaskOutcome::Cancelled => Severity::Warning,
-            TaskOutcome::Failed => Severity::Error,
-        };
-        self.bus
-            .event(
+            Some(Publish::Finished {
                 severity,
                 message,
-                EventBody::TaskFinished(TaskFinished {
-                    task_id: body.id.clone(),
-                    task_kind: kind.into(),
-                    outcome,
-                    retryable,
-                    error,
-                    result,
-                    duration_ms,
-                }),
-            )
-            .await;
+                finished,
+            }) => {
+                self.bus
+                    .event(
+                        *severity,
+                        message.clone(),
+                        EventBody::TaskFinished(finished.as_ref().clone()),
+                    )
+                    .await
+            }
+            Some(Publish::Rejected(r)) => {
+                self.reject(r.task_id.clone(), r.reason, r.detail.clone(), subject)
+                    .await
+            }
+        }
     }
 
     /// Asks a running task to stop; it then ends `cancelled`.
@@ -438,7 +407,7 @@ impl Agent {
                     Some(body.id.clone()),
                     RejectReason::NotAllowed,
                     refused.to_string(),
-                    &flotilla_protocol::subject::task(&self.settings.host),
+                    &subject::task(&self.settings.host),
                 )
                 .await;
                 Err(JobError::Refused(refused))
@@ -569,17 +538,18 @@ impl Progress for WatchProgress {
     }
 }
 
-async fn acknowledge(msg: &jetstream::Message) {
-    // Double ack waits for the server to confirm; if it is lost the stream
-    // redelivers, and the journal recognises the redelivery.
-    if let Err(e) = msg.double_ack().await {
-        warn!(error = %e, "task acknowledgement not confirmed; expecting redelivery");
-    }
-}
-
-async fn terminate(msg: &jetstream::Message) {
-    // Term: a refused message is never redelivered.
-    if let Err(e) = msg.ack_with(AckKind::Term).await {
-        warn!(error = %e, "cannot terminate refused task message");
+/// Answers JetStream about a task message as the lifecycle decided.
+async fn answer(msg: &jetstream::Message, reply: Reply) {
+    let sent = match reply {
+        // Double ack waits for the server to confirm; if it is lost the
+        // stream redelivers, and the journal recognises the redelivery.
+        Reply::Ack => msg.double_ack().await,
+        // Term: a refused message is never redelivered.
+        Reply::Term => msg.ack_with(AckKind::Term).await,
+        // Nak with a delay: redelivered once the disk has had time to recover.
+        Reply::Nak => msg.ack_with(AckKind::Nak(Some(JOURNAL_RETRY))).await,
+    };
+    if let Err(e) = sent {
+        warn!(error = %e, ?reply, "task message answer not confirmed; expecting redelivery");
     }
 }

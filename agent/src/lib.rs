@@ -22,12 +22,27 @@
 //! # }
 //! ```
 //!
-//! Layout: [`config`](AgentConfig) (flags and TOML), `bus` (NATS: connection,
-//! events, health, discovery), `daemon` (lifecycle and shutdown order), `jobs`
-//! (task intake and execution), `engine` (synchronous work on blocking
-//! threads), `state` (sled), `health` (host readings), `transfer` (QUIC data
-//! plane between agents: mutual TLS under the fleet CA, framing), [`repository`]
-//! (the storage side: packs, indexes, snapshots, check).
+//! Modules (the crate's table of contents; dependencies point downwards):
+//!
+//! - `daemon`: startup, the loops, shutdown order; builds the shared
+//!   `jobs::Agent` and the data-plane server's narrow context.
+//! - `jobs`: task intake (verify, journal, acknowledge), the task lifecycle as
+//!   pure decisions (`jobs/lifecycle.rs`), resume at startup, and one runner
+//!   per task kind (`jobs/backup.rs`, `restore.rs`, `check.rs`, `prune.rs`).
+//! - `transfer`: the whole QUIC data plane: TLS identity, endpoint, frames,
+//!   the client side of a session (`transfer/client.rs`), the storage side
+//!   (`transfer/server.rs`) and what live sessions rely on (`claims.rs`).
+//! - `bus`: NATS: connection, streams, events, health bucket, discovery
+//!   (`bus/micro.rs`) and the read-only repository queries (`bus/queries.rs`).
+//! - [`engine`]: synchronous backup, restore and estimate on blocking threads.
+//! - [`repository`]: the storage side on disk: packs, indexes, snapshots,
+//!   check, prune. Never sees a repository key.
+//! - `state`: sled: the task journal, and the file cache beside it.
+//! - `config` ([`AgentConfig`], [`Settings`]), `health` (host readings).
+//!
+//! Exported: what `main.rs` and other crates use (the benchmarks dial with
+//! [`TransferEndpoint`] and simulate agents with [`Bus`]); [`engine`] and
+//! [`repository`] are public as the agent's reusable, documented parts.
 
 mod bus;
 mod config;
@@ -35,20 +50,14 @@ mod daemon;
 pub mod engine;
 mod health;
 mod jobs;
-mod remote;
 pub mod repository;
 mod state;
-mod storage;
 mod transfer;
 
 pub use bus::{Bus, BusError};
-pub use config::{AgentConfig, ConfigError, HumanDuration, Settings, DEFAULT_HEARTBEAT};
+pub use config::{AgentConfig, ConfigError, HumanDuration, Settings};
 pub use daemon::{run, AgentError};
-pub use state::{Accepted, JobStatus, JournalEntry, State, StateError};
-pub use transfer::{
-    peer_host, read_frame, read_frame_bytes, transport_config, write_frame, Identity,
-    IncomingConnection, TransferEndpoint, TransferError, HANDSHAKE_TIMEOUT,
-};
+pub use transfer::{Identity, IncomingConnection, TransferEndpoint, TransferError};
 
 /// This agent's version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

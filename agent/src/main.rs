@@ -10,6 +10,12 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "flotilla-agent", version)]
 struct Cli {
+    /// Log only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Log more: -v debug, -vv trace (default: info; flags win over RUST_LOG).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,14 +40,30 @@ enum ConfigCommand {
 /// Exit code for an unusable configuration.
 const EXIT_CONFIG: u8 = 2;
 
+/// The log filter: `-q` errors only; each `-v` one level above the default
+/// `info`; with neither, `RUST_LOG` when set, else `info`. (The same rule as
+/// `flotilla`'s, whose default is `warn`.)
+fn log_filter(quiet: bool, verbose: u8, rust_log: Option<&str>) -> String {
+    match (quiet, verbose, rust_log.filter(|s| !s.trim().is_empty())) {
+        (true, _, _) => "error".into(),
+        (false, 0, Some(env)) => env.to_owned(),
+        (false, 0, None) => "info".into(),
+        (false, 1, _) => "debug".into(),
+        (false, _, _) => "trace".into(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = log_filter(cli.quiet, cli.verbose, rust_log.as_deref());
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && !no_color)
         .init();
     match cli.command {
         Command::Config {
@@ -110,4 +132,33 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     });
     flotilla_agent::run(settings, shutdown).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quiet_and_verbose_set_the_log_level() {
+        assert_eq!(log_filter(false, 0, None), "info");
+        assert_eq!(
+            log_filter(false, 0, Some("flotilla_agent=debug")),
+            "flotilla_agent=debug"
+        );
+        assert_eq!(log_filter(true, 0, Some("debug")), "error");
+        assert_eq!(log_filter(false, 1, Some("warn")), "debug");
+        assert_eq!(log_filter(false, 4, None), "trace");
+    }
+
+    #[test]
+    fn the_flags_go_before_or_after_the_subcommand() {
+        let cli =
+            Cli::try_parse_from(["flotilla-agent", "-vv", "config", "check", "--bundle", "b"])
+                .expect("parse");
+        assert_eq!(cli.verbose, 2);
+        let cli = Cli::try_parse_from(["flotilla-agent", "config", "check", "--bundle", "b", "-q"])
+            .expect("parse");
+        assert!(cli.quiet);
+        assert!(Cli::try_parse_from(["flotilla-agent", "-q", "-v", "config", "check"]).is_err());
+    }
 }

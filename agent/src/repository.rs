@@ -43,7 +43,7 @@ mod pack;
 mod prune;
 mod snapshots;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -116,8 +116,13 @@ struct Location {
 /// The in-memory index: every blob of every indexed pack.
 #[derive(Debug, Default)]
 struct MemIndex {
-    /// Indexed packs; a `Location`'s `pack` is a position here.
+    /// Packs ever indexed by this process; a `Location`'s `pack` is a
+    /// position here. A dropped pack keeps its position (so no location
+    /// moves) but leaves `slots`.
     packs: Vec<PackId>,
+    /// Each position's pack size, as its index states.
+    sizes: Vec<u64>,
+    /// The position of every pack indexed now.
     slots: HashMap<PackId, u32>,
     blobs: HashMap<BlobId, Location>,
     bytes: u64,
@@ -132,6 +137,7 @@ impl MemIndex {
             None => {
                 let s = self.packs.len() as u32;
                 self.packs.push(id);
+                self.sizes.push(size);
                 self.slots.insert(id, s);
                 self.bytes += size;
                 s
@@ -145,6 +151,64 @@ impl MemIndex {
                 length: e.length,
             });
         }
+    }
+
+    /// Forgets packs that are no longer on disk as indexed: their blobs
+    /// become absent, so the next backup that needs them uploads them again.
+    /// A blob that another pack also holds is forgotten too (its first
+    /// location was the dropped one); it is merely uploaded once more.
+    fn remove_packs(&mut self, ids: &[PackId]) {
+        let mut dropped = HashSet::new();
+        for id in ids {
+            if let Some(slot) = self.slots.remove(id) {
+                self.bytes = self
+                    .bytes
+                    .saturating_sub(self.sizes.get(slot as usize).copied().unwrap_or(0));
+                dropped.insert(slot);
+            }
+        }
+        if !dropped.is_empty() {
+            self.blobs.retain(|_, loc| !dropped.contains(&loc.pack));
+        }
+    }
+
+    /// Of the packs holding `ids` (those indexed), the ones not on disk with
+    /// the size their index states: one `stat` per distinct pack, no read.
+    /// Only a pack that is gone or of another size is returned; a pack that
+    /// cannot even be looked at is an error, not a verdict.
+    fn packs_not_on_disk<'a>(
+        &self,
+        dir: &Path,
+        ids: impl IntoIterator<Item = &'a BlobId>,
+    ) -> Result<Vec<PackId>, RepoError> {
+        let slots: HashSet<u32> = ids
+            .into_iter()
+            .filter_map(|id| self.blobs.get(id))
+            .map(|loc| loc.pack)
+            .collect();
+        let mut gone = Vec::new();
+        for slot in slots {
+            // Positions are only ever appended, so a location's exists.
+            let (Some(id), Some(size)) =
+                (self.packs.get(slot as usize), self.sizes.get(slot as usize))
+            else {
+                continue;
+            };
+            let path = pack_path(dir, id);
+            match fs::metadata(&path) {
+                Ok(m) if m.is_file() && m.len() == *size => {}
+                Ok(m) => {
+                    warn!(pack = %path.display(), size = m.len(), expected = *size, "pack has the wrong size; its blobs are treated as absent, run check");
+                    gone.push(*id);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    warn!(pack = %path.display(), "pack is gone; its blobs are treated as absent, run check");
+                    gone.push(*id);
+                }
+                Err(e) => return Err(RepoError::io("stat", &path, e)),
+            }
+        }
+        Ok(gone)
     }
 }
 
@@ -182,7 +246,7 @@ impl Repository {
         info!(
             repo = %config.id,
             dir = %dir.display(),
-            packs = index.packs.len(),
+            packs = index.slots.len(),
             blobs = index.blobs.len(),
             snapshots,
             "repository open"
@@ -281,7 +345,7 @@ impl Repository {
     pub fn stats(&self) -> RepoStats {
         let index = self.shared.read_index();
         RepoStats {
-            packs: index.packs.len() as u64,
+            packs: index.slots.len() as u64,
             blobs: index.blobs.len() as u64,
             stored_bytes: index.bytes,
             snapshots: self.shared.snapshots.load(Ordering::Relaxed),
@@ -290,9 +354,9 @@ impl Repository {
 }
 
 impl Shared {
-    // Poisoning: the index is only changed by `insert_pack`, which cannot
-    // panic half-way in a way that breaks lookups, so a poisoned lock's data
-    // is still sound.
+    // Poisoning: the index is only changed by `insert_pack`, `remove_packs`
+    // and wholesale replacement, none of which can panic half-way in a way
+    // that breaks lookups, so a poisoned lock's data is still sound.
     fn read_index(&self) -> RwLockReadGuard<'_, MemIndex> {
         self.index.read().unwrap_or_else(|e| e.into_inner())
     }

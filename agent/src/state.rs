@@ -80,11 +80,14 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    /// Whether the task has reached an end.
+    /// Whether the task has reached an end: it is never run again, neither
+    /// resumed at startup nor on a redelivery, and may be pruned. Cancelled is
+    /// an end like the others (a cancelled task that resumed would commit
+    /// what its user stopped, with a second `task.finished`).
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            JobStatus::Succeeded | JobStatus::Partial | JobStatus::Failed
+            JobStatus::Succeeded | JobStatus::Partial | JobStatus::Failed | JobStatus::Cancelled
         )
     }
 }
@@ -370,5 +373,39 @@ mod tests {
             .collect();
         assert_eq!(open, vec!["a".to_string()]);
         assert_eq!(state.prune(10).expect("ok"), 1);
+    }
+
+    #[tokio::test]
+    async fn cancelled_tasks_are_not_unfinished_and_are_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let state = State::open(dir.path()).expect("opens");
+            state.accept(entry("c", 1)).await.expect("ok");
+            state.accept(entry("r", 2)).await.expect("ok");
+            state
+                .set_status("c", JobStatus::Running, None, 2)
+                .await
+                .expect("ok");
+            state
+                .set_status("c", JobStatus::Cancelled, None, 3)
+                .await
+                .expect("ok");
+            state
+                .set_status("r", JobStatus::Running, None, 3)
+                .await
+                .expect("ok");
+        }
+        // Across a reopen (a restart), the cancelled task is not handed back.
+        let state = State::open(dir.path()).expect("reopens");
+        let open: Vec<_> = state
+            .unfinished()
+            .expect("ok")
+            .into_iter()
+            .map(|e| e.task_id)
+            .collect();
+        assert_eq!(open, vec!["r".to_string()]);
+        assert_eq!(state.prune(10).expect("ok"), 1, "only the cancelled one");
+        assert!(state.get("c").expect("ok").is_none());
+        assert!(state.get("r").expect("ok").is_some());
     }
 }

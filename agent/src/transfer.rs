@@ -1,4 +1,5 @@
-//! The QUIC data plane: how agents reach each other to move file data.
+//! The QUIC data plane, whole: how agents reach each other to move file
+//! data, the client side of a session and the storage side.
 //!
 //! Every agent binds one UDP socket ([`TransferEndpoint`]) that both accepts
 //! connections from peers and opens connections to them. Both directions use
@@ -17,35 +18,48 @@
 //! [`read_frame`]); their meaning is in [`flotilla_protocol::frame`].
 //!
 //! ```no_run
-//! use flotilla_agent::{read_frame, write_frame, Identity, TransferEndpoint};
+//! use flotilla_agent::{Identity, TransferEndpoint};
 //! use flotilla_protocol::HostName;
 //!
 //! # async fn demo(bundle: flotilla_protocol::Bundle) -> anyhow::Result<()> {
 //! let identity = Identity::from_bundle(&bundle)?;
 //! let endpoint = TransferEndpoint::bind("0.0.0.0:7443".parse()?, &identity)?;
 //! let nas = HostName::new("nas")?;
+//! // The handshake has checked that the peer's certificate names `nas`.
 //! let conn = endpoint.connect("192.0.2.10:7443".parse()?, &nas).await?;
-//! let (mut send, mut recv) = conn.open_bi().await?;
-//! write_frame(&mut send, "hello").await?;
+//! let (mut send, _recv) = conn.open_bi().await?;
+//! send.write_all(b"hello").await?;
 //! send.finish()?;
-//! let reply: Option<String> = read_frame(&mut recv, 1024).await?;
-//! println!("{reply:?}");
 //! # Ok(())
 //! # }
 //! ```
 //!
 //! Layout: `tls` (identity, rustls and transport configuration, peer checks),
-//! `endpoint` (socket, connect, accept), `frame` (framing), `error`
-//! (errors and their retry classification).
+//! `endpoint` (socket, connect, accept), `frame` (framing), `error` (errors and
+//! their retry classification); `client` (a session as the source or
+//! destination opens it: [`client::Session`], upload lanes, fetch streams, and
+//! the blocking `Store`/`Fetch` adapters the engines use); `server` (the
+//! storage side: hello verification, per-session grants, upload and fetch
+//! streams, given a narrow [`server::ServerContext`]); `claims` ([`Claims`]:
+//! which live session uploads or relies on which blob, for dedup across
+//! sessions and for prune). `testing` is a test CA.
+//!
+//! This module knows nothing of the task journal or the job runners (`jobs`
+//! uses it, never the other way round) and never holds a repository key.
 
+mod claims;
+pub(crate) mod client;
 mod endpoint;
 mod error;
 mod frame;
+pub(crate) mod server;
 #[cfg(test)]
 mod testing;
 mod tls;
 
-pub use endpoint::{IncomingConnection, TransferEndpoint, HANDSHAKE_TIMEOUT};
+pub(crate) use claims::Claims;
+
+pub use endpoint::{IncomingConnection, TransferEndpoint};
 pub use error::TransferError;
-pub use frame::{read_frame, read_frame_bytes, write_frame};
-pub use tls::{peer_host, transport_config, Identity};
+pub use frame::{read_frame, write_frame};
+pub use tls::{peer_host, Identity};

@@ -250,6 +250,26 @@ pub struct TaskFinished {
 }
 
 impl EventBody {
+    /// Every kind an event can have, as [`EventBody::kind`] spells them: what
+    /// a subscriber (or a `[[notify]]` route) may ask for. A test checks it
+    /// against `kind` for one body of each variant.
+    pub const KINDS: &'static [&'static str] = &[
+        "agent.online",
+        "agent.offline",
+        "security.task_rejected",
+        "task.started",
+        "task.progress",
+        "task.finished",
+        "check.failed",
+        "job.succeeded",
+        "job.partial",
+        "job.failed",
+        "job.cancelled",
+        "backup.overdue",
+        "storage.low_space",
+        "agent.version_mismatch",
+    ];
+
     /// The dotted kind name, as on the wire and in the subject.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -355,6 +375,110 @@ mod tests {
             );
             assert!(generic.contains_key("detail"));
         }
+    }
+
+    /// One body of each variant. The match below stops compiling when a
+    /// variant is added: add it here and to [`EventBody::KINDS`].
+    fn one_of_each() -> Vec<EventBody> {
+        fn covered(body: &EventBody) {
+            match body {
+                EventBody::AgentOnline { .. }
+                | EventBody::AgentOffline { .. }
+                | EventBody::TaskRejected { .. }
+                | EventBody::TaskStarted { .. }
+                | EventBody::TaskProgress(_)
+                | EventBody::TaskFinished(_)
+                | EventBody::CheckFailed { .. }
+                | EventBody::JobSucceeded(_)
+                | EventBody::JobPartial(_)
+                | EventBody::JobFailed(_)
+                | EventBody::JobCancelled(_)
+                | EventBody::BackupOverdue { .. }
+                | EventBody::StorageLowSpace { .. }
+                | EventBody::AgentVersionMismatch { .. } => {}
+            }
+        }
+        let ended = JobEnded {
+            task_id: "t".into(),
+            job_kind: "backup".into(),
+            plan: None,
+            attempts: 1,
+            error: None,
+            snapshot: None,
+        };
+        let bodies = vec![
+            EventBody::AgentOnline {
+                version: "1".into(),
+                roles: Vec::new(),
+                quic_addr: None,
+            },
+            EventBody::AgentOffline {
+                reason: "shutdown".into(),
+            },
+            EventBody::TaskRejected {
+                task_id: None,
+                reason: RejectReason::Expired,
+                detail: String::new(),
+                subject: String::new(),
+            },
+            EventBody::TaskStarted {
+                task_id: "t".into(),
+                task_kind: "backup".into(),
+            },
+            EventBody::TaskProgress(TaskProgress::default()),
+            EventBody::TaskFinished(TaskFinished {
+                task_id: "t".into(),
+                task_kind: "backup".into(),
+                outcome: TaskOutcome::Failed,
+                error: None,
+                retryable: false,
+                result: None,
+                duration_ms: 0,
+            }),
+            EventBody::CheckFailed {
+                task_id: "t".into(),
+                problems: 1,
+                damaged_blobs: Vec::new(),
+                affected_snapshots: Vec::new(),
+            },
+            EventBody::JobSucceeded(ended.clone()),
+            EventBody::JobPartial(ended.clone()),
+            EventBody::JobFailed(ended.clone()),
+            EventBody::JobCancelled(ended),
+            EventBody::BackupOverdue {
+                plan: "p".into(),
+                last_success: None,
+                rpo_secs: 1,
+            },
+            EventBody::StorageLowSpace {
+                path: "/".into(),
+                free_bytes: 0,
+                total_bytes: 1,
+            },
+            EventBody::AgentVersionMismatch {
+                agent_version: "1".into(),
+                coordinator_version: "2".into(),
+            },
+        ];
+        bodies.iter().for_each(covered);
+        bodies
+    }
+
+    #[test]
+    fn kinds_lists_each_variant_kind_once() {
+        let bodies = one_of_each();
+        let kinds: Vec<&str> = bodies.iter().map(EventBody::kind).collect();
+        // One body per variant, each of a different kind...
+        let distinct: std::collections::BTreeSet<&str> = kinds.iter().copied().collect();
+        assert_eq!(distinct.len(), bodies.len(), "{kinds:?}");
+        // ...and KINDS is exactly those kinds, each once.
+        let listed: std::collections::BTreeSet<&str> = EventBody::KINDS.iter().copied().collect();
+        assert_eq!(
+            listed.len(),
+            EventBody::KINDS.len(),
+            "a kind is listed twice"
+        );
+        assert_eq!(listed, distinct);
     }
 
     /// Just enough of a dynamic value to look at the top-level map.

@@ -51,6 +51,19 @@ pub fn event_all() -> String {
     format!("{ROOT}.events.>")
 }
 
+/// Wildcard over the events of one `kind` about any host, e.g.
+/// `flotilla.events.task.finished.*`.
+///
+/// `kind` is one of [`crate::EventBody::KINDS`] (dotted, two tokens).
+pub fn events_of_kind(kind: &str) -> String {
+    format!("{ROOT}.events.{kind}.*")
+}
+
+/// Wildcard over the task lifecycle events (`task.*`) about any host.
+pub fn task_events_all() -> String {
+    format!("{ROOT}.events.task.>")
+}
+
 /// Wildcard over the task lifecycle events (`task.*`) about `host`.
 pub fn task_events(host: &HostName) -> String {
     format!("{ROOT}.events.task.*.{host}")
@@ -138,5 +151,49 @@ mod tests {
             "flotilla.events.agent.offline.nas"
         );
         assert_eq!(event_filter(None, Some(&h)), "flotilla.events.*.*.nas");
+        assert_eq!(
+            events_of_kind("task.finished"),
+            "flotilla.events.task.finished.*"
+        );
+        assert_eq!(task_events_all(), "flotilla.events.task.>");
+    }
+
+    /// NATS subject matching: `*` is one token, `>` one or more at the end.
+    fn matches(pattern: &str, subject: &str) -> bool {
+        let mut subject = subject.split('.');
+        for p in pattern.split('.') {
+            if p == ">" {
+                return subject.next().is_some();
+            }
+            match subject.next() {
+                Some(s) if p == "*" || p == s => {}
+                _ => return false,
+            }
+        }
+        subject.next().is_none()
+    }
+
+    /// Each kind's wildcard catches that kind's events about every host, and
+    /// no other kind's.
+    #[test]
+    fn a_kind_wildcard_matches_exactly_its_events() {
+        let hosts = [
+            HostName::new("nas").expect("valid"),
+            HostName::new("laptop-2").expect("valid"),
+        ];
+        for kind in crate::EventBody::KINDS {
+            for other in crate::EventBody::KINDS {
+                for h in &hosts {
+                    assert_eq!(
+                        matches(&events_of_kind(kind), &event(other, h)),
+                        kind == other,
+                        "{kind} vs {other}"
+                    );
+                }
+            }
+            let task = kind.starts_with("task.");
+            assert_eq!(matches(&task_events_all(), &event(kind, &hosts[0])), task);
+            assert!(matches(&event_all(), &event(kind, &hosts[0])));
+        }
     }
 }

@@ -567,20 +567,76 @@ mod tests {
         fn hostile_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let key = seed(1).public_key();
             let host = HostName::new("nas").expect("valid");
-            let _ = verify_task(&bytes, &key, "f1", &host, NOW);
-            let _ = crate::Heartbeat::decode(&bytes);
-            let _ = crate::Event::decode(&bytes);
+            // Random bytes never carry the coordinator's signature.
+            prop_assert!(verify_task(&bytes, &key, "f1", &host, NOW).is_err());
+            // Whatever does decode means the same after a round trip.
+            if let Ok(hb) = crate::Heartbeat::decode(&bytes) {
+                let again = codec::encode(&hb).expect("a decoded heartbeat encodes");
+                let back = crate::Heartbeat::decode(&again).expect("and decodes again");
+                prop_assert_eq!(codec::encode(&back).expect("encodes"), again);
+            }
+            if let Ok(ev) = crate::Event::decode(&bytes) {
+                let again = codec::encode(&ev).expect("a decoded event encodes");
+                let back = crate::Event::decode(&again).expect("and decodes again");
+                prop_assert_eq!(codec::encode(&back).expect("encodes"), again);
+            }
         }
 
+        /// A mutated envelope is refused, or (a mutation the encoding does
+        /// not notice, such as the same byte written back) yields exactly the
+        /// task that was signed: never a different task.
         #[test]
-        fn mutated_valid_envelopes_never_panic(idx in any::<usize>(), val in any::<u8>()) {
+        fn mutated_valid_envelopes_are_refused_or_unchanged(idx in any::<usize>(), val in any::<u8>()) {
             let env = sign_task(&seed(1), &body("nas")).expect("signs");
             let mut bytes = codec::encode(&env).expect("encodes");
             let i = idx % bytes.len();
+            let changed = bytes[i] != val;
             bytes[i] = val;
             let key = seed(1).public_key();
             let host = HostName::new("nas").expect("valid");
-            let _ = verify_task(&bytes, &key, "f1", &host, NOW);
+            match verify_task(&bytes, &key, "f1", &host, NOW) {
+                Ok(got) => prop_assert_eq!(got, body("nas")),
+                Err(e) => prop_assert!(changed, "the unchanged envelope was refused: {}", e),
+            }
+        }
+
+        /// Any task the coordinator signs verifies on its host to the same
+        /// body, within its window, and is refused by every other host.
+        #[test]
+        fn signed_tasks_round_trip(
+            id in "[a-z0-9-]{1,40}",
+            host in "[a-z]([a-z0-9-]{0,19}[a-z0-9])?",
+            issued_at in 1_600_000_000_000u64..1_900_000_000_000,
+            ttl in 1u64..86_400_000,
+            paths in proptest::collection::vec("/[a-zA-Z0-9 ._/-]{0,60}", 0..8),
+        ) {
+            let host = HostName::new(&host).expect("the pattern makes valid names");
+            let task = TaskBody {
+                v: TASK_VERSION,
+                id,
+                fleet: "f1".into(),
+                host: host.clone(),
+                issued_at,
+                expires_at: issued_at + ttl,
+                kind: TaskKind::Estimate { paths },
+            };
+            let env = sign_task(&seed(7), &task).expect("signs");
+            let bytes = codec::encode(&env).expect("encodes");
+            let key = seed(7).public_key();
+            let got = verify_task(&bytes, &key, "f1", &host, issued_at).expect("verifies");
+            prop_assert_eq!(&got, &task);
+            let late = task.expires_at + CLOCK_SKEW_MS + 1;
+            let expired = verify_task(&bytes, &key, "f1", &host, late).expect_err("expired");
+            prop_assert_eq!(expired.reason(), RejectReason::Expired);
+            let early = issued_at - CLOCK_SKEW_MS - 1;
+            let early = verify_task(&bytes, &key, "f1", &host, early).expect_err("not yet valid");
+            prop_assert_eq!(early.reason(), RejectReason::NotYetValid);
+            let other = HostName::new("someone-else").expect("valid");
+            if other != host {
+                let refused = verify_task(&bytes, &key, "f1", &other, issued_at)
+                    .expect_err("another host refuses it");
+                prop_assert_eq!(refused.reason(), RejectReason::WrongHost);
+            }
         }
     }
 }

@@ -712,6 +712,28 @@ mod tests {
         }
     }
 
+    /// Sleeps until each path's last change (mtime or ctime) lies more than
+    /// `RACY_NS` in the past, with a margin for the file system's coarser
+    /// clock, so the engine trusts the files to its cache.
+    fn wait_until_settled(paths: &[PathBuf]) {
+        let margin = std::time::Duration::from_millis(100);
+        let changed = paths
+            .iter()
+            .map(|p| {
+                let meta = fs::symlink_metadata(p).expect("stat");
+                mtime_ns(&meta).max(ctime_ns(&meta))
+            })
+            .max()
+            .expect("at least one path");
+        let settled = UNIX_EPOCH
+            + std::time::Duration::from_nanos(changed as u64)
+            + std::time::Duration::from_nanos(RACY_NS as u64)
+            + margin;
+        if let Ok(left) = settled.duration_since(SystemTime::now()) {
+            std::thread::sleep(left);
+        }
+    }
+
     struct MapCache(HashMap<Vec<u8>, CachedFile>);
 
     impl FileCache for MapCache {
@@ -734,8 +756,13 @@ mod tests {
         fs::write(root.join("empty"), b"").expect("write");
         std::os::unix::fs::symlink("nowhere", root.join("dangling")).expect("symlink");
         // Files changed within the last second are "racily clean" and not
-        // trusted to the cache; let them settle.
-        std::thread::sleep(std::time::Duration::from_millis(1100));
+        // trusted to the cache; wait until every one has settled.
+        wait_until_settled(&[
+            root.join("a.bin"),
+            root.join("sub/copy.bin"),
+            root.join("empty"),
+            root.join("dangling"),
+        ]);
         let key = RepoKey::from_master(&[3; 32]);
         let opts = BackupOptions {
             paths: vec![root.clone()],
@@ -763,6 +790,10 @@ mod tests {
             (1..=8).contains(&data_blobs),
             "identical files dedup: {data_blobs}"
         );
+        // The map above dedups by itself; the puts prove that the engine
+        // sent each shared chunk once, and counted what it sent.
+        assert_eq!(store.puts, store.blobs.len(), "a blob was sent twice");
+        assert_eq!(out.summary.blobs_new as usize, store.puts);
         assert!(out.blobs.iter().all(|b| store.blobs.contains_key(b)));
         assert!(out.unreadable.is_empty(), "{:?}", out.unreadable);
 

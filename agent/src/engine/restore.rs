@@ -647,7 +647,11 @@ impl Restorer<'_> {
                 .custom_flags((OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW).bits())
                 .open(&path)
                 .map_err(io_fail(&path, "cannot open directory to set its metadata"))
-                .and_then(|dir| self.meta.apply_fd(&dir, &node, &path).map_err(Fail::Entry));
+                .and_then(|dir| {
+                    self.meta
+                        .apply_fd(&dir, &node, &path)
+                        .map_err(|e| Fail::Entry(e.to_string()))
+                });
             self.settle(applied)?;
         }
         // Durability for everything written, in one call rather than an

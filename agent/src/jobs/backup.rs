@@ -9,11 +9,12 @@ use flotilla_protocol::{BackupReport, TaskBody, TaskKind, TaskOutcome, TaskResul
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
+use super::Agent;
 use super::{JobError, Totals};
-use crate::daemon::Agent;
 use crate::engine::{self, BackupOptions, BackupOutcome, Cancel, NoCache};
-use crate::remote::{BlockingStore, Session, SessionError, UPLOAD_LANES};
 use crate::state::MapFileCache;
+use crate::transfer::client::{BlockingStore, Session, SessionError, UPLOAD_LANES};
+use crate::transfer::TransferEndpoint;
 
 /// zstd level for new chunks: fast, and what restic's default roughly uses.
 const ZSTD_LEVEL: i32 = 3;
@@ -34,9 +35,7 @@ pub(crate) fn failed(message: impl Into<String>) -> JobError {
 
 impl Agent {
     /// The repository key and QUIC endpoint a data-plane task needs.
-    pub(crate) fn data_plane(
-        &self,
-    ) -> Result<(Arc<RepoKey>, Arc<crate::transfer::TransferEndpoint>), JobError> {
+    pub(crate) fn data_plane(&self) -> Result<(Arc<RepoKey>, Arc<TransferEndpoint>), JobError> {
         let key = self.repo_key.clone().ok_or_else(|| {
             failed(format!(
                 "host {}'s bundle carries no repository key; enroll it again without --no-repo-key",
@@ -107,11 +106,10 @@ impl Agent {
             let record = snapshot_record(&key, body, &outcome, &shown, excludes, started_at)?;
             match session.commit(record).await {
                 Ok(id) => break (outcome, id),
-                // The cache named chunks the repository no longer has (lost or
-                // pruned): forget it and read everything once more.
-                // Either the cache named chunks the repository no longer has,
-                // or another host's upload we relied on failed: read everything
-                // once more (what the repository has is still not sent again).
+                // The cache named chunks the repository no longer has (pruned,
+                // or their pack was lost from disk), or another host's upload
+                // we relied on failed: read everything once more (what the
+                // repository has is still not sent again).
                 Err(e) if attempts < 3 && e.code() == Some("missing_blobs") => {
                     warn!(error = %e, used_cache, "repository lacks blobs this backup relied on; backing up again");
                     if used_cache {

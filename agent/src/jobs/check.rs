@@ -3,8 +3,8 @@
 use flotilla_protocol::{EventBody, Severity, TaskBody, TaskOutcome, TaskResult};
 
 use super::backup::failed;
+use super::Agent;
 use super::JobError;
-use crate::daemon::Agent;
 
 /// Problems listed in the result; the count is always complete.
 const MAX_PROBLEMS_LISTED: usize = 200;

@@ -6,8 +6,8 @@ use flotilla_protocol::repo::ForgetReport;
 use flotilla_protocol::{TaskOutcome, TaskResult};
 
 use super::backup::failed;
+use super::Agent;
 use super::JobError;
-use crate::daemon::Agent;
 use crate::repository::{RepoError, Repository};
 
 impl Agent {

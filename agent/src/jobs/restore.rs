@@ -7,10 +7,10 @@ use flotilla_protocol::{RejectReason, TaskBody, TaskKind, TaskOutcome, TaskResul
 use tokio::runtime::Handle;
 
 use super::backup::{failed, session_err};
+use super::Agent;
 use super::JobError;
-use crate::daemon::Agent;
 use crate::engine::{self, Cancel, PathRefused, RestoreOptions};
-use crate::remote::{BlockingFetch, Session};
+use crate::transfer::client::{BlockingFetch, Session};
 
 impl Agent {
     pub(super) async fn restore(

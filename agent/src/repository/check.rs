@@ -8,7 +8,21 @@
 //!
 //! A blob counts as damaged only when no intact copy is left: concurrent
 //! writers may store the same blob in two packs, and one good copy is enough
-//! for every snapshot that needs it.
+//! for every snapshot that needs it. A blob a snapshot references that no
+//! index lists counts as missing; `damaged_blobs` holds both, so its length
+//! is the number of distinct blobs the findings name as damaged or missing.
+//!
+//! Check reflects the disk as it is now, not as this process last saw it:
+//! - a pack without any index (what a crash or a failed write, such as a
+//!   full disk, leaves between a pack's rename and its index's) is read and,
+//!   if intact, indexed again, as opening the repository does; only one that
+//!   cannot be (damaged, or the index still cannot be written) is a problem;
+//! - a pack found gone or of another size than its index states is dropped
+//!   from the in-memory index, so the next backup uploads its blobs again
+//!   instead of deduplicating against bytes that cannot be read.
+//!
+//! An index that exists but does not read (truncated, garbage) is damage and
+//! is reported, not rewritten; the blobs it would list count as missing.
 //!
 //! Order matters while backups run: snapshots are listed before indexes,
 //! because a snapshot is committed only after the indexes of all its blobs,
@@ -17,6 +31,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
+use std::io;
 
 use flotilla_protocol::repo::{BlobId, CheckReport, Problem};
 use tracing::{info, warn};
@@ -38,6 +53,15 @@ fn problem(
         pack: pack.map(hex32),
         blob,
         message: message.into(),
+    }
+}
+
+/// What an error found, for a problem's message: damage without the advice
+/// to run check, which is what is running.
+fn finding(e: &RepoError) -> String {
+    match e {
+        RepoError::Corrupt { path, reason } => format!("{}: {reason}", path.display()),
+        other => other.to_string(),
     }
 }
 
@@ -71,6 +95,8 @@ impl Repository {
         // Blob id → whether at least one intact copy exists.
         let mut blobs: HashMap<BlobId, bool> = HashMap::new();
         let mut indexed: HashSet<PackId> = HashSet::new();
+        // Indexed packs that are gone or of the wrong size.
+        let mut absent: Vec<PackId> = Vec::new();
         match index::list_idx(dir) {
             Ok(list) => {
                 for (pack, path) in list {
@@ -83,6 +109,7 @@ impl Repository {
                                 &idx.entries,
                                 read_data,
                                 &mut report,
+                                &mut absent,
                             );
                             for (entry, ok) in idx.entries.iter().zip(good) {
                                 let slot = blobs.entry(entry.id).or_insert(false);
@@ -93,12 +120,15 @@ impl Repository {
                             "idx_unreadable",
                             Some(&pack),
                             None,
-                            e.to_string(),
+                            format!("{}; the blobs it lists count as missing", finding(&e)),
                         )),
                     }
                 }
             }
             Err(e) => report.problems.push(io_problem(&e)),
+        }
+        if !absent.is_empty() {
+            self.shared.write_index().remove_packs(&absent);
         }
 
         match index::list_packs(dir) {
@@ -112,35 +142,45 @@ impl Repository {
                     if indexed.contains(&pack) || idx_path(dir, &pack).exists() {
                         continue;
                     }
-                    let state = if !read_data {
-                        "it is re-indexed at the next open if intact"
-                    } else {
-                        match scan_pack(&path) {
-                            Ok(scan) if scan.is_intact(&pack) => {
-                                "it is intact and is re-indexed at the next open"
+                    // Left by a crash or a failed write; index it now rather
+                    // than fail every check until the agent restarts.
+                    match index::rebuild(dir, &pack) {
+                        Ok(idx) => {
+                            info!(pack = %path.display(), blobs = idx.entries.len(), "check re-indexed a pack that had no index");
+                            self.shared
+                                .write_index()
+                                .insert_pack(pack, idx.size, &idx.entries);
+                            for entry in &idx.entries {
+                                blobs.insert(entry.id, true);
                             }
-                            Ok(_) => "it is damaged and cannot be re-indexed",
-                            Err(_) => "it cannot be read",
                         }
-                    };
-                    report.problems.push(problem(
-                        "pack_without_index",
-                        Some(&pack),
-                        None,
-                        format!("pack has no index; {state}"),
-                    ));
+                        Err(e) => {
+                            let state = match e {
+                                RepoError::Corrupt { .. } => {
+                                    "it is damaged and cannot be re-indexed"
+                                }
+                                _ => "re-indexing it failed",
+                            };
+                            report.problems.push(problem(
+                                "pack_without_index",
+                                Some(&pack),
+                                None,
+                                format!("pack has no index; {state}: {}", finding(&e)),
+                            ));
+                        }
+                    }
                 }
             }
             Err(e) => report.problems.push(io_problem(&e)),
         }
 
         report.blobs = blobs.len() as u64;
-        report.damaged_blobs = blobs
+        // Damaged here; the missing ones join below, once snapshots name them.
+        let mut lost: BTreeSet<BlobId> = blobs
             .iter()
             .filter(|(_, ok)| !**ok)
             .map(|(id, _)| *id)
             .collect();
-        report.damaged_blobs.sort();
 
         let mut affected = BTreeSet::new();
         for id in snaps {
@@ -162,6 +202,7 @@ impl Repository {
                     }
                     None => {
                         affected.insert(rec.id.clone());
+                        lost.insert(*id);
                         missing += 1;
                         if missing <= MISSING_PER_SNAPSHOT {
                             report.problems.push(problem(
@@ -191,6 +232,7 @@ impl Repository {
             }
         }
         report.affected_snapshots = affected.into_iter().collect();
+        report.damaged_blobs = lost.into_iter().collect();
 
         if report.is_ok() {
             info!(
@@ -221,11 +263,17 @@ impl Repository {
         entries: &[IndexEntry],
         read_data: bool,
         report: &mut CheckReport,
+        absent: &mut Vec<PackId>,
     ) -> Vec<bool> {
         let path = pack_path(&self.shared.dir, pack);
         let all = |ok: bool| vec![ok; entries.len()];
         match fs::metadata(&path) {
             Err(e) => {
+                // Only a pack known to be gone leaves the in-memory index; one
+                // that cannot be looked at (EIO, EACCES) may still be there.
+                if e.kind() == io::ErrorKind::NotFound {
+                    absent.push(*pack);
+                }
                 report.problems.push(problem(
                     "pack_missing",
                     Some(pack),
@@ -238,6 +286,7 @@ impl Repository {
                 return all(false);
             }
             Ok(m) if m.len() != size => {
+                absent.push(*pack);
                 report.problems.push(problem(
                     "pack_size",
                     Some(pack),
@@ -440,14 +489,120 @@ mod tests {
         );
         assert_eq!(r.affected_snapshots, vec!["a".repeat(32), "b".repeat(32)]);
 
+        // Without any index, an intact pack is indexed again by check, as
+        // opening does; a damaged one is reported.
         fs::remove_file(idx_path(dir.path(), &packs[1])).unwrap();
-        let r = repo.check(true);
+        let r = repo.check(false);
+        assert!(
+            !r.problems.iter().any(|p| p.pack == Some(hex32(&packs[1]))),
+            "{r:?}"
+        );
+        assert!(idx_path(dir.path(), &packs[1]).exists());
+        assert_eq!(r.affected_snapshots, vec!["a".repeat(32)]);
+
+        fs::remove_file(idx_path(dir.path(), &packs[1])).unwrap();
+        let path = pack_path(dir.path(), &packs[1]);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[(HEADER_LEN + ENTRY_HEADER_LEN + 10) as usize] ^= 0x40;
+        fs::write(&path, &bytes).unwrap();
+        let r = repo.check(false);
         let p = r
             .problems
             .iter()
             .find(|p| p.kind == "pack_without_index")
             .expect("reported");
-        assert!(p.message.contains("intact"), "{p:?}");
+        assert!(p.message.contains("damaged"), "{p:?}");
+        assert!(!idx_path(dir.path(), &packs[1]).exists());
+    }
+
+    /// The distinct blobs the findings name, one by one.
+    fn named_blobs(r: &CheckReport) -> BTreeSet<BlobId> {
+        r.problems.iter().filter_map(|p| p.blob).collect()
+    }
+
+    #[test]
+    fn a_truncated_index_is_reported_and_every_blob_it_lists_counts_as_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, ids, packs) = setup(dir.path());
+        let idx = idx_path(dir.path(), &packs[0]);
+        let bytes = fs::read(&idx).unwrap();
+        fs::write(&idx, &bytes[..bytes.len() / 2]).unwrap();
+        for read_data in [false, true] {
+            let r = repo.check(read_data);
+            assert!(
+                r.problems
+                    .iter()
+                    .any(|p| p.kind == "idx_unreadable" && p.pack == Some(hex32(&packs[0]))),
+                "{r:?}"
+            );
+            // The summary counts what the findings list: both blobs.
+            assert_eq!(r.damaged_blobs, vec![ids[0], ids[1]], "{r:?}");
+            assert_eq!(
+                named_blobs(&r),
+                r.damaged_blobs.iter().copied().collect(),
+                "{r:?}"
+            );
+            assert_eq!(r.affected_snapshots, vec!["a".repeat(32)]);
+            assert_eq!(r.blobs, 1, "only the other index lists a blob");
+        }
+        assert!(
+            repo.missing(&[ids[0], ids[1]]).is_empty(),
+            "the pack is intact: only its index is damaged, the blobs stay usable"
+        );
+        assert_eq!(
+            fs::read(&idx).unwrap().len(),
+            bytes.len() / 2,
+            "not rewritten"
+        );
+    }
+
+    #[test]
+    fn a_check_after_a_failed_index_write_passes_once_the_cause_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _, _) = setup(dir.path());
+        // The index directory cannot take the new index (as a full disk
+        // could refuse it): the pack lands, its index does not.
+        let index_dir = dir.path().join("index");
+        let away = dir.path().join("index.away");
+        fs::rename(&index_dir, &away).unwrap();
+        fs::write(&index_dir, b"in the way").unwrap();
+        let (id, data) = blob(4, 2000);
+        let mut w = repo.pack_writer();
+        w.add(id, BlobKind::Data, &data).unwrap();
+        assert_eq!(w.finish().unwrap_err().code(), "io");
+        assert!(!repo.contains(&id));
+        let r = repo.check(false);
+        assert!(
+            r.problems.iter().any(|p| p.kind == "pack_without_index"),
+            "{r:?}"
+        );
+
+        // The cause goes away; the agent keeps running.
+        fs::remove_file(&index_dir).unwrap();
+        fs::rename(&away, &index_dir).unwrap();
+        for read_data in [false, true] {
+            let r = repo.check(read_data);
+            assert!(r.is_ok(), "{r:?}");
+            assert_eq!((r.packs, r.blobs), (3, 4));
+        }
+        assert_eq!(repo.read_blob(&id).unwrap().1, data);
+        repo.commit_snapshot(&record(&"c".repeat(32), 3, id, vec![id]))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_pack_found_gone_leaves_the_in_memory_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, ids, packs) = setup(dir.path());
+        fs::remove_file(pack_path(dir.path(), &packs[1])).unwrap();
+        assert!(repo.missing(&[ids[2]]).is_empty(), "memory has not noticed");
+        let r = repo.check(false);
+        assert!(r.problems.iter().any(|p| p.kind == "pack_missing"), "{r:?}");
+        assert_eq!(r.damaged_blobs, vec![ids[2]]);
+        assert_eq!(r.affected_snapshots, vec!["b".repeat(32)]);
+        // The next backup is told to upload it again.
+        assert_eq!(repo.missing(&ids), vec![ids[2]]);
+        assert_eq!(repo.stats().packs, 1);
     }
 
     #[test]

@@ -166,47 +166,85 @@ pub(crate) struct IndexFile {
     pub entries: Vec<IndexEntry>,
 }
 
+/// Why an `.idx` file cannot be trusted: what is wrong with which entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum IndexInvalid {
+    /// Another format version.
+    #[error("index version {found} (this build reads {IDX_VERSION})")]
+    Version {
+        /// The version the file states.
+        found: u16,
+    },
+    /// The index describes another pack than its file name says.
+    #[error("index names pack {named:?}, not the pack of its file name")]
+    WrongPack {
+        /// The pack id the file states, as written.
+        named: String,
+    },
+    /// A blob larger than any sealed blob can be.
+    #[error("blob {id} has length {length} > {MAX_SEALED}")]
+    TooLong {
+        /// The blob.
+        id: BlobId,
+        /// Its stated length.
+        length: u32,
+    },
+    /// A blob that does not start right after the one before it.
+    #[error("blob {id} at offset {offset} where {expected} was expected")]
+    Misplaced {
+        /// The blob.
+        id: BlobId,
+        /// Its stated offset.
+        offset: u64,
+        /// Where the entries before it end, plus its entry header.
+        expected: u64,
+    },
+    /// The entries and the trailer do not fill the pack exactly.
+    #[error("entries end at {end} but the pack size is {size}")]
+    WrongSize {
+        /// Where the last entry ends.
+        end: u64,
+        /// The pack size the index states.
+        size: u64,
+    },
+}
+
 impl IndexFile {
     /// Checks that the index is one this build reads, names `pack`, and
     /// describes a well-formed pack of `size` bytes: entries in order, inside
     /// the file, each no larger than [`MAX_SEALED`], ending at the trailer.
     /// Everything later trusts offsets and lengths only after this.
-    pub fn validate(&self, pack: &PackId) -> Result<(), String> {
+    pub fn validate(&self, pack: &PackId) -> Result<(), IndexInvalid> {
         if self.v != IDX_VERSION {
-            return Err(format!(
-                "index version {} (this build reads {IDX_VERSION})",
-                self.v
-            ));
+            return Err(IndexInvalid::Version { found: self.v });
         }
         if parse_hex32(&self.pack) != Some(*pack) {
-            return Err(format!(
-                "index names pack {:?}, not the pack of its file name",
-                self.pack
-            ));
+            return Err(IndexInvalid::WrongPack {
+                named: self.pack.clone(),
+            });
         }
-        let mut expected = HEADER_LEN;
+        let mut end = HEADER_LEN;
         for e in &self.entries {
             if e.length as usize > MAX_SEALED {
-                return Err(format!(
-                    "blob {} has length {} > {MAX_SEALED}",
-                    e.id, e.length
-                ));
+                return Err(IndexInvalid::TooLong {
+                    id: e.id,
+                    length: e.length,
+                });
             }
-            if e.offset != expected + ENTRY_HEADER_LEN {
-                return Err(format!(
-                    "blob {} at offset {} where {} was expected",
-                    e.id,
-                    e.offset,
-                    expected + ENTRY_HEADER_LEN
-                ));
+            if e.offset != end + ENTRY_HEADER_LEN {
+                return Err(IndexInvalid::Misplaced {
+                    id: e.id,
+                    offset: e.offset,
+                    expected: end + ENTRY_HEADER_LEN,
+                });
             }
-            expected = e.offset + u64::from(e.length);
+            end = e.offset + u64::from(e.length);
         }
-        if expected + TRAILER_LEN != self.size {
-            return Err(format!(
-                "entries end at {expected} but the pack size is {}",
-                self.size
-            ));
+        if end + TRAILER_LEN != self.size {
+            return Err(IndexInvalid::WrongSize {
+                end,
+                size: self.size,
+            });
         }
         Ok(())
     }
@@ -410,12 +448,30 @@ mod tests {
             entries: vec![e],
         };
         assert_eq!(idx.validate(&pack), Ok(()));
-        assert!(idx.validate(&[8u8; 32]).is_err());
+        assert!(matches!(
+            idx.validate(&[8u8; 32]),
+            Err(IndexInvalid::WrongPack { .. })
+        ));
         idx.entries[0].offset += 1;
-        assert!(idx.validate(&pack).is_err());
+        assert_eq!(
+            idx.validate(&pack),
+            Err(IndexInvalid::Misplaced {
+                id: e.id,
+                offset: e.offset + 1,
+                expected: e.offset,
+            })
+        );
         idx.entries[0].offset -= 1;
         idx.size += 1;
-        assert!(idx.validate(&pack).is_err());
+        let wrong_size = idx.validate(&pack).expect_err("one byte too many");
+        assert_eq!(
+            wrong_size.to_string(),
+            format!(
+                "entries end at {} but the pack size is {}",
+                e.offset + 5,
+                idx.size
+            )
+        );
     }
 
     #[test]

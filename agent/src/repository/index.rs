@@ -34,7 +34,7 @@ pub(super) fn read_idx(path: &Path, pack: &PackId) -> Result<IndexFile, RepoErro
     let idx: IndexFile = flotilla_protocol::decode(&bytes, MAX_IDX_BYTES as usize)
         .map_err(|e| RepoError::corrupt(path, e.to_string()))?;
     idx.validate(pack)
-        .map_err(|reason| RepoError::corrupt(path, reason))?;
+        .map_err(|e| RepoError::corrupt(path, e.to_string()))?;
     Ok(idx)
 }
 
@@ -71,7 +71,7 @@ pub(super) fn rebuild(dir: &Path, id: &PackId) -> Result<IndexFile, RepoError> {
     // The scan produced these offsets; validating again guards the writer
     // and the scanner against disagreeing about the format.
     idx.validate(id)
-        .map_err(|reason| RepoError::corrupt(&path, reason))?;
+        .map_err(|e| RepoError::corrupt(&path, e.to_string()))?;
     write_idx(dir, id, &idx)?;
     Ok(idx)
 }

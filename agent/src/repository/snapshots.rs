@@ -3,7 +3,8 @@
 //!
 //! A snapshot is the last thing a backup writes and the only thing that makes
 //! its blobs reachable, so committing checks that every blob it names is
-//! durably stored, and never replaces an existing snapshot: a source can add
+//! durably stored (indexed, and its pack on disk with the size its index
+//! states), and never replaces an existing snapshot: a source can add
 //! history, not rewrite it.
 
 use std::fs::{self, File};
@@ -122,21 +123,33 @@ impl Repository {
                 ),
             ));
         }
+        let dir = &self.shared.dir;
+        let needed = || std::iter::once(&rec.tree).chain(&rec.blobs);
         // The read lock is held until the snapshot file is in place: prune
         // takes the write lock, so it either sees this snapshot or deletes
         // before this check (which then fails and the source retries).
-        let index = self.shared.read_index();
-        let missing = {
-            let mut missing = std::iter::once(&rec.tree)
-                .chain(&rec.blobs)
-                .filter(|id| !index.blobs.contains_key(*id));
-            let first = missing.next().copied();
-            first.map(|first| (first, 1 + missing.count()))
+        let index = loop {
+            let index = self.shared.read_index();
+            let missing = {
+                let mut missing = needed().filter(|id| !index.blobs.contains_key(*id));
+                let first = missing.next().copied();
+                first.map(|first| (first, 1 + missing.count()))
+            };
+            if let Some((first, count)) = missing {
+                return Err(RepoError::MissingBlobs { count, first });
+            }
+            // The in-memory index is what this process wrote; a pack deleted
+            // or cut short behind its back would leave a snapshot that cannot
+            // be restored. Packs whose file is not as indexed are forgotten,
+            // and the check above runs again: it then reports their blobs
+            // missing, and the source uploads them again.
+            let gone = index.packs_not_on_disk(dir, needed())?;
+            if gone.is_empty() {
+                break index;
+            }
+            drop(index);
+            self.shared.write_index().remove_packs(&gone);
         };
-        if let Some((first, count)) = missing {
-            return Err(RepoError::MissingBlobs { count, first });
-        }
-        let dir = &self.shared.dir;
         let path = snap_path(dir, &rec.id);
         if path.exists() {
             return Err(RepoError::Exists { id: rec.id.clone() });
@@ -333,6 +346,63 @@ pub(super) mod tests {
             1
         );
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    /// The pack that holds `id`, from the in-memory index.
+    fn pack_of(repo: &Repository, id: &BlobId) -> PathBuf {
+        let index = repo.shared.read_index();
+        let slot = index.blobs[id].pack as usize;
+        super::super::pack_path(dir_of(repo), &index.packs[slot])
+    }
+
+    fn dir_of(repo: &Repository) -> &Path {
+        &repo.shared.dir
+    }
+
+    #[test]
+    fn a_commit_needing_a_pack_gone_from_disk_is_refused_until_it_is_uploaded_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_init(dir.path()).unwrap();
+        let (t, b, other) = (stored(&repo, 1), stored(&repo, 2), stored(&repo, 3));
+        let (b_pack, t_pack) = (pack_of(&repo, &b), pack_of(&repo, &t));
+        // Deleted while the storage agent runs: its memory still says stored.
+        fs::remove_file(&b_pack).unwrap();
+        assert!(repo.missing(&[b]).is_empty());
+
+        let id = "0123456789abcdef0123456789abcdef";
+        let err = repo
+            .commit_snapshot(&record(id, 1, t, vec![t, b]))
+            .unwrap_err();
+        assert!(
+            matches!(err, RepoError::MissingBlobs { count: 1, first } if first == b),
+            "{err}"
+        );
+        assert_eq!(err.code(), "missing_blobs", "the source's retry code");
+        // Forgotten, so the source's retry is told to send it again.
+        assert_eq!(repo.missing(&[t, b, other]), vec![b]);
+        assert_eq!(repo.stats().packs, 2);
+        assert!(!snap_path(dir.path(), id).exists());
+
+        // A snapshot that does not need the lost pack is not affected.
+        repo.commit_snapshot(&record(&"c".repeat(32), 1, other, vec![other]))
+            .unwrap();
+
+        // The retry uploads it again; now the commit stands and restores.
+        assert_eq!(stored(&repo, 2), b);
+        repo.commit_snapshot(&record(id, 1, t, vec![t, b])).unwrap();
+        assert_eq!(repo.read_blob(&b).unwrap().1, blob(2, 100).1);
+
+        // A pack cut short is as good as gone.
+        let bytes = fs::read(&t_pack).unwrap();
+        fs::write(&t_pack, &bytes[..bytes.len() - 1]).unwrap();
+        let err = repo
+            .commit_snapshot(&record(&"d".repeat(32), 2, t, vec![]))
+            .unwrap_err();
+        assert!(
+            matches!(err, RepoError::MissingBlobs { count: 1, first } if first == t),
+            "{err}"
+        );
+        assert_eq!(repo.missing(&[t, b]), vec![t]);
     }
 
     #[test]

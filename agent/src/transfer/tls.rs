@@ -89,7 +89,7 @@ impl Identity {
         // certificates directly and every peer already has the CA.
         let cert = CertificateDer::from_pem_slice(bundle.cert.as_bytes())
             .map_err(|e| bundle_err("host certificate")(e.to_string()))?;
-        check_names_host(&cert, host).map_err(bundle_err("host certificate"))?;
+        check_names_host(&cert, host).map_err(|e| bundle_err("host certificate")(e.to_string()))?;
         let key = PrivateKeyDer::from_pem_slice(bundle.key.as_bytes())
             .map_err(|e| bundle_err("private key")(e.to_string()))?;
         let chain = vec![cert];
@@ -202,10 +202,10 @@ pub fn peer_host(conn: &quinn::Connection, expected: &HostName) -> Result<(), Tr
     let leaf = certs
         .first()
         .ok_or(TransferError::NoPeerCertificate { addr })?;
-    check_names_host(leaf, expected).map_err(|detail| TransferError::PeerNotHost {
+    check_names_host(leaf, expected).map_err(|e| TransferError::PeerNotHost {
         addr,
         expected: expected.clone(),
-        detail,
+        detail: e.to_string(),
     })
 }
 
@@ -220,14 +220,36 @@ pub(crate) fn server_name(host: &HostName) -> Result<ServerName<'static>, Transf
     })
 }
 
+/// Why a certificate does not name the host it should.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CertNameError {
+    /// The host's name is no DNS name, so no certificate can name it.
+    #[error(transparent)]
+    HostName(Box<TransferError>),
+    /// The certificate's DER does not parse.
+    #[error("cannot parse the certificate: {0}")]
+    Parse(#[source] webpki::Error),
+    /// The certificate's subject alternative names do not include the host.
+    #[error("the certificate is not for {host} ({source})")]
+    NotFor {
+        /// The host it should name.
+        host: HostName,
+        /// What webpki found.
+        #[source]
+        source: webpki::Error,
+    },
+}
+
 /// Whether the end-entity certificate `der` is valid for `host` (its subject
 /// alternative names; webpki ignores the common name). The error says why not.
-fn check_names_host(der: &CertificateDer<'_>, host: &HostName) -> Result<(), String> {
-    let name = server_name(host).map_err(|e| e.to_string())?;
-    let cert = webpki::EndEntityCert::try_from(der)
-        .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+fn check_names_host(der: &CertificateDer<'_>, host: &HostName) -> Result<(), CertNameError> {
+    let name = server_name(host).map_err(|e| CertNameError::HostName(Box::new(e)))?;
+    let cert = webpki::EndEntityCert::try_from(der).map_err(CertNameError::Parse)?;
     cert.verify_is_valid_for_subject_name(&name)
-        .map_err(|e| format!("the certificate is not for {host} ({e})"))
+        .map_err(|source| CertNameError::NotFor {
+            host: host.clone(),
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -251,6 +273,25 @@ mod tests {
         let err = Identity::from_bundle(&bundle).expect_err("wrong host");
         assert!(matches!(err, TransferError::Bundle { .. }), "{err:?}");
         assert!(err.to_string().contains("not for laptop"), "{err}");
+    }
+
+    #[test]
+    fn a_certificate_is_checked_against_the_host_it_should_name() {
+        let ca = TestCa::new("fleet");
+        let pem = bundle_for(&ca, "nas").cert;
+        let cert = CertificateDer::from_pem_slice(pem.as_bytes()).expect("pem");
+        check_names_host(&cert, &HostName::new("nas").expect("valid")).expect("names nas");
+        let err = check_names_host(&cert, &HostName::new("laptop").expect("valid"))
+            .expect_err("not laptop");
+        assert!(matches!(err, CertNameError::NotFor { .. }), "{err:?}");
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "webpki's reason is kept"
+        );
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]);
+        let err =
+            check_names_host(&garbage, &HostName::new("nas").expect("valid")).expect_err("garbage");
+        assert!(matches!(err, CertNameError::Parse(_)), "{err:?}");
     }
 
     #[test]

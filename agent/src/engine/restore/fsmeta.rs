@@ -18,7 +18,7 @@ use std::fs::{self, File, Permissions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use filetime::FileTime;
 use flotilla_protocol::repo::{Node, NodeKind};
@@ -45,7 +45,7 @@ impl Meta {
 
     /// Applies everything to an open file or directory. The error says what
     /// could not be set; the entry itself is in place either way.
-    pub(super) fn apply_fd(&mut self, f: &File, node: &Node, path: &Path) -> Result<(), String> {
+    pub(super) fn apply_fd(&mut self, f: &File, node: &Node, path: &Path) -> Result<(), MetaError> {
         let mut failed = Vec::new();
         if self.owner {
             note(
@@ -75,7 +75,7 @@ impl Meta {
 
     /// Applies everything to a symlink or special file at `path`, which this
     /// restore just created there.
-    pub(super) fn apply_path(&mut self, path: &Path, node: &Node) -> Result<(), String> {
+    pub(super) fn apply_path(&mut self, path: &Path, node: &Node) -> Result<(), MetaError> {
         let mut failed = Vec::new();
         if self.owner {
             note(
@@ -123,21 +123,50 @@ impl Meta {
     }
 }
 
-fn note(failed: &mut Vec<String>, what: &str, result: io::Result<()>) {
-    if let Err(e) = result {
-        failed.push(format!("{what}: {e}"));
+/// Metadata that could not be set on a restored entry; the entry itself is
+/// in place.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: restored without all its metadata ({})", path.display(), list(failed))]
+pub(super) struct MetaError {
+    /// The entry.
+    pub path: PathBuf,
+    /// Each part that failed, in the order they were tried (at least one).
+    pub failed: Vec<PartFailed>,
+}
+
+/// One part of an entry's metadata that could not be set.
+#[derive(Debug, thiserror::Error)]
+#[error("{part}: {source}")]
+pub(super) struct PartFailed {
+    /// "owner", "mode" or "times".
+    pub part: &'static str,
+    /// What the system call said.
+    #[source]
+    pub source: io::Error,
+}
+
+fn list(failed: &[PartFailed]) -> String {
+    failed
+        .iter()
+        .map(PartFailed::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn note(failed: &mut Vec<PartFailed>, part: &'static str, result: io::Result<()>) {
+    if let Err(source) = result {
+        failed.push(PartFailed { part, source });
     }
 }
 
-fn outcome(path: &Path, failed: Vec<String>) -> Result<(), String> {
+fn outcome(path: &Path, failed: Vec<PartFailed>) -> Result<(), MetaError> {
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "{}: restored without all its metadata ({})",
-            path.display(),
-            failed.join(", ")
-        ))
+        Err(MetaError {
+            path: path.to_path_buf(),
+            failed,
+        })
     }
 }
 
@@ -147,4 +176,40 @@ pub(super) fn file_time(ns: i64) -> FileTime {
     // rem_euclid is in 0..10^9, which fits.
     let nanos = u32::try_from(ns.rem_euclid(1_000_000_000)).unwrap_or(0);
     FileTime::from_unix_time(secs, nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_metadata_failure_names_the_entry_and_each_part_and_keeps_the_cause() {
+        let mut failed = Vec::new();
+        note(&mut failed, "owner", Err(io::Error::from_raw_os_error(1)));
+        note(&mut failed, "mode", Ok(()));
+        note(&mut failed, "times", Err(io::Error::from_raw_os_error(30)));
+        let err = outcome(Path::new("/t/a"), failed).expect_err("two parts failed");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "/t/a: restored without all its metadata (owner: {}, times: {})",
+                io::Error::from_raw_os_error(1),
+                io::Error::from_raw_os_error(30)
+            )
+        );
+        let first = &err.failed[0];
+        assert_eq!(
+            std::error::Error::source(first)
+                .and_then(|e| e.downcast_ref::<io::Error>())
+                .and_then(io::Error::raw_os_error),
+            Some(1)
+        );
+        assert!(outcome(Path::new("/t/b"), Vec::new()).is_ok());
+    }
+
+    #[test]
+    fn times_before_the_epoch_keep_their_nanoseconds() {
+        let t = file_time(-1);
+        assert_eq!((t.unix_seconds(), t.nanoseconds()), (-1, 999_999_999));
+    }
 }

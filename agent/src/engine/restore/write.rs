@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use flotilla_protocol::repo::{BlobId, Node, NodeKind};
+use flotilla_protocol::repo::{BlobId, CryptoError, Node, NodeKind};
 use nix::fcntl::OFlag;
 use nix::sys::stat::{mknod, Mode, SFlag};
 use tracing::debug;
@@ -93,6 +93,33 @@ fn parent(path: &Path) -> Result<&Path, Fail> {
         .ok_or_else(|| Fail::Entry(format!("{}: has no parent directory", path.display())))
 }
 
+/// Why one chunk of a file could not be written.
+#[derive(Debug, thiserror::Error)]
+enum ChunkFailed {
+    /// The storage host's answer lacked it.
+    #[error("chunk {id:?} was not fetched")]
+    NotFetched {
+        /// The chunk.
+        id: BlobId,
+    },
+    /// It does not decrypt, decompress or match its id.
+    #[error(transparent)]
+    Open(#[from] CryptoError),
+    /// It opens, but to another length than the tree records.
+    #[error("chunk {id:?} holds {holds} bytes, the tree says {tree} (damaged snapshot)")]
+    WrongLength {
+        /// The chunk.
+        id: BlobId,
+        /// Its plaintext's length.
+        holds: usize,
+        /// The length the tree records.
+        tree: u32,
+    },
+    /// The file being restored refused the bytes.
+    #[error("cannot write: {0}")]
+    Write(#[source] io::Error),
+}
+
 impl Restorer<'_> {
     /// Restores a regular file, or links it to an earlier restored name of
     /// the same source inode.
@@ -165,7 +192,7 @@ impl Restorer<'_> {
         self.write_content(file, path, node)?;
         if let Err(why) = self.meta.apply_fd(file, node, path) {
             // The content is right; keep it and report the metadata.
-            self.record(why);
+            self.record(why.to_string());
         }
         // No fsync per file: one syncfs at the end of the restore makes
         // everything durable at a fraction of the cost for many small files.
@@ -228,22 +255,20 @@ impl Restorer<'_> {
             let results = super::super::on_two_threads(
                 &work,
                 |(c, _, _)| c.len as usize,
-                |&(c, at, blob)| -> Result<(), String> {
-                    let blob = blob.ok_or_else(|| format!("chunk {:?} was not fetched", c.id))?;
-                    let plain = key.open(&c.id, blob).map_err(|e| e.to_string())?;
+                |&(c, at, blob)| -> Result<(), ChunkFailed> {
+                    let blob = blob.ok_or(ChunkFailed::NotFetched { id: c.id })?;
+                    let plain = key.open(&c.id, blob)?;
                     if plain.len() != c.len as usize {
-                        return Err(format!(
-                            "chunk {:?} holds {} bytes, the tree says {} (damaged snapshot)",
-                            c.id,
-                            plain.len(),
-                            c.len
-                        ));
+                        return Err(ChunkFailed::WrongLength {
+                            id: c.id,
+                            holds: plain.len(),
+                            tree: c.len,
+                        });
                     }
                     if sparse && plain.iter().all(|&b| b == 0) {
                         return Ok(());
                     }
-                    file.write_all_at(&plain, at)
-                        .map_err(|e| format!("cannot write: {e}"))
+                    file.write_all_at(&plain, at).map_err(ChunkFailed::Write)
                 },
             );
             if let Some(Err(why)) = results.into_iter().find(Result::is_err) {
@@ -295,7 +320,7 @@ impl Restorer<'_> {
         })
         .map_err(io_fail(path, "cannot create"))?;
         if let Err(why) = self.meta.apply_path(&tmp, node) {
-            self.record(why);
+            self.record(why.to_string());
         }
         rename_into_place(&tmp, path).map_err(io_fail(path, "cannot move into place"))?;
         self.progress.update(&self.counters, path);
@@ -326,7 +351,7 @@ impl Restorer<'_> {
         })
         .map_err(io_fail(path, "cannot create symlink"))?;
         if let Err(why) = self.meta.apply_path(&tmp, node) {
-            self.record(why);
+            self.record(why.to_string());
         }
         // rename(2) replaces a file or symlink at `path` but never a
         // directory, so a snapshot cannot swap a restored directory for a link.

@@ -1,5 +1,7 @@
 //! The client side of a data-plane session: a source backing up into, or a
-//! destination restoring from, a storage agent's repository over QUIC.
+//! destination restoring from, a storage agent's repository over QUIC. The
+//! `backup` and `restore` runners in `jobs/` open it with their signed task;
+//! the storage side is `server.rs`.
 //!
 //! [`Session`] is async; the engines are synchronous, so [`BlockingStore`] and
 //! [`BlockingFetch`] adapt it for code running on a blocking thread (they call
@@ -16,8 +18,8 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinSet;
 
+use super::{read_frame, write_frame, TransferEndpoint, TransferError};
 use crate::engine::{Fetch, FetchError, Store, StoreError};
-use crate::transfer::{read_frame, write_frame, TransferEndpoint, TransferError};
 
 /// Parallel upload streams per backup session: enough to keep a LAN busy
 /// while one stream waits on the storage host's fsync.

@@ -8,44 +8,29 @@
 //! a byte of data moves. Backup sessions may only add blobs and commit a
 //! snapshot of their own host; restore sessions may only read the blobs of
 //! the snapshot their task names.
+//!
+//! The server sees only what [`ServerContext`] gives it (this host, its fleet
+//! and coordinator key, the repository, the claims, the bus for events): never
+//! the repository key, never the task journal.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_protocol::frame::{RepoReply, Request, Response, MAX_FRAME, MAX_IDS};
-use flotilla_protocol::repo::{BlobId, BlobKind};
+use flotilla_protocol::frame::{Request, Response, MAX_FRAME, MAX_IDS};
+use flotilla_protocol::repo::BlobId;
 use flotilla_protocol::{
-    subject, verify_task_for_peer, EventBody, HostName, RejectReason, Severity, TaskBody, TaskKind,
+    verify_task_for_peer, EventBody, HostName, PublicKey, RejectReason, Severity, TaskBody,
+    TaskKind,
 };
-use futures::StreamExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::daemon::Agent;
+use super::{peer_host, read_frame, write_frame, Claims, TransferEndpoint, TransferError};
+use crate::bus::Bus;
 use crate::now_ms;
 use crate::repository::{RepoError, Repository};
-use crate::transfer::{peer_host, read_frame, write_frame, TransferEndpoint, TransferError};
-
-/// Blobs that a live backup session has said it will upload.
-///
-/// When two hosts back up the same new data at the same moment, the second
-/// one's `Have` finds the first one's claim and does not send the bytes again;
-/// its commit then waits until the claimed blobs are durable. A claim dies with
-/// its session, so if the first upload fails, the second commit finds the blob
-/// missing and its source retries.
-#[derive(Debug, Default)]
-pub(crate) struct Claims {
-    owners: Mutex<HashMap<BlobId, u64>>,
-    next_session: AtomicU64,
-    /// Live session of each task: a resumed task (same id) supersedes it.
-    tasks: Mutex<HashMap<String, (u64, quinn::Connection)>>,
-    /// Blobs each live session relies on being kept: those a backup was told
-    /// are present, those a restore reads. Prune leaves them alone.
-    relied: Mutex<HashMap<u64, HashSet<BlobId>>>,
-}
 
 /// How long a client has to present its task.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,94 +40,21 @@ const HELLO_BYTES: usize = flotilla_protocol::limits::TASK_BYTES + 1024;
 /// How long a commit waits for blobs another session is still uploading.
 const CLAIM_WAIT: Duration = Duration::from_secs(30 * 60);
 
-impl Claims {
-    fn session_id(&self) -> u64 {
-        self.next_session.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Records that session `me` relies on `ids` staying in the repository.
-    fn rely(&self, me: u64, ids: impl IntoIterator<Item = BlobId>) {
-        if let Ok(mut relied) = self.relied.lock() {
-            relied.entry(me).or_default().extend(ids);
-        }
-    }
-
-    /// Whether a live session uploads or relies on `id` (for prune).
-    pub(crate) fn is_protected(&self, id: &BlobId) -> bool {
-        let claimed = self
-            .owners
-            .lock()
-            .map(|o| o.contains_key(id))
-            .unwrap_or(true);
-        claimed
-            || self
-                .relied
-                .lock()
-                .map(|r| r.values().any(|set| set.contains(id)))
-                .unwrap_or(true)
-    }
-
-    /// Of the blobs `repo` lacks, those nobody else is uploading; claims them.
-    fn claim_missing(&self, repo: &Repository, ids: &[BlobId], me: u64) -> Vec<BlobId> {
-        // Recorded before the index is read, so a prune that runs meanwhile
-        // sees it (prune checks under the index's write lock).
-        self.rely(me, ids.iter().copied());
-        let missing = repo.missing(ids);
-        let Ok(mut owners) = self.owners.lock() else {
-            return missing;
-        };
-        missing
-            .into_iter()
-            .filter(|id| match owners.get(id) {
-                Some(owner) if *owner != me => false,
-                _ => {
-                    owners.insert(*id, me);
-                    true
-                }
-            })
-            .collect()
-    }
-
-    /// How many of `ids` are still being uploaded by other sessions.
-    fn pending(&self, repo: &Repository, ids: &[BlobId], me: u64) -> usize {
-        let Ok(owners) = self.owners.lock() else {
-            return 0;
-        };
-        ids.iter()
-            .filter(|id| owners.get(id).is_some_and(|o| *o != me) && !repo.contains(id))
-            .count()
-    }
-
-    fn release(&self, me: u64) {
-        if let Ok(mut owners) = self.owners.lock() {
-            owners.retain(|_, owner| *owner != me);
-        }
-        if let Ok(mut tasks) = self.tasks.lock() {
-            tasks.retain(|_, (session, _)| *session != me);
-        }
-        if let Ok(mut relied) = self.relied.lock() {
-            relied.remove(&me);
-        }
-    }
-
-    /// Registers session `me` for `task_id`. An older session of the same
-    /// task belongs to a source that died and resumed: its connection may
-    /// linger until the idle timeout, so it is closed and its claims dropped
-    /// now, instead of making the resumed commit wait for them.
-    fn supersede(&self, task_id: &str, me: u64, conn: &quinn::Connection) {
-        let old = self
-            .tasks
-            .lock()
-            .ok()
-            .and_then(|mut t| t.insert(task_id.to_owned(), (me, conn.clone())));
-        if let Some((session, old_conn)) = old.filter(|(s, _)| *s != me) {
-            info!(task = task_id, "a resumed session supersedes an older one");
-            old_conn.close(1u32.into(), b"superseded by a resumed session");
-            if let Ok(mut owners) = self.owners.lock() {
-                owners.retain(|_, owner| *owner != session);
-            }
-        }
-    }
+/// What the session server needs from the running agent, and no more.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerContext {
+    /// This host: tasks must name it as their storage.
+    pub host: HostName,
+    /// This host's fleet: tasks of another fleet are refused.
+    pub fleet: String,
+    /// The key that signs every task a client presents.
+    pub coordinator_key: PublicKey,
+    /// The repository, on storage hosts (sessions are refused without one).
+    pub repo: Option<Arc<Repository>>,
+    /// What live sessions rely on; shared with the `prune` task.
+    pub claims: Arc<Claims>,
+    /// Where refusals are reported.
+    pub bus: Bus,
 }
 
 /// What a session may do, decided by its task.
@@ -159,13 +71,12 @@ enum Grant {
 
 /// Accepts sessions until `cancel` fires.
 pub(crate) async fn serve(
-    agent: Arc<Agent>,
+    ctx: ServerContext,
     endpoint: Arc<TransferEndpoint>,
-    repo: Option<Arc<Repository>>,
     cancel: CancellationToken,
 ) {
+    let ctx = Arc::new(ctx);
     let mut sessions = JoinSet::new();
-    let claims = agent.claims.clone();
     loop {
         let incoming = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -175,9 +86,7 @@ pub(crate) async fn serve(
                 None => break,
             },
         };
-        let agent = agent.clone();
-        let repo = repo.clone();
-        let claims = claims.clone();
+        let ctx = ctx.clone();
         let peer = incoming.remote_address();
         sessions.spawn(
             async move {
@@ -186,15 +95,15 @@ pub(crate) async fn serve(
                     Err(e) => {
                         // A peer without a fleet certificate ends here.
                         warn!(error = %e, "QUIC handshake refused");
-                        agent.refused_peer(&peer.to_string(), &e.to_string()).await;
+                        ctx.refused_peer(&peer.to_string(), &e.to_string()).await;
                         return;
                     }
                 };
-                let me = claims.session_id();
-                if let Err(e) = session(&agent, repo, &claims, me, conn).await {
+                let me = ctx.claims.session_id();
+                if let Err(e) = session(&ctx, me, conn).await {
                     debug!(error = %e, "session ended with an error");
                 }
-                claims.release(me);
+                ctx.claims.release(me);
             }
             .instrument(info_span!("session", %peer)),
         );
@@ -202,7 +111,7 @@ pub(crate) async fn serve(
     sessions.abort_all();
 }
 
-impl Agent {
+impl ServerContext {
     async fn refused_peer(&self, peer: &str, why: &str) {
         self.bus
             .event(
@@ -232,12 +141,11 @@ fn repo_error(e: &RepoError) -> Response {
 }
 
 async fn session(
-    agent: &Arc<Agent>,
-    repo: Option<Arc<Repository>>,
-    claims: &Claims,
+    ctx: &ServerContext,
     me: u64,
     conn: quinn::Connection,
 ) -> Result<(), TransferError> {
+    let claims = &ctx.claims;
     let peer = conn.remote_address().to_string();
     let (mut send, mut recv) = conn.accept_bi().await?;
     // The hello is small and must come at once: a peer cannot hold a
@@ -255,47 +163,44 @@ async fn session(
         .await?;
         return Ok(());
     };
-    let s = &agent.settings;
-    let body = match verify_task_for_peer(&task, &s.coordinator_key, &s.bundle.fleet, now_ms()) {
+    let body = match verify_task_for_peer(&task, &ctx.coordinator_key, &ctx.fleet, now_ms()) {
         Ok(b) => b,
         Err(e) => {
-            agent
-                .reject_peer_task(e.task_id(), e.reason(), e.to_string(), &peer)
+            ctx.reject_peer_task(e.task_id(), e.reason(), e.to_string(), &peer)
                 .await;
             write_frame(&mut send, &error("forbidden", e.to_string(), false)).await?;
             return Ok(());
         }
     };
-    let grant = match grant_for(&body, &s.host) {
+    let grant = match grant_for(&body, &ctx.host) {
         Ok(g) => g,
         Err(why) => {
-            agent
-                .reject_peer_task(Some(&body.id), RejectReason::NotAllowed, why.clone(), &peer)
+            let why = why.to_string();
+            ctx.reject_peer_task(Some(&body.id), RejectReason::NotAllowed, why.clone(), &peer)
                 .await;
             write_frame(&mut send, &error("forbidden", why, false)).await?;
             return Ok(());
         }
     };
     if let Err(e) = peer_host(&conn, &body.host) {
-        agent
-            .reject_peer_task(
-                Some(&body.id),
-                RejectReason::UnknownPeer,
-                e.to_string(),
-                &peer,
-            )
-            .await;
+        ctx.reject_peer_task(
+            Some(&body.id),
+            RejectReason::UnknownPeer,
+            e.to_string(),
+            &peer,
+        )
+        .await;
         write_frame(&mut send, &error("forbidden", e.to_string(), false)).await?;
         return Ok(());
     }
-    let Some(repo) = repo else {
+    let Some(repo) = ctx.repo.clone() else {
         write_frame(
             &mut send,
             &error(
                 "invalid",
                 format!(
                     "host {} keeps no repository (start it with --storage)",
-                    s.host
+                    ctx.host
                 ),
                 false,
             ),
@@ -355,7 +260,28 @@ async fn session(
     Ok(())
 }
 
-fn grant_for(body: &TaskBody, me: &HostName) -> Result<Grant, String> {
+/// Why a task opens no session on this host.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum NoGrant {
+    /// A backup or restore meant for another storage host.
+    #[error("task {task} names storage host {storage}, not {me}")]
+    OtherStorage {
+        /// The task's id.
+        task: String,
+        /// The storage host it names.
+        storage: HostName,
+        /// This host.
+        me: HostName,
+    },
+    /// A kind of task that never moves data between hosts.
+    #[error("a {kind} task does not open a data-plane session")]
+    NoDataPlane {
+        /// The task's kind.
+        kind: &'static str,
+    },
+}
+
+fn grant_for(body: &TaskBody, me: &HostName) -> Result<Grant, NoGrant> {
     match &body.kind {
         TaskKind::Backup { storage, .. } if storage == me => Ok(Grant::Backup {
             host: body.host.clone(),
@@ -366,14 +292,14 @@ fn grant_for(body: &TaskBody, me: &HostName) -> Result<Grant, String> {
             snapshot: snapshot.clone(),
             allowed: None,
         }),
-        TaskKind::Backup { storage, .. } | TaskKind::Restore { storage, .. } => Err(format!(
-            "task {} names storage host {storage}, not {me}",
-            body.id
-        )),
-        other => Err(format!(
-            "a {} task does not open a data-plane session",
-            other.name()
-        )),
+        TaskKind::Backup { storage, .. } | TaskKind::Restore { storage, .. } => {
+            Err(NoGrant::OtherStorage {
+                task: body.id.clone(),
+                storage: storage.clone(),
+                me: me.clone(),
+            })
+        }
+        other => Err(NoGrant::NoDataPlane { kind: other.name() }),
     }
 }
 
@@ -565,7 +491,7 @@ async fn data_stream(
     Ok(())
 }
 
-impl Agent {
+impl ServerContext {
     async fn reject_peer_task(
         &self,
         task_id: Option<&str>,
@@ -589,82 +515,89 @@ impl Agent {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Query {
-    Snapshots,
-    Tree,
-    Stats,
-}
+#[cfg(test)]
+mod tests {
+    use flotilla_protocol::TASK_VERSION;
 
-/// Answers the read-only repository queries on NATS until `cancel` fires.
-pub(crate) async fn serve_queries(
-    agent: Arc<Agent>,
-    repo: Arc<Repository>,
-    cancel: CancellationToken,
-) -> Result<(), async_nats::SubscribeError> {
-    let client = agent.bus.client().clone();
-    let host = &agent.settings.host;
-    let snaps = client.subscribe(subject::repo_snapshots(host)).await?;
-    let trees = client.subscribe(subject::repo_tree(host)).await?;
-    let stats = client.subscribe(subject::repo_stats(host)).await?;
-    let mut requests = futures::stream::select_all([
-        snaps.map(|m| (Query::Snapshots, m)).boxed(),
-        trees.map(|m| (Query::Tree, m)).boxed(),
-        stats.map(|m| (Query::Stats, m)).boxed(),
-    ]);
-    loop {
-        let (query, msg) = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            next = requests.next() => match next {
-                Some(m) => m,
-                None => return Ok(()),
-            },
+    use super::*;
+
+    fn host(name: &str) -> HostName {
+        HostName::new(name).expect("host name")
+    }
+
+    fn task(kind: TaskKind) -> TaskBody {
+        TaskBody {
+            v: TASK_VERSION,
+            id: "t1".into(),
+            fleet: "f".into(),
+            host: host("alpha"),
+            issued_at: 1,
+            expires_at: 2,
+            kind,
+        }
+    }
+
+    fn backup(storage: &str) -> TaskKind {
+        TaskKind::Backup {
+            paths: vec![],
+            excludes: vec![],
+            storage: host(storage),
+            storage_addr: "192.0.2.1:7443".parse().expect("address"),
+        }
+    }
+
+    fn restore(storage: &str) -> TaskKind {
+        TaskKind::Restore {
+            snapshot: "abc".into(),
+            storage: host(storage),
+            storage_addr: "192.0.2.1:7443".parse().expect("address"),
+            target: "/restore".into(),
+            includes: vec![],
+        }
+    }
+
+    #[test]
+    fn a_backup_naming_this_storage_may_add_blobs_of_its_own_host() {
+        let grant = grant_for(&task(backup("nas")), &host("nas")).expect("granted");
+        assert!(matches!(grant, Grant::Backup { host: h } if h == host("alpha")));
+    }
+
+    #[test]
+    fn a_restore_naming_this_storage_may_read_its_snapshot_only() {
+        let grant = grant_for(&task(restore("nas")), &host("nas")).expect("granted");
+        let Grant::Restore { snapshot, allowed } = grant else {
+            panic!("expected a restore grant");
         };
-        let Some(reply) = msg.reply else { continue };
-        let repo = repo.clone();
-        let payload = msg.payload.clone();
-        let answer = tokio::task::spawn_blocking(move || {
-            if query == Query::Stats {
-                return RepoReply::Stats {
-                    stats: repo.stats(),
-                };
-            }
-            if query == Query::Snapshots {
-                match repo.snapshots() {
-                    Ok(mut list) => {
-                        for s in &mut list {
-                            s.blobs.clear();
-                        }
-                        RepoReply::Snapshots { snapshots: list }
-                    }
-                    Err(e) => RepoReply::Error {
-                        message: e.to_string(),
-                    },
-                }
-            } else {
-                let Ok(bytes) = <[u8; 32]>::try_from(payload.as_ref()) else {
-                    return RepoReply::Error {
-                        message: "a tree request is a 32-byte blob id".into(),
-                    };
-                };
-                match repo.read_blob(&BlobId(bytes)) {
-                    Ok((BlobKind::Tree, data)) => RepoReply::Tree { data },
-                    Ok(_) => RepoReply::Error {
-                        message: "only tree blobs are served here".into(),
-                    },
-                    Err(e) => RepoReply::Error {
-                        message: e.to_string(),
-                    },
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|e| RepoReply::Error {
-            message: format!("query crashed: {e}"),
-        });
-        let bytes = flotilla_protocol::encode(&answer).unwrap_or_default();
-        if let Err(e) = client.publish(reply, bytes.into()).await {
-            warn!(error = %e, "cannot answer repository query");
+        assert_eq!(snapshot, "abc");
+        assert!(allowed.is_none(), "no blob is readable before get_snapshot");
+    }
+
+    #[test]
+    fn a_task_naming_another_storage_is_refused() {
+        for kind in [backup("other"), restore("other")] {
+            let why = grant_for(&task(kind), &host("nas")).expect_err("refused");
+            assert_eq!(why.to_string(), "task t1 names storage host other, not nas");
+        }
+    }
+
+    #[test]
+    fn tasks_without_a_data_plane_open_no_session() {
+        let kinds = [
+            TaskKind::Check { read_data: true },
+            TaskKind::Prune {
+                dry_run: false,
+                grace_secs: 0,
+            },
+            TaskKind::Estimate { paths: vec![] },
+        ];
+        for kind in kinds {
+            let name = kind.name();
+            let why = grant_for(&task(kind), &host("nas")).expect_err("refused");
+            assert_eq!(why, NoGrant::NoDataPlane { kind: name });
+            assert_eq!(
+                why.to_string(),
+                format!("a {name} task does not open a data-plane session")
+            );
         }
     }
 }
