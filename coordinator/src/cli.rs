@@ -1,17 +1,16 @@
 //! The `flotilla` command line: flags, subcommands, and their dispatch.
 
 mod backup;
-pub(crate) use backup::storage_addr;
-pub(crate) use forget::decide;
-pub(crate) use snapshots::{query, repo_key};
 mod check;
 mod estimate;
 mod events;
 mod follow;
 mod forget;
 mod hosts;
+mod manual;
 mod output;
 mod restore;
+mod setup;
 mod snapshots;
 mod status;
 
@@ -41,15 +40,20 @@ const EXIT_CODES: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 host unknown or 
 4 task rejected or failed (also: check found problems), 5 cannot reach NATS, \
 6 finished but some files could not be read or restored, 130 cancelled with Ctrl-C.";
 
+/// What `enroll` accepts as a host name: what [`HostName::new`] checks (a
+/// NATS subject token and a DNS label at once).
+const HOST_NAME_HELP: &str = "Host name: 1-63 characters of a-z, 0-9 and '-', \
+starting with a letter and not ending with '-' (no '_', '.' or capitals)";
+
 /// `flotilla config ...`.
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Validate a config file; exit 2 with the line of each mistake.
     Check {
-        /// The file.
-        #[arg(default_value = "flotilla.toml")]
-        file: PathBuf,
-        /// Print {"ok": bool, "issues": [{"line", "message"}]}.
+        /// The file [default: ./flotilla.toml if it exists, else /etc/flotilla/flotilla.toml].
+        #[arg(env = "FLOTILLA_CONFIG")]
+        file: Option<PathBuf>,
+        /// Print {"ok": bool, "issues": [{"line", "message"}], "warnings": [...]}.
         #[arg(long)]
         json: bool,
     },
@@ -64,6 +68,15 @@ pub struct Global {
     /// Fleet directory made by `flotilla init`.
     #[arg(long, global = true, env = "FLOTILLA_FLEET", value_name = "DIR")]
     pub fleet: Option<PathBuf>,
+    /// Show times in UTC instead of local time (JSON is always RFC 3339 UTC).
+    #[arg(long, global = true)]
+    pub utc: bool,
+    /// Log only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// Log more: -v info, -vv debug, -vvv trace (default: warnings; flags win over RUST_LOG).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
 }
 
 /// The subcommands.
@@ -80,7 +93,7 @@ pub enum Command {
     },
     /// Issue a host's bundle: certificate, keys and NATS URL, in one file (mode 0600).
     Enroll {
-        /// Host name (a-z, 0-9, '-', '_').
+        #[arg(help = HOST_NAME_HELP)]
         host: HostName,
         /// Where to write the bundle.
         #[arg(long, value_name = "FILE")]
@@ -153,9 +166,9 @@ pub enum Command {
     },
     /// Run the coordinator daemon: schedules, retries, watchdog, notifications, metrics.
     Serve {
-        /// The fleet's plans (`flotilla.toml`).
-        #[arg(long, value_name = "FILE", default_value = "flotilla.toml")]
-        config: PathBuf,
+        /// The fleet's plans [default: ./flotilla.toml if it exists, else /etc/flotilla/flotilla.toml].
+        #[arg(long, value_name = "FILE", env = "FLOTILLA_CONFIG")]
+        config: Option<PathBuf>,
         /// Where the daemon keeps its state [default: FLEET/serve].
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
@@ -176,9 +189,9 @@ pub enum Command {
         /// Run this plan of the config file now.
         #[arg(long, value_name = "NAME")]
         plan: Option<String>,
-        /// Config file for --all and --plan.
-        #[arg(long, value_name = "FILE", default_value = "flotilla.toml")]
-        config: PathBuf,
+        /// Config file for --all and --plan [default: ./flotilla.toml if it exists, else /etc/flotilla/flotilla.toml].
+        #[arg(long, value_name = "FILE", env = "FLOTILLA_CONFIG")]
+        config: Option<PathBuf>,
         /// Path to back up, inside the hosts' backup roots (repeatable; default: all roots).
         #[arg(long = "path", value_name = "PATH")]
         paths: Vec<String>,
@@ -207,12 +220,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the contents of a snapshot (a directory within it with PATH).
+    /// List what a snapshot holds: the contents of the paths it backed up, or of PATH.
     Ls {
         /// Snapshot id or unique prefix.
         snapshot: String,
-        /// Absolute path inside the snapshot.
+        /// Absolute path of a directory (or file) inside the snapshot.
         path: Option<String>,
+        /// Also list everything beneath, directory by directory.
+        #[arg(short, long)]
+        recursive: bool,
         /// Only look on this storage host.
         #[arg(long, value_name = "STORAGE")]
         to: Option<HostName>,
@@ -248,9 +264,9 @@ pub enum Command {
         /// Use this plan's hosts, storage and keep policy from --config.
         #[arg(long, value_name = "NAME")]
         plan: Option<String>,
-        /// Config file for --plan.
-        #[arg(long, value_name = "FILE", default_value = "flotilla.toml")]
-        config: PathBuf,
+        /// Config file for --plan [default: ./flotilla.toml if it exists, else /etc/flotilla/flotilla.toml].
+        #[arg(long, value_name = "FILE", env = "FLOTILLA_CONFIG")]
+        config: Option<PathBuf>,
         /// Only this storage host.
         #[arg(long, value_name = "STORAGE")]
         to: Option<HostName>,
@@ -310,9 +326,56 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// For example: `flotilla completions bash > /etc/bash_completion.d/flotilla`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff); with --dir, write one page per subcommand there.
+    Man {
+        /// Write flotilla.1 and flotilla-SUBCOMMAND.1 into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+impl Command {
+    /// Whether the command was asked for JSON output (errors are then
+    /// printed as JSON too).
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Init { json, .. }
+            | Command::Enroll { json, .. }
+            | Command::Hosts { json }
+            | Command::Status { json }
+            | Command::Jobs { json, .. }
+            | Command::Watch { json }
+            | Command::Events { json, .. }
+            | Command::Estimate { json, .. }
+            | Command::Backup { json, .. }
+            | Command::Snapshots { json, .. }
+            | Command::Ls { json, .. }
+            | Command::Restore { json, .. }
+            | Command::Forget { json, .. }
+            | Command::Prune { json, .. }
+            | Command::Check { json, .. }
+            | Command::Config {
+                command: ConfigCommand::Check { json, .. },
+            } => *json,
+            Command::Serve { .. } | Command::Completions { .. } | Command::Man { .. } => false,
+        }
+    }
 }
 
 impl Global {
+    /// The log filter: `-q`/`-v` when given, else `rust_log` (`RUST_LOG`)
+    /// when set, else warnings.
+    pub fn log_filter(&self, rust_log: Option<&str>) -> String {
+        setup::log_filter(tracing::Level::WARN, self.quiet, self.verbose, rust_log)
+    }
+
     /// The fleet directory, or an error saying how to name one.
     pub fn fleet(&self) -> Result<Fleet, CliError> {
         let dir = self.fleet.as_ref().ok_or(CliError::NoFleet)?;
@@ -346,6 +409,16 @@ pub(crate) fn emit(args: std::fmt::Arguments<'_>) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
+    }
+}
+
+/// Prints an error that is not the command's result (that one `main`
+/// prints): as `main` would, a line, or JSON with `--json`.
+fn report(e: &CliError, json: bool) {
+    if json {
+        eprintln!("{}", e.to_json());
+    } else {
+        eprintln!("flotilla: {e}");
     }
 }
 
@@ -396,6 +469,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             Ok(())
         }
+        Command::Completions { shell } => manual::print(&manual::completions(shell)),
+        Command::Man { dir: None } => manual::print(&manual::page()?),
+        Command::Man { dir: Some(dir) } => {
+            for path in manual::pages_into(&dir)? {
+                outln!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Command::Hosts { json } => hosts::run(g, json).await,
         Command::Status { json } => status::status(g, json).await,
         Command::Jobs { json, limit } => status::jobs(g, json, limit).await,
@@ -413,27 +494,43 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             timeout,
         } => estimate::run(g, &host, paths, json, timeout).await,
         Command::Serve { config, state_dir } => {
-            crate::serve::run(g, &config, state_dir.as_deref()).await
+            let (_, config) = setup::load_config(config.as_deref())?;
+            crate::serve::run(config, g.fleet()?, g.connect().await?, state_dir.as_deref()).await?;
+            Ok(())
         }
         Command::Config {
             command: ConfigCommand::Check { file, json },
         } => {
+            let file = setup::config_path(file.as_deref());
             let loaded = crate::config::Config::load(&file);
+            let warnings = loaded.as_ref().map_or_else(
+                |_| Vec::new(),
+                |c| crate::fleetops::config_warnings(c, g.fleet.as_deref()),
+            );
             if json {
                 let doc = match &loaded {
-                    Ok(c) => serde_json::json!({"ok": true, "plans": c.plan.len(), "issues": []}),
+                    Ok(c) => serde_json::json!({
+                        "ok": true,
+                        "plans": c.plan.len(),
+                        "issues": [],
+                        "warnings": warnings.iter().map(|i| serde_json::json!({"line": i.line, "message": i.message})).collect::<Vec<_>>(),
+                    }),
                     Err(crate::config::ConfigError::Invalid { issues, .. }) => serde_json::json!({
                         "ok": false,
                         "issues": issues.iter().map(|i| serde_json::json!({"line": i.line, "message": i.message})).collect::<Vec<_>>(),
+                        "warnings": [],
                     }),
                     Err(e) => {
-                        serde_json::json!({"ok": false, "issues": [{"line": null, "message": e.to_string()}]})
+                        serde_json::json!({"ok": false, "issues": [{"line": null, "message": e.to_string()}], "warnings": []})
                     }
                 };
                 outln!("{doc}");
             }
             let config = loaded.map_err(|e| CliError::Usage(e.to_string()))?;
             if !json {
+                for w in &warnings {
+                    eprintln!("warning: {w}");
+                }
                 outln!(
                     "{}: ok ({} plan(s), {} notification route(s){})",
                     file.display(),
@@ -460,12 +557,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             json,
         } => {
             if all || plan.is_some() {
-                let cfg = crate::config::Config::load(&config)
-                    .map_err(|e| CliError::Usage(e.to_string()))?;
+                let (config, cfg) = setup::load_config(config.as_deref())?;
                 let chosen: Vec<&crate::config::Plan> = cfg
                     .plan
                     .iter()
-                    .filter(|p| all || Some(p.name.get_ref()) == plan.as_ref())
+                    .filter(|p| all || Some(&p.name) == plan.as_ref())
                     .collect();
                 if chosen.is_empty() {
                     return Err(CliError::Usage(format!(
@@ -474,11 +570,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                         config.display()
                     )));
                 }
-                let mut first_err = None;
+                let mut failed = Vec::new();
                 for p in chosen {
-                    let (Some(to), hosts) = (p.storage(), p.host_names()) else {
-                        continue;
-                    };
+                    let (to, hosts) = (p.to.clone(), p.host_names());
                     if let Err(e) = backup::run(
                         g,
                         &hosts,
@@ -490,11 +584,18 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     )
                     .await
                     {
-                        eprintln!("flotilla: plan {}: {e}", p.name.get_ref());
-                        first_err.get_or_insert(e);
+                        failed.push(CliError::Plan {
+                            plan: p.name.to_string(),
+                            source: Box::new(e),
+                        });
                     }
                 }
-                return first_err.map_or(Ok(()), Err);
+                // Each failure once: all but the last here, the last by `main`.
+                let last = failed.pop();
+                for e in &failed {
+                    report(e, json);
+                }
+                return last.map_or(Ok(()), Err);
             }
             let to = to.ok_or_else(|| CliError::Usage("--to STORAGE is required".into()))?;
             backup::run(g, &hosts, paths, &to, excludes, wait, json).await
@@ -505,9 +606,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Ls {
             snapshot,
             path,
+            recursive,
             to,
             json,
-        } => snapshots::ls(g, &snapshot, path.as_deref(), to.as_ref(), json).await,
+        } => snapshots::ls(g, &snapshot, path.as_deref(), recursive, to.as_ref(), json).await,
         Command::Restore {
             snapshot,
             to,
@@ -548,21 +650,16 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             };
             match plan {
                 Some(name) => {
-                    let cfg = crate::config::Config::load(&config)
-                        .map_err(|e| CliError::Usage(e.to_string()))?;
-                    let p = cfg
-                        .plan
-                        .iter()
-                        .find(|p| p.name.get_ref() == &name)
-                        .ok_or_else(|| {
-                            CliError::Usage(format!("no plan {name:?} in {}", config.display()))
-                        })?;
+                    let (config, cfg) = setup::load_config(config.as_deref())?;
+                    let p = cfg.plan.iter().find(|p| p.name == name).ok_or_else(|| {
+                        CliError::Usage(format!("no plan {name:?} in {}", config.display()))
+                    })?;
                     let policy = if flags.is_empty() {
                         p.keep.clone()
                     } else {
                         flags
                     };
-                    let storage = p.storage();
+                    let storage = Some(p.to.clone());
                     for h in p.host_names() {
                         forget::forget(
                             g,
@@ -592,5 +689,96 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .map_err(|e| CliError::Usage(format!("--grace {grace:?}: {e}")))?;
             forget::run_prune(g, &storage, dry_run, grace, json).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("flotilla").chain(args.iter().copied()))
+    }
+
+    /// `enroll --help` describes exactly the names `HostName` accepts.
+    #[test]
+    fn enroll_help_matches_the_host_name_rule() {
+        let cmd = Cli::command();
+        let enroll = cmd.find_subcommand("enroll").expect("enroll exists");
+        let host = enroll
+            .get_arguments()
+            .find(|a| a.get_id() == "host")
+            .expect("a host argument");
+        let help = host.get_help().expect("help").to_string();
+        assert_eq!(help, HOST_NAME_HELP);
+        // Each claim of the help, checked against the validation.
+        for ok in ["a", "web-1", "nas2", &"a".repeat(63)] {
+            assert!(HostName::new(ok).is_ok(), "{ok} is refused");
+            assert!(parse(&["enroll", ok, "--out", "x"]).is_ok(), "{ok}");
+        }
+        for bad in [
+            "web_1",
+            "a.b",
+            "Web",
+            "1web",
+            "-web",
+            "web-",
+            "",
+            &"a".repeat(64),
+        ] {
+            assert!(HostName::new(bad).is_err(), "{bad} is accepted");
+            assert!(parse(&["enroll", bad, "--out", "x"]).is_err(), "{bad}");
+        }
+        assert!(help.contains("no '_'"), "{help}");
+    }
+
+    #[test]
+    fn global_flags_parse_anywhere() {
+        let cli = parse(&["hosts", "--utc", "-vv"]).expect("parse");
+        assert!(cli.global.utc);
+        assert_eq!(cli.global.verbose, 2);
+        assert_eq!(cli.global.log_filter(Some("info")), "debug");
+        let cli = parse(&["-q", "snapshots"]).expect("parse");
+        assert!(cli.global.quiet);
+        assert_eq!(cli.global.log_filter(None), "error");
+        assert!(parse(&["-q", "-v", "hosts"]).is_err(), "-q and -v conflict");
+    }
+
+    #[test]
+    fn json_is_known_for_error_reporting() {
+        assert!(parse(&["hosts", "--json"]).expect("parse").command.json());
+        assert!(!parse(&["hosts"]).expect("parse").command.json());
+        assert!(parse(&["config", "check", "x.toml", "--json"])
+            .expect("parse")
+            .command
+            .json());
+        assert!(!parse(&["man"]).expect("parse").command.json());
+    }
+
+    #[test]
+    fn ls_takes_recursive_and_config_paths_are_optional() {
+        let cli = parse(&["ls", "abc", "-r"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Ls {
+                recursive: true,
+                path: None,
+                ..
+            }
+        ));
+        let cli = parse(&["ls", "abc", "/srv", "--recursive"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Ls {
+                recursive: true,
+                path: Some(_),
+                ..
+            }
+        ));
+        let cli = parse(&["completions", "bash"]).expect("parse");
+        assert!(matches!(cli.command, Command::Completions { .. }));
+        assert!(parse(&["completions", "tcsh"]).is_err());
     }
 }

@@ -1,74 +1,76 @@
 //! `flotilla.toml`: plans, notifications, metrics and daemon settings.
 //!
+//! The file is parsed **once**, at load: cron expressions, durations, host
+//! names, globs and addresses become typed values, and every mistake is
+//! reported with its line (what `flotilla config check` prints). Nothing
+//! downstream parses text again or falls back to a default on a bad value.
+//!
 //! Parsing refuses unknown keys (a typo must not silently disable a backup),
-//! and [`Config::load`] checks every value and reports the exact line of each
-//! mistake, which is what `flotilla config check` prints.
+//! and also what would otherwise fail only at run time: exclude globs the
+//! agents cannot compile, relative paths, event kinds that no event has, notify
+//! routes for plans that do not exist, schedules that never fire.
+//! [`Config::unenrolled`] adds warnings for hosts the fleet never enrolled.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::Path;
+use std::time::Duration;
 
-use chrono::Duration;
-use flotilla_protocol::HostName;
+use flotilla_protocol::{EventBody, HostName};
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::retention::KeepPolicy;
-use crate::scheduler::Cron;
+use crate::scheduler::{jitter_for, Cron};
 
-/// The whole file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The whole file, checked and parsed.
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     /// Backup plans.
-    #[serde(default)]
     pub plan: Vec<Plan>,
     /// Notification routes.
-    #[serde(default)]
     pub notify: Vec<Notify>,
     /// Prometheus endpoint.
     pub metrics: Option<Metrics>,
     /// Daemon tuning.
-    #[serde(default)]
     pub serve: ServeSettings,
 }
 
 /// One backup plan.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct Plan {
-    /// Unique name.
-    pub name: Spanned<String>,
-    /// Hosts it backs up.
-    pub hosts: Spanned<Vec<String>>,
-    /// Paths on each host (empty: all its backup roots).
-    #[serde(default)]
+    /// Unique name (letters, digits, `-`, `_`).
+    pub name: String,
+    /// Hosts it backs up (at least one).
+    pub hosts: Vec<HostName>,
+    /// Absolute paths on each host (empty: all its backup roots).
     pub paths: Vec<String>,
-    /// Glob patterns to leave out.
-    #[serde(default)]
+    /// Glob patterns to leave out, each one the agents' glob syntax accepts.
     pub exclude: Vec<String>,
     /// Storage host.
-    pub to: Spanned<String>,
-    /// Cron expression in the coordinator's local time; none: by hand only.
-    pub schedule: Option<Spanned<String>>,
-    /// Spread start times up to this much (e.g. `"10m"`).
-    pub jitter: Option<Spanned<String>>,
-    /// Retention.
-    #[serde(default)]
+    pub to: HostName,
+    /// Backup schedule in the coordinator's local time; none: by hand only.
+    pub schedule: Option<Cron>,
+    /// Largest start delay (`jitter = "10m"`); zero when not set.
+    pub jitter: chrono::Duration,
+    /// Retention applied after each successful backup.
     pub keep: KeepPolicy,
-    /// Alert when a host has no successful backup for this long (e.g. `"26h"`).
-    pub rpo: Option<Spanned<String>>,
-    /// Cron for a structural `check` of the storage.
-    pub check: Option<Spanned<String>>,
-    /// Cron for a `check --read-data` of the storage.
-    pub check_read_data: Option<Spanned<String>>,
-    /// Cron for a `prune` of the storage (forget runs after every backup).
-    pub prune: Option<Spanned<String>>,
+    /// Alert when a host has no successful backup for this long.
+    pub rpo: Option<Duration>,
+    /// Schedule of a structural `check` of the storage.
+    pub check: Option<Cron>,
+    /// Schedule of a `check --read-data` of the storage.
+    pub check_read_data: Option<Cron>,
+    /// Schedule of a `prune` of the storage (forget runs after every backup).
+    pub prune: Option<Cron>,
+    /// Lines of `hosts` entries and of `to`, for warnings found later.
+    host_lines: Vec<usize>,
+    to_line: usize,
 }
 
 /// Where events go.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default)]
 pub struct Notify {
     /// Event kinds (`job.failed`, `agent.offline`, …); `*` for all.
     pub events: Vec<String>,
@@ -80,34 +82,31 @@ pub struct Notify {
     /// (`{plan}` in the URL is replaced by the plan name).
     pub healthchecks: Option<String>,
     /// Only events of these plans (default: all).
-    #[serde(default)]
     pub plans: Vec<String>,
 }
 
 /// The Prometheus endpoint.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Metrics {
-    /// `ADDR:PORT` to serve `/metrics` on.
-    pub listen: String,
+    /// Where `/metrics` is served.
+    pub listen: SocketAddr,
 }
 
 /// Daemon tuning.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServeSettings {
-    /// Backups running at once per storage host.
+    /// Jobs running at once per storage host (at least 1).
     pub max_per_storage: usize,
-    /// Attempts for a job that fails with a retryable error.
+    /// Attempts for a job that fails with a retryable error (at least 1).
     pub retries: u32,
-    /// First retry delay; doubles each time (e.g. `"30s"`).
-    pub retry_backoff: String,
+    /// First retry delay; doubles each time.
+    pub retry_backoff: Duration,
     /// Free space below this fraction of a storage root raises `storage.low_space`.
     pub low_space_ratio: f64,
-    /// How often the watchdog looks at the fleet (e.g. `"5s"`).
-    pub tick: String,
+    /// How often the daemon renews its lease, schedules and watches the fleet.
+    pub tick: Duration,
     /// Unreferenced data younger than this survives a scheduled prune.
-    pub prune_grace: String,
+    pub prune_grace: Duration,
 }
 
 impl Default for ServeSettings {
@@ -115,11 +114,26 @@ impl Default for ServeSettings {
         Self {
             max_per_storage: 2,
             retries: 3,
-            retry_backoff: "30s".into(),
+            retry_backoff: Duration::from_secs(30),
             low_space_ratio: 0.05,
-            tick: "5s".into(),
-            prune_grace: "1h".into(),
+            tick: Duration::from_secs(5),
+            prune_grace: Duration::from_secs(3600),
         }
+    }
+}
+
+/// The tick must stay well under the lease's 15 s lifetime: it renews it.
+const MAX_TICK: Duration = Duration::from_secs(10);
+
+impl Plan {
+    /// The plan's hosts.
+    pub fn host_names(&self) -> Vec<HostName> {
+        self.hosts.clone()
+    }
+
+    /// This plan's deterministic start delay, within [`Plan::jitter`].
+    pub fn jitter_shift(&self) -> chrono::Duration {
+        jitter_for(&self.name, self.jitter)
     }
 }
 
@@ -162,15 +176,316 @@ pub enum ConfigError {
     },
 }
 
+// ---- the file as written ----------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    plan: Vec<RawPlan>,
+    #[serde(default)]
+    notify: Vec<RawNotify>,
+    metrics: Option<RawMetrics>,
+    #[serde(default)]
+    serve: RawServe,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    name: Spanned<String>,
+    hosts: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    paths: Vec<Spanned<String>>,
+    #[serde(default)]
+    exclude: Vec<Spanned<String>>,
+    to: Spanned<String>,
+    schedule: Option<Spanned<String>>,
+    jitter: Option<Spanned<String>>,
+    keep: Option<Spanned<KeepPolicy>>,
+    rpo: Option<Spanned<String>>,
+    check: Option<Spanned<String>>,
+    check_read_data: Option<Spanned<String>>,
+    prune: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    events: Spanned<Vec<Spanned<String>>>,
+    webhook: Option<Spanned<String>>,
+    ntfy: Option<Spanned<String>>,
+    healthchecks: Option<Spanned<String>>,
+    #[serde(default)]
+    plans: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Spanned<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServe {
+    max_per_storage: Option<Spanned<usize>>,
+    retries: Option<Spanned<u32>>,
+    retry_backoff: Option<Spanned<String>>,
+    low_space_ratio: Option<Spanned<f64>>,
+    tick: Option<Spanned<String>>,
+    prune_grace: Option<Spanned<String>>,
+}
+
 fn line_of(text: &str, span: Range<usize>) -> usize {
     text[..span.start.min(text.len())].matches('\n').count() + 1
 }
 
-/// Parses a human duration.
+/// Parses a human duration (`"26h"`, `"10m"`, `"1h 30m"`).
 pub fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. \"26h\" or \"10m\""))
-        .and_then(|d| Duration::from_std(d).map_err(|e| e.to_string()))
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. \"26h\" or \"10m\""))?;
+    // Durations meet chrono's arithmetic (schedules, retention): it must fit.
+    chrono::Duration::from_std(d).map_err(|_| format!("{s:?} is too long"))?;
+    Ok(d)
+}
+
+/// Collects mistakes with their lines while the raw file is turned into a
+/// [`Config`].
+struct Checker<'t> {
+    text: &'t str,
+    issues: Vec<ConfigIssue>,
+}
+
+impl Checker<'_> {
+    fn line(&self, span: Range<usize>) -> usize {
+        line_of(self.text, span)
+    }
+
+    fn issue(&mut self, span: Range<usize>, message: String) {
+        let line = Some(self.line(span));
+        self.issues.push(ConfigIssue { line, message });
+    }
+
+    fn cron(&mut self, what: &str, c: Option<&Spanned<String>>) -> Option<Cron> {
+        let c = c?;
+        match Cron::parse(c.get_ref()) {
+            // A schedule like `0 0 30 2 *` parses but never fires: a plan
+            // that would silently never run.
+            Ok(cron) if cron.next_after(&chrono::Utc::now()).is_none() => {
+                self.issue(c.span(), format!("{what}: {:?} never fires", c.get_ref()));
+                None
+            }
+            Ok(cron) => Some(cron),
+            Err(e) => {
+                self.issue(c.span(), format!("{what}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, what: &str, d: Option<&Spanned<String>>) -> Option<Duration> {
+        let d = d?;
+        duration(d.get_ref())
+            .map_err(|e| self.issue(d.span(), format!("{what}: {e}")))
+            .ok()
+    }
+
+    fn host(&mut self, what: &str, h: &Spanned<String>) -> Option<HostName> {
+        HostName::new(h.get_ref().clone())
+            .map_err(|e| self.issue(h.span(), format!("{what}: {e}")))
+            .ok()
+    }
+
+    fn url(&mut self, what: &str, url: Option<&Spanned<String>>) -> Option<String> {
+        let url = url?;
+        let u = url.get_ref();
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            self.issue(url.span(), format!("{what}: {u:?} is not an http(s) URL"));
+        }
+        Some(u.clone())
+    }
+
+    fn plan(&mut self, raw: &RawPlan, names: &mut HashSet<String>) -> Option<Plan> {
+        let before = self.issues.len();
+        let name = raw.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            self.issue(
+                raw.name.span(),
+                format!("plan name {name:?}: use letters, digits, '-' and '_'"),
+            );
+        }
+        if !names.insert(name.clone()) {
+            self.issue(raw.name.span(), format!("plan name {name:?} is used twice"));
+        }
+        if raw.hosts.get_ref().is_empty() {
+            self.issue(raw.hosts.span(), format!("plan {name}: hosts is empty"));
+        }
+        let mut hosts = Vec::new();
+        let mut host_lines = Vec::new();
+        for h in raw.hosts.get_ref() {
+            if let Some(host) = self.host(&format!("plan {name}: hosts"), h) {
+                hosts.push(host);
+                host_lines.push(self.line(h.span()));
+            }
+        }
+        let to = self.host(&format!("plan {name}: to"), &raw.to);
+        for p in &raw.paths {
+            if !Path::new(p.get_ref()).is_absolute() {
+                self.issue(
+                    p.span(),
+                    format!(
+                        "plan {name}: paths: {:?} is relative; write the absolute path",
+                        p.get_ref()
+                    ),
+                );
+            }
+        }
+        for g in &raw.exclude {
+            // The agents compile excludes with globset: the same check here
+            // refuses what they would refuse at the first backup.
+            if let Err(e) = globset::Glob::new(g.get_ref()) {
+                self.issue(
+                    g.span(),
+                    format!("plan {name}: exclude: {:?} is not a glob: {e}", g.get_ref()),
+                );
+            }
+        }
+        let schedule = self.cron(&format!("plan {name}: schedule"), raw.schedule.as_ref());
+        let check = self.cron(&format!("plan {name}: check"), raw.check.as_ref());
+        let check_read_data = self.cron(
+            &format!("plan {name}: check_read_data"),
+            raw.check_read_data.as_ref(),
+        );
+        let prune = self.cron(&format!("plan {name}: prune"), raw.prune.as_ref());
+        let jitter = self.duration(&format!("plan {name}: jitter"), raw.jitter.as_ref());
+        let rpo = self.duration(&format!("plan {name}: rpo"), raw.rpo.as_ref());
+        if let Some(keep) = &raw.keep {
+            if let Err(e) = keep.get_ref().within() {
+                self.issue(keep.span(), format!("plan {name}: keep: {e}"));
+            }
+        }
+        if self.issues.len() > before {
+            return None;
+        }
+        Some(Plan {
+            name,
+            hosts,
+            paths: raw.paths.iter().map(|p| p.get_ref().clone()).collect(),
+            exclude: raw.exclude.iter().map(|g| g.get_ref().clone()).collect(),
+            to: to?,
+            schedule,
+            jitter: jitter
+                .and_then(|j| chrono::Duration::from_std(j).ok())
+                .unwrap_or_else(chrono::Duration::zero),
+            keep: raw
+                .keep
+                .as_ref()
+                .map(|k| k.get_ref().clone())
+                .unwrap_or_default(),
+            rpo,
+            check,
+            check_read_data,
+            prune,
+            host_lines,
+            to_line: self.line(raw.to.span()),
+        })
+    }
+
+    fn notify(&mut self, n: usize, raw: &RawNotify, plans: &HashSet<String>) -> Notify {
+        let what = format!("notify #{n}");
+        if raw.webhook.is_none() && raw.ntfy.is_none() && raw.healthchecks.is_none() {
+            self.issue(
+                raw.events.span(),
+                format!("{what}: give webhook, ntfy or healthchecks"),
+            );
+        }
+        for k in raw.events.get_ref() {
+            let kind = k.get_ref().as_str();
+            if kind != "*" && !EventBody::KINDS.contains(&kind) {
+                self.issue(
+                    k.span(),
+                    format!(
+                        "{what}: events: no event is called {kind:?} (use \"*\" or one of {})",
+                        EventBody::KINDS.join(", ")
+                    ),
+                );
+            }
+        }
+        for p in &raw.plans {
+            if !plans.contains(p.get_ref()) {
+                self.issue(
+                    p.span(),
+                    format!("{what}: plans: no plan is called {:?}", p.get_ref()),
+                );
+            }
+        }
+        Notify {
+            events: raw
+                .events
+                .get_ref()
+                .iter()
+                .map(|k| k.get_ref().clone())
+                .collect(),
+            webhook: self.url(&format!("{what}: webhook"), raw.webhook.as_ref()),
+            ntfy: self.url(&format!("{what}: ntfy"), raw.ntfy.as_ref()),
+            healthchecks: self.url(&format!("{what}: healthchecks"), raw.healthchecks.as_ref()),
+            plans: raw.plans.iter().map(|p| p.get_ref().clone()).collect(),
+        }
+    }
+
+    fn serve(&mut self, raw: &RawServe) -> ServeSettings {
+        let mut s = ServeSettings::default();
+        if let Some(m) = &raw.max_per_storage {
+            if *m.get_ref() == 0 {
+                self.issue(m.span(), "serve.max_per_storage must be at least 1".into());
+            }
+            s.max_per_storage = *m.get_ref();
+        }
+        if let Some(r) = &raw.retries {
+            if *r.get_ref() == 0 {
+                self.issue(
+                    r.span(),
+                    "serve.retries counts attempts: at least 1 (1 = no retry)".into(),
+                );
+            }
+            s.retries = *r.get_ref();
+        }
+        if let Some(r) = &raw.low_space_ratio {
+            let v = *r.get_ref();
+            if !(0.0..=1.0).contains(&v) {
+                self.issue(
+                    r.span(),
+                    format!("serve.low_space_ratio {v} must be between 0 and 1"),
+                );
+            }
+            s.low_space_ratio = v;
+        }
+        if let Some(d) = self.duration("serve.retry_backoff", raw.retry_backoff.as_ref()) {
+            s.retry_backoff = d;
+        }
+        if let Some(d) = self.duration("serve.prune_grace", raw.prune_grace.as_ref()) {
+            s.prune_grace = d;
+        }
+        if let (Some(d), Some(raw)) = (
+            self.duration("serve.tick", raw.tick.as_ref()),
+            raw.tick.as_ref(),
+        ) {
+            if d.is_zero() || d >= MAX_TICK {
+                self.issue(
+                    raw.span(),
+                    "serve.tick must be above 0 and under 10s: the daemon renews its 15 s lease every tick"
+                        .into(),
+                );
+            }
+            s.tick = d;
+        }
+        s
+    }
 }
 
 impl Config {
@@ -187,144 +502,81 @@ impl Config {
         })
     }
 
-    /// Parses and checks config text.
+    /// Parses and checks config text; every mistake is returned, each with
+    /// its line.
     pub fn parse(text: &str) -> Result<Config, Vec<ConfigIssue>> {
-        let config: Config = toml::from_str(text).map_err(|e| {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
             vec![ConfigIssue {
                 line: e.span().map(|s| line_of(text, s)),
                 message: e.message().to_owned(),
             }]
         })?;
-        let mut issues = Vec::new();
-        let mut issue = |span: Range<usize>, message: String| {
-            issues.push(ConfigIssue {
-                line: Some(line_of(text, span)),
-                message,
-            })
+        let mut c = Checker {
+            text,
+            issues: Vec::new(),
         };
         let mut names = HashSet::new();
-        for plan in &config.plan {
-            let name = plan.name.get_ref();
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                issue(
-                    plan.name.span(),
-                    format!("plan name {name:?}: use letters, digits, '-' and '_'"),
-                );
-            }
-            if !names.insert(name.clone()) {
-                issue(
-                    plan.name.span(),
-                    format!("plan name {name:?} is used twice"),
-                );
-            }
-            if plan.hosts.get_ref().is_empty() {
-                issue(plan.hosts.span(), format!("plan {name}: hosts is empty"));
-            }
-            for h in plan.hosts.get_ref() {
-                if let Err(e) = HostName::new(h.clone()) {
-                    issue(plan.hosts.span(), format!("plan {name}: {e}"));
-                }
-            }
-            if let Err(e) = HostName::new(plan.to.get_ref().clone()) {
-                issue(plan.to.span(), format!("plan {name}: to: {e}"));
-            }
-            for (what, cron) in [
-                ("schedule", &plan.schedule),
-                ("check", &plan.check),
-                ("check_read_data", &plan.check_read_data),
-                ("prune", &plan.prune),
-            ] {
-                if let Some(c) = cron {
-                    if let Err(e) = Cron::parse(c.get_ref()) {
-                        issue(c.span(), format!("plan {name}: {what}: {e}"));
-                    }
-                }
-            }
-            for (what, d) in [("jitter", &plan.jitter), ("rpo", &plan.rpo)] {
-                if let Some(d) = d {
-                    if let Err(e) = duration(d.get_ref()) {
-                        issue(d.span(), format!("plan {name}: {what}: {e}"));
-                    }
-                }
-            }
-            if let Err(e) = plan.keep.within() {
-                issue(plan.name.span(), format!("plan {name}: keep: {e}"));
-            }
+        let plan: Vec<Plan> = raw
+            .plan
+            .iter()
+            .filter_map(|p| c.plan(p, &mut names))
+            .collect();
+        let notify = raw
+            .notify
+            .iter()
+            .enumerate()
+            .map(|(i, n)| c.notify(i + 1, n, &names))
+            .collect();
+        let metrics = raw.metrics.as_ref().and_then(|m| {
+            m.listen
+                .get_ref()
+                .parse::<SocketAddr>()
+                .map_err(|_| {
+                    c.issue(
+                        m.listen.span(),
+                        format!("metrics.listen {:?} is not ADDR:PORT", m.listen.get_ref()),
+                    )
+                })
+                .ok()
+                .map(|listen| Metrics { listen })
+        });
+        let serve = c.serve(&raw.serve);
+        if !c.issues.is_empty() {
+            return Err(c.issues);
         }
-        for (i, n) in config.notify.iter().enumerate() {
-            if n.webhook.is_none() && n.ntfy.is_none() && n.healthchecks.is_none() {
-                issues.push(ConfigIssue {
-                    line: None,
-                    message: format!("notify #{}: give webhook, ntfy or healthchecks", i + 1),
-                });
-            }
-            for url in [&n.webhook, &n.ntfy, &n.healthchecks].into_iter().flatten() {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    issues.push(ConfigIssue {
-                        line: None,
-                        message: format!("notify #{}: {url:?} is not an http(s) URL", i + 1),
+        Ok(Config {
+            plan,
+            notify,
+            metrics,
+            serve,
+        })
+    }
+
+    /// Warnings for hosts of the plans (sources and storage) that `enrolled`
+    /// says the fleet never enrolled: a plan for them waits forever.
+    pub fn unenrolled(&self, enrolled: impl Fn(&HostName) -> bool) -> Vec<ConfigIssue> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for plan in &self.plan {
+            let named = plan
+                .hosts
+                .iter()
+                .zip(&plan.host_lines)
+                .chain([(&plan.to, &plan.to_line)]);
+            for (host, line) in named {
+                if !enrolled(host) && seen.insert((host.clone(), *line)) {
+                    out.push(ConfigIssue {
+                        line: Some(*line),
+                        message: format!(
+                            "plan {}: host {host} was never enrolled in this fleet \
+                             (`flotilla enroll {host}`)",
+                            plan.name
+                        ),
                     });
                 }
             }
         }
-        if let Some(m) = &config.metrics {
-            if m.listen.parse::<std::net::SocketAddr>().is_err() {
-                issues.push(ConfigIssue {
-                    line: None,
-                    message: format!("metrics.listen {:?} is not ADDR:PORT", m.listen),
-                });
-            }
-        }
-        for (what, d) in [
-            ("serve.retry_backoff", &config.serve.retry_backoff),
-            ("serve.tick", &config.serve.tick),
-            ("serve.prune_grace", &config.serve.prune_grace),
-        ] {
-            if let Err(e) = duration(d) {
-                issues.push(ConfigIssue {
-                    line: None,
-                    message: format!("{what}: {e}"),
-                });
-            }
-        }
-        if duration(&config.serve.tick).is_ok_and(|t| t >= Duration::seconds(10)) {
-            issues.push(ConfigIssue {
-                line: None,
-                message:
-                    "serve.tick must be under 10s: the daemon renews its 15 s lease every tick"
-                        .into(),
-            });
-        }
-        if issues.is_empty() {
-            Ok(config)
-        } else {
-            Err(issues)
-        }
-    }
-}
-
-impl Plan {
-    /// The plan's hosts, validated by [`Config::parse`].
-    pub fn host_names(&self) -> Vec<HostName> {
-        self.hosts
-            .get_ref()
-            .iter()
-            .filter_map(|h| HostName::new(h.clone()).ok())
-            .collect()
-    }
-
-    /// The storage host, validated by [`Config::parse`].
-    pub fn storage(&self) -> Option<HostName> {
-        HostName::new(self.to.get_ref().clone()).ok()
-    }
-
-    /// The recovery-point objective.
-    pub fn rpo(&self) -> Option<Duration> {
-        self.rpo.as_ref().and_then(|d| duration(d.get_ref()).ok())
+        out
     }
 }
 
@@ -351,27 +603,130 @@ webhook = "https://example.invalid/hook"
 listen = "127.0.0.1:9464"
 "#;
 
+    /// The line and message of the single issue `text` has.
+    fn only_issue(text: &str) -> ConfigIssue {
+        let issues = Config::parse(text).expect_err("refused");
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        issues[0].clone()
+    }
+
     #[test]
-    fn the_documented_shape_parses() {
+    fn the_documented_shape_parses_into_typed_values() {
         let c = Config::parse(GOOD).expect("valid");
-        assert_eq!(c.plan[0].name.get_ref(), "home");
-        assert_eq!(c.plan[0].keep.daily, Some(7));
-        assert_eq!(c.plan[0].rpo(), Some(Duration::hours(26)));
+        let plan = &c.plan[0];
+        assert_eq!(plan.name, "home");
+        assert_eq!(plan.keep.daily, Some(7));
+        assert_eq!(plan.rpo, Some(Duration::from_secs(26 * 3600)));
+        assert_eq!(plan.to.as_str(), "nas");
+        assert_eq!(plan.schedule.as_ref().map(Cron::as_str), Some("0 3 * * *"));
+        assert_eq!(plan.jitter, chrono::Duration::zero());
+        assert_eq!(
+            c.metrics.map(|m| m.listen.port()),
+            Some(9464),
+            "metrics address parsed"
+        );
+        assert_eq!(c.serve, ServeSettings::default());
+    }
+
+    #[test]
+    fn serve_settings_are_parsed_once() {
+        let c = Config::parse(
+            "[serve]\ntick = \"1s\"\nretry_backoff = \"2m\"\nprune_grace = \"1d\"\nretries = 5\n",
+        )
+        .expect("valid");
+        assert_eq!(c.serve.tick, Duration::from_secs(1));
+        assert_eq!(c.serve.retry_backoff, Duration::from_secs(120));
+        assert_eq!(c.serve.prune_grace, Duration::from_secs(86_400));
+        assert_eq!(c.serve.retries, 5);
+        let bad = only_issue("[serve]\nretries = 3\ntick = \"soon\"\n");
+        assert_eq!(bad.line, Some(3), "{bad:?}");
+        let slow = only_issue("[serve]\ntick = \"15s\"\n");
+        assert_eq!(slow.line, Some(2), "{slow:?}");
+        assert!(slow.message.contains("lease"), "{slow:?}");
+        let none = only_issue("\n[serve]\nmax_per_storage = 0\n");
+        assert_eq!(none.line, Some(3), "{none:?}");
     }
 
     #[test]
     fn mistakes_point_at_their_line() {
         let bad = GOOD.replace("0 3 * * *", "0 25 * * *");
-        let issues = Config::parse(&bad).expect_err("refused");
-        assert_eq!(issues[0].line, Some(8), "{issues:?}");
-        assert!(issues[0].message.contains("hour"), "{issues:?}");
+        let issue = only_issue(&bad);
+        assert_eq!(issue.line, Some(8), "{issue:?}");
+        assert!(issue.message.contains("hour"), "{issue:?}");
 
         let typo = GOOD.replace("exclude =", "exclud =");
         let issues = Config::parse(&typo).expect_err("refused");
         assert_eq!(issues[0].line, Some(6), "{issues:?}");
 
         let bad_rpo = GOOD.replace("\"26h\"", "\"soon\"");
-        let issues = Config::parse(&bad_rpo).expect_err("refused");
-        assert_eq!(issues[0].line, Some(10), "{issues:?}");
+        let issue = only_issue(&bad_rpo);
+        assert_eq!(issue.line, Some(10), "{issue:?}");
+    }
+
+    #[test]
+    fn a_bad_exclude_glob_is_refused_at_its_line() {
+        let bad = GOOD.replace("[\"**/.cache\"]", "[\"**/.cache\", \"a[b\"]");
+        let issue = only_issue(&bad);
+        assert_eq!(issue.line, Some(6), "{issue:?}");
+        assert!(issue.message.contains("\"a[b\""), "{issue:?}");
+    }
+
+    #[test]
+    fn a_relative_path_is_refused_at_its_line() {
+        let bad = GOOD.replace("[\"/home\", \"/etc\"]", "[\"/home\", \"etc\"]");
+        let issue = only_issue(&bad);
+        assert_eq!(issue.line, Some(5), "{issue:?}");
+        assert!(issue.message.contains("relative"), "{issue:?}");
+    }
+
+    #[test]
+    fn a_misspelt_event_kind_is_refused_at_its_line() {
+        let bad = GOOD.replace("\"job.failed\"", "\"job.fialed\"");
+        let issue = only_issue(&bad);
+        assert_eq!(issue.line, Some(13), "{issue:?}");
+        assert!(issue.message.contains("job.fialed"), "{issue:?}");
+        // `*` and every real kind are accepted.
+        let all = GOOD.replace("\"job.failed\"", "\"*\", \"agent.version_mismatch\"");
+        Config::parse(&all).expect("valid kinds");
+    }
+
+    #[test]
+    fn a_bad_cron_is_refused_at_its_line() {
+        let bad = format!(
+            "{GOOD}\n[[plan]]\nname = \"b\"\nhosts = [\"x\"]\nto = \"nas\"\nprune = \"0 0 * *\"\n"
+        );
+        let issue = only_issue(&bad);
+        assert_eq!(issue.line, Some(23), "{issue:?}");
+        assert!(issue.message.contains("5 fields"), "{issue:?}");
+        let never = bad.replace("0 0 * *", "0 0 30 2 *");
+        let issue = only_issue(&never);
+        assert_eq!(issue.line, Some(23), "{issue:?}");
+        assert!(issue.message.contains("never fires"), "{issue:?}");
+    }
+
+    #[test]
+    fn notify_urls_and_plans_are_checked_at_their_line() {
+        let bad = GOOD.replace("https://example.invalid/hook", "example.invalid/hook");
+        let issue = only_issue(&bad);
+        assert_eq!(issue.line, Some(14), "{issue:?}");
+        let unknown_plan = GOOD.replace("webhook = ", "plans = [\"hmoe\"]\nwebhook = ");
+        let issue = only_issue(&unknown_plan);
+        assert_eq!(issue.line, Some(14), "{issue:?}");
+        assert!(issue.message.contains("hmoe"), "{issue:?}");
+    }
+
+    #[test]
+    fn hosts_never_enrolled_are_warned_about_with_their_line() {
+        let c = Config::parse(GOOD).expect("valid");
+        let enrolled = |h: &HostName| h.as_str() == "laptop";
+        let warnings = c.unenrolled(enrolled);
+        let got: Vec<(Option<usize>, bool)> = warnings
+            .iter()
+            .map(|w| (w.line, w.message.contains("never enrolled")))
+            .collect();
+        assert_eq!(got, vec![(Some(4), true), (Some(7), true)], "{warnings:?}");
+        assert!(warnings[0].message.contains("desktop"), "{warnings:?}");
+        assert!(warnings[1].message.contains("nas"), "{warnings:?}");
+        assert!(c.unenrolled(|_| true).is_empty());
     }
 }

@@ -1,4 +1,10 @@
 //! The coordinator's errors, each with the exit code it maps to.
+//!
+//! Each error's `Display` is the whole message a person reads: one line (a
+//! config file's list of mistakes aside) saying what happened, to what, and
+//! what to do. `main` prints it once as `flotilla: MESSAGE`; whether trying
+//! again may help ([`CliError::is_retryable`]) goes only to `--json` output
+//! ([`CliError::to_json`]) and to the log, never into the sentence.
 
 use std::path::PathBuf;
 
@@ -39,7 +45,7 @@ pub enum CliError {
         why: String,
     },
     /// A NATS or JetStream request failed after connecting.
-    #[error("{what}: {why}")]
+    #[error("cannot {what}: {why}")]
     Request {
         /// What was attempted.
         what: String,
@@ -49,12 +55,13 @@ pub enum CliError {
     /// The host has never been seen.
     #[error("host {0} is unknown: it has never connected (enroll it with `flotilla enroll {0}` and start its agent)")]
     HostUnknown(String),
-    /// The host is offline and did not answer in time.
-    #[error("host {host} is offline and did not run task {task_id} within {waited_secs} s; the task stays queued and runs when the host returns")]
+    /// The host is offline: it did not run a queued task in time, or (with
+    /// `waited_secs` 0 and no task) it is needed online right now.
+    #[error("{}", offline_message(host, task_id, *waited_secs))]
     HostOffline {
         /// Host.
         host: String,
-        /// Queued task.
+        /// Queued task (`-` when none was sent).
         task_id: String,
         /// How long we waited.
         waited_secs: u64,
@@ -82,7 +89,7 @@ pub enum CliError {
         detail: String,
     },
     /// The task ran and failed.
-    #[error("task {task_id} failed on {host}: {error}")]
+    #[error("task {task_id} failed on {host}: {}", reason_or_events(error, host))]
     TaskFailed {
         /// Host.
         host: String,
@@ -90,6 +97,27 @@ pub enum CliError {
         task_id: String,
         /// Error.
         error: String,
+    },
+    /// Tasks failed on some of several hosts; each host's error was printed
+    /// with its result, so this only counts them.
+    #[error("{what} failed on {} ({} of {total} hosts; each host's error is shown above)", .failed.join(", "), .failed.len())]
+    HostsFailed {
+        /// What the tasks were (`backup`).
+        what: &'static str,
+        /// The hosts whose task failed.
+        failed: Vec<String>,
+        /// How many hosts were asked.
+        total: usize,
+        /// Exit code of the first failure.
+        code: u8,
+    },
+    /// One plan of several (`backup --all`) failed.
+    #[error("plan {plan}: {source}")]
+    Plan {
+        /// The plan's name.
+        plan: String,
+        /// What went wrong.
+        source: Box<CliError>,
     },
     /// Stopped on request (Ctrl-C); nothing half-done was committed.
     #[error("cancelled; the agents stopped cleanly and nothing half-done was committed")]
@@ -100,8 +128,11 @@ pub enum CliError {
     /// Bad arguments that clap cannot check.
     #[error("{0}")]
     Usage(String),
-    /// Writing output failed.
-    #[error("cannot write {path}: {source}")]
+    /// `flotilla serve` could not start; it says why, and its exit code.
+    #[error(transparent)]
+    Serve(#[from] crate::serve::ServeError),
+    /// Reading or writing a file failed.
+    #[error("cannot use {path}: {source}")]
     Io {
         /// What.
         path: PathBuf,
@@ -120,18 +151,57 @@ impl CliError {
             CliError::Usage(_) => EXIT_USAGE,
             CliError::Partial => EXIT_PARTIAL,
             CliError::Cancelled => EXIT_CANCELLED,
+            CliError::HostsFailed { code, .. } => *code,
+            CliError::Plan { source, .. } => source.exit_code(),
+            CliError::Serve(e) => e.exit_code(),
             _ => EXIT_FAILURE,
         }
     }
 
+    /// The error for `--json` output: the same message, plus what a script
+    /// needs to decide (`exit_code`, `retryable`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "error",
+            "error": self.to_string(),
+            "exit_code": self.exit_code(),
+            "retryable": self.is_retryable(),
+        })
+    }
+
     /// Whether running the same command again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            CliError::Nats { .. }
-                | CliError::Request { .. }
-                | CliError::HostOffline { .. }
-                | CliError::Timeout { .. }
+        match self {
+            CliError::Plan { source, .. } => source.is_retryable(),
+            CliError::Serve(e) => e.is_retryable(),
+            _ => matches!(
+                self,
+                CliError::Nats { .. }
+                    | CliError::Request { .. }
+                    | CliError::HostOffline { .. }
+                    | CliError::Timeout { .. }
+            ),
+        }
+    }
+}
+
+/// A failure's reason, or where to look when the agent gave none.
+fn reason_or_events(error: &str, host: &str) -> String {
+    if error.trim().is_empty() {
+        format!("no reason given (see `flotilla events --host {host}`)")
+    } else {
+        error.to_owned()
+    }
+}
+
+fn offline_message(host: &str, task_id: &str, waited_secs: u64) -> String {
+    if waited_secs == 0 || task_id == "-" {
+        format!(
+            "host {host} is offline; start its agent and try again (`flotilla hosts` shows when it was last seen)"
+        )
+    } else {
+        format!(
+            "host {host} is offline and did not run task {task_id} within {waited_secs} s; the task stays queued and runs when the host returns"
         )
     }
 }
@@ -140,5 +210,136 @@ pub(crate) fn request_err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) ->
     move |e| CliError::Request {
         what: what.to_owned(),
         why: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io_error() -> CliError {
+        CliError::Io {
+            path: PathBuf::from("/fleet/repo.key"),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+        }
+    }
+
+    /// Every message is one line, says nothing about retrying, and names
+    /// what it is about once.
+    #[test]
+    fn each_error_reads_as_one_plain_line() {
+        let cases: Vec<(CliError, &str)> = vec![
+            (
+                CliError::Nats {
+                    url: "nats://127.0.0.1:4222".into(),
+                    why: "connection refused".into(),
+                },
+                "cannot reach NATS at nats://127.0.0.1:4222: connection refused; is nats-server running? (set --nats or FLOTILLA_NATS_URL)",
+            ),
+            (
+                CliError::Request {
+                    what: "read event stream".into(),
+                    why: "timed out".into(),
+                },
+                "cannot read event stream: timed out",
+            ),
+            (
+                CliError::HostOffline {
+                    host: "nas".into(),
+                    task_id: "-".into(),
+                    waited_secs: 0,
+                },
+                "host nas is offline; start its agent and try again (`flotilla hosts` shows when it was last seen)",
+            ),
+            (
+                CliError::HostOffline {
+                    host: "laptop".into(),
+                    task_id: "t1".into(),
+                    waited_secs: 30,
+                },
+                "host laptop is offline and did not run task t1 within 30 s; the task stays queued and runs when the host returns",
+            ),
+            (
+                CliError::TaskFailed {
+                    host: "laptop".into(),
+                    task_id: "t1".into(),
+                    error: "disk full".into(),
+                },
+                "task t1 failed on laptop: disk full",
+            ),
+            (
+                CliError::TaskFailed {
+                    host: "laptop".into(),
+                    task_id: "t1".into(),
+                    error: String::new(),
+                },
+                "task t1 failed on laptop: no reason given (see `flotilla events --host laptop`)",
+            ),
+            (
+                CliError::HostsFailed {
+                    what: "backup",
+                    failed: vec!["a".into(), "b".into()],
+                    total: 3,
+                    code: EXIT_TASK,
+                },
+                "backup failed on a, b (2 of 3 hosts; each host's error is shown above)",
+            ),
+            (
+                CliError::Plan {
+                    plan: "home".into(),
+                    source: Box::new(CliError::HostUnknown("nas".into())),
+                },
+                "plan home: host nas is unknown: it has never connected (enroll it with `flotilla enroll nas` and start its agent)",
+            ),
+            (
+                io_error(),
+                "cannot use /fleet/repo.key: no such file",
+            ),
+        ];
+        for (error, want) in cases {
+            let text = error.to_string();
+            assert_eq!(text, want);
+            assert!(!text.contains('\n'), "{text}");
+            assert!(!text.contains("retryable"), "{text}");
+        }
+    }
+
+    /// `main` prints `Display` alone; a source that is also in the message
+    /// must not be printed again by anything that walks the chain.
+    #[test]
+    fn the_source_text_appears_once_in_the_message() {
+        let e = io_error();
+        assert_eq!(e.to_string().matches("no such file").count(), 1);
+        let e = CliError::Plan {
+            plan: "home".into(),
+            source: Box::new(io_error()),
+        };
+        assert_eq!(e.to_string().matches("no such file").count(), 1);
+        assert_eq!(e.to_string().matches("repo.key").count(), 1);
+    }
+
+    #[test]
+    fn retryability_and_exit_code_go_to_json() {
+        let e = CliError::Plan {
+            plan: "home".into(),
+            source: Box::new(CliError::Timeout {
+                host: "laptop".into(),
+                task_id: "t1".into(),
+                waited_secs: 5,
+            }),
+        };
+        let v = e.to_json();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["retryable"], true);
+        assert_eq!(v["exit_code"], u64::from(EXIT_FAILURE));
+        assert_eq!(v["error"], e.to_string());
+        let failed = CliError::HostsFailed {
+            what: "backup",
+            failed: vec!["a".into()],
+            total: 2,
+            code: EXIT_HOST,
+        };
+        assert_eq!(failed.to_json()["exit_code"], u64::from(EXIT_HOST));
+        assert_eq!(failed.to_json()["retryable"], false);
     }
 }

@@ -33,6 +33,7 @@ pub mod config;
 mod dispatch;
 mod error;
 mod fleet;
+mod fleetops;
 mod nats;
 mod registry;
 pub mod retention;

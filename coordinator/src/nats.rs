@@ -37,8 +37,11 @@ impl HostRecord {
             return Some("shutdown");
         }
         // One extra second of slack for publication and clock granularity.
-        let deadline =
-            self.stored_at + self.heartbeat.interval_ms.saturating_mul(MISSED_HEARTBEATS) + 1000;
+        // The interval comes from the bus: any value must not overflow.
+        let deadline = self
+            .stored_at
+            .saturating_add(self.heartbeat.interval_ms.saturating_mul(MISSED_HEARTBEATS))
+            .saturating_add(1000);
         (now > deadline).then_some("missed_heartbeats")
     }
 }
@@ -151,7 +154,7 @@ async fn read_record(store: &kv::Store, key: &str) -> Result<Option<HostRecord>,
 
 /// When the server stored `entry` (server clock, unix ms).
 pub(crate) fn stored_at(entry: &kv::Entry) -> UnixMillis {
-    (entry.created.unix_timestamp_nanos() / 1_000_000).max(0) as u64
+    u64::try_from((entry.created.unix_timestamp_nanos() / 1_000_000).max(0)).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -192,5 +195,16 @@ mod tests {
             record(AgentState::Offline, 10_000).offline_reason(10_000),
             Some("shutdown")
         );
+    }
+
+    #[test]
+    fn huge_numbers_from_the_bus_saturate_instead_of_overflowing() {
+        let mut r = record(AgentState::Online, u64::MAX - 10);
+        r.heartbeat.interval_ms = u64::MAX;
+        assert_eq!(r.offline_reason(u64::MAX), None);
+        r.stored_at = 10_000;
+        assert_eq!(r.offline_reason(u64::MAX), None, "never silent long enough");
+        r.heartbeat.interval_ms = u64::MAX / 2;
+        assert_eq!(r.offline_reason(20_000), None);
     }
 }

@@ -3,7 +3,10 @@
 //! Snapshots are taken newest first. `last = n` keeps the n newest. For each
 //! of hourly, daily, weekly, monthly and yearly with count n, the newest
 //! snapshot of each of the n newest distinct periods that have one is kept.
-//! `within = "2d"` keeps everything newer than that. A snapshot is kept if any
+//! `within = "2d"` keeps every snapshot taken less than that before the
+//! group's newest snapshot (not before now: a fleet that stopped backing up a
+//! month ago keeps its last week of snapshots, as restic's `--keep-within`
+//! does, instead of losing them all). A snapshot is kept if any
 //! rule keeps it, and the reasons are reported. A policy with no rule keeps
 //! everything: forgetting all snapshots is never a default.
 
@@ -26,7 +29,8 @@ pub struct KeepPolicy {
     pub monthly: Option<u32>,
     /// … years.
     pub yearly: Option<u32>,
-    /// Everything newer than this duration (e.g. `"2d"`).
+    /// Everything taken less than this (e.g. `"2d"`) before the newest
+    /// snapshot of its group.
     pub within: Option<String>,
 }
 
@@ -65,15 +69,26 @@ impl KeepPolicy {
             .transpose()
     }
 
-    /// Applies the policy to `(id, time)` pairs; returns verdicts newest first.
+    /// Applies the policy to the `(id, time)` pairs of one group (same
+    /// storage, host and paths); returns verdicts newest first.
+    ///
+    /// `_now` is not used: every rule counts from the group's own snapshots
+    /// (`within` from the newest one), so the verdicts do not depend on when
+    /// the policy runs. It stays in the signature for the callers' sake.
     pub fn apply<Tz: TimeZone>(
         &self,
         snapshots: &[(String, DateTime<Tz>)],
-        now: &DateTime<Tz>,
+        _now: &DateTime<Tz>,
     ) -> Vec<Verdict> {
         let mut order: Vec<&(String, DateTime<Tz>)> = snapshots.iter().collect();
         order.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
-        let within = self.within().ok().flatten();
+        // restic: kept when taken after (newest - within).
+        let within_since = self
+            .within()
+            .ok()
+            .flatten()
+            .zip(order.first())
+            .map(|(d, (_, newest))| newest.clone() - d);
         let keep_all = self.is_empty();
         type Bucket<Tz> = fn(&DateTime<Tz>) -> i64;
         let rules: [(&'static str, Option<u32>, Bucket<Tz>); 5] = [
@@ -114,7 +129,7 @@ impl KeepPolicy {
                         reasons.push(*name);
                     }
                 }
-                if within.is_some_and(|d| time.clone() > now.clone() - d) {
+                if within_since.as_ref().is_some_and(|since| time > since) {
                     reasons.push("within");
                 }
                 if keep_all {
@@ -202,12 +217,22 @@ mod tests {
                 },
                 vec!["s119"],
             ),
+            // Counted back from the newest snapshot (s119, 2026-03-01T15:00),
+            // not from now: 1 day 12 h back is 2026-02-28T03:00, which s116
+            // equals and so misses.
             (
                 KeepPolicy {
                     within: Some("1day 12h".into()),
                     ..Default::default()
                 },
                 vec!["s117", "s118", "s119"],
+            ),
+            (
+                KeepPolicy {
+                    within: Some("2days".into()),
+                    ..Default::default()
+                },
+                vec!["s116", "s117", "s118", "s119"],
             ),
             (
                 KeepPolicy {
@@ -222,6 +247,44 @@ mod tests {
         for (policy, want) in cases {
             assert_eq!(kept(&policy), want, "{policy:?}");
         }
+    }
+
+    /// restic's semantics: a short window, on a group whose newest snapshot
+    /// is far older than the window, still keeps the newest snapshots.
+    /// Counting from now would forget every one of them.
+    #[test]
+    fn within_counts_back_from_the_newest_snapshot_not_from_now() {
+        let policy = KeepPolicy {
+            within: Some("13h".into()),
+            ..Default::default()
+        };
+        // A year after the last backup.
+        let now = at("2027-03-01T00:00:00Z");
+        let verdicts = policy.apply(&history(), &now);
+        let kept: Vec<&str> = verdicts
+            .iter()
+            .filter(|v| v.keep)
+            .map(|v| v.id.as_str())
+            .collect();
+        assert_eq!(kept, ["s119", "s118"]);
+        assert!(verdicts
+            .iter()
+            .filter(|v| v.keep)
+            .all(|v| v.reasons == ["within"]));
+        // The verdicts are the same whenever the policy runs.
+        assert_eq!(
+            verdicts,
+            policy.apply(&history(), &at("2026-03-01T16:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn within_on_an_empty_group_keeps_nothing_and_does_not_panic() {
+        let policy = KeepPolicy {
+            within: Some("1d".into()),
+            ..Default::default()
+        };
+        assert!(policy.apply(&[], &at("2026-03-01T00:00:00Z")).is_empty());
     }
 
     #[test]

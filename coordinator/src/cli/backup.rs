@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use flotilla_protocol::{HostName, Role, TaskKind, TaskOutcome, TaskResult};
+use flotilla_protocol::{HostName, TaskKind, TaskOutcome, TaskResult};
 use futures::{StreamExt, TryStreamExt};
 use serde_json::json;
 
@@ -10,36 +10,13 @@ use super::follow::follow_all;
 use super::{output, Global};
 use crate::dispatch::{Dispatch, SentTask};
 use crate::error::CliError;
-use crate::nats::Nats;
+use crate::fleetops::storage_addr;
 
 /// How long `--wait` waits for a backup.
 const WAIT: Duration = Duration::from_secs(24 * 3600);
 
 /// How many hosts' tasks are being sent at once.
 const SEND_CONCURRENCY: usize = 16;
-
-/// The storage host's QUIC address, from its heartbeat; it must be online.
-pub(crate) async fn storage_addr(nats: &Nats, storage: &HostName) -> Result<String, CliError> {
-    let record = nats
-        .host(storage)
-        .await?
-        .ok_or_else(|| CliError::HostUnknown(storage.to_string()))?;
-    if !record.heartbeat.roles.contains(&Role::Storage) {
-        return Err(CliError::Usage(format!(
-            "host {storage} keeps no repository (start its agent with --storage DIR --listen ADDR:PORT)"
-        )));
-    }
-    if record.offline_reason(crate::now_ms()).is_some() {
-        return Err(CliError::HostOffline {
-            host: storage.to_string(),
-            task_id: "-".into(),
-            waited_secs: 0,
-        });
-    }
-    record.heartbeat.quic_addr.ok_or_else(|| {
-        CliError::Usage(format!("storage host {storage} serves no QUIC address (start its agent with --listen ADDR:PORT)"))
-    })
-}
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
@@ -72,7 +49,7 @@ pub(super) async fn run(
                 }
                 let task = dispatch.send(host, kind).await?;
                 if !json {
-                    eprintln!("{host}: backup task {} sent (to {to})", task.id);
+                    eprintln!("sent backup task {} to {host} (into {to})", task.id);
                 }
                 Ok((host.clone(), task))
             }
@@ -88,6 +65,8 @@ pub(super) async fn run(
                     json!({"type": "queued", "host": host.as_str(), "task_id": task.id})
                 );
             }
+        } else {
+            eprintln!("{}", output::follow_hint());
         }
         return Ok(());
     }
@@ -95,7 +74,12 @@ pub(super) async fn run(
     let results = follow_all(sent, WAIT, json, Some(&dispatch)).await;
     // Fewer results than tasks: waiting was given up (a second Ctrl-C).
     let gave_up = results.len() < expected;
-    let mut worst: Option<CliError> = None;
+    // With one host its error is the command's; with several, each failed
+    // host's error is printed with its result and the command's error only
+    // names them, so no message is printed twice.
+    let single = expected == 1;
+    let mut failed: Vec<(String, CliError)> = Vec::new();
+    let mut cancelled = false;
     let mut partial = false;
     for f in results {
         let host = f.host.to_string();
@@ -112,6 +96,7 @@ pub(super) async fn run(
                         "task_id": done.task_id,
                         "outcome": done.outcome,
                         "error": done.error,
+                        "retryable": done.retryable,
                         "duration_ms": done.duration_ms,
                     });
                     if let Some(r) = report {
@@ -141,36 +126,59 @@ pub(super) async fn run(
                     for u in &r.unreadable {
                         outln!("  unreadable: {u}");
                     }
-                } else {
-                    outln!(
-                        "{host}: backup failed: {}",
-                        done.error.clone().unwrap_or_default()
-                    );
                 }
                 match done.outcome {
                     TaskOutcome::Succeeded => {}
                     TaskOutcome::Partial => partial = true,
                     TaskOutcome::Failed => {
-                        worst.get_or_insert(CliError::TaskFailed {
-                            host,
+                        let error = done.error.unwrap_or_default();
+                        if !json && !single {
+                            outln!("{host}: backup task {} failed: {error}", done.task_id);
+                        }
+                        let e = CliError::TaskFailed {
+                            host: host.clone(),
                             task_id: done.task_id,
-                            error: done.error.unwrap_or_default(),
-                        });
+                            error,
+                        };
+                        failed.push((host, e));
                     }
-                    TaskOutcome::Cancelled => {
-                        worst.get_or_insert(CliError::Cancelled);
-                    }
+                    TaskOutcome::Cancelled => cancelled = true,
                 }
             }
+            // Refused, or not finished in time: with several hosts, said on
+            // the host's own line (the message names the host).
             Err(e) => {
-                worst.get_or_insert(e);
+                if !single {
+                    if json {
+                        let mut v = e.to_json();
+                        v["host"] = json!(host);
+                        outln!("{v}");
+                    } else {
+                        outln!("{e}");
+                    }
+                }
+                failed.push((host, e));
             }
         }
     }
-    match worst {
-        Some(e) => Err(e),
-        None if gave_up => Err(CliError::Cancelled),
-        None if partial => Err(CliError::Partial),
-        None => Ok(()),
+    if single {
+        if let Some((_, e)) = failed.pop() {
+            return Err(e);
+        }
     }
+    if let Some((_, first)) = failed.first() {
+        return Err(CliError::HostsFailed {
+            what: "backup",
+            failed: failed.iter().map(|(h, _)| h.clone()).collect(),
+            total: expected,
+            code: first.exit_code(),
+        });
+    }
+    if cancelled || gave_up {
+        return Err(CliError::Cancelled);
+    }
+    if partial {
+        return Err(CliError::Partial);
+    }
+    Ok(())
 }

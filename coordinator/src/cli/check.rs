@@ -8,10 +8,11 @@ use flotilla_protocol::{HostName, TaskKind, TaskOutcome, TaskResult};
 use serde_json::json;
 
 use super::follow::follow_one;
-use super::snapshots::{list, repo_key, tree, Found};
+use super::snapshots::tree;
 use super::{output, Global};
 use crate::dispatch::Dispatch;
 use crate::error::CliError;
+use crate::fleetops::{list, repo_key, Found};
 use crate::nats::Nats;
 
 const WAIT: Duration = Duration::from_secs(24 * 3600);

@@ -1,10 +1,10 @@
 //! `flotilla estimate HOST`: the first task users run, end to end.
 
-use std::io::IsTerminal;
 use std::time::Duration;
 
 use flotilla_protocol::{EventBody, HostName, TaskKind, TaskOutcome, TaskResult};
 
+use super::follow::Live;
 use super::{output, Global};
 use crate::dispatch::{Dispatch, Outcome};
 use crate::error::CliError;
@@ -44,26 +44,23 @@ pub(super) async fn run(
             wait.as_secs()
         );
     }
-    let tty = std::io::stderr().is_terminal() && !json;
+    let mut live = (!json).then(Live::stderr);
     let outcome = task
         .wait(wait, |ev| {
-            if let EventBody::TaskProgress(p) = &ev.body {
+            if let (EventBody::TaskProgress(p), Some(live)) = (&ev.body, live.as_mut()) {
                 let line = format!(
                     "{host}: {} files, {} dirs, {} so far",
                     p.files,
                     p.dirs,
                     output::bytes(p.bytes)
                 );
-                if tty {
-                    eprint!("\r\x1b[2K{line}");
-                } else if !json {
-                    eprintln!("{line}");
-                }
+                let width = live.width();
+                live.set(host.as_str(), line.chars().take(width).collect());
             }
         })
         .await;
-    if tty {
-        eprint!("\r\x1b[2K");
+    if let Some(live) = live.as_mut() {
+        live.clear();
     }
     let finished = match outcome {
         Outcome::Finished(f) => f,

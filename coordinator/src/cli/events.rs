@@ -50,7 +50,7 @@ pub(super) async fn run(
         let caught_up = msg.info().map(|i| i.pending == 0).unwrap_or(false);
         match Event::decode(&msg.payload) {
             Ok(ev) if json => outln!("{}", serde_json::to_string(&ev).unwrap_or_default()),
-            Ok(ev) => outln!("{}", line(&ev)),
+            Ok(ev) => outln!("{}", line(&ev, g.utc)),
             Err(e) if json => outln!(
                 "{}",
                 serde_json::json!({"error": format!("undecodable event: {e}"), "subject": msg.subject.as_str()})
@@ -64,8 +64,9 @@ pub(super) async fn run(
     Ok(())
 }
 
-/// One event as a human-readable line.
-fn line(ev: &Event) -> String {
+/// One event as a human-readable line, its time in local time (UTC with
+/// `utc`).
+fn line(ev: &Event, utc: bool) -> String {
     let sev = match ev.severity {
         Severity::Info => "info",
         Severity::Warning => "WARN",
@@ -80,10 +81,10 @@ fn line(ev: &Event) -> String {
     };
     format!(
         "{}  {:<5}  {:<22}  {:<12}  {}{}",
-        output::time(ev.time),
+        output::when(ev.time, utc),
         sev,
         ev.body.kind(),
-        ev.host,
+        ev.host.as_str(),
         ev.message,
         extra
     )

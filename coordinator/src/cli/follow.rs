@@ -1,11 +1,16 @@
 //! Following several tasks at once, with a progress line per host.
 //!
-//! On a terminal the lines are redrawn in place; otherwise (and with `--json`)
-//! progress is printed as plain lines at most once a second per host.
+//! On a terminal the lines are redrawn in place (indicatif, one line per
+//! host, each fitted to the terminal's width); otherwise progress is printed
+//! as plain lines of at most 80 columns, at most once a second per host; with
+//! `--json`, as JSON lines. No colours are used, so `NO_COLOR` has nothing to
+//! turn off here.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use flotilla_protocol::{Event, EventBody, HostName, TaskFinished, TaskProgress};
 use tokio::sync::mpsc;
@@ -102,25 +107,22 @@ pub async fn follow_all(
         });
     }
     drop(tx);
-    let tty = std::io::stderr().is_terminal() && !json;
-    let mut lines: BTreeMap<String, String> = BTreeMap::new();
-    let mut last_print: BTreeMap<String, Instant> = BTreeMap::new();
-    let mut drawn = 0usize;
+    let mut live = Live::stderr();
     let mut done = Vec::new();
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c(), if interrupt.is_some() => {
                 if interrupted {
-                    eprintln!("second interrupt: not waiting any longer");
+                    live.println("second interrupt: not waiting any longer");
                     break;
                 }
                 interrupted = true;
-                eprintln!("interrupted: asking the agents to stop cleanly (Ctrl-C again to stop waiting)");
+                live.println("interrupted: asking the agents to stop cleanly (Ctrl-C again to stop waiting)");
                 if let Some(d) = interrupt {
                     let finished: Vec<String> = done.iter().map(|f: &Followed| f.task_id.clone()).collect();
                     for (host, id) in targets.iter().filter(|(_, id)| !finished.contains(id)) {
                         if let Err(e) = d.publish(host, flotilla_protocol::TaskKind::Cancel { task_id: id.clone() }).await {
-                            eprintln!("cannot cancel {id} on {host}: {e}");
+                            live.println(&format!("cannot cancel {id} on {host}: {e}"));
                         }
                     }
                 }
@@ -135,78 +137,294 @@ pub async fn follow_all(
                     outln!("{v}");
                     continue;
                 }
-                let line = progress_line(&ev.host, p);
-                if tty {
-                    lines.insert(ev.host.to_string(), line);
-                    redraw(&lines, &mut drawn);
-                } else {
-                    let due = last_print
-                        .get(ev.host.as_str())
-                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-                    if due {
-                        last_print.insert(ev.host.to_string(), Instant::now());
-                        eprintln!("{line}");
-                    }
-                }
+                let width = live.width();
+                live.set(ev.host.as_str(), progress_line(&ev.host, p, width));
             }
             joined = set.join_next() => match joined {
-                Some(Ok(f)) => done.push(f),
+                Some(Ok(f)) => {
+                    live.remove(f.host.as_str());
+                    done.push(f);
+                }
                 Some(Err(_)) => {}
                 None => break,
             },
         }
     }
-    if tty && drawn > 0 {
-        eprint!("\x1b[{drawn}A\x1b[J");
-    }
+    live.clear();
     done.sort_by_key(|f| order.iter().position(|id| *id == f.task_id));
     done
 }
 
-fn redraw(lines: &BTreeMap<String, String>, drawn: &mut usize) {
-    if *drawn > 0 {
-        eprint!("\x1b[{}A", *drawn);
-    }
-    for line in lines.values() {
-        eprintln!("\x1b[2K{line}");
-    }
-    *drawn = lines.len();
+/// Width of plain progress lines, and of a terminal that will not say.
+pub const PLAIN_WIDTH: usize = 80;
+
+/// Live progress lines, one per key (a host, a task): redrawn in place on a
+/// terminal, printed at most once a second per key elsewhere.
+#[derive(Debug)]
+pub(super) struct Live {
+    mode: Mode,
 }
 
-/// `laptop  [#####.....]  52%  1,204 files  1.2 GiB  45.0 MiB/s  ETA 20s`
-pub fn progress_line(host: &HostName, p: &TaskProgress) -> String {
+#[derive(Debug)]
+enum Mode {
+    Bars {
+        multi: MultiProgress,
+        bars: BTreeMap<String, ProgressBar>,
+        term: console::Term,
+    },
+    Lines {
+        last: BTreeMap<String, Instant>,
+        stdout: bool,
+    },
+}
+
+impl Live {
+    /// Progress on stderr, beside the command's results on stdout.
+    pub(super) fn stderr() -> Self {
+        Self::new(false)
+    }
+
+    /// Progress on stdout, for commands whose output it is (`watch`).
+    pub(super) fn stdout() -> Self {
+        Self::new(true)
+    }
+
+    fn new(stdout: bool) -> Self {
+        let tty = if stdout {
+            std::io::stdout().is_terminal()
+        } else {
+            std::io::stderr().is_terminal()
+        };
+        // A dumb terminal cannot move the cursor: plain lines there too.
+        let dumb = std::env::var("TERM").is_ok_and(|t| t == "dumb");
+        let mode = if tty && !dumb {
+            let (target, term) = if stdout {
+                (ProgressDrawTarget::stdout(), console::Term::stdout())
+            } else {
+                (ProgressDrawTarget::stderr(), console::Term::stderr())
+            };
+            Mode::Bars {
+                multi: MultiProgress::with_draw_target(target),
+                bars: BTreeMap::new(),
+                term,
+            }
+        } else {
+            Mode::Lines {
+                last: BTreeMap::new(),
+                stdout,
+            }
+        };
+        Self { mode }
+    }
+
+    /// Columns a line may take.
+    pub(super) fn width(&self) -> usize {
+        match &self.mode {
+            Mode::Bars { term, .. } => term
+                .size_checked()
+                .map_or(PLAIN_WIDTH, |(_, cols)| usize::from(cols)),
+            Mode::Lines { .. } => PLAIN_WIDTH,
+        }
+    }
+
+    /// Shows `line` as `key`'s progress.
+    pub(super) fn set(&mut self, key: &str, line: String) {
+        match &mut self.mode {
+            Mode::Bars { multi, bars, .. } => {
+                let bar = bars.entry(key.to_owned()).or_insert_with(|| {
+                    // `wide_msg` cuts the line at the terminal's edge, should
+                    // it be resized narrower than the line was made for.
+                    let style = ProgressStyle::with_template("{wide_msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+                    multi.add(ProgressBar::new_spinner().with_style(style))
+                });
+                bar.set_message(line);
+            }
+            Mode::Lines { last, stdout } => {
+                let due = last
+                    .get(key)
+                    .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+                if due {
+                    last.insert(key.to_owned(), Instant::now());
+                    if *stdout {
+                        outln!("{line}");
+                    } else {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops showing `key`.
+    pub(super) fn remove(&mut self, key: &str) {
+        if let Mode::Bars { multi, bars, .. } = &mut self.mode {
+            if let Some(bar) = bars.remove(key) {
+                bar.finish_and_clear();
+                multi.remove(&bar);
+            }
+        }
+    }
+
+    /// Prints a line that stays, above the live ones.
+    pub(super) fn println(&self, line: &str) {
+        match &self.mode {
+            Mode::Bars { multi, .. } => multi.suspend(|| eprintln!("{line}")),
+            Mode::Lines { .. } => eprintln!("{line}"),
+        }
+    }
+
+    /// Prints a result line on stdout, above the live ones.
+    pub(super) fn outln(&self, line: &str) {
+        match &self.mode {
+            Mode::Bars { multi, .. } => multi.suspend(|| outln!("{line}")),
+            Mode::Lines { .. } => outln!("{line}"),
+        }
+    }
+
+    /// Takes the live lines off the screen.
+    pub(super) fn clear(&mut self) {
+        if let Mode::Bars { multi, bars, .. } = &mut self.mode {
+            for (_, bar) in std::mem::take(bars) {
+                bar.finish_and_clear();
+            }
+            let _ = multi.clear();
+        }
+    }
+}
+
+/// Seconds as `45s`, `3m05s`, `2h10m`.
+fn eta(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
+/// One task's progress in at most `width` columns, e.g.
+/// `laptop       [####....]  52%  1204 files  1.2 GiB/3.0 GiB  45.0 MiB/s  ETA 20s`.
+///
+/// The host, the percentage, the bytes and the rate always show; the ETA,
+/// the bar and the file count, in that order, only when they fit. A line
+/// still too wide (a very long host name) is cut.
+pub fn progress_line(host: &HostName, p: &TaskProgress, width: usize) -> String {
     let secs = (p.elapsed_ms as f64 / 1000.0).max(0.001);
     let rate = p.bytes as f64 / secs;
-    let mut line = format!("{host:<16}");
-    if let Some(total) = p.bytes_total.filter(|t| *t > 0) {
-        let frac = (p.bytes as f64 / total as f64).min(1.0);
-        let filled = (frac * 20.0) as usize;
-        line.push_str(&format!(
-            " [{}{}] {:>3.0}%",
-            "#".repeat(filled),
-            ".".repeat(20 - filled),
-            frac * 100.0
+    let total = p.bytes_total.filter(|t| *t > 0);
+    let frac = total.map(|t| (p.bytes as f64 / t as f64).min(1.0));
+    // In display order: each part's priority (0 always shows), and the
+    // space before it (the host, the bar and the percentage go together).
+    let mut parts: Vec<(u8, &str, String)> = vec![(0, "", format!("{:<12}", host.as_str()))];
+    if let Some(frac) = frac {
+        let filled = (frac * 8.0) as usize;
+        parts.push((
+            2,
+            " ",
+            format!("[{}{}]", "#".repeat(filled), ".".repeat(8 - filled)),
         ));
-        let eta = if rate > 0.0 {
-            (total.saturating_sub(p.bytes)) as f64 / rate
-        } else {
-            0.0
-        };
-        line.push_str(&format!(
-            "  {} files  {} / {}  {}/s  ETA {:.0}s",
-            p.files,
-            output::bytes(p.bytes),
-            output::bytes(total),
-            output::bytes(rate as u64),
-            eta
-        ));
-    } else {
-        line.push_str(&format!(
-            "  {} files  {}  {}/s",
-            p.files,
-            output::bytes(p.bytes),
-            output::bytes(rate as u64)
-        ));
+        parts.push((0, " ", format!("{:>3.0}%", frac * 100.0)));
     }
-    line
+    parts.push((3, "  ", format!("{} files", p.files)));
+    parts.push((
+        0,
+        "  ",
+        match total {
+            Some(t) => format!("{}/{}", output::bytes(p.bytes), output::bytes(t)),
+            None => output::bytes(p.bytes),
+        },
+    ));
+    parts.push((0, "  ", format!("{}/s", output::bytes(rate as u64))));
+    if let Some(t) = total.filter(|_| rate > 0.0) {
+        let left = t.saturating_sub(p.bytes) as f64 / rate;
+        parts.push((1, "  ", format!("ETA {}", eta(left as u64))));
+    }
+    let render = |parts: &[(u8, &str, String)], upto: u8| -> String {
+        let mut line = String::new();
+        for (_, sep, s) in parts.iter().filter(|(prio, _, _)| *prio <= upto) {
+            if !line.is_empty() {
+                line.push_str(sep);
+            }
+            line.push_str(s);
+        }
+        line
+    };
+    let line = (0..=3)
+        .rev()
+        .map(|upto| render(&parts, upto))
+        .find(|l| l.chars().count() <= width)
+        .unwrap_or_else(|| render(&parts, 0));
+    line.chars().take(width).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(files: u64, bytes: u64, total: Option<u64>, elapsed_ms: u64) -> TaskProgress {
+        TaskProgress {
+            task_id: "t".into(),
+            task_kind: "backup".into(),
+            files,
+            dirs: 0,
+            bytes,
+            current: None,
+            files_total: None,
+            bytes_total: total,
+            elapsed_ms,
+        }
+    }
+
+    fn host(name: &str) -> HostName {
+        HostName::new(name).expect("valid host name")
+    }
+
+    const GIB: u64 = 1024 * 1024 * 1024;
+
+    #[test]
+    fn a_progress_line_shows_everything_when_it_fits() {
+        let line = progress_line(
+            &host("laptop"),
+            &progress(1204, GIB, Some(2 * GIB), 10_000),
+            80,
+        );
+        assert_eq!(
+            line,
+            "laptop       [####....]  50%  1204 files  1.0 GiB/2.0 GiB  102.4 MiB/s  ETA 10s"
+        );
+        assert!(line.chars().count() <= 80, "{line}");
+    }
+
+    /// The worst case for 80 columns: a 16-character host name and big numbers.
+    #[test]
+    fn progress_lines_fit_80_columns_dropping_the_least_useful_first() {
+        let p = progress(12_345_678, 999 * GIB, Some(1000 * GIB), 7_000);
+        let line = progress_line(&host("storage-server-1"), &p, 80);
+        assert!(line.chars().count() <= 80, "{} columns: {line}", line.len());
+        assert!(line.starts_with("storage-server-1 "), "{line}");
+        assert!(
+            line.contains("100%") && line.contains("999.0 GiB/1000.0 GiB"),
+            "{line}"
+        );
+        assert!(line.contains("GiB/s"), "{line}");
+        assert!(!line.contains("files"), "the file count goes first: {line}");
+        // Narrower still: only what always shows, then a cut.
+        let narrow = progress_line(&host("storage-server-1"), &p, 50);
+        assert!(narrow.chars().count() <= 50, "{narrow}");
+        assert!(!narrow.contains('['), "{narrow}");
+        assert_eq!(progress_line(&host("laptop"), &p, 10).chars().count(), 10);
+    }
+
+    #[test]
+    fn without_a_total_there_is_no_bar_and_no_eta() {
+        let line = progress_line(&host("nas"), &progress(7, 1536, None, 1_000), 80);
+        assert_eq!(line, "nas           7 files  1.5 KiB  1.5 KiB/s");
+    }
+
+    #[test]
+    fn etas_read_as_durations() {
+        assert_eq!(eta(45), "45s");
+        assert_eq!(eta(185), "3m05s");
+        assert_eq!(eta(7800), "2h10m");
+    }
 }

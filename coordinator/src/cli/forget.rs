@@ -1,74 +1,24 @@
 //! `flotilla forget` and `flotilla prune`: retention across the fleet.
 //!
-//! Which snapshots go is decided here, by the pure policy in
-//! [`crate::retention`], per group of snapshots with the same host and paths
-//! (as restic does). The storage agents only carry out signed `forget` and
+//! Which snapshots go is decided by [`crate::fleetops::decide`] (shared with
+//! the daemon), with the pure policy in [`crate::retention`], per group of
+//! snapshots with the same host and paths (as restic does). The storage agents only carry out signed `forget` and
 //! `prune` tasks; sources can never delete anything.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::{Local, TimeZone};
 use flotilla_protocol::{HostName, TaskKind, TaskOutcome, TaskResult};
 use serde_json::json;
 
 use super::follow::{follow_all, follow_one};
-use super::snapshots::{list, repo_key, Found};
 use super::{output, Global};
 use crate::dispatch::Dispatch;
 use crate::error::CliError;
-use crate::nats::Nats;
+use crate::fleetops::{decide, repo_key, Found};
 use crate::retention::{KeepPolicy, Verdict};
 
 const WAIT: Duration = Duration::from_secs(24 * 3600);
-
-/// The verdicts for every snapshot on `to` (or all storages) of `host`
-/// (or all hosts), grouped by storage, host and paths.
-pub(crate) async fn decide(
-    nats: &Nats,
-    key: &flotilla_protocol::repo::RepoKey,
-    policy: &KeepPolicy,
-    host: Option<&HostName>,
-    to: Option<&HostName>,
-) -> Result<Vec<(Found, Verdict)>, CliError> {
-    let found = list(nats, key, to).await?;
-    let mut groups: BTreeMap<(String, String, Vec<String>), Vec<Found>> = BTreeMap::new();
-    for f in found
-        .into_iter()
-        .filter(|f| host.is_none_or(|h| &f.record.host == h))
-    {
-        // Only snapshots whose record matches its sealed metadata take part:
-        // a forged or tampered listing must not steer what is forgotten.
-        if f.record.verify(key).is_err() {
-            continue;
-        }
-        let paths = f.meta.as_ref().map(|m| m.paths.clone()).unwrap_or_default();
-        groups
-            .entry((f.storage.to_string(), f.record.host.to_string(), paths))
-            .or_default()
-            .push(f);
-    }
-    let now = Local::now();
-    let mut out = Vec::new();
-    for (_, group) in groups {
-        let times: Vec<(String, chrono::DateTime<Local>)> = group
-            .iter()
-            .map(|f| {
-                let t = Local
-                    .timestamp_millis_opt(f.record.time as i64)
-                    .single()
-                    .unwrap_or(now);
-                (f.record.id.clone(), t)
-            })
-            .collect();
-        for v in policy.apply(&times, &now) {
-            if let Some(f) = group.iter().find(|f| f.record.id == v.id) {
-                out.push((f.clone(), v));
-            }
-        }
-    }
-    Ok(out)
-}
 
 /// Sends one `forget` task per storage host for the verdicts that drop.
 pub(crate) async fn send_forgets(
@@ -112,23 +62,34 @@ pub(super) async fn forget(
     let key = repo_key(&fleet)?;
     let nats = g.connect().await?;
     let verdicts = decide(&nats, &key, &policy, host, to).await?;
-    for (f, v) in &verdicts {
-        if json {
+    if json {
+        for (f, v) in &verdicts {
             outln!(
                 "{}",
                 json!({"type": "verdict", "id": v.id, "host": f.record.host.as_str(), "storage": f.storage.as_str(),
-                    "time": output::time(f.record.time), "keep": v.keep, "reasons": v.reasons})
+                    "time": output::rfc3339(f.record.time), "keep": v.keep, "reasons": v.reasons})
             );
-        } else {
-            outln!(
-                "{} {:<10} {}  {:<12} {:<12} {}",
-                if v.keep { "keep  " } else { "forget" },
-                output::short(&v.id),
-                output::time(f.record.time),
-                f.record.host,
-                f.storage,
-                v.reasons.join(",")
-            );
+        }
+    } else if !verdicts.is_empty() {
+        let rows = verdicts
+            .iter()
+            .map(|(f, v)| {
+                vec![
+                    if v.keep { "keep" } else { "forget" }.to_owned(),
+                    output::short(&v.id),
+                    output::when(f.record.time, g.utc),
+                    f.record.host.to_string(),
+                    f.storage.to_string(),
+                    v.reasons.join(","),
+                ]
+            })
+            .collect();
+        for line in output::table(
+            &["VERDICT", "ID", "TIME", "HOST", "STORAGE", "KEPT BY"],
+            &[],
+            rows,
+        ) {
+            outln!("{line}");
         }
     }
     let doomed = verdicts.iter().filter(|(_, v)| !v.keep).count();

@@ -7,13 +7,15 @@ use super::{output, Global};
 use crate::error::CliError;
 use crate::nats::HostRecord;
 
-/// One row of `hosts --json`.
+/// One row of `hosts --json`; times are RFC 3339, as in every `--json`.
 #[derive(Debug, Serialize)]
 struct HostView<'a> {
     host: &'a str,
     status: &'static str,
     offline_reason: Option<&'static str>,
-    last_seen: u64,
+    last_seen: String,
+    #[serde(skip)]
+    last_seen_ms: u64,
     last_seen_age_secs: f64,
     version: &'a str,
     roles: &'a [Role],
@@ -22,7 +24,27 @@ struct HostView<'a> {
     load: [f32; 3],
     rss_bytes: u64,
     roots: &'a [RootUsage],
-    running: &'a [RunningJob],
+    running: Vec<RunningView<'a>>,
+}
+
+/// A running job in `--json` output: its start as RFC 3339.
+#[derive(Debug, Serialize)]
+pub(super) struct RunningView<'a> {
+    task_id: &'a str,
+    kind: &'a str,
+    started_at: String,
+}
+
+impl<'a> RunningView<'a> {
+    pub(super) fn of(jobs: &'a [RunningJob]) -> Vec<Self> {
+        jobs.iter()
+            .map(|j| RunningView {
+                task_id: &j.task_id,
+                kind: &j.kind,
+                started_at: output::rfc3339(j.started_at),
+            })
+            .collect()
+    }
 }
 
 fn view(r: &HostRecord, now: u64) -> HostView<'_> {
@@ -36,7 +58,8 @@ fn view(r: &HostRecord, now: u64) -> HostView<'_> {
             "online"
         },
         offline_reason: reason,
-        last_seen: r.stored_at,
+        last_seen: output::rfc3339(r.stored_at),
+        last_seen_ms: r.stored_at,
         last_seen_age_secs: now.saturating_sub(r.stored_at) as f64 / 1000.0,
         version: &hb.version,
         roles: &hb.roles,
@@ -45,7 +68,7 @@ fn view(r: &HostRecord, now: u64) -> HostView<'_> {
         load: hb.load,
         rss_bytes: hb.rss_bytes,
         roots: &hb.roots,
-        running: &hb.running,
+        running: RunningView::of(&hb.running),
     }
 }
 
@@ -63,53 +86,61 @@ pub(super) async fn run(g: &Global, json: bool) -> Result<(), CliError> {
         outln!("no hosts yet: start `flotilla-agent run --bundle FILE ...` on a host");
         return Ok(());
     }
-    outln!(
-        "{:<20} {:<8} {:<10} {:<8} {:<24} {:>11} RUNNING",
-        "HOST",
-        "STATUS",
-        "LAST SEEN",
-        "VERSION",
-        "ROLES",
-        "MIN FREE"
-    );
-    for v in &views {
-        let roles: Vec<String> = v
-            .roles
-            .iter()
-            .map(|r| format!("{r:?}").to_lowercase())
-            .collect();
-        let free = v
-            .roots
-            .iter()
-            .filter(|r| r.error.is_none())
-            .map(|r| r.free_bytes)
-            .min()
-            .map(output::bytes)
-            .unwrap_or_else(|| "-".into());
-        let running = if v.running.is_empty() {
-            "-".to_string()
-        } else {
-            v.running
+    let rows = views
+        .iter()
+        .map(|v| {
+            let roles: Vec<String> = v
+                .roles
                 .iter()
-                .map(|j| j.kind.as_str())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        let status = match v.offline_reason {
-            Some("shutdown") => "stopped",
-            Some(_) => "OFFLINE",
-            None => "online",
-        };
-        outln!(
-            "{:<20} {:<8} {:<10} {:<8} {:<24} {:>11} {}",
-            v.host,
-            status,
-            output::ago(now, v.last_seen),
-            v.version,
-            roles.join(","),
-            free,
-            running
-        );
+                .map(|r| format!("{r:?}").to_lowercase())
+                .collect();
+            let free = v
+                .roots
+                .iter()
+                .filter(|r| r.error.is_none())
+                .map(|r| r.free_bytes)
+                .min()
+                .map(output::bytes)
+                .unwrap_or_else(|| "-".into());
+            let running = if v.running.is_empty() {
+                "-".to_string()
+            } else {
+                v.running
+                    .iter()
+                    .map(|j| j.kind)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let status = match v.offline_reason {
+                Some("shutdown") => "stopped",
+                Some(_) => "OFFLINE",
+                None => "online",
+            };
+            vec![
+                v.host.to_owned(),
+                status.to_owned(),
+                output::ago(now, v.last_seen_ms),
+                v.version.to_owned(),
+                roles.join(","),
+                free,
+                running,
+            ]
+        })
+        .collect();
+    for line in output::table(
+        &[
+            "HOST",
+            "STATUS",
+            "LAST SEEN",
+            "VERSION",
+            "ROLES",
+            "MIN FREE",
+            "RUNNING",
+        ],
+        &[5],
+        rows,
+    ) {
+        outln!("{line}");
     }
     Ok(())
 }

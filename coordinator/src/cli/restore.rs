@@ -5,12 +5,12 @@ use std::time::Duration;
 use flotilla_protocol::{HostName, TaskKind, TaskOutcome, TaskResult};
 use serde_json::json;
 
-use super::backup::storage_addr;
 use super::follow::follow_one;
-use super::snapshots::{find, repo_key};
+use super::snapshots::find;
 use super::{output, Global};
 use crate::dispatch::Dispatch;
 use crate::error::CliError;
+use crate::fleetops::{repo_key, storage_addr};
 
 /// How long `--wait` waits for a restore.
 const WAIT: Duration = Duration::from_secs(24 * 3600);
@@ -56,11 +56,11 @@ pub(super) async fn run(
         .await?;
     if !json {
         eprintln!(
-            "{host}: restore of snapshot {} ({} from {}) into {dir} sent as task {}",
+            "sent restore task {} to {host}: snapshot {} ({} from {}) into {dir}",
+            task.id,
             output::short(&found.record.id),
             found.record.host,
             found.storage,
-            task.id
         );
     }
     if !wait {
@@ -69,13 +69,16 @@ pub(super) async fn run(
                 "{}",
                 json!({"type": "queued", "host": host.as_str(), "task_id": task.id})
             );
+        } else {
+            eprintln!("{}", output::follow_hint());
         }
         return Ok(());
     }
     let done = follow_one(&host, task, "restore", WAIT, json, &dispatch).await?;
     if json {
         let mut v = json!({"type": "summary", "host": host.as_str(), "task_id": done.task_id,
-            "outcome": done.outcome, "error": done.error, "duration_ms": done.duration_ms});
+            "outcome": done.outcome, "error": done.error, "retryable": done.retryable,
+            "duration_ms": done.duration_ms});
         if let Some(TaskResult::Restore(r)) = &done.result {
             v["restore"] = serde_json::to_value(r).unwrap_or_default();
         }

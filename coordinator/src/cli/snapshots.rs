@@ -5,30 +5,15 @@
 //! blob); everything sensitive in them is sealed, and only this side, holding
 //! the key, can open it. File content never comes this way.
 
-use std::time::Duration;
-
 use flotilla_protocol::frame::RepoReply;
-use flotilla_protocol::repo::{
-    BlobId, Node, NodeKind, RepoKey, SnapshotMeta, SnapshotRecord, Tree,
-};
-use flotilla_protocol::{subject, HostName, Role};
+use flotilla_protocol::repo::{BlobId, Node, NodeKind, RepoKey, Tree};
+use flotilla_protocol::{subject, HostName};
 use serde::Serialize;
 
 use super::{output, Global};
 use crate::error::{request_err, CliError};
-use crate::fleet::Fleet;
+use crate::fleetops::{list, query, repo_key, Found};
 use crate::nats::Nats;
-
-/// How long a storage agent gets to answer a query.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A snapshot with its storage host and opened metadata.
-#[derive(Debug, Clone)]
-pub(crate) struct Found {
-    pub storage: HostName,
-    pub record: SnapshotRecord,
-    pub meta: Option<SnapshotMeta>,
-}
 
 #[derive(Debug, Serialize)]
 struct SnapshotView<'a> {
@@ -42,87 +27,6 @@ struct SnapshotView<'a> {
     bytes_total: Option<u64>,
     bytes_added: Option<u64>,
     task_id: Option<String>,
-}
-
-pub(crate) fn repo_key(fleet: &Fleet) -> Result<RepoKey, CliError> {
-    let path = fleet.dir.join("repo.key");
-    let text = std::fs::read_to_string(&path).map_err(|source| CliError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    RepoKey::from_hex(&text)
-        .ok_or_else(|| CliError::Usage(format!("{} is not a 64-hex-digit key", path.display())))
-}
-
-/// Storage hosts to ask: the one named, or every host with the storage role.
-pub(super) async fn storages(
-    nats: &Nats,
-    to: Option<&HostName>,
-) -> Result<Vec<HostName>, CliError> {
-    if let Some(h) = to {
-        return Ok(vec![h.clone()]);
-    }
-    Ok(nats
-        .hosts()
-        .await?
-        .into_iter()
-        .filter(|r| r.heartbeat.roles.contains(&Role::Storage))
-        .map(|r| r.heartbeat.host)
-        .collect())
-}
-
-pub(crate) async fn query(
-    nats: &Nats,
-    subject: String,
-    payload: Vec<u8>,
-    storage: &HostName,
-) -> Result<RepoReply, CliError> {
-    let ask = nats.client.request(subject, payload.into());
-    let msg = tokio::time::timeout(QUERY_TIMEOUT, ask)
-        .await
-        .map_err(|_| CliError::Request {
-            what: format!("ask storage host {storage}"),
-            why: "no answer (is its agent online?)".into(),
-        })?
-        .map_err(request_err(&format!("ask storage host {storage}")))?;
-    flotilla_protocol::decode::<RepoReply>(&msg.payload, 64 * 1024 * 1024)
-        .map_err(request_err(&format!("read the answer of {storage}")))
-}
-
-/// Every snapshot on the given storage hosts, oldest first.
-pub(super) async fn list(
-    nats: &Nats,
-    key: &RepoKey,
-    to: Option<&HostName>,
-) -> Result<Vec<Found>, CliError> {
-    let mut out = Vec::new();
-    for storage in storages(nats, to).await? {
-        match query(
-            nats,
-            subject::repo_snapshots(&storage),
-            Vec::new(),
-            &storage,
-        )
-        .await?
-        {
-            RepoReply::Snapshots { snapshots } => {
-                out.extend(snapshots.into_iter().map(|record| Found {
-                    meta: record.open_meta(key),
-                    storage: storage.clone(),
-                    record,
-                }))
-            }
-            RepoReply::Error { message } => {
-                return Err(CliError::Request {
-                    what: format!("list snapshots on {storage}"),
-                    why: message,
-                })
-            }
-            RepoReply::Tree { .. } | RepoReply::Stats { .. } => {}
-        }
-    }
-    out.sort_by_key(|f| f.record.time);
-    Ok(out)
 }
 
 /// The one snapshot whose id starts with `prefix`.
@@ -191,7 +95,7 @@ pub(super) async fn snapshots(
         .iter()
         .map(|f| SnapshotView {
             id: &f.record.id,
-            time: output::time(f.record.time),
+            time: output::rfc3339(f.record.time),
             host: f.record.host.as_str(),
             storage: f.storage.as_str(),
             partial: f.record.partial,
@@ -216,33 +120,37 @@ pub(super) async fn snapshots(
         outln!("no snapshots");
         return Ok(());
     }
-    outln!(
-        "{:<10} {:<24} {:<14} {:<12} {:>8} {:>10}  PATHS",
-        "ID",
-        "TIME",
-        "HOST",
-        "STORAGE",
-        "FILES",
-        "SIZE"
-    );
-    for v in &views {
-        outln!(
-            "{:<10} {:<24} {:<14} {:<12} {:>8} {:>10}  {}{}",
-            output::short(v.id),
-            v.time,
-            v.host,
-            v.storage,
-            v.files.map(|f| f.to_string()).unwrap_or_else(|| "?".into()),
-            v.bytes_total
-                .map(output::bytes)
-                .unwrap_or_else(|| "?".into()),
-            if v.paths.is_empty() {
-                "(meta unreadable with this fleet's key)".into()
-            } else {
-                v.paths.join(" ")
-            },
-            if v.partial { "  [partial]" } else { "" }
-        );
+    let rows = views
+        .iter()
+        .zip(&found)
+        .map(|(v, f)| {
+            vec![
+                output::short(v.id),
+                output::when(f.record.time, g.utc),
+                v.host.to_owned(),
+                v.storage.to_owned(),
+                v.files.map(|f| f.to_string()).unwrap_or_else(|| "?".into()),
+                v.bytes_total
+                    .map(output::bytes)
+                    .unwrap_or_else(|| "?".into()),
+                format!(
+                    "{}{}",
+                    if v.paths.is_empty() {
+                        "(meta unreadable with this fleet's key)".into()
+                    } else {
+                        v.paths.join(" ")
+                    },
+                    if v.partial { "  [partial]" } else { "" }
+                ),
+            ]
+        })
+        .collect();
+    for line in output::table(
+        &["ID", "TIME", "HOST", "STORAGE", "FILES", "SIZE", "PATHS"],
+        &[4, 5],
+        rows,
+    ) {
+        outln!("{line}");
     }
     Ok(())
 }
@@ -257,10 +165,13 @@ struct EntryView {
     group: String,
     size: u64,
     mtime: String,
+    #[serde(skip)]
+    mtime_ms: u64,
     link_target: Option<String>,
 }
 
 fn view(node: &Node, path: &str) -> EntryView {
+    let mtime_ms = (node.mtime_ns.max(0) / 1_000_000) as u64;
     EntryView {
         name: String::from_utf8_lossy(&node.name).into_owned(),
         path: path.to_owned(),
@@ -269,7 +180,8 @@ fn view(node: &Node, path: &str) -> EntryView {
         user: node.user.clone().unwrap_or_else(|| node.uid.to_string()),
         group: node.group.clone().unwrap_or_else(|| node.gid.to_string()),
         size: node.size,
-        mtime: output::time((node.mtime_ns.max(0) / 1_000_000) as u64),
+        mtime: output::rfc3339(mtime_ms),
+        mtime_ms,
         link_target: node
             .link_target
             .as_ref()
@@ -277,10 +189,132 @@ fn view(node: &Node, path: &str) -> EntryView {
     }
 }
 
+/// Where `ls` finds trees: the storage host, or a map in tests.
+pub(super) trait Trees {
+    /// The tree `id`, opened.
+    async fn get(&self, id: &BlobId) -> Result<Tree, CliError>;
+}
+
+/// The trees of one snapshot, fetched from its storage host.
+struct Remote<'a> {
+    nats: &'a Nats,
+    key: &'a RepoKey,
+    storage: &'a HostName,
+}
+
+impl Trees for Remote<'_> {
+    async fn get(&self, id: &BlobId) -> Result<Tree, CliError> {
+        tree(self.nats, self.key, self.storage, id).await
+    }
+}
+
+/// `base/name`; a name at the snapshot root is already an absolute path.
+fn join(base: &str, name: &[u8]) -> String {
+    let name = String::from_utf8_lossy(name);
+    if name.starts_with('/') {
+        name.into_owned()
+    } else if base.ends_with('/') {
+        format!("{base}{name}")
+    } else {
+        format!("{base}/{name}")
+    }
+}
+
+/// Which root node holds `want` (an absolute path, no trailing `/`), and the
+/// components below it. The longest matching root wins, for nested roots.
+fn find_root<'a>(roots: &[Node], want: &'a str) -> Option<(usize, Vec<&'a str>)> {
+    roots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| {
+            let name = String::from_utf8_lossy(&n.name);
+            let root = name.trim_end_matches('/');
+            let rest = if want == root {
+                Some("")
+            } else {
+                want.strip_prefix(root).and_then(|r| r.strip_prefix('/'))
+            }?;
+            Some((i, root.len(), rest))
+        })
+        .max_by_key(|(_, len, _)| *len)
+        .map(|(i, _, rest)| (i, rest.split('/').filter(|c| !c.is_empty()).collect()))
+}
+
+/// The entries `ls` prints, with their paths, in order: the contents of
+/// `want` (a directory; a file lists itself), or without `want` the contents
+/// of each path the snapshot backed up; with `recursive`, everything beneath
+/// too, each directory followed by its contents.
+async fn listing(
+    trees: &impl Trees,
+    roots: Vec<Node>,
+    want: Option<&str>,
+    recursive: bool,
+) -> Result<Vec<(Node, String)>, String> {
+    let want = want
+        .map(|w| w.trim_end_matches('/'))
+        .filter(|w| !w.is_empty());
+    // The directories (or files) whose contents are listed.
+    let mut targets: Vec<(Node, String)> = Vec::new();
+    match want {
+        None => {
+            for n in roots {
+                let path = join("", &n.name);
+                targets.push((n, path));
+            }
+        }
+        Some(want) => {
+            let (i, rest) = find_root(&roots, want).ok_or_else(|| format!("{want} is not in"))?;
+            let mut current = roots[i].clone();
+            let mut path = join("", &current.name);
+            for comp in rest {
+                let sub = current
+                    .subtree
+                    .ok_or_else(|| format!("{path} is a file, not a directory, in"))?;
+                let t = trees.get(&sub).await.map_err(|e| e.to_string())?;
+                current = t
+                    .nodes
+                    .into_iter()
+                    .find(|n| n.name == comp.as_bytes())
+                    .ok_or_else(|| format!("{want} is not in"))?;
+                path = join(&path, comp.as_bytes());
+            }
+            targets.push((current, path));
+        }
+    }
+    // Depth first, in tree order: a stack of entries still to print.
+    let mut stack: Vec<(Node, String)> = Vec::new();
+    for (node, path) in targets.into_iter().rev() {
+        match node.subtree {
+            Some(sub) => {
+                let t = trees.get(&sub).await.map_err(|e| e.to_string())?;
+                for child in t.nodes.into_iter().rev() {
+                    let p = join(&path, &child.name);
+                    stack.push((child, p));
+                }
+            }
+            None => stack.push((node, path)),
+        }
+    }
+    let mut out = Vec::new();
+    while let Some((node, path)) = stack.pop() {
+        let below = node.subtree.filter(|_| recursive);
+        if let Some(sub) = below {
+            let t = trees.get(&sub).await.map_err(|e| e.to_string())?;
+            for child in t.nodes.into_iter().rev() {
+                let p = join(&path, &child.name);
+                stack.push((child, p));
+            }
+        }
+        out.push((node, path));
+    }
+    Ok(out)
+}
+
 pub(super) async fn ls(
     g: &Global,
     snapshot: &str,
     path: Option<&str>,
+    recursive: bool,
     to: Option<&HostName>,
     json: bool,
 ) -> Result<(), CliError> {
@@ -288,64 +322,22 @@ pub(super) async fn ls(
     let key = repo_key(&fleet)?;
     let nats = g.connect().await?;
     let found = find(&nats, &key, snapshot, to).await?;
-    let root = tree(&nats, &key, &found.storage, &found.record.tree).await?;
-    let want = path.unwrap_or("/").trim_end_matches('/');
-    // Which directory to list: the snapshot root, or a path beneath a root node.
-    let (entries, base): (Vec<Node>, String) = if want.is_empty() {
-        (root.nodes, String::new())
-    } else {
-        let node = root
-            .nodes
-            .iter()
-            .find(|n| {
-                let name = String::from_utf8_lossy(&n.name);
-                want == name || want.starts_with(&format!("{name}/"))
-            })
-            .cloned()
-            .ok_or_else(|| {
-                CliError::Usage(format!("{want} is not in snapshot {}", found.record.id))
-            })?;
-        let root_name = String::from_utf8_lossy(&node.name).into_owned();
-        let mut current = node;
-        let rest = want[root_name.len()..].trim_start_matches('/').to_owned();
-        for comp in rest.split('/').filter(|c| !c.is_empty()) {
-            let sub = current
-                .subtree
-                .ok_or_else(|| CliError::Usage(format!("{want}: not a directory")))?;
-            let t = tree(&nats, &key, &found.storage, &sub).await?;
-            current = t
-                .nodes
-                .into_iter()
-                .find(|n| n.name == comp.as_bytes())
-                .ok_or_else(|| {
-                    CliError::Usage(format!("{want} is not in snapshot {}", found.record.id))
-                })?;
-        }
-        match current.subtree {
-            Some(sub) => (
-                tree(&nats, &key, &found.storage, &sub).await?.nodes,
-                want.to_owned(),
-            ),
-            None => (
-                vec![current],
-                want.rsplit_once('/')
-                    .map(|(d, _)| d.to_owned())
-                    .unwrap_or_default(),
-            ),
-        }
+    let trees = Remote {
+        nats: &nats,
+        key: &key,
+        storage: &found.storage,
     };
-    let views: Vec<EntryView> = entries
-        .iter()
-        .map(|n| {
-            let name = String::from_utf8_lossy(&n.name);
-            let p = if name.starts_with('/') {
-                name.into_owned()
-            } else {
-                format!("{base}/{name}")
-            };
-            view(n, &p)
-        })
-        .collect();
+    let root = trees.get(&found.record.tree).await?;
+    let entries = listing(&trees, root.nodes, path, recursive)
+        .await
+        .map_err(|what| {
+            CliError::Usage(format!(
+                "{what} snapshot {} (see `flotilla ls {}`)",
+                output::short(&found.record.id),
+                output::short(&found.record.id)
+            ))
+        })?;
+    let views: Vec<EntryView> = entries.iter().map(|(n, p)| view(n, p)).collect();
     if json {
         outln!(
             "{}",
@@ -353,31 +345,172 @@ pub(super) async fn ls(
         );
         return Ok(());
     }
-    for v in &views {
-        let kind = match v.kind {
-            NodeKind::Dir => 'd',
-            NodeKind::Symlink => 'l',
-            NodeKind::Fifo => 'p',
-            NodeKind::Socket => 's',
-            NodeKind::CharDevice => 'c',
-            NodeKind::BlockDevice => 'b',
-            NodeKind::File => '-',
-        };
-        let target = v
-            .link_target
-            .as_ref()
-            .map(|t| format!(" -> {t}"))
-            .unwrap_or_default();
-        outln!(
-            "{kind}{} {:<8} {:<8} {:>12} {}  {}{}",
-            v.mode,
-            v.user,
-            v.group,
-            v.size,
-            v.mtime,
-            v.path,
-            target
-        );
+    let rows = views
+        .iter()
+        .map(|v| {
+            let kind = match v.kind {
+                NodeKind::Dir => 'd',
+                NodeKind::Symlink => 'l',
+                NodeKind::Fifo => 'p',
+                NodeKind::Socket => 's',
+                NodeKind::CharDevice => 'c',
+                NodeKind::BlockDevice => 'b',
+                NodeKind::File => '-',
+            };
+            let target = v
+                .link_target
+                .as_ref()
+                .map(|t| format!(" -> {t}"))
+                .unwrap_or_default();
+            vec![
+                format!("{kind}{}", v.mode),
+                v.user.clone(),
+                v.group.clone(),
+                v.size.to_string(),
+                output::when(v.mtime_ms, g.utc),
+                format!("{}{target}", v.path),
+            ]
+        })
+        .collect();
+    for line in output::table(
+        &["MODE", "USER", "GROUP", "SIZE", "MODIFIED", "PATH"],
+        &[3],
+        rows,
+    ) {
+        outln!("{line}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn node(name: &str, subtree: Option<u8>) -> Node {
+        Node {
+            name: name.as_bytes().to_vec(),
+            kind: if subtree.is_some() {
+                NodeKind::Dir
+            } else {
+                NodeKind::File
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime_ns: 0,
+            atime_ns: 0,
+            ctime_ns: 0,
+            size: 1,
+            inode: 0,
+            dev: 0,
+            nlink: 1,
+            rdev: 0,
+            link_target: None,
+            content: Vec::new(),
+            sparse: false,
+            subtree: subtree.map(|b| BlobId([b; 32])),
+            xattrs: Vec::new(),
+        }
+    }
+
+    struct Map(HashMap<BlobId, Vec<Node>>);
+
+    impl Trees for Map {
+        async fn get(&self, id: &BlobId) -> Result<Tree, CliError> {
+            let nodes = self.0.get(id).cloned().ok_or_else(|| CliError::Request {
+                what: "fetch tree".into(),
+                why: "missing".into(),
+            })?;
+            Ok(Tree { v: 1, nodes })
+        }
+    }
+
+    /// One backed-up path, /srv/data: a.txt and sub/ (with b.txt).
+    fn snapshot() -> (Map, Vec<Node>) {
+        let trees = Map(HashMap::from([
+            (
+                BlobId([1; 32]),
+                vec![node("a.txt", None), node("sub", Some(2))],
+            ),
+            (BlobId([2; 32]), vec![node("b.txt", None)]),
+        ]));
+        (trees, vec![node("/srv/data", Some(1))])
+    }
+
+    async fn paths(want: Option<&str>, recursive: bool) -> Result<Vec<String>, String> {
+        let (trees, roots) = snapshot();
+        Ok(listing(&trees, roots, want, recursive)
+            .await?
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect())
+    }
+
+    #[tokio::test]
+    async fn ls_without_a_path_lists_the_contents_of_the_backed_up_path() {
+        assert_eq!(
+            paths(None, false).await.expect("listing"),
+            ["/srv/data/a.txt", "/srv/data/sub"]
+        );
+        assert_eq!(
+            paths(Some("/"), false).await.expect("listing"),
+            ["/srv/data/a.txt", "/srv/data/sub"]
+        );
+    }
+
+    #[tokio::test]
+    async fn ls_with_a_path_lists_that_directory_or_that_file() {
+        assert_eq!(
+            paths(Some("/srv/data/sub/"), false).await.expect("listing"),
+            ["/srv/data/sub/b.txt"]
+        );
+        assert_eq!(
+            paths(Some("/srv/data"), false).await.expect("listing"),
+            ["/srv/data/a.txt", "/srv/data/sub"]
+        );
+        assert_eq!(
+            paths(Some("/srv/data/a.txt"), false)
+                .await
+                .expect("listing"),
+            ["/srv/data/a.txt"]
+        );
+        let missing = paths(Some("/srv/data/nope"), false).await;
+        assert_eq!(missing, Err("/srv/data/nope is not in".into()));
+        let outside = paths(Some("/srv"), false).await;
+        assert_eq!(outside, Err("/srv is not in".into()));
+        let below_a_file = paths(Some("/srv/data/a.txt/x"), false).await;
+        assert_eq!(
+            below_a_file,
+            Err("/srv/data/a.txt is a file, not a directory, in".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn ls_recursive_lists_everything_beneath_depth_first() {
+        assert_eq!(
+            paths(None, true).await.expect("listing"),
+            ["/srv/data/a.txt", "/srv/data/sub", "/srv/data/sub/b.txt"]
+        );
+        assert_eq!(
+            paths(Some("/srv/data/sub"), true).await.expect("listing"),
+            ["/srv/data/sub/b.txt"]
+        );
+    }
+
+    #[test]
+    fn nested_roots_resolve_to_the_longest() {
+        let roots = vec![node("/home", Some(1)), node("/home/a/data", Some(2))];
+        assert_eq!(find_root(&roots, "/home/a/data/x"), Some((1, vec!["x"])));
+        assert_eq!(find_root(&roots, "/home/b"), Some((0, vec!["b"])));
+        assert_eq!(find_root(&roots, "/homer"), None);
+        let slash = vec![node("/", Some(1))];
+        assert_eq!(
+            find_root(&slash, "/etc/hosts"),
+            Some((0, vec!["etc", "hosts"]))
+        );
+    }
 }

@@ -1,15 +1,15 @@
 //! `flotilla status`, `flotilla jobs` and `flotilla watch`: seeing the fleet.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
-use flotilla_protocol::status::{FleetStatus, STATUS_BUCKET, STATUS_KEY};
+use flotilla_protocol::status::{FleetStatus, PlanHostStatus, STATUS_BUCKET, STATUS_KEY};
 use flotilla_protocol::{subject, Event, EventBody};
 use futures::StreamExt;
 use serde_json::json;
 
-use super::follow::progress_line;
+use super::follow::{progress_line, Live};
+use super::hosts::RunningView;
 use super::{output, Global};
 use crate::error::{request_err, CliError};
 
@@ -17,6 +17,20 @@ async fn fleet_status(nats: &crate::nats::Nats) -> Option<FleetStatus> {
     let store = nats.js.get_key_value(STATUS_BUCKET).await.ok()?;
     let bytes = store.get(STATUS_KEY).await.ok()??;
     FleetStatus::decode(&bytes).ok()
+}
+
+/// A plan's state on one host in `status --json`: times as RFC 3339.
+fn plan_json(p: &PlanHostStatus) -> serde_json::Value {
+    json!({
+        "plan": p.plan,
+        "host": p.host,
+        "storage": p.storage,
+        "last_success": output::rfc3339_opt(p.last_success),
+        "last_snapshot": p.last_snapshot,
+        "next_run": output::rfc3339_opt(p.next_run),
+        "overdue": p.overdue,
+        "running_task": p.running_task,
+    })
 }
 
 pub(super) async fn status(g: &Global, json: bool) -> Result<(), CliError> {
@@ -30,6 +44,7 @@ pub(super) async fn status(g: &Global, json: bool) -> Result<(), CliError> {
         .map(|f| f.entries.clone())
         .unwrap_or_default();
     let mut rows = Vec::new();
+    let mut table = Vec::new();
     for rec in &hosts {
         let hb = &rec.heartbeat;
         let host = hb.host.as_str();
@@ -53,16 +68,59 @@ pub(super) async fn status(g: &Global, json: bool) -> Result<(), CliError> {
                 output::bytes(r.free_bytes)
             ));
         }
-        let plans: Vec<_> = entries.iter().filter(|e| e.host == host).collect();
+        let plans: Vec<&PlanHostStatus> = entries.iter().filter(|e| e.host == host).collect();
         for p in plans.iter().filter(|p| p.overdue) {
             problems.push(format!("plan {} overdue", p.plan));
         }
+        let status = if rec.offline_reason(now).is_some() {
+            "offline"
+        } else {
+            "online"
+        };
+        let running = hb
+            .running
+            .iter()
+            .map(|j| j.kind.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let running = if running.is_empty() {
+            "-".to_owned()
+        } else {
+            running
+        };
+        let problem_text = problems.join("; ");
+        if plans.is_empty() {
+            table.push(vec![
+                host.to_owned(),
+                status.to_owned(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                running.clone(),
+                problem_text.clone(),
+            ]);
+        }
+        for p in &plans {
+            table.push(vec![
+                host.to_owned(),
+                status.to_owned(),
+                p.plan.clone(),
+                p.last_success
+                    .map(|t| output::ago(now, t))
+                    .unwrap_or_else(|| "never".into()),
+                p.next_run
+                    .map(|t| output::when(t, g.utc))
+                    .unwrap_or_else(|| "-".into()),
+                running.clone(),
+                problem_text.clone(),
+            ]);
+        }
         rows.push(json!({
             "host": host,
-            "status": if rec.offline_reason(now).is_some() { "offline" } else { "online" },
-            "last_seen": rec.stored_at,
-            "running": hb.running,
-            "plans": plans,
+            "status": status,
+            "last_seen": output::rfc3339(rec.stored_at),
+            "running": RunningView::of(&hb.running),
+            "plans": plans.iter().map(|p| plan_json(p)).collect::<Vec<_>>(),
             "problems": problems,
         }));
     }
@@ -81,64 +139,60 @@ pub(super) async fn status(g: &Global, json: bool) -> Result<(), CliError> {
             outln!("note: no `flotilla serve` has reported; schedules and last backups are unknown")
         }
     }
-    outln!(
-        "{:<16} {:<8} {:<12} {:<14} {:<22} {:<10} PROBLEMS",
-        "HOST",
-        "STATUS",
-        "PLAN",
-        "LAST BACKUP",
-        "NEXT RUN",
-        "RUNNING"
-    );
-    for (rec, row) in hosts.iter().zip(&rows) {
-        let host = rec.heartbeat.host.as_str();
-        let plans: Vec<_> = entries.iter().filter(|e| e.host == host).collect();
-        let running = rec
-            .heartbeat
-            .running
-            .iter()
-            .map(|j| j.kind.as_str())
-            .collect::<Vec<_>>()
-            .join(",");
-        let problems = row["problems"]
-            .as_array()
-            .map(|p| {
-                p.iter()
-                    .filter_map(|x| x.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            })
-            .unwrap_or_default();
-        let status = row["status"].as_str().unwrap_or("");
-        if plans.is_empty() {
-            outln!(
-                "{host:<16} {status:<8} {:<12} {:<14} {:<22} {:<10} {problems}",
-                "-",
-                "-",
-                "-",
-                if running.is_empty() { "-" } else { &running }
-            );
-        }
-        for p in plans {
-            outln!(
-                "{host:<16} {status:<8} {:<12} {:<14} {:<22} {:<10} {problems}",
-                p.plan,
-                p.last_success
-                    .map(|t| output::ago(now, t))
-                    .unwrap_or_else(|| "never".into()),
-                p.next_run.map(output::time).unwrap_or_else(|| "-".into()),
-                if running.is_empty() { "-" } else { &running },
-            );
-        }
+    for line in output::table(
+        &[
+            "HOST",
+            "STATUS",
+            "PLAN",
+            "LAST BACKUP",
+            "NEXT RUN",
+            "RUNNING",
+            "PROBLEMS",
+        ],
+        &[],
+        table,
+    ) {
+        outln!("{line}");
     }
     Ok(())
+}
+
+/// One task as `flotilla jobs` shows it, put together from its events.
+#[derive(Debug, Default)]
+struct Job {
+    task_id: String,
+    kind: String,
+    host: String,
+    /// `running`, or how it ended.
+    state: String,
+    started: Option<u64>,
+    finished: Option<u64>,
+    duration_ms: Option<u64>,
+    error: Option<String>,
+}
+
+impl Job {
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "task_id": self.task_id,
+            "kind": self.kind,
+            "host": self.host,
+            "state": self.state,
+            "started": output::rfc3339_opt(self.started),
+            "finished": output::rfc3339_opt(self.finished),
+            "duration_ms": self.duration_ms,
+            "error": self.error,
+        })
+    }
 }
 
 /// Recent jobs from the event stream: every task's start and end.
 pub(super) async fn jobs(g: &Global, json: bool, limit: usize) -> Result<(), CliError> {
     let nats = g.connect().await?;
     let Ok(stream) = nats.js.get_stream(subject::EVENT_STREAM).await else {
-        if !json {
+        if json {
+            outln!("[]");
+        } else {
             outln!("no jobs yet");
         }
         return Ok(());
@@ -159,7 +213,7 @@ pub(super) async fn jobs(g: &Global, json: bool, limit: usize) -> Result<(), Cli
         .await
         .map_err(request_err("read event stream"))?
         .num_pending;
-    let mut jobs: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut jobs: BTreeMap<String, Job> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
     if pending > 0 {
         let mut messages = consumer
@@ -175,19 +229,33 @@ pub(super) async fn jobs(g: &Global, json: bool, limit: usize) -> Result<(), Cli
                         order.push(task_id.clone());
                         jobs.insert(
                             task_id.clone(),
-                            json!({"task_id": task_id, "kind": task_kind, "host": ev.host.as_str(),
-                            "started": ev.time, "state": "running"}),
+                            Job {
+                                task_id: task_id.clone(),
+                                kind: task_kind.clone(),
+                                host: ev.host.to_string(),
+                                state: "running".into(),
+                                started: Some(ev.time),
+                                ..Job::default()
+                            },
                         );
                     }
                     EventBody::TaskFinished(f) => {
                         let j = jobs.entry(f.task_id.clone()).or_insert_with(|| {
                             order.push(f.task_id.clone());
-                            json!({"task_id": f.task_id, "kind": f.task_kind, "host": ev.host.as_str()})
+                            Job {
+                                task_id: f.task_id.clone(),
+                                kind: f.task_kind.clone(),
+                                host: ev.host.to_string(),
+                                ..Job::default()
+                            }
                         });
-                        j["state"] = serde_json::to_value(f.outcome).unwrap_or_default();
-                        j["finished"] = json!(ev.time);
-                        j["duration_ms"] = json!(f.duration_ms);
-                        j["error"] = json!(f.error);
+                        j.state = serde_json::to_value(f.outcome)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default();
+                        j.finished = Some(ev.time);
+                        j.duration_ms = Some(f.duration_ms);
+                        j.error = f.error.clone();
                     }
                     _ => {}
                 }
@@ -197,42 +265,46 @@ pub(super) async fn jobs(g: &Global, json: bool, limit: usize) -> Result<(), Cli
             }
         }
     }
-    let recent: Vec<&serde_json::Value> = order
+    let recent: Vec<&Job> = order
         .iter()
         .rev()
         .take(limit)
         .filter_map(|id| jobs.get(id))
         .collect();
     if json {
+        let docs: Vec<serde_json::Value> = recent.iter().map(|j| j.to_json()).collect();
         outln!(
             "{}",
-            serde_json::to_string_pretty(&recent).unwrap_or_default()
+            serde_json::to_string_pretty(&docs).unwrap_or_default()
         );
         return Ok(());
     }
-    outln!(
-        "{:<38} {:<9} {:<14} {:<10} {:<24} {:>9}  ERROR",
-        "TASK",
-        "KIND",
-        "HOST",
-        "STATE",
-        "STARTED",
-        "SECONDS"
-    );
-    for j in recent {
-        outln!(
-            "{:<38} {:<9} {:<14} {:<10} {:<24} {:>9}  {}",
-            j["task_id"].as_str().unwrap_or(""),
-            j["kind"].as_str().unwrap_or(""),
-            j["host"].as_str().unwrap_or(""),
-            j["state"].as_str().unwrap_or(""),
-            j["started"].as_u64().map(output::time).unwrap_or_default(),
-            j["duration_ms"]
-                .as_u64()
-                .map(|d| format!("{:.1}", d as f64 / 1000.0))
-                .unwrap_or_else(|| "-".into()),
-            j["error"].as_str().unwrap_or("")
-        );
+    let rows = recent
+        .iter()
+        .map(|j| {
+            vec![
+                j.task_id.clone(),
+                j.kind.clone(),
+                j.host.clone(),
+                j.state.clone(),
+                j.started
+                    .map(|t| output::when(t, g.utc))
+                    .unwrap_or_else(|| "-".into()),
+                j.duration_ms
+                    .map(|d| format!("{:.1}", d as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".into()),
+                j.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    for line in output::table(
+        &[
+            "TASK", "KIND", "HOST", "STATE", "STARTED", "SECONDS", "ERROR",
+        ],
+        &[5],
+        rows,
+    ) {
+        outln!("{line}");
     }
     Ok(())
 }
@@ -245,77 +317,55 @@ pub(super) async fn watch(g: &Global, json: bool) -> Result<(), CliError> {
         .subscribe(format!("{}.events.task.>", subject::ROOT))
         .await
         .map_err(request_err("subscribe to task events"))?;
-    let tty = std::io::stdout().is_terminal() && !json;
-    let mut lines: BTreeMap<String, String> = BTreeMap::new();
-    let mut drawn = 0usize;
+    let mut live = (!json).then(Live::stdout);
     if !json {
         outln!("watching running tasks (Ctrl-C to stop)");
     }
     loop {
         let msg = tokio::select! {
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            m = sub.next() => match m { Some(m) => m, None => return Ok(()) },
+            _ = tokio::signal::ctrl_c() => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
         };
         let Ok(ev) = Event::decode(&msg.payload) else {
             continue;
         };
-        if json {
+        let Some(live) = live.as_mut() else {
             outln!("{}", serde_json::to_string(&ev).unwrap_or_default());
             continue;
-        }
-        let key = format!("{} {}", ev.host, ev.body.task_id().unwrap_or(""));
+        };
+        let task_id = ev.body.task_id().unwrap_or("");
+        let key = format!("{} {task_id}", ev.host);
+        // What follows the progress itself: the kind and the task.
+        let tail = |kind: &str| format!("  {kind} {}", output::short(task_id));
         match &ev.body {
             EventBody::TaskProgress(p) => {
-                lines.insert(
-                    key.clone(),
-                    format!(
-                        "{} {:<8} {}",
-                        progress_line(&ev.host, p),
-                        p.task_kind,
-                        output::short(&p.task_id)
-                    ),
-                );
+                let tail = tail(&p.task_kind);
+                let width = live.width().saturating_sub(tail.chars().count());
+                live.set(&key, format!("{}{tail}", progress_line(&ev.host, p, width)));
             }
-            EventBody::TaskStarted { task_kind, task_id } => {
-                lines.insert(
-                    key.clone(),
-                    format!(
-                        "{:<16} {task_kind} {} started",
-                        ev.host,
-                        output::short(task_id)
-                    ),
+            EventBody::TaskStarted { task_kind, .. } => {
+                live.set(
+                    &key,
+                    format!("{:<12} started{}", ev.host.as_str(), tail(task_kind)),
                 );
             }
             EventBody::TaskFinished(f) => {
-                lines.remove(&key);
-                if tty && drawn > 0 {
-                    print!("\x1b[{drawn}A\x1b[J");
-                    drawn = 0;
-                }
-                outln!(
+                live.remove(&key);
+                live.outln(&format!(
                     "{}  {} {} {:?} in {:.1}s {}",
-                    output::time(ev.time),
+                    output::when(ev.time, g.utc),
                     ev.host,
                     f.task_kind,
                     f.outcome,
                     f.duration_ms as f64 / 1000.0,
                     f.error.clone().unwrap_or_default()
-                );
+                ));
             }
-            _ => continue,
-        }
-        if tty {
-            if drawn > 0 {
-                print!("\x1b[{drawn}A");
-            }
-            for l in lines.values() {
-                outln!("\x1b[2K{l}");
-            }
-            drawn = lines.len();
-        } else if let EventBody::TaskProgress(_) = &ev.body {
-            if let Some(l) = lines.get(&key) {
-                outln!("{l}");
-            }
+            _ => {}
         }
     }
+    if let Some(live) = live.as_mut() {
+        live.clear();
+    }
+    Ok(())
 }

@@ -1,0 +1,419 @@
+//! The daemon's I/O: NATS subscriptions, the lease, sled, the status bucket,
+//! `/metrics` and notifications around the [`Core`], which decides.
+//!
+//! One task owns everything and reacts to four inputs: a tick (lease, then
+//! schedules, queue and watchdog), task results and refusals from the event
+//! stream, every event (routed to notifications while leading), and shutdown.
+//! Each input becomes a call on the core with the time it happened at, and the
+//! returned [`Action`]s are performed in order before the next input is taken.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use chrono::Local;
+use flotilla_protocol::status::{FleetStatus, STATUS_BUCKET, STATUS_KEY};
+use flotilla_protocol::{subject, Event, HostName, RootKind, TaskKind};
+use futures::StreamExt;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::core::{Action, Core, LeaderChange, TaskSpec};
+use super::error::ServeError;
+use super::lease::Lease;
+use super::metrics;
+use super::notify::Notifier;
+use super::state::ServeState;
+use crate::config::Config;
+use crate::dispatch::Dispatch;
+use crate::error::CliError;
+use crate::fleet::Fleet;
+use crate::fleetops;
+use crate::nats::{HostRecord, Nats};
+use crate::registry::Registry;
+
+/// The coordinator's own version, compared with agents'.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+struct Driver {
+    core: Core<ServeState, Local>,
+    nats: Nats,
+    fleet: Fleet,
+    notifier: Notifier,
+    metrics: Arc<Mutex<metrics::Snapshot>>,
+    registry: Registry,
+    /// `None` until opened, and again after a write failed.
+    status: Option<async_nats::jetstream::kv::Store>,
+}
+
+/// Subscribes to `subject`; failing means the bus is gone.
+async fn subscribe(nats: &Nats, subject: String) -> Result<async_nats::Subscriber, ServeError> {
+    nats.client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|source| ServeError::Subscribe { subject, source })
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+///
+/// It fails only at start: state directory, lease bucket, subscriptions,
+/// metrics address. Once running, trouble (the bus restarting included) is
+/// logged and waited out.
+pub async fn run(
+    config: Config,
+    fleet: Fleet,
+    nats: Nats,
+    state_dir: Option<&Path>,
+) -> Result<(), ServeError> {
+    for w in fleetops::config_warnings(&config, Some(&fleet.dir)) {
+        warn!("flotilla.toml: {w}");
+    }
+    let dir = state_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| fleet.dir.join("serve"));
+    let state = ServeState::open(&dir).map_err(|source| ServeError::State {
+        dir: dir.clone(),
+        source,
+    })?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| ServeError::Signal { source })?;
+    let instance = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
+    let mut lease = Lease::open(&nats.js, instance.clone()).await?;
+
+    let listener = match &config.metrics {
+        Some(m) => Some(
+            tokio::net::TcpListener::bind(m.listen)
+                .await
+                .map_err(|source| ServeError::Metrics {
+                    addr: m.listen,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let mut finished = subscribe(&nats, subject::events_of_kind("task.finished")).await?;
+    let mut rejected = subscribe(&nats, subject::events_of_kind("security.task_rejected")).await?;
+    let mut everything = subscribe(&nats, subject::event_all()).await?;
+
+    // Nothing fails from here on: start the tasks, each owned.
+    let cancel = CancellationToken::new();
+    let registry = Registry::spawn(nats.clone(), cancel.child_token());
+    let metrics = Arc::new(Mutex::new(metrics::Snapshot {
+        heartbeats: registry.heartbeats_counter(),
+        ..Default::default()
+    }));
+    let mut endpoint = JoinSet::new();
+    if let Some(listener) = listener {
+        endpoint.spawn(metrics::serve(
+            listener,
+            metrics::registry(metrics.clone()),
+            cancel.child_token(),
+        ));
+    }
+
+    let tick_every = config.serve.tick;
+    let plans = config.plan.len();
+    let mut driver = Driver {
+        notifier: Notifier::new(config.notify.clone()),
+        core: Core::new(config, state, Local, VERSION, crate::now_ms()),
+        status: open_status_bucket(&nats).await,
+        nats,
+        fleet,
+        metrics,
+        registry,
+    };
+    info!(instance = %instance, plans, "flotilla serve started");
+
+    let mut tick = tokio::time::interval(tick_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+            _ = tick.tick() => {
+                let seen = lease.refresh().await;
+                let actions = driver.core.on_lease(crate::now_ms(), seen);
+                driver.perform(actions).await;
+                driver.tick().instrument(info_span!("tick")).await;
+            }
+            Some(msg) = finished.next() => {
+                if let Ok(ev) = Event::decode(&msg.payload) {
+                    let actions = driver.core.on_finished(crate::now_ms(), &ev);
+                    driver.perform(actions).await;
+                }
+            }
+            Some(msg) = rejected.next() => {
+                if let Ok(ev) = Event::decode(&msg.payload) {
+                    let actions = driver.core.on_rejected(&ev);
+                    driver.perform(actions).await;
+                }
+            }
+            Some(msg) = everything.next() => {
+                if driver.core.is_leader() {
+                    if let Ok(ev) = Event::decode(&msg.payload) {
+                        driver.notifier.route(&ev);
+                    }
+                }
+            }
+        }
+    }
+    // Shutdown order: stop the endpoint and the registry, hand the lease
+    // over, then exit. Jobs already dispatched keep running on their agents;
+    // a restarted daemon sees their results in the stream only if it is
+    // running by then.
+    cancel.cancel();
+    while endpoint.join_next().await.is_some() {}
+    if let Err(e) = lease.release().await {
+        warn!(error = %e, "the lease expires by itself instead");
+    }
+    info!("flotilla serve stopped");
+    Ok(())
+}
+
+async fn open_status_bucket(nats: &Nats) -> Option<async_nats::jetstream::kv::Store> {
+    use async_nats::jetstream::kv;
+    match nats.js.get_key_value(STATUS_BUCKET).await {
+        Ok(s) => Some(s),
+        Err(_) => nats
+            .js
+            .create_key_value(kv::Config {
+                bucket: STATUS_BUCKET.into(),
+                description: "what flotilla serve knows about every plan".into(),
+                history: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| warn!(error = %e, "cannot create the status bucket"))
+            .ok(),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "coordinator".into())
+}
+
+impl Driver {
+    async fn tick(&mut self) {
+        // The registry is read once per tick and shared by metrics and the
+        // watchdog: from the live copy, or from the bucket until that copy
+        // has caught up.
+        let hosts = match self.registry.hosts() {
+            Some(hosts) => Some(hosts),
+            None => self.nats.hosts().await.ok(),
+        };
+        self.refresh_metrics(hosts.as_deref().unwrap_or_default())
+            .await;
+        let now = crate::now_ms();
+        let actions = self.core.on_tick(now, hosts.as_deref());
+        self.perform(actions).await;
+        if self.core.is_leader() {
+            self.publish_status(self.core.status(crate::now_ms())).await;
+        }
+    }
+
+    /// Performs actions in order; those that answer the core (a dispatch)
+    /// may add more.
+    async fn perform(&mut self, actions: Vec<Action>) {
+        let mut todo = VecDeque::from(actions);
+        while let Some(action) = todo.pop_front() {
+            match action {
+                Action::Dispatch { job, host, task } => {
+                    let sent = self.send(&host, task).await;
+                    todo.extend(self.core.on_dispatched(job, sent, crate::now_ms()));
+                }
+                Action::Publish {
+                    host,
+                    severity,
+                    message,
+                    body,
+                } => {
+                    info!(%host, kind = body.kind(), %message, "event");
+                    if let Err(e) = self
+                        .nats
+                        .publish_event(&host, severity, message, body)
+                        .await
+                    {
+                        warn!(error = %e, "cannot publish event");
+                    }
+                }
+                Action::ApplyRetention {
+                    plan,
+                    host,
+                    storage,
+                    keep,
+                } => {
+                    if let Err(e) = self.apply_retention(&host, &storage, &keep).await {
+                        warn!(%plan, %host, error = %e, "cannot apply retention");
+                    }
+                }
+                Action::JobStarted { plan } => self.notifier.job_started(&plan),
+                Action::Leadership(change) => log_leadership(&change),
+            }
+        }
+    }
+
+    async fn send(&self, host: &HostName, task: TaskSpec) -> Result<String, CliError> {
+        let dispatch = Dispatch::new(&self.fleet, &self.nats)?;
+        let kind = match task {
+            TaskSpec::Backup {
+                storage,
+                paths,
+                excludes,
+            } => TaskKind::Backup {
+                paths,
+                excludes,
+                storage_addr: fleetops::storage_addr(&self.nats, &storage).await?,
+                storage,
+            },
+            TaskSpec::Check { read_data } => TaskKind::Check { read_data },
+            TaskSpec::Prune { grace_secs } => TaskKind::Prune {
+                dry_run: false,
+                grace_secs,
+            },
+        };
+        dispatch.publish(host, kind).await
+    }
+
+    /// Forgets what `keep` no longer keeps of `host`'s snapshots on `storage`
+    /// (data goes at the plan's next prune).
+    async fn apply_retention(
+        &self,
+        host: &HostName,
+        storage: &HostName,
+        keep: &crate::retention::KeepPolicy,
+    ) -> Result<(), CliError> {
+        let key = fleetops::repo_key(&self.fleet)?;
+        let verdicts = fleetops::decide(&self.nats, &key, keep, Some(host), Some(storage)).await?;
+        let doomed: Vec<String> = verdicts
+            .iter()
+            .filter(|(_, v)| !v.keep)
+            .map(|(f, _)| f.record.id.clone())
+            .collect();
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let task = Dispatch::new(&self.fleet, &self.nats)?
+            .publish(
+                storage,
+                TaskKind::Forget {
+                    snapshots: doomed.clone(),
+                },
+            )
+            .await?;
+        info!(%host, forgotten = doomed.len(), %task, "retention applied");
+        Ok(())
+    }
+
+    /// Writes what `flotilla status` shows into the status bucket, opening
+    /// it again after a failure (the server may have restarted).
+    async fn publish_status(&mut self, status: FleetStatus) {
+        if self.status.is_none() {
+            self.status = open_status_bucket(&self.nats).await;
+        }
+        let Some(store) = &self.status else { return };
+        let bytes = match flotilla_protocol::encode(&status) {
+            Ok(b) => b,
+            Err(e) => return warn!(error = %e, "cannot encode status"),
+        };
+        if let Err(e) = store.put(STATUS_KEY, bytes.into()).await {
+            warn!(error = %e, "cannot publish status");
+            self.status = None;
+        }
+    }
+
+    async fn refresh_metrics(&mut self, hosts: &[HostRecord]) {
+        let now = crate::now_ms();
+        let snapshot = metrics::Snapshot {
+            successes: self
+                .core
+                .successes()
+                .into_iter()
+                .map(|(plan, host, s)| metrics::LastSuccess {
+                    host,
+                    plan,
+                    at_secs: s.time as f64 / 1000.0,
+                    bytes_added: s.bytes_added,
+                    duration_secs: s.duration_ms as f64 / 1000.0,
+                })
+                .collect(),
+            agents: hosts
+                .iter()
+                .map(|r| {
+                    (
+                        r.heartbeat.host.to_string(),
+                        r.offline_reason(now).is_none(),
+                    )
+                })
+                .collect(),
+            storage: hosts
+                .iter()
+                .flat_map(|r| {
+                    r.heartbeat
+                        .roots
+                        .iter()
+                        .filter(|x| x.kind == RootKind::Storage)
+                        .map(|x| metrics::StorageRoot {
+                            host: r.heartbeat.host.to_string(),
+                            path: x.path.clone(),
+                            free_bytes: x.free_bytes,
+                            total_bytes: x.total_bytes,
+                        })
+                })
+                .collect(),
+            repositories: self.repository_stats(hosts).await,
+            leader: self.core.is_leader(),
+            running_jobs: self.core.running_jobs(),
+            heartbeats: self.registry.heartbeats_counter(),
+        };
+        if let Ok(mut m) = self.metrics.lock() {
+            *m = snapshot;
+        }
+    }
+
+    /// Sizes of the online storage hosts' repositories.
+    async fn repository_stats(
+        &self,
+        hosts: &[HostRecord],
+    ) -> Vec<(String, flotilla_protocol::repo::RepoStats)> {
+        let now = crate::now_ms();
+        let mut out = Vec::new();
+        for r in hosts.iter().filter(|r| {
+            r.heartbeat
+                .roles
+                .contains(&flotilla_protocol::Role::Storage)
+                && r.offline_reason(now).is_none()
+        }) {
+            let host = &r.heartbeat.host;
+            let asked =
+                fleetops::query(&self.nats, subject::repo_stats(host), Vec::new(), host).await;
+            if let Ok(flotilla_protocol::frame::RepoReply::Stats { stats }) = asked {
+                out.push((host.to_string(), stats));
+            }
+        }
+        out
+    }
+}
+
+fn log_leadership(change: &LeaderChange) {
+    match change {
+        LeaderChange::Acquired { after_ms: None } => {
+            info!("acquired the coordinator lease; dispatching")
+        }
+        LeaderChange::Acquired { after_ms: Some(ms) } => info!(
+            standby_secs = ms / 1000,
+            "acquired the coordinator lease after {} s on standby; dispatching",
+            ms / 1000
+        ),
+        LeaderChange::Lost { why } => {
+            warn!(%why, "lost the coordinator lease; standing by")
+        }
+        LeaderChange::LongStandby { for_ms, why } => warn!(
+            %why,
+            "standby for {} s: no daemon can be seen holding the coordinator lease",
+            for_ms / 1000
+        ),
+    }
+}
