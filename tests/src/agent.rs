@@ -340,6 +340,18 @@ impl Agent {
         }
     }
 
+    /// Freezes the process (SIGSTOP) at whatever it is doing, so a test can
+    /// look at the world at a known moment; [`Agent::resume`] thaws it. A
+    /// frozen agent is still killed on drop.
+    pub fn pause(&mut self) -> Result<()> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// Thaws a process frozen by [`Agent::pause`].
+    pub fn resume(&mut self) -> Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
     /// Kills the process with SIGKILL, as a crash or power loss would, and reaps it.
     pub fn kill9(&mut self) -> Result<()> {
         self.signal(Signal::SIGKILL)?;

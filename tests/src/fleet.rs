@@ -482,6 +482,25 @@ impl Fleet {
     pub async fn nats_client(&self) -> Result<async_nats::Client> {
         bus::connect(&self.nats_url).await
     }
+
+    /// How many messages the task stream has ever stored (its last
+    /// sequence), read straight from JetStream: lets a test wait until a
+    /// command has really sent its task.
+    pub fn tasks_sent(&self) -> Result<u64> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("start a runtime for a NATS query")?;
+        runtime.block_on(async {
+            let js = async_nats::jetstream::new(self.nats_client().await?);
+            let mut stream = js
+                .get_stream(flotilla_protocol::subject::TASK_STREAM)
+                .await
+                .context("open the task stream")?;
+            let info = stream.info().await.context("read the task stream")?;
+            Ok(info.state.last_sequence)
+        })
+    }
 }
 
 impl Drop for Fleet {

@@ -60,6 +60,6 @@ pub use nats::{free_port, NatsServer};
 pub use process::{binaries, Binaries, CliOutput, CliProcess};
 pub use serve::{flotilla_cli, parse_prometheus, scrape_metrics, Sample, Serve, Webhook};
 pub use tree::{
-    allocated_bytes, flip_byte, largest_file, random_bytes, restored_path, same_contents,
-    tree_differences, write_random, Compare, XorShift,
+    allocated_bytes, flip_byte, largest_file, pack_entries, pack_files, random_bytes,
+    restored_path, same_contents, tree_differences, write_random, Compare, PackEntry, XorShift,
 };

@@ -1,6 +1,6 @@
 //! A real `nats-server` with JetStream, private to one test.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -8,6 +8,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use tempfile::TempDir;
 
 use crate::files::read_lossy;
@@ -18,11 +20,20 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// another process can take the port we picked.
 const START_ATTEMPTS: usize = 3;
 
+/// How long a stopping server may take to exit before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A `nats-server -js` on a free loopback port, with its JetStream store and log
 /// in a temporary directory. Killed (and the directory removed) on drop.
+///
+/// [`NatsServer::restart`] stops it and starts it again on the same port
+/// with the same store, as an operator's restart would: file-backed streams
+/// and buckets survive, memory-backed ones (the `flotilla serve` lease) do
+/// not, and clients reconnect by themselves.
 #[derive(Debug)]
 pub struct NatsServer {
     child: Child,
+    bin: PathBuf,
     port: u16,
     log: PathBuf,
     // Dropped after the child is killed, see `Drop`.
@@ -52,25 +63,46 @@ impl NatsServer {
             .context("cannot create a temporary directory for nats-server")?;
         let port = free_port()?;
         let log = dir.path().join("nats-server.log");
-        let log_file =
-            File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let port_arg = port.to_string();
-        let child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", port_arg.as_str(), "-js", "-sd"])
-            .arg(dir.path().join("jetstream"))
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+        File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let child = spawn(bin, port, dir.path(), &log)?;
         let mut server = Self {
             child,
+            bin: bin.to_path_buf(),
             port,
             log,
             dir,
         };
         server.wait_ready()?;
         Ok(server)
+    }
+
+    /// Stops the server (SIGTERM, as `systemctl restart` would; SIGKILL if
+    /// it has not exited within 10 s), keeps it down for `down`, and starts
+    /// it again on the same port with the same JetStream store, appending to
+    /// the same log. Returns once it accepts connections again.
+    pub fn restart(&mut self, down: Duration) -> Result<()> {
+        self.stop()?;
+        thread::sleep(down);
+        // The port was ours a moment ago; another process taking it in
+        // between is possible but rare, and reported with the log.
+        self.child = spawn(&self.bin, self.port, self.dir.path(), &self.log)?;
+        self.wait_ready()
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        let pid = Pid::from_raw(i32::try_from(self.child.id()).context("pid out of range")?);
+        // Already gone is fine: the wait below reaps it.
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() >= deadline {
+                self.child.kill()?;
+                self.child.wait()?;
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
     }
 
     fn wait_ready(&mut self) -> Result<()> {
@@ -136,6 +168,24 @@ impl Drop for NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `bin` on `127.0.0.1:port` with JetStream stored under
+/// `dir/jetstream`, appending its output to `log`.
+fn spawn(bin: &Path, port: u16, dir: &Path, log: &Path) -> Result<Child> {
+    let log_file = OpenOptions::new()
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let port_arg = port.to_string();
+    Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", port_arg.as_str(), "-js", "-sd"])
+        .arg(dir.join("jetstream"))
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))
 }
 
 fn nats_server_bin() -> Result<PathBuf> {

@@ -118,6 +118,75 @@ pub fn largest_file(dir: &Path, ext: &str) -> Result<Option<(PathBuf, u64)>> {
     Ok(best)
 }
 
+/// Every `*.pack` file under `dir` (none if it does not exist).
+pub fn pack_files(dir: &Path) -> Result<std::collections::BTreeSet<PathBuf>> {
+    let mut found = std::collections::BTreeSet::new();
+    if !dir.exists() {
+        return Ok(found);
+    }
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "pack") {
+                found.insert(path);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// One blob entry of a pack file (docs/repository.md, "Pack file").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackEntry {
+    /// 0 data, 1 tree.
+    pub kind: u8,
+    /// Where the sealed bytes start.
+    pub offset: u64,
+    /// How many sealed bytes there are.
+    pub length: u64,
+}
+
+/// The blob entries of a pack, read from its bytes the way the format
+/// defines them (header, entries, trailer), so a test can aim at a data blob
+/// instead of guessing an offset.
+pub fn pack_entries(path: &Path) -> Result<Vec<PackEntry>> {
+    const HEADER: usize = 10;
+    const ENTRY_HEADER: usize = 4 + 1 + 32 + 4 + 32;
+    const TRAILER: usize = 44;
+    let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if bytes.len() < HEADER + TRAILER || &bytes[..8] != b"FLOTPACK" {
+        bail!("{} is not a pack file", path.display());
+    }
+    let end = bytes.len() - TRAILER;
+    let mut at = HEADER;
+    let mut entries = Vec::new();
+    while at < end {
+        if at + ENTRY_HEADER > end || &bytes[at..at + 4] != b"BLOB" {
+            bail!("{}: no blob entry at byte {at}", path.display());
+        }
+        let kind = bytes[at + 4];
+        let len_at = at + 4 + 1 + 32;
+        let length = u32::from_be_bytes(bytes[len_at..len_at + 4].try_into()?) as usize;
+        let offset = at + ENTRY_HEADER;
+        if offset + length > end {
+            bail!(
+                "{}: blob at byte {at} runs past the trailer",
+                path.display()
+            );
+        }
+        entries.push(PackEntry {
+            kind,
+            offset: offset as u64,
+            length: length as u64,
+        });
+        at = offset + length;
+    }
+    Ok(entries)
+}
+
 /// Inverts every bit of the byte at `offset` of `path`, in place.
 pub fn flip_byte(path: &Path, offset: u64) -> Result<()> {
     let file = OpenOptions::new()

@@ -10,14 +10,14 @@
 use std::fs::{self, File, Permissions};
 use std::os::unix::fs::{symlink, FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use flotilla_protocol::{HostName, TaskKind};
 use flotilla_tests::{
-    allocated_bytes, check_report, flip_byte, largest_file, publish_task, random_bytes,
-    restored_path, same_contents, summarize_events, summary_of, tree_differences, write_bytes,
-    write_random, Agent, CliOutput, Compare, DirStats, Fleet, NatsServer, DATA_TIMEOUT,
-    EVENT_TIMEOUT, STARTUP_TIMEOUT,
+    allocated_bytes, check_report, flip_byte, largest_file, pack_entries, publish_task,
+    random_bytes, restored_path, same_contents, summarize_events, summary_of, tree_differences,
+    write_bytes, write_random, Agent, CliOutput, Compare, DirStats, Fleet, NatsServer,
+    DATA_TIMEOUT, EVENT_TIMEOUT, STARTUP_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -237,14 +237,37 @@ fn two_hosts_back_up_concurrently_with_dedup() {
     let nats = NatsServer::start().expect("start nats-server");
     let fleet = Fleet::init(&nats).expect("flotilla init");
     let agents = start_world(&fleet, &["alpha", "beta"]);
-    let shared = random_bytes(0x5eed, (8 * MIB) as usize);
+    let shared = random_bytes(0x5eed, (32 * MIB) as usize);
     for (agent, seed) in agents[1..].iter().zip([11, 12]) {
         let root = agent.backup_root();
         write_bytes(&root.join("shared/common.bin"), &shared).expect("write the shared file");
         write_random(&root.join("own/own.bin"), seed, MIB).expect("write the host's own file");
     }
 
-    backup_ok(&fleet, &["alpha", "beta"]);
+    let summaries = backup_ok(&fleet, &["alpha", "beta"]);
+    // Concurrently: both tasks started before either finished, in the order
+    // the event stream received them.
+    let ids: Vec<&str> = summaries
+        .iter()
+        .map(|s| s["task_id"].as_str().expect("a task id per summary"))
+        .collect();
+    let events = fleet.events().expect("flotilla events --json");
+    let position = |kind: &str, id: &str| {
+        events
+            .iter()
+            .position(|e| is_task_event(e, kind, id))
+            .unwrap_or_else(|| {
+                fleet.fail(format!("no {kind} of {id}:\n{}", summarize_events(&events)))
+            })
+    };
+    let last_start = ids.iter().map(|id| position("task.started", id)).max();
+    let first_end = ids.iter().map(|id| position("task.finished", id)).min();
+    if last_start >= first_end {
+        fleet.fail(format!(
+            "the two backups did not overlap:\n{}",
+            summarize_events(&events)
+        ));
+    }
 
     let sources: u64 = agents[1..]
         .iter()
@@ -256,9 +279,9 @@ fn two_hosts_back_up_concurrently_with_dedup() {
         .sum();
     let stored = pack_bytes(agents[0].storage_dir());
     assert!(
-        stored < sources - 6 * MIB,
+        stored < sources - 30 * MIB,
         "no dedup across hosts: packs hold {stored} bytes for {sources} source bytes \
-         (8 MiB of them shared)"
+         (32 MiB of them shared)"
     );
 
     let snapshots = fleet.snapshots(&[]).expect("flotilla snapshots --json");
@@ -282,10 +305,18 @@ fn second_backup_with_nothing_changed_reads_nothing() {
     let root = agents[1].backup_root().to_path_buf();
     write_random(&root.join("data/blob.bin"), 3, 2 * MIB).expect("write test data");
     write_bytes(&root.join("data/notes.txt"), b"unchanged\n").expect("write test data");
-    // Files changed within the last second are "racily clean": the agent
-    // reads them again next time rather than trust their timestamps.
-    std::thread::sleep(std::time::Duration::from_millis(1100));
-
+    // Files whose mtime or ctime is within a second of the scan are "racily
+    // clean": the agent reads them again next time rather than trust their
+    // timestamps. The ctime cannot be set back, so wait until it is old enough.
+    for file in ["data/blob.bin", "data/notes.txt"] {
+        let meta = fs::metadata(root.join(file)).expect("stat the test data");
+        let changed =
+            SystemTime::UNIX_EPOCH + Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32);
+        let settled = changed + Duration::from_millis(1100);
+        if let Ok(left) = settled.duration_since(SystemTime::now()) {
+            std::thread::sleep(left);
+        }
+    }
     let first = backup_ok(&fleet, &["alpha"]).remove(0);
     assert!(
         first["bytes_read"].as_u64().is_some_and(|n| n >= 2 * MIB),
@@ -327,16 +358,32 @@ fn source_killed_mid_backup_resumes() {
         .expect("a queued line with the task id")
         .to_owned();
 
-    // true: it is running (progress seen); false: it already finished.
-    let running = super::wait_running_or_done(&fleet, "alpha", &task_id, RESUME_TIMEOUT);
-    if running {
-        let alpha = &mut agents[1];
-        alpha.kill9().expect("kill -9 alpha");
-        std::thread::sleep(Duration::from_secs(1));
-        alpha.restart().expect("restart alpha");
-    } else {
-        eprintln!("note: the backup finished before any progress event; nothing was interrupted");
+    // The kill must land mid-transfer: finished packs on nas, nothing
+    // committed. Poll the packs tightly, freeze alpha the moment 32 MiB are
+    // stored, and look at the repository while it cannot move on.
+    let total = DirStats::walk(&root).expect("walk the source").bytes;
+    let deadline = Instant::now() + RESUME_TIMEOUT;
+    while pack_bytes(agents[0].storage_dir()) < 32 * MIB {
+        if Instant::now() > deadline {
+            fleet.fail("alpha's backup stored nothing on nas");
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
+    let alpha = &mut agents[1];
+    alpha.pause().expect("SIGSTOP alpha");
+    let committed = fleet
+        .snapshots(&["--host", "alpha"])
+        .expect("list snapshots");
+    if !committed.is_empty() {
+        fleet.fail(format!("alpha committed before the kill: {committed:#?}"));
+    }
+    alpha.kill9().expect("kill -9 alpha");
+    let stored_at_kill = pack_bytes(agents[0].storage_dir());
+    assert!(
+        stored_at_kill < total,
+        "everything was stored before the kill"
+    );
+    agents[1].restart().expect("restart alpha");
 
     let finished = fleet.wait_for("the backup to finish successfully", RESUME_TIMEOUT, || {
         let events = fleet.events_of("task.finished", "alpha")?;
@@ -381,6 +428,18 @@ fn source_killed_mid_backup_resumes() {
     assert_exit(&fleet, &out, 0, "an intact repository");
     let report = check_report(&out).expect("a check report");
     assert_eq!(report["ok"], true, "{out}");
+
+    // Resumed, not restarted: what was stored before the kill was not sent
+    // again (the resumed run added at most what was missing, plus slack for
+    // packs that were still open when the source died).
+    let added = finished["detail"]["result"]["summary"]["bytes_added"]
+        .as_u64()
+        .unwrap_or_else(|| fleet.fail(format!("no bytes_added in {finished:#}")));
+    assert!(
+        added + stored_at_kill <= total + MIB,
+        "the resumed backup added {added} bytes of {total}, although {stored_at_kill} \
+         were stored before the kill"
+    );
 }
 
 #[test]
@@ -394,12 +453,19 @@ fn flipped_byte_is_found_and_unaffected_files_still_restore() {
     write_random(&b, 52, 3 * MIB).expect("write b.bin");
     let snapshot = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
 
-    // ~1 MiB into the largest pack: inside a data blob, not a tree.
+    // Into the middle of the largest data blob of the largest pack, read
+    // from the pack's own layout: a data blob, never a tree or a header.
     let packs = agents[0].storage_dir().join("packs");
-    let (pack, len) = largest_file(&packs, "pack")
+    let (pack, _) = largest_file(&packs, "pack")
         .expect("list the packs")
         .expect("the backup wrote a pack");
-    flip_byte(&pack, (len / 2).min(MIB)).expect("flip a byte of the pack");
+    let blob = pack_entries(&pack)
+        .expect("read the pack's entries")
+        .into_iter()
+        .filter(|e| e.kind == 0)
+        .max_by_key(|e| e.length)
+        .expect("the largest pack holds a data blob");
+    flip_byte(&pack, blob.offset + blob.length / 2).expect("flip a byte of a data blob");
 
     let out = fleet
         .check("nas", true)
@@ -407,11 +473,10 @@ fn flipped_byte_is_found_and_unaffected_files_still_restore() {
     assert_exit(&fleet, &out, 4, "check found problems");
     let report = check_report(&out).expect("a check report");
     assert_eq!(report["ok"], false, "{out}");
-    assert!(
-        report["damaged_blobs"]
-            .as_array()
-            .is_some_and(|d| !d.is_empty()),
-        "no damaged blob named: {out}"
+    assert_eq!(
+        report["damaged_blobs"].as_array().map(Vec::len),
+        Some(1),
+        "one flipped byte damages one blob: {out}"
     );
     let names_snapshot = |list: &Value| {
         list.as_array()
@@ -434,27 +499,18 @@ fn flipped_byte_is_found_and_unaffected_files_still_restore() {
         .filter(|f| f["snapshot"] == snapshot.as_str())
         .filter_map(|f| f["path"].as_str().map(str::to_owned))
         .collect();
-    assert!(!affected.is_empty(), "no affected file named: {out}");
-    // A damaged tree shows as "DIR/ (directory listing)": all below it is lost.
-    let lost = |file: &str| {
-        affected.iter().any(|p| {
-            p == file
-                || p.strip_suffix(" (directory listing)")
-                    .is_some_and(|dir| file.starts_with(dir))
-        })
-    };
+    // One data blob belongs to one of the two files (they share nothing):
+    // exactly that file is named, no directory listing.
     let (a_s, b_s) = (path_str(&a), path_str(&b));
-    let intact: Vec<&str> = [a_s.as_str(), b_s.as_str()]
-        .into_iter()
-        .filter(|f| !lost(f))
-        .collect();
-    let Some(&keep) = intact.first() else {
-        if affected.iter().any(|p| p.ends_with("(directory listing)")) {
-            eprintln!("note: the flipped byte hit a tree ({affected:?}); no file left to restore");
-            return;
-        }
-        fleet.fail(format!("one flipped byte damaged both files: {affected:?}"));
+    let (hit, keep) = match affected.as_slice() {
+        [one] if *one == a_s => (a_s.as_str(), b_s.as_str()),
+        [one] if *one == b_s => (b_s.as_str(), a_s.as_str()),
+        _ => fleet.fail(format!(
+            "a flipped byte in one data blob should affect exactly one of {a_s} and {b_s}, \
+             got {affected:?}:\n{out}"
+        )),
     };
+    eprintln!("the flipped byte hit {hit}; restoring {keep}");
 
     let target = agents[0].restore_root().join("r");
     restore_ok(&fleet, &snapshot, &target, &[keep]);

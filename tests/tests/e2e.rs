@@ -6,6 +6,7 @@
 
 mod dataplane;
 mod operations;
+mod reading;
 mod retention;
 
 use std::path::Path;
@@ -56,27 +57,6 @@ fn is_rejection(ev: &Value, host: &str, reason: &str) -> bool {
 
 fn is_task_event(ev: &Value, kind: &str, task_id: &str) -> bool {
     ev["kind"] == kind && ev["detail"]["task_id"] == task_id
-}
-
-/// Waits until `host`'s task `task_id` shows progress (true: it is running)
-/// or has finished (false: it ended before any progress event).
-fn wait_running_or_done(fleet: &Fleet, host: &str, task_id: &str, timeout: Duration) -> bool {
-    fleet.wait_for(&format!("progress of {host}'s task"), timeout, || {
-        let events = fleet.events_of("task", host)?;
-        if events
-            .iter()
-            .any(|e| is_task_event(e, "task.finished", task_id))
-        {
-            return Ok(Some(false));
-        }
-        if events
-            .iter()
-            .any(|e| is_task_event(e, "task.progress", task_id))
-        {
-            return Ok(Some(true));
-        }
-        anyhow::bail!("task events of {host}:\n{}", summarize_events(&events))
-    })
 }
 
 fn host_entry(fleet: &Fleet, host: &str) -> Result<Value> {
@@ -412,8 +392,13 @@ fn task_sent_while_agent_stopped_runs_when_back() -> Result<()> {
     assert!(status.success(), "agent exited with {status} after SIGTERM");
     wait_offline(&fleet, "alpha", "shutdown", Duration::from_secs(10));
 
+    let before = fleet.tasks_sent()?;
     let mut pending = fleet.spawn_cli(["estimate", "alpha", "--json", "--timeout", "60"])?;
-    std::thread::sleep(Duration::from_secs(2));
+    // The task must be in the stream before alpha comes back, or this would
+    // test nothing but an ordinary estimate.
+    fleet.wait_until("the estimate task in the stream", EVENT_TIMEOUT, || {
+        Ok(fleet.tasks_sent()? > before)
+    });
     if !pending.is_running() {
         let out = pending.wait(Duration::from_secs(1))?;
         fleet.fail(format!(

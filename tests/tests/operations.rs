@@ -13,7 +13,8 @@ use std::time::Duration;
 use anyhow::bail;
 use flotilla_tests::{
     flotilla_cli, free_port, now_ms, parse_prometheus, scrape_metrics, summarize_events,
-    write_bytes, Agent, Fleet, NatsServer, Sample, Webhook, EVENT_TIMEOUT, STARTUP_TIMEOUT,
+    summary_of, write_bytes, Agent, Fleet, NatsServer, Sample, Webhook, EVENT_TIMEOUT,
+    STARTUP_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -546,33 +547,121 @@ fn missed_runs_after_downtime_run_once() {
 fn serve_applies_the_plan_keep_policy_after_each_backup() {
     let nats = NatsServer::start().expect("start nats-server");
     let fleet = Fleet::init(&nats).expect("flotilla init");
+    let addr = loopback_addr();
     let text = format!(
-        "{SERVE}\n[[plan]]\nname = \"kept\"\nhosts = [\"alpha\"]\nto = \"nas\"\nkeep = {{ last = 1 }}\n"
+        "{SERVE}\n[[plan]]\nname = \"kept\"\nhosts = [\"alpha\"]\nto = \"nas\"\nkeep = {{ last = 1 }}\n{}",
+        metrics_section(&addr)
     );
     let config = write_config(fleet.dir(), "flotilla.toml", &text);
     let agents = start_world(&fleet);
     let _serve = fleet.serve("main", &config).expect("start flotilla serve");
-    // Let the daemon take the lease (it ticks every second).
-    std::thread::sleep(Duration::from_secs(3));
+    fleet.wait_until(
+        "the daemon to take the lease",
+        Duration::from_secs(30),
+        || {
+            let samples = scrape(&fleet, &addr)?;
+            Ok(sample(&samples, "flotilla_coordinator_leader", &[]) == Some(1.0))
+        },
+    );
     let root = agents[1].backup_root().to_path_buf();
+    let mut made = Vec::new();
     for i in 0..3u8 {
         write_bytes(&root.join(format!("changing-{i}.txt")), &[i; 4096]).expect("write test data");
-        fleet
+        let out = fleet
             .backup("alpha", "nas", &[])
-            .expect("run flotilla backup")
-            .ensure_success()
-            .expect("backup succeeds");
+            .expect("run flotilla backup");
+        out.ensure_success().expect("backup succeeds");
+        let summary = summary_of(&out, "alpha").expect("a backup summary");
+        made.push(
+            summary["snapshot"]
+                .as_str()
+                .expect("the summary names its snapshot")
+                .to_owned(),
+        );
+        // After each backup the policy leaves exactly the newest one.
+        let newest = made[made.len() - 1].clone();
+        fleet.wait_until(
+            "the keep policy (last = 1) to leave only the newest snapshot of alpha",
+            Duration::from_secs(30),
+            || {
+                let left = fleet.snapshots(&["--host", "alpha"])?;
+                Ok(left.len() == 1 && left[0]["id"] == newest.as_str())
+            },
+        );
     }
-    fleet.wait_until(
-        "the keep policy (last = 1) to leave one snapshot of alpha",
-        Duration::from_secs(30),
-        || Ok(fleet.snapshots(&["--host", "alpha"])?.len() == 1),
+}
+
+/// `flotilla serve` survives a nats-server restart (issue 11). The lease
+/// bucket lives in the server's memory, so the restart loses it: a daemon
+/// that set its lease up only at start stands by for good and its plans stop.
+/// This one opens the bucket again, takes the lease back, says so in its log,
+/// reports itself leader again, and runs the plan's next backup; the agents
+/// reconnect by themselves.
+///
+/// Takes up to two minutes: the restart is placed away from a minute
+/// boundary, so that the backup it waits for can only have been dispatched
+/// after the restart, by a daemon that leads again.
+#[test]
+fn serve_regains_the_lease_after_a_nats_restart() {
+    /// What the daemon logs when it takes the lease after standing by.
+    const REGAINED: &str = "acquired the coordinator lease after";
+    const LOST: &str = "lost the coordinator lease";
+    const MINUTE_MS: u64 = 60_000;
+    let mut nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let _agents = start_world(&fleet);
+    let addr = loopback_addr();
+    let text = format!("{SERVE}{}{}", minute_plan(), metrics_section(&addr));
+    let config = write_config(fleet.dir(), "flotilla.toml", &text);
+    let mut serve = fleet.serve("main", &config).expect("start flotilla serve");
+    let leader = |what: &str| {
+        fleet.wait_until(what, Duration::from_secs(30), || {
+            let samples = scrape(&fleet, &addr)?;
+            Ok(sample(&samples, "flotilla_coordinator_leader", &[]) == Some(1.0))
+        })
+    };
+    leader("the daemon to take the lease");
+
+    // Restart between 10 s and 45 s into a minute: a backup scheduled at the
+    // last boundary (a few KiB) has ended, the next is not yet due.
+    let into_minute = now_ms() % MINUTE_MS;
+    if !(10_000..=45_000).contains(&into_minute) {
+        let wait = (MINUTE_MS + 10_000 - into_minute) % MINUTE_MS;
+        std::thread::sleep(Duration::from_millis(wait));
+    }
+    let log_before = serve.log().len();
+    nats.restart(Duration::from_secs(2))
+        .expect("restart nats-server on the same port and store");
+    let back = now_ms();
+
+    let log = fleet.wait_for(
+        "the daemon's log to say it lost the lease and took it again",
+        Duration::from_secs(60),
+        || {
+            let log = serve.log();
+            let since = log.get(log_before..).unwrap_or_default();
+            match (since.find(LOST), since.find(REGAINED)) {
+                (Some(lost), Some(regained)) if lost < regained => Ok(Some(since.to_owned())),
+                _ => bail!("not yet; the daemon's log since the restart:\n{since}"),
+            }
+        },
     );
-    let left = fleet
-        .snapshots(&["--host", "alpha"])
-        .expect("list snapshots");
-    let newest = fleet
-        .cli_json(["snapshots", "--json"])
-        .expect("list snapshots");
-    assert_eq!(left.len(), 1, "{newest:#}");
+    if !serve.is_running() {
+        fleet.fail(format!("flotilla serve exited after the restart:\n{log}"));
+    }
+    leader("the daemon to report itself leader again after the restart");
+
+    // Only a leader dispatches: a daemon stuck on standby never starts one.
+    let done = wait_job_succeeded(&fleet, back);
+    let events = fleet.events().expect("flotilla events --json");
+    let started = events
+        .iter()
+        .find(|ev| is_backup_started(ev) && ev["detail"]["task_id"] == done["detail"]["task_id"]);
+    match started.and_then(|ev| ev["time"].as_u64()) {
+        Some(t) if t > back => {}
+        _ => fleet.fail(format!(
+            "the backup of {done:#} did not start after the restart ({back} ms):\n{}",
+            summarize_events(&events)
+        )),
+    }
 }

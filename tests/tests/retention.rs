@@ -7,12 +7,12 @@
 //! snapshots share no blob with newer ones and their packs become garbage.
 
 use std::fs;
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use flotilla_tests::{
-    check_report, json_values, read_lossy, restored_path, summarize_events, write_random,
-    CliOutput, Compare, DirStats, Fleet, NatsServer, DATA_TIMEOUT,
+    check_report, json_values, pack_entries, pack_files, read_lossy, restored_path,
+    summarize_events, write_random, CliOutput, Compare, DirStats, Fleet, NatsServer, DATA_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -241,15 +241,40 @@ fn forget_keeps_the_policy_and_prune_frees_space() {
 fn prune_during_a_concurrent_backup_breaks_nothing() {
     let nats = NatsServer::start().expect("start nats-server");
     let fleet = Fleet::init(&nats).expect("flotilla init");
-    let agents = start_world(&fleet, &["alpha", "beta"]);
-    let (nas, alpha, beta) = (&agents[0], &agents[1], &agents[2]);
-    let alpha_root = alpha.backup_root().to_path_buf();
-    let beta_root = beta.backup_root().to_path_buf();
+    let mut agents = start_world(&fleet, &["alpha", "beta"]);
+    let alpha_root = agents[1].backup_root().to_path_buf();
+    let beta_root = agents[2].backup_root().to_path_buf();
+    let nas_restore_root = agents[0].restore_root().to_path_buf();
+    let storage = agents[0].storage_dir().to_path_buf();
+    let packs_now = || pack_files(&storage.join("packs")).expect("list the packs");
 
+    // Two old snapshots of alpha that nothing keeps: the first shares its data
+    // with beta's backup below, the second shares nothing.
     replace_data(&alpha_root, 11, 4 * MIB);
-    let old = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+    let shared = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+    let shared_packs = packs_now();
+    replace_data(&alpha_root, 13, 4 * MIB);
+    let unshared = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+    let unshared_packs: Vec<PathBuf> = packs_now().difference(&shared_packs).cloned().collect();
+    let shared_data_packs: Vec<PathBuf> = shared_packs
+        .iter()
+        .filter(|p| {
+            pack_entries(p)
+                .expect("read a pack")
+                .iter()
+                .any(|e| e.kind == 0)
+        })
+        .cloned()
+        .collect();
+    assert!(
+        !shared_data_packs.is_empty(),
+        "the shared snapshot wrote no data pack"
+    );
     replace_data(&alpha_root, 12, 4 * MIB);
     let kept = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+    // Beta walks the shared file first (names sort), then 200 MiB of its own.
+    write_random(&beta_root.join("a-shared/seed-11.bin"), 11, 4 * MIB)
+        .expect("write the data beta shares with alpha's old snapshot");
     for i in 0..5 {
         write_random(
             &beta_root.join(format!("big/part-{i}.bin")),
@@ -271,24 +296,56 @@ fn prune_during_a_concurrent_backup_breaks_nothing() {
         .and_then(|v| v["task_id"].as_str().map(str::to_owned))
         .unwrap_or_else(|| fleet.fail(format!("no queued line for beta:\n{out}")));
 
-    // true: it is running (progress seen); false: it already finished.
-    let running = super::wait_running_or_done(&fleet, "beta", &task_id, BACKUP_TIMEOUT);
-    if !running {
-        eprintln!("note: beta's backup finished before any progress event; prune ran after it");
+    // Beta's first upload reaches nas only after nas answered its first
+    // question (which blobs exist?), and that question covered the shared
+    // file: from then on the live session relies on the shared blobs. Freeze
+    // beta right there, so the prune certainly runs while its session lives.
+    let tmp = storage.join("tmp");
+    let deadline = Instant::now() + BACKUP_TIMEOUT;
+    while fs::read_dir(&tmp).map_or(true, |mut d| d.next().is_none()) {
+        if Instant::now() > deadline {
+            fleet.fail("beta never uploaded anything to nas");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    agents[2].pause().expect("SIGSTOP beta");
+    let beta_snaps = fleet
+        .snapshots(&["--host", "beta"])
+        .expect("list snapshots");
+    if !beta_snaps.is_empty() {
+        fleet.fail(format!("beta committed before the prune: {beta_snaps:#?}"));
     }
 
     let (_, removed) = forget_keep_last_1(&fleet, "alpha");
-    assert_eq!(removed, vec![old.clone()], "keep-last 1 of alpha");
+    assert_eq!(
+        removed,
+        sorted([&shared, &unshared]),
+        "keep-last 1 of alpha"
+    );
     let report = prune(&fleet, &[]);
-    eprintln!(
-        "prune while beta's backup was {}: {report}",
-        if running { "running" } else { "done" }
-    );
-    assert!(
-        num(&report, "packs_deleted") >= 1,
-        "{old}'s packs: {report}"
-    );
+    eprintln!("prune while beta's backup is live: {report}");
+    // The unshared snapshot's packs go; the shared one's stay, because the
+    // live session relies on their blobs.
+    for pack in &unshared_packs {
+        assert!(
+            !pack.exists(),
+            "{} was not pruned: {report}",
+            pack.display()
+        );
+    }
+    for pack in &shared_data_packs {
+        assert!(
+            pack.exists(),
+            "prune deleted {}, which beta's live session relies on: {report}",
+            pack.display()
+        );
+    }
     assert!(num(&report, "bytes_freed") >= 3 * MIB, "{report}");
+    assert!(
+        num(&report, "packs_protected") >= shared_data_packs.len() as u64,
+        "{report}"
+    );
+    agents[2].resume().expect("SIGCONT beta");
 
     let finished = fleet.wait_for("beta's backup to finish", BACKUP_TIMEOUT, || {
         let events = fleet.events_of("task.finished", "beta")?;
@@ -326,6 +383,6 @@ fn prune_during_a_concurrent_backup_breaks_nothing() {
         sorted([&kept, &beta_snap]),
         "{listed:#?}"
     );
-    assert_restores(&fleet, nas.restore_root(), &kept, "alpha", &alpha_root);
-    assert_restores(&fleet, nas.restore_root(), &beta_snap, "beta", &beta_root);
+    assert_restores(&fleet, &nas_restore_root, &kept, "alpha", &alpha_root);
+    assert_restores(&fleet, &nas_restore_root, &beta_snap, "beta", &beta_root);
 }
