@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need (nats-server) and runs every test: unit tests,
 # property tests and the end-to-end suite against a real nats-server and real
-# agent processes, and a seconds-long smoke run of the benchmark harness.
+# agent processes, a seconds-long smoke run of the benchmark harness, the fuzz
+# targets over their seeds, and a quick chaos run (about 3 minutes).
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,3 +26,9 @@ rm -rf "$smoke"
 
 log "running all tests"
 cargo test --workspace --locked "$@"
+
+log "fuzz targets, smoke: every target's body over its committed seeds and regressions (stable; fuzz/run.sh SECONDS fuzzes for real)"
+CARGO_TARGET_DIR="$PWD/target" cargo test --manifest-path fuzz/Cargo.toml --lib --locked
+
+log "chaos, quick: kills, nats restarts, a full disk, clock skew, bit rot against a real local fleet (chaos/run --trials N for the full run)"
+CHAOS_NO_BUILD=1 chaos/run --quick

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use flotilla_protocol::repo::RepoKey;
 use flotilla_protocol::{
-    encode, AgentState, EventBody, Heartbeat, RootKind, Severity, HEARTBEAT_VERSION,
+    encode, AgentState, EventBody, Heartbeat, OfflineReason, RootKind, Severity, HEARTBEAT_VERSION,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +62,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         dir: settings.state_dir.display().to_string(),
         source,
     })?;
+    let epoch = state.epoch();
+    info!(
+        epoch = format_args!("{:016x}", epoch.epoch),
+        created_at = epoch.created_at,
+        "agent state open"
+    );
     match state.prune(started_at.saturating_sub(JOURNAL_RETENTION_MS)) {
         Ok(0) => {}
         Ok(n) => info!(removed = n, "pruned old journal entries"),
@@ -85,7 +91,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let endpoint = Arc::new(TransferEndpoint::bind(bind, &identity)?);
     let quic_addr = match settings.listen {
-        Some(_) => endpoint.local_addr().ok().map(|a| a.to_string()),
+        Some(_) => endpoint.local_addr().ok(),
         None => None,
     };
     let repo = match settings.storage.clone() {
@@ -168,7 +174,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             EventBody::AgentOnline {
                 version: VERSION.into(),
                 roles: agent.settings.roles(),
-                quic_addr: agent.quic_addr.clone(),
+                quic_addr: agent.quic_addr,
             },
         )
         .await;
@@ -204,7 +210,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             Severity::Warning,
             format!("agent {} went offline (shutdown)", agent.settings.host),
             EventBody::AgentOffline {
-                reason: "shutdown".into(),
+                reason: OfflineReason::Shutdown,
             },
         )
         .await;
@@ -283,8 +289,9 @@ async fn heartbeat(agent: &Agent, state: AgentState) -> Heartbeat {
         mem_total_bytes: mem_total,
         mem_available_bytes: mem_available,
         roles: s.roles(),
-        quic_addr: agent.quic_addr.clone(),
+        quic_addr: agent.quic_addr,
         roots,
         running,
+        epoch: Some(agent.state.epoch().epoch),
     }
 }

@@ -7,17 +7,18 @@
 mod backup;
 mod estimate;
 mod restore;
+mod roots;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 pub use backup::{
-    backup, BackupError, BackupOptions, BackupOutcome, CachedFile, FileCache, NoCache, Store,
-    StoreError,
+    backup, BackupOptions, BackupOutcome, CachedFile, FileCache, NoCache, Store, StoreError,
 };
 pub use estimate::estimate;
-pub use restore::{restore, Fetch, FetchError, RestoreError, RestoreOptions};
+pub use restore::{restore, Fetch, FetchError, RestoreOptions};
+pub use roots::{check_roots, RootBefore, RootRecord};
 
 /// Below this much work (in bytes) [`on_two_threads`] stays on one thread.
 const TWO_THREADS_MIN_BYTES: usize = 1024 * 1024;

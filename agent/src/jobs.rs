@@ -9,7 +9,8 @@
 //!
 //! What to do at each step is decided by [`lifecycle`], which does no I/O;
 //! this file performs its decisions. One runner per task kind lives beside
-//! it: `backup.rs`, `restore.rs`, `check.rs`, `prune.rs` (forget and prune).
+//! it: `backup.rs`, `restore.rs`, `check.rs`, `prune.rs` (forget and prune),
+//! `repair.rs`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -17,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
 use flotilla_protocol::{
-    subject, verify_task, EventBody, RejectReason, RunningJob, Severity, TaskBody, TaskKind,
-    TaskOutcome, TaskProgress, TaskResult,
+    check_epoch, subject, verify_task, EventBody, RejectReason, RunningJob, Severity, TaskBody,
+    TaskId, TaskKind, TaskOutcome, TaskProgress, TaskResult,
 };
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -31,6 +32,7 @@ mod check;
 mod context;
 mod lifecycle;
 mod prune;
+mod repair;
 mod restore;
 
 pub(crate) use context::Agent;
@@ -137,17 +139,22 @@ impl Agent {
         let subject = msg.subject.to_string();
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let s = &self.settings;
+        // A task issued for an earlier state of this agent is refused like
+        // one that does not verify: the journal that would recognise it as a
+        // replay was lost with that state.
+        let epoch = self.state.epoch();
         let verified = verify_task(
             &msg.payload,
             &s.coordinator_key,
             &s.bundle.fleet,
             &s.host,
             now_ms(),
-        );
+        )
+        .and_then(|body| check_epoch(&body, epoch.epoch, epoch.created_at).map(|()| body));
         let (intake, body) = match verified {
             Err(e) => {
                 let rejection = Rejection {
-                    task_id: e.task_id().map(str::to_owned),
+                    task_id: e.task_id().cloned(),
                     reason: e.reason(),
                     detail: e.to_string(),
                 };
@@ -164,7 +171,7 @@ impl Agent {
                 info!(task = %body.id, "redelivered task was never finished; running it");
             }
         }
-        self.record(&decision, body.as_ref().map(|b| b.id.as_str()), &subject)
+        self.record(&decision, body.as_ref().map(|b| &b.id), &subject)
             .await;
         if let Some(reply) = decision.reply {
             answer(&msg, reply).await;
@@ -284,6 +291,7 @@ impl Agent {
                 dry_run,
                 grace_secs,
             } => self.prune(*dry_run, *grace_secs).await,
+            TaskKind::Repair { read_data } => self.repair(body, *read_data).await,
             TaskKind::Cancel { task_id } => Ok(self.cancel_task(task_id)),
         };
         let duration_ms = started.elapsed().as_millis() as u64;
@@ -315,7 +323,7 @@ impl Agent {
 
     /// Performs the journal write and the event of `decision` about task
     /// `task_id`, in that order; `subject` is where a rejected task came from.
-    async fn record(&self, decision: &Decision, task_id: Option<&str>, subject: &str) {
+    async fn record(&self, decision: &Decision, task_id: Option<&TaskId>, subject: &str) {
         if let (Some((status, error)), Some(id)) = (&decision.journal, task_id) {
             if let Err(e) = self
                 .state
@@ -360,7 +368,7 @@ impl Agent {
     }
 
     /// Asks a running task to stop; it then ends `cancelled`.
-    fn cancel_task(&self, task_id: &str) -> (TaskOutcome, TaskResult) {
+    fn cancel_task(&self, task_id: &TaskId) -> (TaskOutcome, TaskResult) {
         let flag = self
             .running
             .lock()
@@ -369,15 +377,15 @@ impl Agent {
         let found = flag.is_some();
         if let Some(flag) = flag {
             if let Ok(mut c) = self.cancelled.lock() {
-                c.insert(task_id.to_owned());
+                c.insert(task_id.clone());
             }
             flag.cancel();
         }
-        info!(task = task_id, found, "cancel requested");
+        info!(task = %task_id, found, "cancel requested");
         (
             TaskOutcome::Succeeded,
             TaskResult::Cancel(flotilla_protocol::CancelReport {
-                task_id: task_id.to_owned(),
+                task_id: task_id.clone(),
                 was_running: found,
             }),
         )
@@ -493,7 +501,7 @@ impl Agent {
 
     async fn reject(
         &self,
-        task_id: Option<String>,
+        task_id: Option<TaskId>,
         reason: RejectReason,
         detail: String,
         subject: &str,

@@ -34,20 +34,21 @@
 //!   (`transfer/server.rs`) and what live sessions rely on (`claims.rs`).
 //! - `bus`: NATS: connection, streams, events, health bucket, discovery
 //!   (`bus/micro.rs`) and the read-only repository queries (`bus/queries.rs`).
-//! - [`engine`]: synchronous backup, restore and estimate on blocking threads.
+//! - `engine`: synchronous backup, restore and estimate on blocking threads.
 //! - [`repository`]: the storage side on disk: packs, indexes, snapshots,
 //!   check, prune. Never sees a repository key.
 //! - `state`: sled: the task journal, and the file cache beside it.
 //! - `config` ([`AgentConfig`], [`Settings`]), `health` (host readings).
 //!
 //! Exported: what `main.rs` and other crates use (the benchmarks dial with
-//! [`TransferEndpoint`] and simulate agents with [`Bus`]); [`engine`] and
-//! [`repository`] are public as the agent's reusable, documented parts.
+//! [`TransferEndpoint`] and simulate agents with [`Bus`]), with the error
+//! and helper types of their signatures; [`repository`] is public as the
+//! storage format's documented reader and writer.
 
 mod bus;
 mod config;
 mod daemon;
-pub mod engine;
+mod engine;
 mod health;
 mod jobs;
 pub mod repository;

@@ -13,13 +13,17 @@
 //! DIR/packs/<2 hex>/<pack id>.pack  packs; id = BLAKE3 of the whole file
 //! DIR/index/<pack id>.idx           index of one pack (MessagePack)
 //! DIR/snapshots/<id>.snap           one SnapshotRecord each (MessagePack)
+//! DIR/damaged/<pack id>.dmg         damaged copies found in one pack (MessagePack)
 //! DIR/tmp/                          files being written; emptied at open
 //! ```
 //!
 //! Every file reaches its final name by rename (or link) after an fsync, and
 //! the directory is fsynced after: a file under its final name is complete.
 //! The commit order is pack → index → snapshot, so a snapshot never names a
-//! blob that is not durably stored. See `docs/repository.md`.
+//! blob that is not durably stored. A copy found damaged (by `check` or a
+//! read) leaves the in-memory index at once and is recorded in `damaged/`, so
+//! no backup dedups against it, even after a restart; `repair` moves the good
+//! blobs out of damaged packs and drops them. See `docs/repository.md`.
 //!
 //! ```no_run
 //! # fn demo(sealed: &[u8], id: flotilla_protocol::repo::BlobId) -> Result<(), flotilla_agent::repository::RepoError> {
@@ -36,11 +40,15 @@
 //! ```
 
 mod check;
+mod damage;
 mod error;
 mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 mod index;
 mod pack;
 mod prune;
+mod repair;
 mod snapshots;
 
 use std::collections::{HashMap, HashSet};
@@ -49,17 +57,18 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use flotilla_protocol::repo::{BlobId, BlobKind, RepoStats};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use error::RepoError;
 pub use pack::{PackWriter, WriteStats};
 
+use damage::Recorded;
 use format::{hex32, IndexEntry, PackId, ENTRY_HEADER_LEN};
 
 /// Repository format version this build writes and reads.
@@ -72,7 +81,9 @@ pub const MAX_PACK_ENTRIES: usize = 65_536;
 const MAX_CONFIG_BYTES: u64 = 64 * 1024;
 /// Names that may exist in a directory being initialised (a crash during a
 /// previous init leaves some of them behind).
-const LAYOUT: [&str; 5] = ["packs", "index", "snapshots", "tmp", "lock"];
+const LAYOUT: [&str; 6] = ["packs", "index", "snapshots", "damaged", "tmp", "lock"];
+/// The directories of a repository.
+const SUBDIRS: [&str; 5] = ["packs", "index", "snapshots", "damaged", "tmp"];
 
 /// A repository opened by this process. Cheap to clone (a handle); also fine
 /// to share as `Arc<Repository>`. Many [`PackWriter`]s may write at once:
@@ -90,6 +101,15 @@ struct Shared {
     id: String,
     index: RwLock<MemIndex>,
     snapshots: AtomicU64,
+    /// Held by `check`, `prune` and `repair` for their whole run: each of
+    /// them reads the directory and then changes it (drops packs, writes
+    /// records), and two at once would act on what the other just removed.
+    /// Backups and restores never take it.
+    maintenance: Mutex<()>,
+    /// Held while a damage record is read, changed and written back (and
+    /// while records are removed), so two finds in one pack never overwrite
+    /// each other's record. Taken before the index lock, never after.
+    records: Mutex<()>,
     /// Held for the process's lifetime: two agents writing one repository
     /// would delete each other's files in tmp/ at open.
     _lock: Flock<File>,
@@ -126,11 +146,16 @@ struct MemIndex {
     slots: HashMap<PackId, u32>,
     blobs: HashMap<BlobId, Location>,
     bytes: u64,
+    /// Copies known to be damaged, by pack (`DIR/damaged/`, plus any whose
+    /// record could not be written). They are never indexed: a backup must
+    /// not dedup against them, and a restore would only fail on them.
+    damaged: HashMap<PackId, Recorded>,
 }
 
 impl MemIndex {
-    /// Adds a pack's entries. A blob already indexed keeps its first
-    /// location: duplicates across packs written concurrently are harmless.
+    /// Adds a pack's entries, except copies recorded as damaged. A blob
+    /// already indexed keeps its first location: duplicates across packs
+    /// written concurrently are harmless.
     fn insert_pack(&mut self, id: PackId, size: u64, entries: &[IndexEntry]) {
         let slot = match self.slots.get(&id) {
             Some(s) => *s,
@@ -143,7 +168,11 @@ impl MemIndex {
                 s
             }
         };
+        let damaged = self.damaged.get(&id);
         for e in entries {
+            if damaged.is_some_and(|d| d.covers(&e.id)) {
+                continue;
+            }
             self.blobs.entry(e.id).or_insert(Location {
                 pack: slot,
                 kind: e.kind,
@@ -170,6 +199,35 @@ impl MemIndex {
         if !dropped.is_empty() {
             self.blobs.retain(|_, loc| !dropped.contains(&loc.pack));
         }
+    }
+
+    /// Records that the copies `damage` names in `pack` are damaged and
+    /// takes them out of the index, so that lookups answer "missing" and the
+    /// next backup uploads them again. A location in another pack is kept.
+    fn add_damage(&mut self, pack: PackId, damage: Recorded) {
+        let merged = match self.damaged.remove(&pack) {
+            Some(old) => old.merge(damage),
+            None => damage,
+        };
+        if let Some(slot) = self.slots.get(&pack).copied() {
+            match &merged {
+                Recorded::Blobs { ids, .. } => {
+                    for id in ids {
+                        if self.blobs.get(id).is_some_and(|l| l.pack == slot) {
+                            self.blobs.remove(id);
+                        }
+                    }
+                }
+                Recorded::Whole { .. } => self.blobs.retain(|_, l| l.pack != slot),
+            }
+        }
+        self.damaged.insert(pack, merged);
+    }
+
+    /// The pack a blob's indexed copy is in.
+    fn pack_of(&self, id: &BlobId) -> Option<PackId> {
+        let loc = self.blobs.get(id)?;
+        self.packs.get(loc.pack as usize).copied()
     }
 
     /// Of the packs holding `ids` (those indexed), the ones not on disk with
@@ -236,7 +294,8 @@ impl Repository {
         } else {
             init(dir)?
         };
-        for sub in ["packs", "index", "snapshots", "tmp"] {
+        // `damaged/` is new in this build; an older repository gets it here.
+        for sub in SUBDIRS {
             let p = dir.join(sub);
             fs::create_dir_all(&p).map_err(|e| RepoError::io("create", &p, e))?;
         }
@@ -248,6 +307,7 @@ impl Repository {
             dir = %dir.display(),
             packs = index.slots.len(),
             blobs = index.blobs.len(),
+            damaged_packs = index.damaged.len(),
             snapshots,
             "repository open"
         );
@@ -257,6 +317,8 @@ impl Repository {
                 id: config.id,
                 index: RwLock::new(index),
                 snapshots: AtomicU64::new(snapshots),
+                maintenance: Mutex::new(()),
+                records: Mutex::new(()),
                 _lock: lock,
             }),
         })
@@ -293,52 +355,54 @@ impl Repository {
     }
 
     /// Reads one sealed blob, verifying its bytes against the hash stored
-    /// beside them. Damage is an error naming the pack and the blob.
+    /// beside them. Damage is an error naming the pack and the blob, and the
+    /// damaged copy leaves the index at once (and is recorded, see
+    /// [`check`](Self::check)): the next backup that has the data uploads it
+    /// again.
     pub fn read_blob(&self, id: &BlobId) -> Result<(BlobKind, Vec<u8>), RepoError> {
-        let (loc, pack) = {
-            let index = self.shared.read_index();
-            let loc = *index.blobs.get(id).ok_or_else(|| RepoError::NotFound {
-                what: format!("blob {id}"),
+        // `repair` may move a blob to a new pack and delete the old one
+        // between the lookup and the read: a pack found gone is looked up
+        // once more before it counts as lost.
+        let mut looked_again = false;
+        loop {
+            let (loc, pack) = {
+                let index = self.shared.read_index();
+                let loc = *index.blobs.get(id).ok_or_else(|| RepoError::NotFound {
+                    what: format!("blob {id}"),
+                })?;
+                // Slots are only ever appended, so the location's slot exists.
+                let pack = index.packs.get(loc.pack as usize).copied();
+                (loc, pack)
+            };
+            let pack = pack.ok_or_else(|| RepoError::NotFound {
+                what: format!("pack of blob {id}"),
             })?;
-            // Slots are only ever appended, so the location's slot exists.
-            let pack = index.packs.get(loc.pack as usize).copied();
-            (loc, pack)
-        };
-        let pack = pack.ok_or_else(|| RepoError::NotFound {
-            what: format!("pack of blob {id}"),
-        })?;
-        let path = self.shared.pack_path(&pack);
-        let file = File::open(&path).map_err(|e| RepoError::io("open", &path, e))?;
-        let short = |e: io::Error| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                RepoError::corrupt(&path, format!("pack ends before blob {id} (truncated)"))
-            } else {
-                RepoError::io("read", &path, e)
+            let path = self.shared.pack_path(&pack);
+            let fault = match read_copy(&path, id, loc.kind, loc.offset, loc.length, None) {
+                Ok(sealed) => return Ok((loc.kind, sealed)),
+                Err(fault) => fault,
+            };
+            match fault {
+                CopyFault::Gone(e) if !looked_again => {
+                    looked_again = true;
+                    debug!(error = %e, "pack gone at read; looking the blob up again");
+                }
+                CopyFault::Gone(e) | CopyFault::Truncated(e) => {
+                    // Gone or cut short: as a commit does, forget the pack, so
+                    // the next backup uploads its blobs again (invariant 4).
+                    warn!(error = %e, "pack is gone or shorter than its index; its blobs are treated as absent, run check");
+                    self.shared.write_index().remove_packs(&[pack]);
+                    return Err(e);
+                }
+                CopyFault::Damaged(e) => {
+                    if let Err(record) = self.mark_damaged(&pack, &[(*id, loc.offset)], None) {
+                        warn!(error = %record, "could not record a damaged blob; it is out of the index until the agent restarts");
+                    }
+                    return Err(e);
+                }
+                CopyFault::Io(e) => return Err(e),
             }
-        };
-        // Index offsets were validated at load (≥ header + entry header, and
-        // lengths ≤ MAX_SEALED), so this allocation is bounded.
-        let mut head = [0u8; ENTRY_HEADER_LEN as usize];
-        file.read_exact_at(&mut head, loc.offset - ENTRY_HEADER_LEN)
-            .map_err(short)?;
-        let mut sealed = vec![0u8; loc.length as usize];
-        file.read_exact_at(&mut sealed, loc.offset).map_err(short)?;
-        let h = format::parse_entry_header(&head).ok_or_else(|| {
-            RepoError::corrupt(&path, format!("entry header of blob {id} is damaged"))
-        })?;
-        if h.id != *id || h.kind != loc.kind || h.len != loc.length {
-            return Err(RepoError::corrupt(
-                &path,
-                format!("entry header of blob {id} does not match the index"),
-            ));
         }
-        if *blake3::hash(&sealed).as_bytes() != h.hash {
-            return Err(RepoError::corrupt(
-                &path,
-                format!("blob {id} does not match its stored hash (bit rot?)"),
-            ));
-        }
-        Ok((loc.kind, sealed))
     }
 
     /// Counts from the in-memory index.
@@ -354,15 +418,41 @@ impl Repository {
 }
 
 impl Shared {
-    // Poisoning: the index is only changed by `insert_pack`, `remove_packs`
-    // and wholesale replacement, none of which can panic half-way in a way
-    // that breaks lookups, so a poisoned lock's data is still sound.
+    // Poisoning: the index is only changed by `insert_pack`, `remove_packs`,
+    // `add_damage` and wholesale replacement, none of which can panic
+    // half-way in a way that breaks lookups, so a poisoned lock's data is
+    // still sound.
     fn read_index(&self) -> RwLockReadGuard<'_, MemIndex> {
         self.index.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn write_index(&self) -> RwLockWriteGuard<'_, MemIndex> {
         self.index.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // Both mutexes guard no data, only an order of file operations, so a
+    // poisoned one is as good as a clean one.
+    fn maintenance(&self) -> MutexGuard<'_, ()> {
+        self.maintenance.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn records(&self) -> MutexGuard<'_, ()> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the in-memory index with one loaded from disk; the caller
+    /// holds the index's write lock (`index`) and the records lock. Damage
+    /// known in memory whose record could not be written is kept for the
+    /// packs that are still there.
+    fn reload(&self, index: &mut MemIndex) -> Result<(), RepoError> {
+        let mut fresh = index::load_all(&self.dir)?;
+        for (pack, damage) in std::mem::take(&mut index.damaged) {
+            if fresh.slots.contains_key(&pack) {
+                fresh.add_damage(pack, damage);
+            }
+        }
+        *index = fresh;
+        Ok(())
     }
 
     fn pack_path(&self, id: &PackId) -> PathBuf {
@@ -424,6 +514,83 @@ fn write_tmp(dir: &Path, like: &Path, bytes: &[u8]) -> Result<PathBuf, RepoError
         return Err(RepoError::io("write", &tmp, e));
     }
     Ok(tmp)
+}
+
+/// Why one stored copy of a blob could not be read.
+#[derive(Debug)]
+enum CopyFault {
+    /// The bytes are not the ones written: the entry header does not parse
+    /// or does not match, or the sealed bytes do not match their hash.
+    Damaged(RepoError),
+    /// The pack ends before the blob does.
+    Truncated(RepoError),
+    /// The pack file does not exist.
+    Gone(RepoError),
+    /// The file system failed; the copy may well be intact.
+    Io(RepoError),
+}
+
+/// Reads the copy of blob `id` whose sealed bytes start at `offset` in the
+/// pack at `path`, and verifies it: the entry header must parse and name
+/// `id`, `kind` and `length`, the bytes must hash to the header's hash, and
+/// to `hash` when the caller knows it (from an index). `length` must have
+/// been checked against `MAX_SEALED` (index validation, or the scanner), so
+/// the allocation is bounded.
+fn read_copy(
+    path: &Path,
+    id: &BlobId,
+    kind: BlobKind,
+    offset: u64,
+    length: u32,
+    hash: Option<&[u8; 32]>,
+) -> Result<Vec<u8>, CopyFault> {
+    let damaged = |why: String| CopyFault::Damaged(RepoError::corrupt(path, why));
+    let file = File::open(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => CopyFault::Gone(RepoError::io("open", path, e)),
+        _ => CopyFault::Io(RepoError::io("open", path, e)),
+    })?;
+    let short = |e: io::Error| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            CopyFault::Truncated(RepoError::corrupt(
+                path,
+                format!("pack ends before blob {id} (truncated)"),
+            ))
+        } else {
+            CopyFault::Io(RepoError::io("read", path, e))
+        }
+    };
+    let head_at = offset
+        .checked_sub(ENTRY_HEADER_LEN)
+        .ok_or_else(|| damaged(format!("blob {id} has no room for its entry header")))?;
+    let mut head = [0u8; ENTRY_HEADER_LEN as usize];
+    file.read_exact_at(&mut head, head_at).map_err(short)?;
+    let mut sealed = vec![0u8; length as usize];
+    file.read_exact_at(&mut sealed, offset).map_err(short)?;
+    let h = format::parse_entry_header(&head)
+        .ok_or_else(|| damaged(format!("entry header of blob {id} is damaged")))?;
+    if h.id != *id || h.kind != kind || h.len != length || hash.is_some_and(|x| *x != h.hash) {
+        return Err(damaged(format!(
+            "entry header of blob {id} does not match the index"
+        )));
+    }
+    if *blake3::hash(&sealed).as_bytes() != h.hash {
+        return Err(damaged(format!(
+            "blob {id} does not match its stored hash (bit rot?)"
+        )));
+    }
+    Ok(sealed)
+}
+
+/// Removes `path` if it exists and makes that durable in its directory.
+fn remove_durably(path: &Path) -> Result<bool, RepoError> {
+    match fs::remove_file(path) {
+        Ok(()) => {
+            sync_dir(parent(path))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(RepoError::io("remove", path, e)),
+    }
 }
 
 /// The directory holding `path` (every path here has one).
@@ -490,7 +657,7 @@ fn read_config(path: &Path) -> Result<Config, RepoError> {
 /// that init accepts again.
 fn init(dir: &Path) -> Result<Config, RepoError> {
     check_fresh(dir)?;
-    for sub in ["packs", "index", "snapshots", "tmp"] {
+    for sub in SUBDIRS {
         let p = dir.join(sub);
         fs::create_dir_all(&p).map_err(|e| RepoError::io("create", &p, e))?;
     }
@@ -569,7 +736,7 @@ mod tests {
         assert_eq!(id.len(), 32);
         let again = Repository::open_or_init(dir.path()).unwrap();
         assert_eq!(again.repo_id(), id);
-        for sub in ["packs", "index", "snapshots", "tmp", "config"] {
+        for sub in ["packs", "index", "snapshots", "damaged", "tmp", "config"] {
             assert!(dir.path().join(sub).exists(), "{sub}");
         }
     }

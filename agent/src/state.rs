@@ -10,6 +10,12 @@
 //! carries [`STATE_FORMAT`] in its `meta` tree, and an agent refuses to open a
 //! state directory written by a newer format.
 //!
+//! The `meta` tree also holds the state's [`Epoch`]: a random number made
+//! when the state was created. Heartbeats carry it and the coordinator
+//! stamps it into tasks, so a task issued for an earlier state (one captured
+//! from the bus before the state directory was wiped, which the new,
+//! empty journal cannot recognise as a replay) is refused.
+//!
 //! Beside the database, `files/` holds the file cache of each repository the
 //! agent backs up into ([`files`]): one file each, read and written whole.
 
@@ -17,9 +23,9 @@ mod files;
 
 use std::path::{Path, PathBuf};
 
-use flotilla_protocol::UnixMillis;
+use flotilla_protocol::{TaskId, UnixMillis};
 
-use crate::engine::CachedFile;
+use crate::engine::{CachedFile, RootRecord};
 pub use files::MapFileCache;
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +33,10 @@ use serde::{Deserialize, Serialize};
 pub const STATE_FORMAT: u16 = 1;
 /// Version of [`JournalEntry`] values.
 pub const JOURNAL_VERSION: u16 = 1;
+/// Version of the [`Epoch`] value.
+pub const EPOCH_VERSION: u16 = 1;
+/// Key of the [`Epoch`] in the `meta` tree.
+const EPOCH_KEY: &str = "epoch";
 
 /// The agent's state database.
 #[derive(Debug, Clone)]
@@ -34,6 +44,20 @@ pub struct State {
     db: sled::Db,
     journal: sled::Tree,
     files_dir: PathBuf,
+    epoch: Epoch,
+}
+
+/// Which state this is: made once, when the state is created, and kept for
+/// its whole life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Epoch {
+    /// Value version, [`EPOCH_VERSION`].
+    pub v: u16,
+    /// Random; a new one means a new state (and an empty journal).
+    pub epoch: u64,
+    /// When it was made. A state from before epochs gets one when it is
+    /// first opened by an agent that knows them, made then.
+    pub created_at: UnixMillis,
 }
 
 /// One task in the journal.
@@ -42,7 +66,7 @@ pub struct JournalEntry {
     /// Value version, [`JOURNAL_VERSION`].
     pub v: u16,
     /// Task id.
-    pub task_id: String,
+    pub task_id: TaskId,
     /// Task kind name.
     pub kind: String,
     /// Stream sequence of the message that brought it; a different sequence
@@ -157,6 +181,20 @@ impl State {
                 meta.insert("format", &STATE_FORMAT.to_be_bytes())?;
             }
         }
+        let epoch = match meta.get(EPOCH_KEY)? {
+            Some(bytes) => decode_epoch(&bytes)?,
+            None => {
+                let epoch = Epoch {
+                    v: EPOCH_VERSION,
+                    epoch: random_u64()?,
+                    created_at: crate::now_ms(),
+                };
+                meta.insert(EPOCH_KEY, encode(&epoch))?;
+                // Durable before any heartbeat announces it.
+                db.flush()?;
+                epoch
+            }
+        };
         let journal = db.open_tree("journal")?;
         // File caches of earlier versions lived in sled trees; they are
         // simply dropped (the next backup reads every file once).
@@ -169,7 +207,13 @@ impl State {
             db,
             journal,
             files_dir: dir.join("files"),
+            epoch,
         })
+    }
+
+    /// This state's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
     }
 
     /// Journals a newly received task, unless its id is known, and makes it
@@ -177,7 +221,7 @@ impl State {
     pub async fn accept(&self, entry: JournalEntry) -> Result<Accepted, StateError> {
         let value = encode(&entry);
         let cas = self.journal.compare_and_swap(
-            entry.task_id.as_bytes(),
+            entry.task_id.as_str().as_bytes(),
             None as Option<&[u8]>,
             Some(value),
         )?;
@@ -188,10 +232,10 @@ impl State {
             }
             Err(existing) => {
                 let stored = match existing.current {
-                    Some(bytes) => decode(&entry.task_id, &bytes)?,
+                    Some(bytes) => decode(entry.task_id.as_str(), &bytes)?,
                     None => {
                         return Err(StateError::Corrupt {
-                            key: entry.task_id,
+                            key: entry.task_id.into(),
                             why: "vanished during insert".into(),
                         })
                     }
@@ -208,30 +252,31 @@ impl State {
     /// Records a status change of a journalled task, durably.
     pub async fn set_status(
         &self,
-        task_id: &str,
+        task_id: &TaskId,
         status: JobStatus,
         error: Option<String>,
         now: UnixMillis,
     ) -> Result<(), StateError> {
         let Some(mut entry) = self.get(task_id)? else {
             return Err(StateError::Corrupt {
-                key: task_id.into(),
+                key: task_id.to_string(),
                 why: "status change for a task that is not journalled".into(),
             });
         };
         entry.status = status;
         entry.error = error;
         entry.updated_at = now;
-        self.journal.insert(task_id.as_bytes(), encode(&entry))?;
+        self.journal
+            .insert(task_id.as_str().as_bytes(), encode(&entry))?;
         self.db.flush_async().await?;
         Ok(())
     }
 
     /// The journal entry of `task_id`.
-    pub fn get(&self, task_id: &str) -> Result<Option<JournalEntry>, StateError> {
+    pub fn get(&self, task_id: &TaskId) -> Result<Option<JournalEntry>, StateError> {
         self.journal
-            .get(task_id.as_bytes())?
-            .map(|v| decode(task_id, &v))
+            .get(task_id.as_str().as_bytes())?
+            .map(|v| decode(task_id.as_str(), &v))
             .transpose()
     }
 
@@ -274,14 +319,15 @@ impl State {
     }
 
     /// Replaces the file cache of `repo_id` with what the last committed
-    /// backup saw; files that are gone drop out.
+    /// backup saw (its files, and its paths); files that are gone drop out.
     pub async fn replace_file_cache(
         &self,
         repo_id: &str,
         entries: Vec<(Vec<u8>, CachedFile)>,
+        roots: Vec<(Vec<u8>, RootRecord)>,
     ) -> Result<(), StateError> {
         let path = files::cache_path(&self.files_dir, repo_id);
-        tokio::task::spawn_blocking(move || files::store(&path, entries))
+        tokio::task::spawn_blocking(move || files::store(&path, entries, roots))
             .await
             .map_err(|e| StateError::Io(std::io::Error::other(e)))?
             .map_err(StateError::Io)
@@ -300,9 +346,29 @@ impl State {
     }
 }
 
-fn encode(entry: &JournalEntry) -> Vec<u8> {
-    // A struct of strings, integers and bytes always encodes.
-    flotilla_protocol::encode(entry).unwrap_or_default()
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Structs of strings, integers and bytes always encode.
+    flotilla_protocol::encode(value).unwrap_or_default()
+}
+
+fn decode_epoch(bytes: &[u8]) -> Result<Epoch, StateError> {
+    let epoch: Epoch = rmp_serde::from_slice(bytes).map_err(|e| StateError::Corrupt {
+        key: format!("meta/{EPOCH_KEY}"),
+        why: e.to_string(),
+    })?;
+    if epoch.v > EPOCH_VERSION {
+        return Err(StateError::Newer(epoch.v));
+    }
+    Ok(epoch)
+}
+
+/// A random epoch from the system's random source.
+fn random_u64() -> Result<u64, StateError> {
+    let rng = ring::rand::SystemRandom::new();
+    let bytes: [u8; 8] = ring::rand::generate(&rng)
+        .map_err(|_| StateError::Io(std::io::Error::other("the system's random source failed")))?
+        .expose();
+    Ok(u64::from_be_bytes(bytes))
 }
 
 fn decode(key: &str, bytes: &[u8]) -> Result<JournalEntry, StateError> {
@@ -320,10 +386,14 @@ fn decode(key: &str, bytes: &[u8]) -> Result<JournalEntry, StateError> {
 mod tests {
     use super::*;
 
+    fn tid(id: &str) -> TaskId {
+        TaskId::new(id).expect("valid")
+    }
+
     fn entry(id: &str, seq: u64) -> JournalEntry {
         JournalEntry {
             v: JOURNAL_VERSION,
-            task_id: id.into(),
+            task_id: tid(id),
             kind: "estimate".into(),
             stream_seq: seq,
             status: JobStatus::Received,
@@ -360,7 +430,7 @@ mod tests {
             state.accept(entry("a", 1)).await.expect("ok");
             state.accept(entry("b", 2)).await.expect("ok");
             state
-                .set_status("b", JobStatus::Succeeded, None, 5)
+                .set_status(&tid("b"), JobStatus::Succeeded, None, 5)
                 .await
                 .expect("ok");
         }
@@ -371,8 +441,57 @@ mod tests {
             .into_iter()
             .map(|e| e.task_id)
             .collect();
-        assert_eq!(open, vec!["a".to_string()]);
+        assert_eq!(open, vec![tid("a")]);
         assert_eq!(state.prune(10).expect("ok"), 1);
+    }
+
+    #[test]
+    fn a_state_keeps_its_epoch_and_a_new_state_gets_another() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let before = crate::now_ms();
+        let first = State::open(dir.path()).expect("opens").epoch();
+        assert_eq!(first.v, EPOCH_VERSION);
+        assert!(first.created_at >= before, "{first:?}");
+        // Reopened (a restart): the same epoch.
+        assert_eq!(State::open(dir.path()).expect("reopens").epoch(), first);
+        // Wiped and created again (a reinstall): another one.
+        std::fs::remove_dir_all(dir.path()).expect("wipe");
+        let second = State::open(dir.path()).expect("recreates").epoch();
+        assert_ne!(second.epoch, first.epoch);
+        assert!(second.created_at >= first.created_at);
+    }
+
+    #[test]
+    fn a_state_from_before_epochs_gets_one_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(State::open(dir.path()).expect("opens"));
+        {
+            // As an agent that predates epochs left it: no epoch in meta.
+            let db = sled::open(dir.path().join("state.sled")).expect("sled");
+            let meta = db.open_tree("meta").expect("meta");
+            meta.remove(EPOCH_KEY).expect("remove");
+            db.flush().expect("flush");
+        }
+        let before = crate::now_ms();
+        let given = State::open(dir.path()).expect("opens").epoch();
+        assert!(given.created_at >= before, "made at this open: {given:?}");
+        assert_eq!(State::open(dir.path()).expect("reopens").epoch(), given);
+        {
+            let db = sled::open(dir.path().join("state.sled")).expect("sled");
+            let newer = Epoch {
+                v: EPOCH_VERSION + 1,
+                ..given
+            };
+            db.open_tree("meta")
+                .expect("meta")
+                .insert(EPOCH_KEY, encode(&newer))
+                .expect("insert");
+            db.flush().expect("flush");
+        }
+        assert!(matches!(
+            State::open(dir.path()),
+            Err(StateError::Newer(v)) if v == EPOCH_VERSION + 1
+        ));
     }
 
     #[tokio::test]
@@ -383,15 +502,15 @@ mod tests {
             state.accept(entry("c", 1)).await.expect("ok");
             state.accept(entry("r", 2)).await.expect("ok");
             state
-                .set_status("c", JobStatus::Running, None, 2)
+                .set_status(&tid("c"), JobStatus::Running, None, 2)
                 .await
                 .expect("ok");
             state
-                .set_status("c", JobStatus::Cancelled, None, 3)
+                .set_status(&tid("c"), JobStatus::Cancelled, None, 3)
                 .await
                 .expect("ok");
             state
-                .set_status("r", JobStatus::Running, None, 3)
+                .set_status(&tid("r"), JobStatus::Running, None, 3)
                 .await
                 .expect("ok");
         }
@@ -403,9 +522,9 @@ mod tests {
             .into_iter()
             .map(|e| e.task_id)
             .collect();
-        assert_eq!(open, vec!["r".to_string()]);
+        assert_eq!(open, vec![tid("r")]);
         assert_eq!(state.prune(10).expect("ok"), 1, "only the cancelled one");
-        assert!(state.get("c").expect("ok").is_none());
-        assert!(state.get("r").expect("ok").is_some());
+        assert!(state.get(&tid("c")).expect("ok").is_none());
+        assert!(state.get(&tid("r")).expect("ok").is_some());
     }
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use flotilla_agent::now_ms;
 use flotilla_coordinator::Fleet;
-use flotilla_protocol::{Bundle, HostName};
+use flotilla_protocol::{Bundle, HostName, TaskId};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -767,12 +767,9 @@ struct Repeats {
 
 impl Repeats {
     fn of(receipts: &[&Receipt]) -> Repeats {
-        let mut by_task: HashMap<&str, Vec<u64>> = HashMap::new();
+        let mut by_task: HashMap<&TaskId, Vec<u64>> = HashMap::new();
         for r in receipts {
-            by_task
-                .entry(r.task_id.as_str())
-                .or_default()
-                .push(r.stream_seq);
+            by_task.entry(&r.task_id).or_default().push(r.stream_seq);
         }
         let (mut replayed, mut redelivered) = (false, 0);
         for seqs in by_task.values_mut() {
@@ -846,7 +843,7 @@ mod tests {
 
     fn receipt(task: &str, seq: u64, at_ms: u64) -> Receipt {
         Receipt {
-            task_id: task.into(),
+            task_id: TaskId::new(task).expect("valid task id"),
             stream_seq: seq,
             unix_ms: 1_700_000_000_000 + at_ms,
             at: Duration::from_millis(at_ms),

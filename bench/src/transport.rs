@@ -356,8 +356,27 @@ fn random_buffer(len: usize) -> Vec<u8> {
     buf
 }
 
+/// Why a `--bytes` value was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum BytesError {
+    /// No leading number.
+    #[error("{0:?} is not a byte count (try 1073741824 or 1GiB)")]
+    NotANumber(String),
+    /// A suffix that is not a unit.
+    #[error("unknown unit {unit:?} in {text:?} (use K, M, G or KiB, MiB, GiB)")]
+    UnknownUnit {
+        /// The suffix.
+        unit: String,
+        /// The whole value.
+        text: String,
+    },
+    /// More bytes than a `u64` counts.
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
 /// Parses `1073741824`, `1GiB`, `512M`, `10MB`.
-fn parse_bytes(text: &str) -> Result<u64, String> {
+fn parse_bytes(text: &str) -> Result<u64, BytesError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -365,7 +384,7 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
     let (digits, suffix) = text.split_at(split);
     let number: u64 = digits
         .parse()
-        .map_err(|_| format!("{text:?} is not a byte count (try 1073741824 or 1GiB)"))?;
+        .map_err(|_| BytesError::NotANumber(text.to_owned()))?;
     let unit: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "ki" | "kib" => 1 << 10,
@@ -375,14 +394,15 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
         "mb" => 1_000_000,
         "gb" => 1_000_000_000,
         other => {
-            return Err(format!(
-                "unknown unit {other:?} in {text:?} (use K, M, G or KiB, MiB, GiB)"
-            ))
+            return Err(BytesError::UnknownUnit {
+                unit: other.to_owned(),
+                text: text.to_owned(),
+            })
         }
     };
     number
         .checked_mul(unit)
-        .ok_or_else(|| format!("{text:?} is too large"))
+        .ok_or_else(|| BytesError::TooLarge(text.to_owned()))
 }
 
 #[cfg(test)]
@@ -395,8 +415,21 @@ mod tests {
         assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
         assert_eq!(parse_bytes("32M"), Ok(32 << 20));
         assert_eq!(parse_bytes("10MB"), Ok(10_000_000));
-        assert!(parse_bytes("1TiB").is_err());
-        assert!(parse_bytes("GiB").is_err());
+        assert_eq!(
+            parse_bytes("1TiB"),
+            Err(BytesError::UnknownUnit {
+                unit: "tib".into(),
+                text: "1TiB".into()
+            })
+        );
+        assert_eq!(
+            parse_bytes("GiB"),
+            Err(BytesError::NotANumber("GiB".into()))
+        );
+        assert_eq!(
+            parse_bytes("99999999999G"),
+            Err(BytesError::TooLarge("99999999999G".into()))
+        );
     }
 
     #[test]

@@ -9,12 +9,14 @@ mod forget;
 mod hosts;
 mod manual;
 mod output;
+mod repair;
 mod restore;
 mod setup;
 mod snapshots;
 mod status;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use flotilla_protocol::HostName;
@@ -36,8 +38,10 @@ pub struct Cli {
     pub command: Command,
 }
 
-const EXIT_CODES: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 host unknown or offline, \
-4 task rejected or failed (also: check found problems), 5 cannot reach NATS, \
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 host unknown or offline \
+(also: --timeout ran out while it was offline), 4 task rejected, failed or timed out \
+(--timeout; also: check found problems, repair left data lost), \
+5 cannot reach NATS, \
 6 finished but some files could not be read or restored, 130 cancelled with Ctrl-C.";
 
 /// What `enroll` accepts as a host name: what [`HostName::new`] checks (a
@@ -201,9 +205,17 @@ pub enum Command {
         /// Glob to leave out (repeatable), e.g. `**/.cache` or `*.tmp`.
         #[arg(long = "exclude", value_name = "GLOB")]
         excludes: Vec<String>,
+        /// Back up a path even if it is empty now (or no longer a mount point) but held files
+        /// at the last backup; without it such a backup fails, as the disk may not be mounted.
+        #[arg(long)]
+        allow_empty: bool,
         /// Wait and show progress per host until every backup ends.
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (`90s`, `30m`, `2h`; a plan's `timeout` with
+        /// --plan/--all) and send the unfinished tasks a cancel; exit 4 (3: host offline).
+        #[arg(long, value_name = "DURATION", value_parser = timeout_arg, requires = "wait")]
+        timeout: Option<Duration>,
         /// JSON lines: progress, then a summary per host.
         #[arg(long)]
         json: bool,
@@ -252,6 +264,10 @@ pub enum Command {
         /// Wait and show progress until it ends.
         #[arg(long)]
         wait: bool,
+        /// With --wait: give up after this long (`90s`, `30m`, `2h`) and send the task a
+        /// cancel; exit 4 (3: host offline).
+        #[arg(long, value_name = "DURATION", value_parser = timeout_arg, requires = "wait")]
+        timeout: Option<Duration>,
         /// JSON lines.
         #[arg(long)]
         json: bool,
@@ -322,6 +338,25 @@ pub enum Command {
         /// Re-read and re-hash all data.
         #[arg(long)]
         read_data: bool,
+        /// Give up after this long (`90s`, `30m`, `2h`) and send the task a cancel;
+        /// exit 4 (3: host offline).
+        #[arg(long, value_name = "DURATION", value_parser = timeout_arg)]
+        timeout: Option<Duration>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Repair a storage host's repository after damage: move the good blobs out of
+    /// damaged packs, drop those packs, name the files still lost (exit 4 if any).
+    Repair {
+        /// The storage host.
+        storage: HostName,
+        /// Re-read and re-hash all data first (not needed right after `check --read-data`).
+        #[arg(long)]
+        read_data: bool,
+        /// Wait and show the report (else return once the task is sent).
+        #[arg(long)]
+        wait: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -361,6 +396,7 @@ impl Command {
             | Command::Forget { json, .. }
             | Command::Prune { json, .. }
             | Command::Check { json, .. }
+            | Command::Repair { json, .. }
             | Command::Config {
                 command: ConfigCommand::Check { json, .. },
             } => *json,
@@ -420,6 +456,19 @@ fn report(e: &CliError, json: bool) {
     } else {
         eprintln!("flotilla: {e}");
     }
+}
+
+/// `--timeout`: a duration such as `90s`, `30m` or `2h` (a bare number is
+/// seconds, as `estimate --timeout` takes), above zero.
+fn timeout_arg(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => crate::config::duration(s).map_err(|e| e.to_string())?,
+    };
+    if d.is_zero() {
+        return Err("a timeout must be above zero".into());
+    }
+    Ok(d)
 }
 
 /// Runs one parsed command.
@@ -553,7 +602,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             paths,
             to,
             excludes,
+            allow_empty,
             wait,
+            timeout,
             json,
         } => {
             if all || plan.is_some() {
@@ -579,7 +630,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                         p.paths.clone(),
                         &to,
                         p.exclude.clone(),
+                        allow_empty || p.allow_empty,
                         wait,
+                        timeout.or(p.timeout),
                         json,
                     )
                     .await
@@ -598,7 +651,18 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 return last.map_or(Ok(()), Err);
             }
             let to = to.ok_or_else(|| CliError::Usage("--to STORAGE is required".into()))?;
-            backup::run(g, &hosts, paths, &to, excludes, wait, json).await
+            backup::run(
+                g,
+                &hosts,
+                paths,
+                &to,
+                excludes,
+                allow_empty,
+                wait,
+                timeout,
+                json,
+            )
+            .await
         }
         Command::Snapshots { host, to, json } => {
             snapshots::snapshots(g, host.as_ref(), to.as_ref(), json).await
@@ -616,13 +680,33 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             includes,
             from,
             wait,
+            timeout,
             json,
-        } => restore::run(g, &snapshot, &to, includes, from.as_ref(), wait, json).await,
+        } => {
+            restore::run(
+                g,
+                &snapshot,
+                &to,
+                includes,
+                from.as_ref(),
+                wait,
+                timeout,
+                json,
+            )
+            .await
+        }
         Command::Check {
             storage,
             read_data,
+            timeout,
             json,
-        } => check::run(g, &storage, read_data, json).await,
+        } => check::run(g, &storage, read_data, timeout, json).await,
+        Command::Repair {
+            storage,
+            read_data,
+            wait,
+            json,
+        } => repair::run(g, &storage, read_data, wait, json).await,
         Command::Forget {
             host,
             plan,
@@ -780,5 +864,71 @@ mod tests {
         let cli = parse(&["completions", "bash"]).expect("parse");
         assert!(matches!(cli.command, Command::Completions { .. }));
         assert!(parse(&["completions", "tcsh"]).is_err());
+    }
+
+    #[test]
+    fn timeout_takes_a_duration_or_seconds_and_backup_needs_wait_for_it() {
+        let timeout = |args: &[&str]| match parse(args).map(|c| c.command) {
+            Ok(Command::Backup { timeout, .. })
+            | Ok(Command::Restore { timeout, .. })
+            | Ok(Command::Check { timeout, .. }) => Ok(timeout),
+            Ok(other) => panic!("parsed as {other:?}"),
+            Err(e) => Err(e.kind()),
+        };
+        let backup = ["backup", "alpha", "--to", "nas", "--wait"];
+        assert_eq!(
+            timeout(&[&backup[..], &["--timeout", "5s"]].concat()),
+            Ok(Some(Duration::from_secs(5)))
+        );
+        assert_eq!(
+            timeout(&[&backup[..], &["--timeout", "90"]].concat()),
+            Ok(Some(Duration::from_secs(90)))
+        );
+        assert_eq!(timeout(&backup), Ok(None));
+        assert_eq!(
+            timeout(&["check", "nas", "--timeout", "1h 30m"]),
+            Ok(Some(Duration::from_secs(5400)))
+        );
+        assert_eq!(
+            timeout(&[
+                "restore",
+                "abc",
+                "--to",
+                "b:/x",
+                "--wait",
+                "--timeout",
+                "2h"
+            ]),
+            Ok(Some(Duration::from_secs(7200)))
+        );
+        for bad in ["0", "0s", "soon"] {
+            assert_eq!(
+                timeout(&[&backup[..], &["--timeout", bad]].concat()),
+                Err(clap::error::ErrorKind::ValueValidation),
+                "{bad}"
+            );
+        }
+        // Only a command that waits can time out.
+        assert_eq!(
+            timeout(&["backup", "alpha", "--to", "nas", "--timeout", "5s"]),
+            Err(clap::error::ErrorKind::MissingRequiredArgument)
+        );
+    }
+
+    #[test]
+    fn repair_takes_a_storage_host_and_its_flags() {
+        let cli = parse(&["repair", "nas", "--read-data", "--wait"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Command::Repair {
+                read_data: true,
+                wait: true,
+                json: false,
+                ..
+            }
+        ));
+        assert!(parse(&["repair"]).is_err(), "repair needs its storage host");
+        let cli = parse(&["repair", "nas", "--json"]).expect("parse");
+        assert!(cli.command.json());
     }
 }

@@ -48,6 +48,10 @@ pub struct Plan {
     pub paths: Vec<String>,
     /// Glob patterns to leave out, each one the agents' glob syntax accepts.
     pub exclude: Vec<String>,
+    /// Back up paths that are empty now but held files at the last backup
+    /// (`allow_empty = true`); off by default, so an unmounted disk fails
+    /// the backup instead of making an empty snapshot.
+    pub allow_empty: bool,
     /// Storage host.
     pub to: HostName,
     /// Backup schedule in the coordinator's local time; none: by hand only.
@@ -64,6 +68,10 @@ pub struct Plan {
     pub check_read_data: Option<Cron>,
     /// Schedule of a `prune` of the storage (forget runs after every backup).
     pub prune: Option<Cron>,
+    /// A job of the plan still running this long after it was sent is sent
+    /// a `cancel` and counted failed (retried as `serve.retries` allows);
+    /// also `backup --plan/--all --wait`'s default `--timeout`.
+    pub timeout: Option<Duration>,
     /// Lines of `hosts` entries and of `to`, for warnings found later.
     host_lines: Vec<usize>,
     to_line: usize,
@@ -199,6 +207,8 @@ struct RawPlan {
     paths: Vec<Spanned<String>>,
     #[serde(default)]
     exclude: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow_empty: bool,
     to: Spanned<String>,
     schedule: Option<Spanned<String>>,
     jitter: Option<Spanned<String>>,
@@ -207,6 +217,7 @@ struct RawPlan {
     check: Option<Spanned<String>>,
     check_read_data: Option<Spanned<String>>,
     prune: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,12 +252,38 @@ fn line_of(text: &str, span: Range<usize>) -> usize {
     text[..span.start.min(text.len())].matches('\n').count() + 1
 }
 
+/// Why a duration in the config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DurationError {
+    /// Not a human duration at all.
+    #[error("{text:?} is not a duration ({source}); write e.g. \"26h\" or \"10m\"")]
+    Unparsable {
+        /// What was written.
+        text: String,
+        /// What humantime found.
+        source: humantime::DurationError,
+    },
+    /// Longer than chrono's arithmetic (schedules, retention) can count.
+    #[error("{text:?} is too long")]
+    TooLong {
+        /// What was written.
+        text: String,
+        /// What chrono found.
+        source: chrono::OutOfRangeError,
+    },
+}
+
 /// Parses a human duration (`"26h"`, `"10m"`, `"1h 30m"`).
-pub fn duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration ({e}); write e.g. \"26h\" or \"10m\""))?;
+pub fn duration(s: &str) -> Result<Duration, DurationError> {
+    let d = humantime::parse_duration(s).map_err(|source| DurationError::Unparsable {
+        text: s.to_owned(),
+        source,
+    })?;
     // Durations meet chrono's arithmetic (schedules, retention): it must fit.
-    chrono::Duration::from_std(d).map_err(|_| format!("{s:?} is too long"))?;
+    chrono::Duration::from_std(d).map_err(|source| DurationError::TooLong {
+        text: s.to_owned(),
+        source,
+    })?;
     Ok(d)
 }
 
@@ -364,6 +401,15 @@ impl Checker<'_> {
         let prune = self.cron(&format!("plan {name}: prune"), raw.prune.as_ref());
         let jitter = self.duration(&format!("plan {name}: jitter"), raw.jitter.as_ref());
         let rpo = self.duration(&format!("plan {name}: rpo"), raw.rpo.as_ref());
+        let timeout = self.duration(&format!("plan {name}: timeout"), raw.timeout.as_ref());
+        if let (Some(t), Some(raw)) = (timeout, raw.timeout.as_ref()) {
+            if t.is_zero() {
+                self.issue(
+                    raw.span(),
+                    format!("plan {name}: timeout must be above zero (leave it out for none)"),
+                );
+            }
+        }
         if let Some(keep) = &raw.keep {
             if let Err(e) = keep.get_ref().within() {
                 self.issue(keep.span(), format!("plan {name}: keep: {e}"));
@@ -377,6 +423,7 @@ impl Checker<'_> {
             hosts,
             paths: raw.paths.iter().map(|p| p.get_ref().clone()).collect(),
             exclude: raw.exclude.iter().map(|g| g.get_ref().clone()).collect(),
+            allow_empty: raw.allow_empty,
             to: to?,
             schedule,
             jitter: jitter
@@ -391,6 +438,7 @@ impl Checker<'_> {
             check,
             check_read_data,
             prune,
+            timeout,
             host_lines,
             to_line: self.line(raw.to.span()),
         })
@@ -618,7 +666,10 @@ listen = "127.0.0.1:9464"
         assert_eq!(plan.keep.daily, Some(7));
         assert_eq!(plan.rpo, Some(Duration::from_secs(26 * 3600)));
         assert_eq!(plan.to.as_str(), "nas");
-        assert_eq!(plan.schedule.as_ref().map(Cron::as_str), Some("0 3 * * *"));
+        assert_eq!(
+            plan.schedule,
+            Some(Cron::parse("0 3 * * *").expect("valid"))
+        );
         assert_eq!(plan.jitter, chrono::Duration::zero());
         assert_eq!(
             c.metrics.map(|m| m.listen.port()),
@@ -626,6 +677,17 @@ listen = "127.0.0.1:9464"
             "metrics address parsed"
         );
         assert_eq!(c.serve, ServeSettings::default());
+    }
+
+    #[test]
+    fn allow_empty_is_off_unless_a_plan_says_so() {
+        let c = Config::parse(GOOD).expect("valid");
+        assert!(!c.plan[0].allow_empty);
+        let on = GOOD.replace("to = \"nas\"", "to = \"nas\"\nallow_empty = true");
+        assert!(Config::parse(&on).expect("valid").plan[0].allow_empty);
+        let wrong = GOOD.replace("to = \"nas\"", "to = \"nas\"\nallow_empty = \"yes\"");
+        let issues = Config::parse(&wrong).expect_err("not a boolean");
+        assert_eq!(issues[0].line, Some(8), "{issues:?}");
     }
 
     #[test]
@@ -728,5 +790,33 @@ listen = "127.0.0.1:9464"
         assert!(warnings[0].message.contains("desktop"), "{warnings:?}");
         assert!(warnings[1].message.contains("nas"), "{warnings:?}");
         assert!(c.unenrolled(|_| true).is_empty());
+    }
+
+    #[test]
+    fn a_plan_timeout_is_parsed_once_and_checked_at_its_line() {
+        let c = Config::parse(&GOOD.replace("rpo = ", "timeout = \"2h\"\nrpo = ")).expect("valid");
+        assert_eq!(c.plan[0].timeout, Some(Duration::from_secs(7200)));
+        assert_eq!(Config::parse(GOOD).expect("valid").plan[0].timeout, None);
+        let bad = only_issue(&GOOD.replace("rpo = ", "timeout = \"soon\"\nrpo = "));
+        assert_eq!(bad.line, Some(10), "{bad:?}");
+        assert!(bad.message.starts_with("plan home: timeout: "), "{bad:?}");
+        let zero = only_issue(&GOOD.replace("rpo = ", "timeout = \"0s\"\nrpo = "));
+        assert_eq!(zero.line, Some(10), "{zero:?}");
+        assert!(zero.message.contains("above zero"), "{zero:?}");
+    }
+
+    #[test]
+    fn a_bad_duration_says_why_and_keeps_its_cause() {
+        let e = duration("soon").expect_err("refused");
+        assert!(matches!(e, DurationError::Unparsable { .. }), "{e:?}");
+        assert!(
+            e.to_string().starts_with("\"soon\" is not a duration ("),
+            "{e}"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+        let e = duration("300000000years").expect_err("refused");
+        assert!(matches!(e, DurationError::TooLong { .. }), "{e:?}");
+        assert_eq!(e.to_string(), "\"300000000years\" is too long");
+        assert_eq!(duration("1h 30m").ok(), Some(Duration::from_secs(5400)));
     }
 }

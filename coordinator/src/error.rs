@@ -8,17 +8,18 @@
 
 use std::path::PathBuf;
 
+use flotilla_protocol::{RejectReason, TaskId};
+
 use crate::fleet::FleetError;
 
-/// Exit code: success.
-pub const EXIT_OK: u8 = 0;
 /// Exit code: any other failure.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code: bad command line (clap's own).
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code: the host is unknown, or offline and did not answer in time.
 pub const EXIT_HOST: u8 = 3;
-/// Exit code: the task was rejected by the agent or failed.
+/// Exit code: the task was rejected by the agent, failed, or did not finish
+/// within its `--timeout` (3 instead when its host was offline then).
 pub const EXIT_TASK: u8 = 4;
 /// Exit code: the NATS server cannot be reached.
 pub const EXIT_NATS: u8 = 5;
@@ -57,12 +58,12 @@ pub enum CliError {
     HostUnknown(String),
     /// The host is offline: it did not run a queued task in time, or (with
     /// `waited_secs` 0 and no task) it is needed online right now.
-    #[error("{}", offline_message(host, task_id, *waited_secs))]
+    #[error("{}", offline_message(host, task_id.as_ref(), *waited_secs))]
     HostOffline {
         /// Host.
         host: String,
-        /// Queued task (`-` when none was sent).
-        task_id: String,
+        /// Queued task, if one was sent.
+        task_id: Option<TaskId>,
         /// How long we waited.
         waited_secs: u64,
     },
@@ -72,9 +73,21 @@ pub enum CliError {
         /// Host.
         host: String,
         /// Task.
-        task_id: String,
+        task_id: TaskId,
         /// How long we waited.
         waited_secs: u64,
+    },
+    /// `--timeout` ran out: the task was sent a signed `cancel`.
+    #[error("{}", timed_out_message(host, task_id, *after_secs, *host_offline))]
+    TimedOut {
+        /// Host.
+        host: String,
+        /// Task.
+        task_id: TaskId,
+        /// The timeout, in seconds.
+        after_secs: u64,
+        /// The host was offline then (exit code 3, else 4).
+        host_offline: bool,
     },
     /// The agent refused the task.
     #[error("host {host} rejected task {task_id}: {reason}: {detail}")]
@@ -82,9 +95,9 @@ pub enum CliError {
         /// Host.
         host: String,
         /// Task.
-        task_id: String,
-        /// Reason code.
-        reason: String,
+        task_id: TaskId,
+        /// Why.
+        reason: RejectReason,
         /// Detail.
         detail: String,
     },
@@ -94,7 +107,7 @@ pub enum CliError {
         /// Host.
         host: String,
         /// Task.
-        task_id: String,
+        task_id: TaskId,
         /// Error.
         error: String,
     },
@@ -148,6 +161,13 @@ impl CliError {
             CliError::Nats { .. } => EXIT_NATS,
             CliError::HostUnknown(_) | CliError::HostOffline { .. } => EXIT_HOST,
             CliError::Rejected { .. } | CliError::TaskFailed { .. } => EXIT_TASK,
+            CliError::TimedOut { host_offline, .. } => {
+                if *host_offline {
+                    EXIT_HOST
+                } else {
+                    EXIT_TASK
+                }
+            }
             CliError::Usage(_) => EXIT_USAGE,
             CliError::Partial => EXIT_PARTIAL,
             CliError::Cancelled => EXIT_CANCELLED,
@@ -180,6 +200,7 @@ impl CliError {
                     | CliError::Request { .. }
                     | CliError::HostOffline { .. }
                     | CliError::Timeout { .. }
+                    | CliError::TimedOut { .. }
             ),
         }
     }
@@ -194,14 +215,26 @@ fn reason_or_events(error: &str, host: &str) -> String {
     }
 }
 
-fn offline_message(host: &str, task_id: &str, waited_secs: u64) -> String {
-    if waited_secs == 0 || task_id == "-" {
-        format!(
+fn offline_message(host: &str, task_id: Option<&TaskId>, waited_secs: u64) -> String {
+    let Some(task_id) = task_id.filter(|_| waited_secs > 0) else {
+        return format!(
             "host {host} is offline; start its agent and try again (`flotilla hosts` shows when it was last seen)"
+        );
+    };
+    format!(
+        "host {host} is offline and did not run task {task_id} within {waited_secs} s; the task stays queued and runs when the host returns"
+    )
+}
+
+fn timed_out_message(host: &str, task_id: &TaskId, after_secs: u64, host_offline: bool) -> String {
+    let after = humantime::format_duration(std::time::Duration::from_secs(after_secs));
+    if host_offline {
+        format!(
+            "host {host} is offline and did not run task {task_id} within {after} (--timeout); it was sent a cancel, which stops it when the host returns"
         )
     } else {
         format!(
-            "host {host} is offline and did not run task {task_id} within {waited_secs} s; the task stays queued and runs when the host returns"
+            "task {task_id} did not finish on {host} within {after} (--timeout) and was sent a cancel; see `flotilla events --host {host}`"
         )
     }
 }
@@ -216,6 +249,10 @@ pub(crate) fn request_err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn t1() -> TaskId {
+        TaskId::new("t1").expect("valid")
+    }
 
     fn io_error() -> CliError {
         CliError::Io {
@@ -246,7 +283,7 @@ mod tests {
             (
                 CliError::HostOffline {
                     host: "nas".into(),
-                    task_id: "-".into(),
+                    task_id: None,
                     waited_secs: 0,
                 },
                 "host nas is offline; start its agent and try again (`flotilla hosts` shows when it was last seen)",
@@ -254,7 +291,7 @@ mod tests {
             (
                 CliError::HostOffline {
                     host: "laptop".into(),
-                    task_id: "t1".into(),
+                    task_id: Some(t1()),
                     waited_secs: 30,
                 },
                 "host laptop is offline and did not run task t1 within 30 s; the task stays queued and runs when the host returns",
@@ -262,7 +299,7 @@ mod tests {
             (
                 CliError::TaskFailed {
                     host: "laptop".into(),
-                    task_id: "t1".into(),
+                    task_id: t1(),
                     error: "disk full".into(),
                 },
                 "task t1 failed on laptop: disk full",
@@ -270,7 +307,7 @@ mod tests {
             (
                 CliError::TaskFailed {
                     host: "laptop".into(),
-                    task_id: "t1".into(),
+                    task_id: t1(),
                     error: String::new(),
                 },
                 "task t1 failed on laptop: no reason given (see `flotilla events --host laptop`)",
@@ -294,6 +331,24 @@ mod tests {
             (
                 io_error(),
                 "cannot use /fleet/repo.key: no such file",
+            ),
+            (
+                CliError::TimedOut {
+                    host: "laptop".into(),
+                    task_id: t1(),
+                    after_secs: 300,
+                    host_offline: false,
+                },
+                "task t1 did not finish on laptop within 5m (--timeout) and was sent a cancel; see `flotilla events --host laptop`",
+            ),
+            (
+                CliError::TimedOut {
+                    host: "laptop".into(),
+                    task_id: t1(),
+                    after_secs: 5,
+                    host_offline: true,
+                },
+                "host laptop is offline and did not run task t1 within 5s (--timeout); it was sent a cancel, which stops it when the host returns",
             ),
         ];
         for (error, want) in cases {
@@ -324,7 +379,7 @@ mod tests {
             plan: "home".into(),
             source: Box::new(CliError::Timeout {
                 host: "laptop".into(),
-                task_id: "t1".into(),
+                task_id: t1(),
                 waited_secs: 5,
             }),
         };
@@ -341,5 +396,16 @@ mod tests {
         };
         assert_eq!(failed.to_json()["exit_code"], u64::from(EXIT_HOST));
         assert_eq!(failed.to_json()["retryable"], false);
+        // A `--timeout` that ran out: 4, or 3 when the host was offline.
+        for (host_offline, code) in [(false, EXIT_TASK), (true, EXIT_HOST)] {
+            let e = CliError::TimedOut {
+                host: "laptop".into(),
+                task_id: t1(),
+                after_secs: 5,
+                host_offline,
+            };
+            assert_eq!(e.to_json()["exit_code"], u64::from(code));
+            assert_eq!(e.to_json()["retryable"], true);
+        }
     }
 }

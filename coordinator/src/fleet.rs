@@ -63,7 +63,7 @@ pub enum FleetError {
 /// `fleet.toml`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FleetFile {
-    /// Layout version, [`FLEET_VERSION`].
+    /// Layout version (`FLEET_VERSION` for a fleet this build made).
     pub version: u16,
     /// The fleet id.
     pub id: String,

@@ -1,19 +1,21 @@
 //! Operations on the fleet that both the `flotilla` commands and the daemon
 //! (`flotilla serve`) perform: finding a storage host's address, opening the
-//! repository key, asking storage hosts about their repositories, and deciding
-//! which snapshots a keep policy forgets.
+//! repository key, asking storage hosts about their repositories (snapshot
+//! lists, trees, which files a set of blobs reaches), and deciding which
+//! snapshots a keep policy forgets.
 //!
 //! They take plain values (a [`Fleet`], a [`Nats`] connection) and print
 //! nothing: what a person is told is the caller's business.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use chrono::{Local, TimeZone};
 use flotilla_protocol::frame::RepoReply;
-use flotilla_protocol::repo::{RepoKey, SnapshotMeta, SnapshotRecord};
-use flotilla_protocol::{subject, HostName, Role};
+use flotilla_protocol::repo::{BlobId, RepoKey, SnapshotMeta, SnapshotRecord, Tree};
+use flotilla_protocol::{subject, HostName, Role, SnapshotId};
 
 use crate::config::{Config, ConfigIssue};
 use crate::error::{request_err, CliError};
@@ -23,6 +25,8 @@ use crate::retention::{KeepPolicy, Verdict};
 
 /// How long a storage agent gets to answer a query.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Files [`affected_files`] names per snapshot.
+const MAX_FILES_PER_SNAPSHOT: usize = 100;
 
 /// A snapshot with its storage host and opened metadata.
 #[derive(Debug, Clone)]
@@ -33,7 +37,7 @@ pub(crate) struct Found {
 }
 
 /// The storage host's QUIC address, from its heartbeat; it must be online.
-pub(crate) async fn storage_addr(nats: &Nats, storage: &HostName) -> Result<String, CliError> {
+pub(crate) async fn storage_addr(nats: &Nats, storage: &HostName) -> Result<SocketAddr, CliError> {
     let record = nats
         .host(storage)
         .await?
@@ -46,7 +50,7 @@ pub(crate) async fn storage_addr(nats: &Nats, storage: &HostName) -> Result<Stri
     if record.offline_reason(crate::now_ms()).is_some() {
         return Err(CliError::HostOffline {
             host: storage.to_string(),
-            task_id: "-".into(),
+            task_id: None,
             waited_secs: 0,
         });
     }
@@ -157,6 +161,117 @@ pub(crate) async fn list(
     Ok(out)
 }
 
+/// Fetches and opens one tree from `storage`.
+pub(crate) async fn tree(
+    nats: &Nats,
+    key: &RepoKey,
+    storage: &HostName,
+    id: &BlobId,
+) -> Result<Tree, CliError> {
+    match query(nats, subject::repo_tree(storage), id.0.to_vec(), storage).await? {
+        RepoReply::Tree { data } => {
+            let plain = key
+                .open(id, &data)
+                .map_err(request_err(&format!("open tree {id:?}")))?;
+            rmp_serde::from_slice(&plain).map_err(request_err(&format!("read tree {id:?}")))
+        }
+        RepoReply::Error { message } => Err(CliError::Request {
+            what: format!("fetch tree {id:?}"),
+            why: message,
+        }),
+        RepoReply::Snapshots { .. } | RepoReply::Stats { .. } => Err(CliError::Request {
+            what: format!("fetch tree {id:?}"),
+            why: "unexpected answer".into(),
+        }),
+    }
+}
+
+/// Where a walk finds trees: a storage host ([`RemoteTrees`]), or a map in
+/// tests.
+pub(crate) trait Trees {
+    /// The tree `id`, opened.
+    async fn get(&self, id: &BlobId) -> Result<Tree, CliError>;
+}
+
+/// The trees of one storage host's repository, fetched with [`tree`].
+pub(crate) struct RemoteTrees<'a> {
+    pub nats: &'a Nats,
+    pub key: &'a RepoKey,
+    pub storage: &'a HostName,
+}
+
+impl Trees for RemoteTrees<'_> {
+    async fn get(&self, id: &BlobId) -> Result<Tree, CliError> {
+        tree(self.nats, self.key, self.storage, id).await
+    }
+}
+
+/// (snapshot id, path) of every file of the snapshots `among` on `storage`
+/// whose content uses one of `blobs`, and of every directory whose listing
+/// (tree) is one of them: what damaged or lost blobs reach. Only key holders
+/// can tell, so `check` and `repair` work it out here from the snapshots'
+/// trees; at most 100 files per snapshot.
+pub(crate) async fn affected_files(
+    nats: &Nats,
+    key: &RepoKey,
+    storage: &HostName,
+    blobs: &HashSet<BlobId>,
+    among: &[impl AsRef<str>],
+) -> Result<Vec<(String, String)>, CliError> {
+    let trees = RemoteTrees { nats, key, storage };
+    let mut out = Vec::new();
+    for snap in list(nats, key, Some(storage))
+        .await?
+        .iter()
+        .filter(|f| among.iter().any(|s| s.as_ref() == f.record.id))
+    {
+        let paths = files_using(&trees, snap.record.tree, blobs, MAX_FILES_PER_SNAPSHOT).await;
+        out.extend(paths.into_iter().map(|p| (snap.record.id.clone(), p)));
+    }
+    Ok(out)
+}
+
+/// The paths below the tree `root` that use one of `blobs`: files whose
+/// content does (at most `max_files` of them), and `DIR/ (directory
+/// listing)` for a directory whose tree is one of them (what was below it
+/// cannot be read). A tree that cannot be fetched for another reason is
+/// passed over: this names what is known to be hit, not what is unknown.
+async fn files_using(
+    trees: &impl Trees,
+    root: BlobId,
+    blobs: &HashSet<BlobId>,
+    max_files: usize,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![(root, String::new())];
+    let mut listed = 0;
+    while let Some((id, prefix)) = stack.pop() {
+        if blobs.contains(&id) {
+            out.push(format!("{prefix}/ (directory listing)"));
+            continue;
+        }
+        let Ok(t) = trees.get(&id).await else {
+            continue;
+        };
+        for node in t.nodes {
+            let name = String::from_utf8_lossy(&node.name);
+            let path = if name.starts_with('/') {
+                name.into_owned()
+            } else {
+                format!("{prefix}/{name}")
+            };
+            if node.content.iter().any(|c| blobs.contains(&c.id)) && listed < max_files {
+                listed += 1;
+                out.push(path.clone());
+            }
+            if let Some(sub) = node.subtree {
+                stack.push((sub, path));
+            }
+        }
+    }
+    out
+}
+
 /// The verdicts for every snapshot on `to` (or all storages) of `host`
 /// (or all hosts), grouped by storage, host and paths.
 pub(crate) async fn decide(
@@ -205,9 +320,124 @@ pub(crate) async fn decide(
     Ok(out)
 }
 
+/// The snapshots `verdicts` drop, by storage host: what each storage's
+/// `forget` task names. The ids come from the storage hosts' listings, so
+/// each is checked before it goes into a signed task.
+pub(crate) fn doomed(
+    verdicts: &[(Found, Verdict)],
+) -> Result<BTreeMap<HostName, Vec<SnapshotId>>, CliError> {
+    let mut by_storage: BTreeMap<HostName, Vec<SnapshotId>> = BTreeMap::new();
+    for (f, _) in verdicts.iter().filter(|(_, v)| !v.keep) {
+        let id = f.record.snapshot_id().map_err(|e| CliError::Request {
+            what: format!("forget snapshots on {}", f.storage),
+            why: e.to_string(),
+        })?;
+        by_storage.entry(f.storage.clone()).or_default().push(id);
+    }
+    Ok(by_storage)
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use flotilla_protocol::repo::{ChunkRef, Node, NodeKind};
+
     use super::*;
+
+    /// A file whose content is the blobs `chunks`, or a directory whose
+    /// tree is `subtree`.
+    fn node(name: &str, chunks: &[u8], subtree: Option<u8>) -> Node {
+        Node {
+            name: name.as_bytes().to_vec(),
+            kind: if subtree.is_some() {
+                NodeKind::Dir
+            } else {
+                NodeKind::File
+            },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime_ns: 0,
+            atime_ns: 0,
+            ctime_ns: 0,
+            size: 1,
+            inode: 0,
+            dev: 0,
+            nlink: 1,
+            rdev: 0,
+            link_target: None,
+            content: chunks
+                .iter()
+                .map(|&b| ChunkRef {
+                    id: BlobId([b; 32]),
+                    len: 1,
+                })
+                .collect(),
+            sparse: false,
+            subtree: subtree.map(|b| BlobId([b; 32])),
+            xattrs: Vec::new(),
+        }
+    }
+
+    struct Map(HashMap<BlobId, Vec<Node>>);
+
+    impl Trees for Map {
+        async fn get(&self, id: &BlobId) -> Result<Tree, CliError> {
+            let nodes = self.0.get(id).cloned().ok_or_else(|| CliError::Request {
+                what: "fetch tree".into(),
+                why: "missing".into(),
+            })?;
+            Ok(Tree { v: 1, nodes })
+        }
+    }
+
+    fn blobs(ids: &[u8]) -> HashSet<BlobId> {
+        ids.iter().map(|&b| BlobId([b; 32])).collect()
+    }
+
+    /// Root tree 1 holds the backed-up path /srv (tree 2): a.bin (blobs 10,
+    /// 11), b.bin (blob 12), sub/ (tree 3: c.bin, blob 10 again) and gone/
+    /// (tree 4, which no storage delivers).
+    fn snapshot() -> Map {
+        Map(HashMap::from([
+            (BlobId([1; 32]), vec![node("/srv", &[], Some(2))]),
+            (
+                BlobId([2; 32]),
+                vec![
+                    node("a.bin", &[10, 11], None),
+                    node("b.bin", &[12], None),
+                    node("sub", &[], Some(3)),
+                    node("gone", &[], Some(4)),
+                ],
+            ),
+            (BlobId([3; 32]), vec![node("c.bin", &[10], None)]),
+        ]))
+    }
+
+    async fn hit(blob_ids: &[u8], max_files: usize) -> Vec<String> {
+        let mut paths =
+            files_using(&snapshot(), BlobId([1; 32]), &blobs(blob_ids), max_files).await;
+        paths.sort();
+        paths
+    }
+
+    #[tokio::test]
+    async fn the_files_using_a_blob_are_named_wherever_they_are() {
+        assert_eq!(hit(&[10], 100).await, ["/srv/a.bin", "/srv/sub/c.bin"]);
+        assert_eq!(hit(&[12], 100).await, ["/srv/b.bin"]);
+        assert!(
+            hit(&[99], 100).await.is_empty(),
+            "an unused blob hits nothing"
+        );
+        // A tree among the blobs: what was below it cannot be listed.
+        assert_eq!(hit(&[3], 100).await, ["/srv/sub/ (directory listing)"]);
+        assert_eq!(hit(&[1], 100).await, ["/ (directory listing)"]);
+        // At most `max_files` files; a directory listing is always named.
+        assert_eq!(hit(&[10, 12, 3], 1).await.len(), 2);
+    }
 
     #[test]
     fn enrolled_means_a_certificate_was_issued() {

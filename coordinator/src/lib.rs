@@ -17,9 +17,22 @@
 //! # }
 //! ```
 //!
-//! Layout: `cli` (flags and one module per subcommand), `fleet` (the fleet
-//! directory and certificates), `nats` (connection and fleet registry),
-//! `dispatch` (signed tasks and their events), `error` (errors and exit codes).
+//! Modules (the crate's table of contents):
+//!
+//! - `cli`: flags and one module per subcommand; the daemon never imports it.
+//! - `fleetops`: what the commands and the daemon both do (storage addresses,
+//!   the repository key, repository queries, the keep-policy decision).
+//! - `serve`: `flotilla serve`, a pure core and the driver that performs it.
+//! - `config`: `flotilla.toml`, parsed once; `scheduler` (cron, due times) and
+//!   `retention` (keep policies), both pure.
+//! - `fleet` (the fleet directory and certificates), `nats` (connection and
+//!   health records), `registry` (the daemon's live copy of the health
+//!   bucket), `dispatch` (signed tasks and their events), `error` (errors and
+//!   exit codes).
+//!
+//! Exported: what `main.rs` needs ([`run`], [`Cli`] with its parts, and
+//! [`CliError`], the error `run` returns) and the [`Fleet`] directory the
+//! benchmarks build their throwaway fleets with.
 
 /// `println!` that ends the process quietly when stdout is closed (`| head`).
 macro_rules! outln {
@@ -29,27 +42,23 @@ macro_rules! outln {
 }
 
 mod cli;
-pub mod config;
+mod config;
 mod dispatch;
 mod error;
 mod fleet;
 mod fleetops;
 mod nats;
 mod registry;
-pub mod retention;
-pub mod scheduler;
+mod retention;
+mod scheduler;
 mod serve;
 
-pub use cli::{run, Cli, Command, Global, DEFAULT_NATS_URL};
-pub use dispatch::{Dispatch, Outcome, SentTask, TASK_TTL};
-pub use error::{
-    CliError, EXIT_FAILURE, EXIT_HOST, EXIT_NATS, EXIT_OK, EXIT_PARTIAL, EXIT_TASK, EXIT_USAGE,
-};
-pub use fleet::{Fleet, FleetError, FleetFile, FLEET_VERSION};
-pub use nats::{HostRecord, Nats, MISSED_HEARTBEATS};
+pub use cli::{run, Cli, Command, Global};
+pub use error::CliError;
+pub use fleet::{Fleet, FleetError, FleetFile};
 
 /// Unix time now, in milliseconds.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use flotilla_protocol::{subject, AgentState, Heartbeat, HostName, UnixMillis};
+use flotilla_protocol::{subject, AgentState, Heartbeat, HostName, OfflineReason, UnixMillis};
 use futures::StreamExt;
 
 use crate::error::{request_err, CliError};
@@ -32,9 +32,9 @@ pub struct HostRecord {
 
 impl HostRecord {
     /// Why the host counts as offline at `now`, or `None` if it is online.
-    pub fn offline_reason(&self, now: UnixMillis) -> Option<&'static str> {
+    pub fn offline_reason(&self, now: UnixMillis) -> Option<OfflineReason> {
         if self.heartbeat.state == AgentState::Offline {
-            return Some("shutdown");
+            return Some(OfflineReason::Shutdown);
         }
         // One extra second of slack for publication and clock granularity.
         // The interval comes from the bus: any value must not overflow.
@@ -42,7 +42,7 @@ impl HostRecord {
             .stored_at
             .saturating_add(self.heartbeat.interval_ms.saturating_mul(MISSED_HEARTBEATS))
             .saturating_add(1000);
-        (now > deadline).then_some("missed_heartbeats")
+        (now > deadline).then_some(OfflineReason::MissedHeartbeats)
     }
 }
 
@@ -181,6 +181,7 @@ mod tests {
                 quic_addr: None,
                 roots: vec![],
                 running: vec![],
+                epoch: None,
             },
             stored_at,
         }
@@ -190,10 +191,13 @@ mod tests {
     fn offline_after_three_missed_heartbeats_or_at_shutdown() {
         let r = record(AgentState::Online, 10_000);
         assert_eq!(r.offline_reason(13_900), None);
-        assert_eq!(r.offline_reason(14_001), Some("missed_heartbeats"));
+        assert_eq!(
+            r.offline_reason(14_001),
+            Some(OfflineReason::MissedHeartbeats)
+        );
         assert_eq!(
             record(AgentState::Offline, 10_000).offline_reason(10_000),
-            Some("shutdown")
+            Some(OfflineReason::Shutdown)
         );
     }
 

@@ -26,6 +26,25 @@ use crate::nats::{stored_at, HostRecord, Nats};
 /// How long to wait before watching again after the watch failed or ended.
 const REWATCH_DELAY: Duration = Duration::from_secs(2);
 
+/// Why a watch of the health bucket could not start (retried after
+/// [`REWATCH_DELAY`]).
+#[derive(Debug, thiserror::Error)]
+enum WatchError {
+    /// The bucket could not be opened (no agent has created it yet, or NATS
+    /// is away).
+    #[error("open bucket {bucket}: {0}", bucket = subject::HEALTH_BUCKET)]
+    Open(#[source] async_nats::jetstream::context::KeyValueError),
+    /// The bucket's stream could not be found.
+    #[error("read bucket info: {0}")]
+    Stream(#[source] async_nats::jetstream::context::GetStreamError),
+    /// The bucket's stream did not say how much it holds.
+    #[error("read bucket info: {0}")]
+    Info(#[source] async_nats::jetstream::stream::InfoError),
+    /// The watch itself was refused.
+    #[error("watch: {0}")]
+    Watch(#[source] kv::WatchError),
+}
+
 /// Handle to the live registry; cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
@@ -80,21 +99,21 @@ impl Registry {
 
     /// Watches until the watch ends. Returns an error only for failures to
     /// start it; an ended watch is simply started again by the caller.
-    async fn watch_once(&self, nats: &Nats) -> Result<(), String> {
+    async fn watch_once(&self, nats: &Nats) -> Result<(), WatchError> {
         let store = nats
             .js
             .get_key_value(subject::HEALTH_BUCKET)
             .await
-            .map_err(|e| format!("open bucket {}: {e}", subject::HEALTH_BUCKET))?;
+            .map_err(WatchError::Open)?;
         // An empty bucket replays nothing, so nothing would say "caught up".
         let stored = nats
             .js
-            .get_stream(format!("KV_{}", subject::HEALTH_BUCKET))
+            .get_stream(subject::kv_stream(subject::HEALTH_BUCKET))
             .await
-            .map_err(|e| format!("read bucket info: {e}"))?
+            .map_err(WatchError::Stream)?
             .info()
             .await
-            .map_err(|e| format!("read bucket info: {e}"))?
+            .map_err(WatchError::Info)?
             .state
             .messages;
         if stored == 0 {
@@ -103,7 +122,7 @@ impl Registry {
         let mut watch = store
             .watch_with_history(">")
             .await
-            .map_err(|e| format!("watch: {e}"))?;
+            .map_err(WatchError::Watch)?;
         while let Some(entry) = watch.next().await {
             match entry {
                 Ok(entry) => self.apply(entry),

@@ -13,6 +13,27 @@
 use chrono::{DateTime, Datelike, Duration, TimeZone};
 use serde::{Deserialize, Serialize};
 
+/// The `within` of a keep policy is not a duration to count back with.
+#[derive(Debug, thiserror::Error)]
+pub enum WithinError {
+    /// Not a human duration.
+    #[error("within {text:?}: {source}")]
+    Unparsable {
+        /// What was written.
+        text: String,
+        /// What humantime found.
+        source: humantime::DurationError,
+    },
+    /// Longer than chrono can count.
+    #[error("within {text:?}: {source}")]
+    TooLong {
+        /// What was written.
+        text: String,
+        /// What chrono found.
+        source: chrono::OutOfRangeError,
+    },
+}
+
 /// A keep policy (the `keep = { ... }` of a plan, or `forget --keep-*`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,13 +79,18 @@ impl KeepPolicy {
     }
 
     /// The `within` duration, parsed.
-    pub fn within(&self) -> Result<Option<Duration>, String> {
+    pub fn within(&self) -> Result<Option<Duration>, WithinError> {
         self.within
             .as_deref()
             .map(|w| {
-                humantime::parse_duration(w)
-                    .map_err(|e| format!("within {w:?}: {e}"))
-                    .and_then(|d| Duration::from_std(d).map_err(|e| e.to_string()))
+                let d = humantime::parse_duration(w).map_err(|source| WithinError::Unparsable {
+                    text: w.to_owned(),
+                    source,
+                })?;
+                Duration::from_std(d).map_err(|source| WithinError::TooLong {
+                    text: w.to_owned(),
+                    source,
+                })
             })
             .transpose()
     }
@@ -290,5 +316,24 @@ mod tests {
     #[test]
     fn an_empty_policy_keeps_everything() {
         assert_eq!(kept(&KeepPolicy::default()).len(), 120);
+    }
+
+    #[test]
+    fn a_bad_within_says_which_and_keeps_its_cause() {
+        let policy = |w: &str| KeepPolicy {
+            within: Some(w.into()),
+            ..Default::default()
+        };
+        let e = policy("soon").within().expect_err("refused");
+        assert!(matches!(e, WithinError::Unparsable { .. }), "{e:?}");
+        assert!(e.to_string().starts_with("within \"soon\": "), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        let e = policy("300000000years").within().expect_err("refused");
+        assert!(matches!(e, WithinError::TooLong { .. }), "{e:?}");
+        assert_eq!(
+            policy("2d").within().expect("valid"),
+            Some(Duration::days(2))
+        );
+        assert_eq!(KeepPolicy::default().within().expect("valid"), None);
     }
 }

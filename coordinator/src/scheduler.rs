@@ -8,7 +8,7 @@ mod cron;
 
 use chrono::{DateTime, Duration, TimeZone};
 
-pub use cron::{Cron, CronError};
+pub use cron::Cron;
 
 /// What the scheduler decides for one plan.
 #[derive(Debug, Clone, PartialEq, Eq)]

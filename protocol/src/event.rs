@@ -1,8 +1,12 @@
 //! Events: every state change, published for alerting and replay.
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 
-use crate::{codec, limits, DecodeError, HostName, Role, TaskResult, UnixMillis};
+use crate::{
+    codec, limits, DecodeError, HostName, Role, SnapshotId, TaskId, TaskResult, UnixMillis,
+};
 
 /// Schema version of [`Event`].
 pub const EVENT_VERSION: u16 = 1;
@@ -56,19 +60,20 @@ pub enum EventBody {
         /// Its roles.
         roles: Vec<Role>,
         /// QUIC address it serves, if any.
-        quic_addr: Option<String>,
+        #[serde(default, with = "crate::addr::option")]
+        quic_addr: Option<SocketAddr>,
     },
     /// The agent stopped, or (when published by a watchdog) missed heartbeats.
     #[serde(rename = "agent.offline")]
     AgentOffline {
-        /// `shutdown` for a clean stop, `missed_heartbeats` otherwise.
-        reason: String,
+        /// Why.
+        reason: OfflineReason,
     },
     /// An agent refused a task or message.
     #[serde(rename = "security.task_rejected")]
     TaskRejected {
         /// The task id, if the task was readable and signed.
-        task_id: Option<String>,
+        task_id: Option<TaskId>,
         /// Machine-readable reason.
         reason: RejectReason,
         /// Human-readable detail.
@@ -80,7 +85,7 @@ pub enum EventBody {
     #[serde(rename = "task.started")]
     TaskStarted {
         /// Task id.
-        task_id: String,
+        task_id: TaskId,
         /// Task kind, e.g. `estimate`.
         task_kind: String,
     },
@@ -134,7 +139,7 @@ pub enum EventBody {
     #[serde(rename = "check.failed")]
     CheckFailed {
         /// The check task.
-        task_id: String,
+        task_id: TaskId,
         /// Number of problems.
         problems: u64,
         /// Damaged or missing blobs (hex ids, the first 100).
@@ -142,6 +147,35 @@ pub enum EventBody {
         /// Snapshots that reference them.
         affected_snapshots: Vec<String>,
     },
+    /// A repository repair left blobs lost (no copy of them is left, so the
+    /// snapshots that reference them cannot be fully restored until a backup
+    /// of a host that still has the data uploads them again), or could not
+    /// do all it should.
+    #[serde(rename = "repair.failed")]
+    RepairFailed {
+        /// The repair task.
+        task_id: TaskId,
+        /// Number of blobs lost (all of them, however many are listed).
+        lost: u64,
+        /// Lost blobs (hex ids, the first 100).
+        lost_blobs: Vec<String>,
+        /// Snapshots that reference them.
+        affected_snapshots: Vec<SnapshotId>,
+        /// What repair could not do (packs kept because they could not be
+        /// read, snapshots that do not read), for people; the first 100.
+        problems: Vec<String>,
+    },
+}
+
+crate::open_enum::open_enum! {
+    /// Why an agent is offline: the `reason` of [`EventBody::AgentOffline`].
+    /// A word this build does not know decodes as [`OfflineReason::Other`].
+    pub enum OfflineReason {
+        /// It stopped cleanly (published by the agent itself).
+        Shutdown = "shutdown",
+        /// Its heartbeats stopped (published by a watchdog).
+        MissedHeartbeats = "missed_heartbeats",
+    }
 }
 
 /// Why an agent refused a task.
@@ -166,6 +200,9 @@ pub enum RejectReason {
     Expired,
     /// Issued in the future.
     NotYetValid,
+    /// Issued for an earlier state of this agent: its state directory (and
+    /// the journal that recognises replays) was created since.
+    StaleEpoch,
     /// A task id this agent has already received in another message.
     Replayed,
     /// Signed and valid, but asks for something outside this agent's allowlists.
@@ -174,11 +211,55 @@ pub enum RejectReason {
     UnknownPeer,
 }
 
+impl RejectReason {
+    /// Every reason, in the order the agent checks them.
+    pub const ALL: &'static [RejectReason] = &[
+        RejectReason::Malformed,
+        RejectReason::Oversized,
+        RejectReason::UnsupportedVersion,
+        RejectReason::Unsigned,
+        RejectReason::BadSignature,
+        RejectReason::WrongFleet,
+        RejectReason::WrongHost,
+        RejectReason::Expired,
+        RejectReason::NotYetValid,
+        RejectReason::StaleEpoch,
+        RejectReason::Replayed,
+        RejectReason::NotAllowed,
+        RejectReason::UnknownPeer,
+    ];
+
+    /// The word on the wire, e.g. `not_allowed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Malformed => "malformed",
+            RejectReason::Oversized => "oversized",
+            RejectReason::UnsupportedVersion => "unsupported_version",
+            RejectReason::Unsigned => "unsigned",
+            RejectReason::BadSignature => "bad_signature",
+            RejectReason::WrongFleet => "wrong_fleet",
+            RejectReason::WrongHost => "wrong_host",
+            RejectReason::Expired => "expired",
+            RejectReason::NotYetValid => "not_yet_valid",
+            RejectReason::StaleEpoch => "stale_epoch",
+            RejectReason::Replayed => "replayed",
+            RejectReason::NotAllowed => "not_allowed",
+            RejectReason::UnknownPeer => "unknown_peer",
+        }
+    }
+}
+
+impl std::fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Progress of a running task.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskProgress {
     /// Task id.
-    pub task_id: String,
+    pub task_id: TaskId,
     /// Task kind.
     pub task_kind: String,
     /// Files seen so far.
@@ -203,7 +284,7 @@ pub struct TaskProgress {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobEnded {
     /// The last task of the job.
-    pub task_id: String,
+    pub task_id: TaskId,
     /// `backup`, `check`, …
     pub job_kind: String,
     /// The plan it belongs to, if any.
@@ -213,7 +294,7 @@ pub struct JobEnded {
     /// Why it failed or was cancelled.
     pub error: Option<String>,
     /// The snapshot a backup made.
-    pub snapshot: Option<String>,
+    pub snapshot: Option<SnapshotId>,
 }
 
 /// How a task ended.
@@ -234,7 +315,7 @@ pub enum TaskOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskFinished {
     /// Task id.
-    pub task_id: String,
+    pub task_id: TaskId,
     /// Task kind.
     pub task_kind: String,
     /// How it ended.
@@ -261,6 +342,7 @@ impl EventBody {
         "task.progress",
         "task.finished",
         "check.failed",
+        "repair.failed",
         "job.succeeded",
         "job.partial",
         "job.failed",
@@ -280,6 +362,7 @@ impl EventBody {
             EventBody::TaskProgress(_) => "task.progress",
             EventBody::TaskFinished(_) => "task.finished",
             EventBody::CheckFailed { .. } => "check.failed",
+            EventBody::RepairFailed { .. } => "repair.failed",
             EventBody::JobSucceeded(_) => "job.succeeded",
             EventBody::JobPartial(_) => "job.partial",
             EventBody::JobFailed(_) => "job.failed",
@@ -291,13 +374,15 @@ impl EventBody {
     }
 
     /// The task this event is about, if any.
-    pub fn task_id(&self) -> Option<&str> {
+    pub fn task_id(&self) -> Option<&TaskId> {
         match self {
-            EventBody::TaskRejected { task_id, .. } => task_id.as_deref(),
+            EventBody::TaskRejected { task_id, .. } => task_id.as_ref(),
             EventBody::TaskStarted { task_id, .. } => Some(task_id),
             EventBody::TaskProgress(p) => Some(&p.task_id),
             EventBody::TaskFinished(f) => Some(&f.task_id),
-            EventBody::CheckFailed { task_id, .. } => Some(task_id),
+            EventBody::CheckFailed { task_id, .. } | EventBody::RepairFailed { task_id, .. } => {
+                Some(task_id)
+            }
             EventBody::JobSucceeded(j)
             | EventBody::JobPartial(j)
             | EventBody::JobFailed(j)
@@ -330,6 +415,10 @@ mod tests {
     use super::*;
     use crate::{encode, EstimateReport};
 
+    fn tid() -> TaskId {
+        TaskId::new("t").expect("valid")
+    }
+
     fn sample(body: EventBody) -> Event {
         Event {
             v: EVENT_VERSION,
@@ -346,10 +435,10 @@ mod tests {
     fn events_round_trip_with_kind_and_detail_at_top_level() {
         let events = [
             sample(EventBody::AgentOffline {
-                reason: "shutdown".into(),
+                reason: OfflineReason::Shutdown,
             }),
             sample(EventBody::TaskFinished(TaskFinished {
-                task_id: "t".into(),
+                task_id: tid(),
                 task_kind: "estimate".into(),
                 outcome: TaskOutcome::Succeeded,
                 error: None,
@@ -389,6 +478,7 @@ mod tests {
                 | EventBody::TaskProgress(_)
                 | EventBody::TaskFinished(_)
                 | EventBody::CheckFailed { .. }
+                | EventBody::RepairFailed { .. }
                 | EventBody::JobSucceeded(_)
                 | EventBody::JobPartial(_)
                 | EventBody::JobFailed(_)
@@ -399,7 +489,7 @@ mod tests {
             }
         }
         let ended = JobEnded {
-            task_id: "t".into(),
+            task_id: tid(),
             job_kind: "backup".into(),
             plan: None,
             attempts: 1,
@@ -413,7 +503,7 @@ mod tests {
                 quic_addr: None,
             },
             EventBody::AgentOffline {
-                reason: "shutdown".into(),
+                reason: OfflineReason::Shutdown,
             },
             EventBody::TaskRejected {
                 task_id: None,
@@ -422,12 +512,22 @@ mod tests {
                 subject: String::new(),
             },
             EventBody::TaskStarted {
-                task_id: "t".into(),
+                task_id: tid(),
                 task_kind: "backup".into(),
             },
-            EventBody::TaskProgress(TaskProgress::default()),
+            EventBody::TaskProgress(TaskProgress {
+                task_id: tid(),
+                task_kind: "backup".into(),
+                files: 0,
+                dirs: 0,
+                bytes: 0,
+                current: None,
+                files_total: None,
+                bytes_total: None,
+                elapsed_ms: 0,
+            }),
             EventBody::TaskFinished(TaskFinished {
-                task_id: "t".into(),
+                task_id: tid(),
                 task_kind: "backup".into(),
                 outcome: TaskOutcome::Failed,
                 error: None,
@@ -436,10 +536,17 @@ mod tests {
                 duration_ms: 0,
             }),
             EventBody::CheckFailed {
-                task_id: "t".into(),
+                task_id: tid(),
                 problems: 1,
                 damaged_blobs: Vec::new(),
                 affected_snapshots: Vec::new(),
+            },
+            EventBody::RepairFailed {
+                task_id: tid(),
+                lost: 1,
+                lost_blobs: vec!["ab".repeat(32)],
+                affected_snapshots: vec![SnapshotId::random()],
+                problems: Vec::new(),
             },
             EventBody::JobSucceeded(ended.clone()),
             EventBody::JobPartial(ended.clone()),
@@ -479,6 +586,92 @@ mod tests {
             "a kind is listed twice"
         );
         assert_eq!(listed, distinct);
+    }
+
+    /// The two `agent.*` bodies as they were before `reason` and
+    /// `quic_addr` were typed.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "kind", content = "detail")]
+    enum OldBody {
+        #[serde(rename = "agent.online")]
+        AgentOnline {
+            version: String,
+            roles: Vec<Role>,
+            quic_addr: Option<String>,
+        },
+        #[serde(rename = "agent.offline")]
+        AgentOffline { reason: String },
+    }
+
+    #[test]
+    fn offline_reasons_and_addresses_keep_their_old_wire_form() {
+        for (reason, word) in [
+            (OfflineReason::Shutdown, "shutdown"),
+            (OfflineReason::MissedHeartbeats, "missed_heartbeats"),
+        ] {
+            let old = encode(&OldBody::AgentOffline {
+                reason: word.into(),
+            })
+            .expect("encodes");
+            let new = EventBody::AgentOffline { reason };
+            assert_eq!(encode(&new).expect("encodes"), old);
+            assert_eq!(
+                rmp_serde::from_slice::<EventBody>(&old).expect("decodes"),
+                new
+            );
+        }
+        assert_eq!(OfflineReason::KNOWN.len(), 2);
+        for quic_addr in [Some("192.0.2.7:7443"), Some("[2001:db8::7]:7443"), None] {
+            let old = encode(&OldBody::AgentOnline {
+                version: "1".into(),
+                roles: vec![Role::Storage],
+                quic_addr: quic_addr.map(Into::into),
+            })
+            .expect("encodes");
+            let new: EventBody = rmp_serde::from_slice(&old).expect("decodes");
+            let EventBody::AgentOnline { quic_addr: got, .. } = &new else {
+                panic!("not agent.online: {new:?}");
+            };
+            assert_eq!(got.map(|a| a.to_string()).as_deref(), quic_addr);
+            assert_eq!(encode(&new).expect("encodes"), old);
+        }
+    }
+
+    #[test]
+    fn reject_reasons_display_as_their_wire_word() {
+        for reason in RejectReason::ALL {
+            let wire = serde_json::to_value(reason).expect("json");
+            assert_eq!(wire.as_str(), Some(reason.as_str()));
+            assert_eq!(reason.to_string(), reason.as_str());
+        }
+        assert_eq!(RejectReason::NotAllowed.to_string(), "not_allowed");
+    }
+
+    #[test]
+    fn an_unknown_offline_reason_still_decodes() {
+        let old = encode(&OldBody::AgentOffline {
+            reason: "evicted".into(),
+        })
+        .expect("encodes");
+        let new: EventBody = rmp_serde::from_slice(&old).expect("decodes");
+        assert_eq!(
+            new,
+            EventBody::AgentOffline {
+                reason: OfflineReason::Other("evicted".into())
+            }
+        );
+        assert_eq!(encode(&new).expect("encodes"), old);
+    }
+
+    #[test]
+    fn an_online_event_with_an_unparsable_address_is_refused() {
+        let old = encode(&OldBody::AgentOnline {
+            version: "1".into(),
+            roles: Vec::new(),
+            quic_addr: Some("nas:7443".into()),
+        })
+        .expect("encodes");
+        assert!(rmp_serde::from_slice::<EventBody>(&old).is_err());
     }
 
     /// Just enough of a dynamic value to look at the top-level map.

@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::repo::{BlobId, BlobKind, SnapshotRecord, MAX_SEALED};
+use crate::SnapshotId;
 
 /// Version of the frame set; part of `Hello`.
 pub const FRAME_VERSION: u16 = 1;
@@ -92,7 +93,7 @@ pub enum Response {
     /// The snapshot is committed.
     Committed {
         /// Its id.
-        id: String,
+        id: SnapshotId,
     },
     /// One requested blob.
     Blob {
@@ -111,13 +112,38 @@ pub enum Response {
     },
     /// The request failed.
     Error {
-        /// Machine-readable code (`not_found`, `forbidden`, `invalid`, `io`, `missing_blobs`).
-        code: String,
+        /// Machine-readable code.
+        code: ErrorCode,
         /// What happened.
         message: String,
         /// Whether trying again may work.
         retryable: bool,
     },
+}
+
+crate::open_enum::open_enum! {
+    /// Why a storage agent refused a data-plane request: the `code` of
+    /// [`Response::Error`], one snake_case word on the wire. A word this
+    /// build does not know decodes as [`ErrorCode::Other`].
+    pub enum ErrorCode {
+        /// No such snapshot or blob.
+        NotFound = "not_found",
+        /// A snapshot with this id is already committed.
+        Exists = "exists",
+        /// A commit names blobs that are not durably stored; the source
+        /// uploads them again.
+        MissingBlobs = "missing_blobs",
+        /// A malformed request: no `hello` first, too many ids, a bad or
+        /// ambiguous id, no repository on this host.
+        Invalid = "invalid",
+        /// Stored bytes are damaged.
+        Corrupt = "corrupt",
+        /// The storage host's disk or filesystem failed.
+        Io = "io",
+        /// The session's task does not allow this, or the task or the peer
+        /// was refused.
+        Forbidden = "forbidden",
+    }
 }
 
 /// Reply to the read-only repository queries on NATS (`flotilla.repo.<storage>.*`).
@@ -148,4 +174,86 @@ pub enum RepoReply {
         /// What happened.
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{codec, encode};
+
+    /// The frame as it was before `code` was typed.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum OldResponse {
+        Error {
+            code: String,
+            message: String,
+            retryable: bool,
+        },
+    }
+
+    #[test]
+    fn error_codes_are_the_same_words_on_the_wire() {
+        let words = [
+            "not_found",
+            "exists",
+            "missing_blobs",
+            "invalid",
+            "corrupt",
+            "io",
+            "forbidden",
+        ];
+        assert_eq!(ErrorCode::KNOWN.len(), words.len());
+        for (code, word) in ErrorCode::KNOWN.iter().zip(words) {
+            assert_eq!(code.as_str(), word);
+            let new = Response::Error {
+                code: code.clone(),
+                message: "m".into(),
+                retryable: false,
+            };
+            let old = OldResponse::Error {
+                code: word.into(),
+                message: "m".into(),
+                retryable: false,
+            };
+            let bytes = encode(&old).expect("encodes");
+            assert_eq!(encode(&new).expect("encodes"), bytes);
+            assert_eq!(
+                codec::decode::<Response>(&bytes, MAX_FRAME).expect("decodes"),
+                new
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever word a peer sends is read, written back byte for byte,
+        /// and read again as the same code.
+        #[test]
+        fn any_code_word_round_trips(word in "\\PC{0,24}") {
+            let code = ErrorCode::from(word.as_str());
+            let bytes = encode(&code).expect("encodes");
+            proptest::prop_assert_eq!(&bytes, &encode(&word).expect("encodes"));
+            let back: ErrorCode = codec::decode(&bytes, MAX_FRAME).expect("decodes");
+            proptest::prop_assert_eq!(back.as_str(), word.as_str());
+            proptest::prop_assert_eq!(back, code);
+        }
+    }
+
+    #[test]
+    fn an_unknown_code_from_a_newer_peer_still_decodes() {
+        let bytes = encode(&OldResponse::Error {
+            code: "quota_exceeded".into(),
+            message: "m".into(),
+            retryable: true,
+        })
+        .expect("encodes");
+        let got = codec::decode::<Response>(&bytes, MAX_FRAME).expect("decodes");
+        let Response::Error { code, .. } = &got else {
+            panic!("not an error: {got:?}");
+        };
+        assert_eq!(code, &ErrorCode::Other("quota_exceeded".into()));
+        assert_eq!(code.to_string(), "quota_exceeded");
+        // Passed on unchanged.
+        assert_eq!(encode(&got).expect("encodes"), bytes);
+    }
 }

@@ -1,8 +1,10 @@
 //! The health heartbeat every agent publishes to the health bucket.
 
+use std::net::SocketAddr;
+
 use serde::{Deserialize, Serialize};
 
-use crate::{codec, DecodeError, HostName, UnixMillis};
+use crate::{codec, DecodeError, HostName, TaskId, UnixMillis};
 
 /// Schema version of [`Heartbeat`].
 pub const HEARTBEAT_VERSION: u16 = 1;
@@ -39,11 +41,19 @@ pub struct Heartbeat {
     /// What this host does in the fleet.
     pub roles: Vec<Role>,
     /// QUIC address the agent serves for peers, if any.
-    pub quic_addr: Option<String>,
+    #[serde(default, with = "crate::addr::option")]
+    pub quic_addr: Option<SocketAddr>,
     /// Free and total bytes of every configured root.
     pub roots: Vec<RootUsage>,
     /// Tasks running now.
     pub running: Vec<RunningJob>,
+    /// The agent's state epoch: random, made when its state directory was
+    /// created, so a new value means the state (and the task journal that
+    /// recognises replays) was lost. Coordinators stamp it into the tasks
+    /// they send ([`crate::TaskBody::epoch`]). Absent from agents that
+    /// predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// Lifecycle state an agent reports about itself.
@@ -99,7 +109,7 @@ pub struct RootUsage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunningJob {
     /// The task id.
-    pub task_id: String,
+    pub task_id: TaskId,
     /// The task kind, e.g. `estimate`.
     pub kind: String,
     /// When it started.
@@ -112,5 +122,47 @@ impl Heartbeat {
         let hb: Self = codec::decode(bytes, crate::limits::HEARTBEAT_BYTES)?;
         codec::check_version(hb.v, HEARTBEAT_VERSION)?;
         Ok(hb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heartbeat(epoch: Option<u64>) -> Heartbeat {
+        Heartbeat {
+            v: HEARTBEAT_VERSION,
+            host: HostName::new("alpha").expect("valid"),
+            fleet: "f".into(),
+            state: AgentState::Online,
+            version: "0.1.0".into(),
+            started_at: 1,
+            time: 2,
+            interval_ms: 1000,
+            load: [0.0; 3],
+            rss_bytes: 0,
+            mem_total_bytes: 0,
+            mem_available_bytes: 0,
+            roles: vec![Role::Source],
+            quic_addr: None,
+            roots: Vec::new(),
+            running: Vec::new(),
+            epoch,
+        }
+    }
+
+    #[test]
+    fn the_epoch_round_trips_and_is_optional_both_ways() {
+        let with = heartbeat(Some(0xdead_beef_0123_4567));
+        let bytes = codec::encode(&with).expect("encodes");
+        assert_eq!(Heartbeat::decode(&bytes).expect("decodes"), with);
+
+        // An agent that predates epochs writes none: it decodes as `None`,
+        // and a heartbeat without one encodes as such an agent's did.
+        let without = heartbeat(None);
+        let bytes = codec::encode(&without).expect("encodes");
+        let map: serde_json::Value = rmp_serde::from_slice(&bytes).expect("a msgpack map");
+        assert!(map.get("epoch").is_none(), "{map}");
+        assert_eq!(Heartbeat::decode(&bytes).expect("decodes").epoch, None);
     }
 }

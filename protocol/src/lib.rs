@@ -21,12 +21,16 @@
 //! The human documentation of the same facts is `docs/protocol.md`; a change
 //! here changes that file too.
 
+mod open_enum;
+
+mod addr;
 mod bundle;
 mod codec;
 mod event;
 pub mod frame;
 mod heartbeat;
 mod host;
+mod id;
 pub mod limits;
 pub mod repo;
 pub mod status;
@@ -37,17 +41,18 @@ pub mod transfer;
 pub use bundle::{Bundle, BundleError, BUNDLE_VERSION};
 pub use codec::{decode, encode, DecodeError, EncodeError};
 pub use event::{
-    Event, EventBody, JobEnded, RejectReason, Severity, TaskFinished, TaskOutcome, TaskProgress,
-    EVENT_VERSION,
+    Event, EventBody, JobEnded, OfflineReason, RejectReason, Severity, TaskFinished, TaskOutcome,
+    TaskProgress, EVENT_VERSION,
 };
 pub use heartbeat::{
     AgentState, Heartbeat, Role, RootKind, RootUsage, RunningJob, HEARTBEAT_VERSION,
 };
 pub use host::{HostName, HostNameError};
+pub use id::{IdError, SnapshotId, TaskId};
 pub use task::{
-    sign_task, verify_task, verify_task_for_peer, BackupReport, CancelReport, DirUsage,
-    EstimateReport, PublicKey, SigningSeed, TaskBody, TaskEnvelope, TaskKind, TaskResult,
-    TaskVerifyError, TASK_VERSION,
+    check_epoch, sign_task, verify_task, verify_task_for_peer, BackupReport, CancelReport,
+    DirUsage, EstimateReport, PublicKey, SigningSeed, TaskBody, TaskEnvelope, TaskKind, TaskResult,
+    TaskVerifyError, CLOCK_SKEW_MS, TASK_VERSION,
 };
 
 /// Unix time in milliseconds, the one time representation on the wire.

@@ -17,7 +17,7 @@ use ring::aead::{self, LessSafeKey, UnboundKey, AES_256_GCM};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::{HostName, UnixMillis};
+use crate::{HostName, IdError, SnapshotId, TaskId, UnixMillis};
 
 /// Version of [`Tree`], [`SnapshotRecord`] and [`SnapshotMeta`].
 pub const REPO_FORMAT: u16 = 1;
@@ -362,7 +362,7 @@ pub struct SnapshotRecord {
 }
 
 /// What only key holders may read about a snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotMeta {
     /// Format version, [`REPO_FORMAT`].
     pub v: u16,
@@ -371,7 +371,7 @@ pub struct SnapshotMeta {
     /// Exclude patterns in force.
     pub excludes: Vec<String>,
     /// The task that made it.
-    pub task_id: String,
+    pub task_id: TaskId,
     /// Counters.
     pub summary: BackupSummary,
     /// Files that could not be read (the first 1,000).
@@ -428,24 +428,47 @@ impl SnapshotRecord {
     /// Opens the meta and checks that the plaintext parts of the record (root
     /// tree, host, time) are the ones the backup sealed: the storage host
     /// holds no key, so it cannot forge them without this failing.
-    pub fn verify(&self, key: &RepoKey) -> Result<SnapshotMeta, String> {
-        let meta = self.open_meta(key).ok_or_else(|| {
-            format!(
-                "snapshot {}: its sealed metadata does not open with this fleet's key",
-                self.id
-            )
-        })?;
+    pub fn verify(&self, key: &RepoKey) -> Result<SnapshotMeta, SnapshotVerifyError> {
+        let meta = self
+            .open_meta(key)
+            .ok_or_else(|| SnapshotVerifyError::Sealed {
+                id: self.id.clone(),
+            })?;
         let same = meta.tree == Some(self.tree)
             && meta.host.as_deref() == Some(self.host.as_str())
             && meta.time == Some(self.time);
         if !same {
-            return Err(format!(
-                "snapshot {}: the record does not match its sealed metadata (tree, host or time changed); the storage host's copy was tampered with",
-                self.id
-            ));
+            return Err(SnapshotVerifyError::Tampered {
+                id: self.id.clone(),
+            });
         }
         Ok(meta)
     }
+
+    /// The record's id, checked: records come from a storage host, and an id
+    /// that is not 32 hex digits is not one its repository would have written.
+    pub fn snapshot_id(&self) -> Result<SnapshotId, IdError> {
+        SnapshotId::new(self.id.as_str())
+    }
+}
+
+/// A snapshot record does not hold up against its sealed metadata. Never
+/// retryable: the stored bytes are wrong, or the key is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotVerifyError {
+    /// The metadata does not open with this key (another fleet's
+    /// repository, or damaged).
+    #[error("snapshot {id}: its sealed metadata does not open with this fleet's key")]
+    Sealed {
+        /// The record's id.
+        id: String,
+    },
+    /// The record's tree, host or time differ from the sealed ones.
+    #[error("snapshot {id}: the record does not match its sealed metadata (tree, host or time changed); the storage host's copy was tampered with")]
+    Tampered {
+        /// The record's id.
+        id: String,
+    },
 }
 
 /// What `check` found in a repository. Travels in task results, so it is
@@ -553,13 +576,65 @@ pub struct PruneReport {
     pub packs_protected: u64,
 }
 
+/// What `repair` found and did. Travels in task results, so it is plain data
+/// with named fields; the storage agent builds it, the coordinator prints it
+/// (and names the files behind `lost_blobs`, which needs the key).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairReport {
+    /// Whether every pack was read first (`check --read-data`), so that
+    /// damage not found before was found and repaired too.
+    pub read_data: bool,
+    /// Damaged packs found: with a damage record, gone or of the wrong size
+    /// (their index left), or without a usable index and damaged.
+    pub packs_damaged: u64,
+    /// Of those, dropped (index, pack and record deleted).
+    pub packs_dropped: u64,
+    /// Packs without a usable index found intact and indexed again.
+    pub packs_reindexed: u64,
+    /// New packs written with the blobs moved.
+    pub packs_written: u64,
+    /// Intact blobs copied out of damaged packs.
+    pub blobs_moved: u64,
+    /// Their sealed bytes.
+    pub bytes_moved: u64,
+    /// Damaged copies of which a good copy is now indexed (uploaded again by
+    /// a backup, a duplicate in another pack, or intact after all).
+    pub blobs_healed: u64,
+    /// Damaged copies without a good copy that no snapshot references:
+    /// dropped, nothing needs them.
+    pub blobs_discarded: u64,
+    /// How many blobs committed snapshots reference that the repository
+    /// does not hold: lost until a backup of a host that still has the data
+    /// uploads them again (backups are told they are missing).
+    pub blobs_lost: u64,
+    /// Those blobs, sorted (in a task result, the first 2,048).
+    pub lost_blobs: Vec<BlobId>,
+    /// How many snapshots reference a lost blob: they cannot be fully
+    /// restored.
+    pub snapshots_affected: u64,
+    /// Those snapshots, sorted (in a task result, the first 1,000). Which
+    /// files: the coordinator opens their trees.
+    pub affected_snapshots: Vec<SnapshotId>,
+    /// What repair could not do, for people: packs kept because they could
+    /// not be read, snapshots that do not read (in a task result, the first
+    /// 200).
+    pub problems: Vec<String>,
+}
+
+impl RepairReport {
+    /// Whether nothing is lost and nothing was left undone.
+    pub fn is_ok(&self) -> bool {
+        self.blobs_lost == 0 && self.lost_blobs.is_empty() && self.problems.is_empty()
+    }
+}
+
 /// What `forget` removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForgetReport {
     /// Snapshot records removed.
-    pub removed: Vec<String>,
+    pub removed: Vec<SnapshotId>,
     /// Ids that were not there (already forgotten).
-    pub missing: Vec<String>,
+    pub missing: Vec<SnapshotId>,
 }
 
 thread_local! {
@@ -657,6 +732,50 @@ mod tests {
         sealed[last] ^= 1;
         assert_eq!(k.open(&id, &sealed), Err(CryptoError::Unauthentic(id)));
         assert!(k.open(&id, &[]).is_err());
+    }
+
+    #[test]
+    fn a_record_verifies_only_against_its_sealed_meta() {
+        let k = key(1);
+        let id = "ab".repeat(16);
+        let tree = k.blob_id(b"tree");
+        let meta = SnapshotMeta {
+            v: REPO_FORMAT,
+            paths: vec!["/srv".into()],
+            excludes: Vec::new(),
+            task_id: TaskId::new("t-1").expect("valid"),
+            summary: BackupSummary::default(),
+            unreadable: Vec::new(),
+            tree: Some(tree),
+            host: Some("nas".into()),
+            time: Some(5),
+        };
+        let plain = rmp_serde::to_vec_named(&meta).expect("encodes");
+        let sealed = k
+            .seal_meta(&SnapshotRecord::meta_context(&id), &plain)
+            .expect("seals");
+        let rec = SnapshotRecord {
+            v: REPO_FORMAT,
+            id: id.clone(),
+            host: HostName::new("nas").expect("valid"),
+            time: 5,
+            tree,
+            partial: false,
+            blobs: vec![tree],
+            meta: sealed,
+        };
+        assert_eq!(rec.verify(&k), Ok(meta));
+        assert_eq!(rec.snapshot_id().map(String::from), Ok(id.clone()));
+        let mut moved = rec.clone();
+        moved.time = 6;
+        assert_eq!(
+            moved.verify(&k),
+            Err(SnapshotVerifyError::Tampered { id: id.clone() })
+        );
+        assert_eq!(rec.verify(&key(2)), Err(SnapshotVerifyError::Sealed { id }));
+        let mut odd = rec;
+        odd.id = "../x".into();
+        assert!(odd.snapshot_id().is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{codec, DecodeError, UnixMillis};
+use crate::{codec, DecodeError, SnapshotId, TaskId, UnixMillis};
 
 /// Version of [`FleetStatus`].
 pub const STATUS_VERSION: u16 = 1;
@@ -37,13 +37,13 @@ pub struct PlanHostStatus {
     /// Last successful backup.
     pub last_success: Option<UnixMillis>,
     /// Its snapshot.
-    pub last_snapshot: Option<String>,
+    pub last_snapshot: Option<SnapshotId>,
     /// Next scheduled run, if the plan has a schedule.
     pub next_run: Option<UnixMillis>,
     /// The recovery-point objective is missed.
     pub overdue: bool,
     /// Task running now for this plan and host.
-    pub running_task: Option<String>,
+    pub running_task: Option<TaskId>,
 }
 
 impl FleetStatus {

@@ -89,6 +89,12 @@ pub fn event_filter(kind: Option<&str>, host: Option<&HostName>) -> String {
     }
 }
 
+/// The JetStream stream behind the key-value bucket `bucket` (NATS names
+/// it `KV_<bucket>`), e.g. to ask how many values [`HEALTH_BUCKET`] holds.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
 /// Key of `host` in the [`HEALTH_BUCKET`].
 pub fn health_key(host: &HostName) -> String {
     host.to_string()
@@ -156,6 +162,7 @@ mod tests {
             "flotilla.events.task.finished.*"
         );
         assert_eq!(task_events_all(), "flotilla.events.task.>");
+        assert_eq!(kv_stream(HEALTH_BUCKET), "KV_flotilla-health");
     }
 
     /// NATS subject matching: `*` is one token, `>` one or more at the end.

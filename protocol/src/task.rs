@@ -8,11 +8,14 @@
 //! and lives in the agent; everything else is checked here by [`verify_task`].
 
 use std::fmt;
+use std::net::SocketAddr;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::{codec, limits, DecodeError, EncodeError, HostName, RejectReason, UnixMillis};
+use crate::{
+    codec, limits, DecodeError, EncodeError, HostName, RejectReason, SnapshotId, TaskId, UnixMillis,
+};
 
 /// Schema version of [`TaskEnvelope`] and [`TaskBody`].
 pub const TASK_VERSION: u16 = 1;
@@ -43,7 +46,7 @@ pub struct TaskBody {
     /// Schema version, [`TASK_VERSION`].
     pub v: u16,
     /// Unique task id (a UUID); tasks are idempotent by id.
-    pub id: String,
+    pub id: TaskId,
     /// Fleet id the task belongs to.
     pub fleet: String,
     /// The one host that may run it.
@@ -54,6 +57,13 @@ pub struct TaskBody {
     pub expires_at: UnixMillis,
     /// The work and its arguments.
     pub kind: TaskKind,
+    /// The host's state epoch when the task was issued, from its heartbeat
+    /// ([`crate::Heartbeat::epoch`]): an agent whose state has another epoch
+    /// refuses the task ([`check_epoch`]). `None` when the host never
+    /// reported one, and from coordinators that predate epochs; not written
+    /// then, so such a body encodes exactly as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// The work a task asks for, with its arguments.
@@ -74,16 +84,25 @@ pub enum TaskKind {
         /// The storage host; its certificate must name it.
         storage: HostName,
         /// Its QUIC address, from its heartbeat.
-        storage_addr: String,
+        #[serde(with = "crate::addr")]
+        storage_addr: SocketAddr,
+        /// Commit even when a path that held files at this host's last
+        /// backup into this repository is empty now, or was a mount point
+        /// then and is not now (`--allow-empty`). Not written when false,
+        /// so such a body encodes exactly as before.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        allow_empty: bool,
     },
     /// Restore a snapshot from `storage` into `target` on this host.
     Restore {
-        /// Snapshot id or unique prefix.
-        snapshot: String,
+        /// The snapshot (the coordinator sends the full id; agents also
+        /// accept a unique prefix, which is why decoding does not check it).
+        snapshot: SnapshotId,
         /// The storage host; its certificate must name it.
         storage: HostName,
         /// Its QUIC address, from its heartbeat.
-        storage_addr: String,
+        #[serde(with = "crate::addr")]
+        storage_addr: SocketAddr,
         /// Directory to restore into, inside this host's restore roots.
         target: String,
         /// Snapshot paths to restore; empty means everything.
@@ -98,13 +117,13 @@ pub enum TaskKind {
     /// stays until a prune).
     Forget {
         /// Full snapshot ids.
-        snapshots: Vec<String>,
+        snapshots: Vec<SnapshotId>,
     },
     /// Stop a running task of this host cleanly; nothing half-done is
     /// committed and the task ends `cancelled`.
     Cancel {
         /// The task to stop.
-        task_id: String,
+        task_id: TaskId,
     },
     /// Delete data no snapshot references from this host's repository.
     Prune {
@@ -112,6 +131,13 @@ pub enum TaskKind {
         dry_run: bool,
         /// Keep unreferenced packs younger than this many seconds.
         grace_secs: u64,
+    },
+    /// Move the good blobs out of this host's damaged packs and drop those
+    /// packs (run on the storage host).
+    Repair {
+        /// Re-read and re-hash every pack first, so that damage no check has
+        /// found yet is repaired too.
+        read_data: bool,
     },
 }
 
@@ -125,6 +151,7 @@ impl TaskKind {
             TaskKind::Check { .. } => "check",
             TaskKind::Forget { .. } => "forget",
             TaskKind::Prune { .. } => "prune",
+            TaskKind::Repair { .. } => "repair",
             TaskKind::Cancel { .. } => "cancel",
         }
     }
@@ -146,24 +173,26 @@ pub enum TaskResult {
     Forget(crate::repo::ForgetReport),
     /// Result of [`TaskKind::Prune`].
     Prune(crate::repo::PruneReport),
+    /// Result of [`TaskKind::Repair`].
+    Repair(crate::repo::RepairReport),
     /// Result of [`TaskKind::Cancel`].
     Cancel(CancelReport),
 }
 
 /// What a cancel request found.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CancelReport {
     /// The task asked to stop.
-    pub task_id: String,
+    pub task_id: TaskId,
     /// Whether it was running (it then ends `cancelled`).
     pub was_running: bool,
 }
 
 /// What a backup produced.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupReport {
     /// The committed snapshot.
-    pub snapshot: String,
+    pub snapshot: SnapshotId,
     /// The storage host it went to.
     pub storage: String,
     /// Counters.
@@ -280,7 +309,7 @@ pub enum TaskVerifyError {
     #[error("task {task_id} belongs to fleet {found}, not {expected}")]
     WrongFleet {
         /// Task id.
-        task_id: String,
+        task_id: TaskId,
         /// This agent's fleet.
         expected: String,
         /// The task's fleet.
@@ -290,7 +319,7 @@ pub enum TaskVerifyError {
     #[error("task {task_id} is addressed to host {found}, not {expected}")]
     WrongHost {
         /// Task id.
-        task_id: String,
+        task_id: TaskId,
         /// This agent's host.
         expected: String,
         /// The task's host.
@@ -300,7 +329,7 @@ pub enum TaskVerifyError {
     #[error("task {task_id} expired at {expires_at} (now {now}, unix ms)")]
     Expired {
         /// Task id.
-        task_id: String,
+        task_id: TaskId,
         /// End of validity.
         expires_at: UnixMillis,
         /// Agent's clock.
@@ -312,11 +341,41 @@ pub enum TaskVerifyError {
     )]
     NotYetValid {
         /// Task id.
-        task_id: String,
+        task_id: TaskId,
         /// Issue time.
         issued_at: UnixMillis,
         /// Agent's clock.
         now: UnixMillis,
+    },
+    /// The task carries another epoch than this agent's state: it was
+    /// issued before the state directory was created (or read from a
+    /// heartbeat of the state before).
+    #[error(
+        "task {task_id} was issued for an earlier state of this agent (epoch {task_epoch:016x}, \
+         now {epoch:016x}): its state directory was created since; send the task again"
+    )]
+    StaleEpoch {
+        /// Task id.
+        task_id: TaskId,
+        /// The epoch in the task.
+        task_epoch: u64,
+        /// This agent's.
+        epoch: u64,
+    },
+    /// The task carries no epoch and was issued before this agent's state
+    /// was created, beyond the allowed clock skew: the journal that would
+    /// recognise it as a replay did not exist yet.
+    #[error(
+        "task {task_id} was issued at {issued_at}, before this agent's state was created at \
+         {created_at} (unix ms): it may be a replay its new journal cannot recognise; send the task again"
+    )]
+    IssuedBeforeState {
+        /// Task id.
+        task_id: TaskId,
+        /// Issue time.
+        issued_at: UnixMillis,
+        /// When the agent's state was created.
+        created_at: UnixMillis,
     },
 }
 
@@ -337,16 +396,21 @@ impl TaskVerifyError {
             TaskVerifyError::WrongHost { .. } => RejectReason::WrongHost,
             TaskVerifyError::Expired { .. } => RejectReason::Expired,
             TaskVerifyError::NotYetValid { .. } => RejectReason::NotYetValid,
+            TaskVerifyError::StaleEpoch { .. } | TaskVerifyError::IssuedBeforeState { .. } => {
+                RejectReason::StaleEpoch
+            }
         }
     }
 
     /// The task id, when the task got far enough to be trusted with one.
-    pub fn task_id(&self) -> Option<&str> {
+    pub fn task_id(&self) -> Option<&TaskId> {
         match self {
             TaskVerifyError::WrongFleet { task_id, .. }
             | TaskVerifyError::WrongHost { task_id, .. }
             | TaskVerifyError::Expired { task_id, .. }
-            | TaskVerifyError::NotYetValid { task_id, .. } => Some(task_id),
+            | TaskVerifyError::NotYetValid { task_id, .. }
+            | TaskVerifyError::StaleEpoch { task_id, .. }
+            | TaskVerifyError::IssuedBeforeState { task_id, .. } => Some(task_id),
             _ => None,
         }
     }
@@ -438,6 +502,39 @@ pub fn verify_task_for_peer(
     Ok(body)
 }
 
+/// Checks that a verified task was issued for this agent's state, made at
+/// `created_at` with epoch `epoch`: a task that carries an epoch must carry
+/// this one; a task without one must not be issued before the state was
+/// created (beyond [`CLOCK_SKEW_MS`]). An agent whose state directory was
+/// wiped has lost the journal that recognises replays; this is what still
+/// refuses a task captured from the bus before the wipe.
+///
+/// Only the agent a task is addressed to checks this: a storage agent that
+/// is shown a source's task on the data plane does not (the epoch is the
+/// source's).
+pub fn check_epoch(
+    body: &TaskBody,
+    epoch: u64,
+    created_at: UnixMillis,
+) -> Result<(), TaskVerifyError> {
+    match body.epoch {
+        Some(task_epoch) if task_epoch != epoch => Err(TaskVerifyError::StaleEpoch {
+            task_id: body.id.clone(),
+            task_epoch,
+            epoch,
+        }),
+        Some(_) => Ok(()),
+        None if body.issued_at.saturating_add(CLOCK_SKEW_MS) < created_at => {
+            Err(TaskVerifyError::IssuedBeforeState {
+                task_id: body.id.clone(),
+                issued_at: body.issued_at,
+                created_at,
+            })
+        }
+        None => Ok(()),
+    }
+}
+
 fn signed_message(body: &[u8]) -> Vec<u8> {
     let mut msg = Vec::with_capacity(SIGNING_CONTEXT.len() + body.len());
     msg.extend_from_slice(SIGNING_CONTEXT);
@@ -460,7 +557,7 @@ mod tests {
     fn body(host: &str) -> TaskBody {
         TaskBody {
             v: TASK_VERSION,
-            id: "t-1".into(),
+            id: TaskId::new("t-1").expect("valid"),
             fleet: "f1".into(),
             host: HostName::new(host).expect("valid"),
             issued_at: NOW,
@@ -468,6 +565,7 @@ mod tests {
             kind: TaskKind::Estimate {
                 paths: vec!["/srv".into()],
             },
+            epoch: None,
         }
     }
 
@@ -549,6 +647,74 @@ mod tests {
     }
 
     #[test]
+    fn a_task_for_another_state_epoch_is_refused_as_stale() {
+        const CREATED: UnixMillis = NOW + 3_600_000;
+        let mut task = body("nas");
+        task.epoch = Some(7);
+        // The agent's own epoch: accepted, whenever it was issued.
+        assert!(check_epoch(&task, 7, CREATED).is_ok());
+        // Another: refused, and the event names the task.
+        let err = check_epoch(&task, 8, CREATED).expect_err("another epoch");
+        assert_eq!(err.reason(), RejectReason::StaleEpoch);
+        assert_eq!(err.task_id(), Some(&task.id));
+        assert!(err.to_string().contains("earlier state"), "{err}");
+        let err = check_epoch(&task, 8, 0).expect_err("even before the floor");
+        assert_eq!(err.reason(), RejectReason::StaleEpoch);
+    }
+
+    #[test]
+    fn a_task_without_an_epoch_issued_before_the_state_is_refused() {
+        let task = body("nas"); // issued at NOW, no epoch
+                                // The state is younger than the task by more than the skew: refused.
+        let created = NOW + CLOCK_SKEW_MS + 1;
+        let err = check_epoch(&task, 1, created).expect_err("issued before the state");
+        assert_eq!(err.reason(), RejectReason::StaleEpoch);
+        assert_eq!(err.task_id(), Some(&task.id));
+        // Within the skew, or an older state: accepted.
+        assert!(check_epoch(&task, 1, NOW + CLOCK_SKEW_MS).is_ok());
+        assert!(check_epoch(&task, 1, NOW - 1).is_ok());
+        assert!(check_epoch(&task, 1, 0).is_ok());
+    }
+
+    #[test]
+    fn the_epoch_is_signed_and_absent_when_unset() {
+        let mut task = body("nas");
+        let without = sign_task(&seed(1), &task).expect("signs");
+        // No epoch: the body is the one older coordinators signed.
+        let decoded: serde_json::Value =
+            rmp_serde::from_slice(&without.body).expect("a msgpack map");
+        assert!(decoded.get("epoch").is_none(), "{decoded}");
+        task.epoch = Some(u64::MAX - 1);
+        let with = sign_task(&seed(1), &task).expect("signs");
+        let got = verify(&with, &seed(1).public_key(), NOW).expect("verifies");
+        assert_eq!(got.epoch, Some(u64::MAX - 1));
+        // The epoch is inside the signed bytes: changing it breaks the signature.
+        let mut forged = with.clone();
+        let mut other = task.clone();
+        other.epoch = Some(1);
+        forged.body = codec::encode(&other).expect("encodes");
+        let err = verify(&forged, &seed(1).public_key(), NOW).expect_err("refused");
+        assert_eq!(err.reason(), RejectReason::BadSignature);
+    }
+
+    #[test]
+    fn allow_empty_is_written_only_when_set() {
+        let kind = |allow_empty| TaskKind::Backup {
+            paths: Vec::new(),
+            excludes: Vec::new(),
+            storage: HostName::new("vault").expect("valid"),
+            storage_addr: "192.0.2.1:7443".parse().expect("an address"),
+            allow_empty,
+        };
+        let off: serde_json::Value =
+            rmp_serde::from_slice(&codec::encode(&kind(false)).expect("encodes")).expect("map");
+        assert!(off.get("allow_empty").is_none(), "{off}");
+        let on = codec::encode(&kind(true)).expect("encodes");
+        let back: TaskKind = codec::decode(&on, limits::TASK_BYTES).expect("decodes");
+        assert_eq!(back, kind(true));
+    }
+
+    #[test]
     fn oversized_envelopes_are_refused_before_parsing() {
         let bytes = vec![0x90; limits::TASK_BYTES + 1];
         let err = verify_task(
@@ -560,6 +726,114 @@ mod tests {
         )
         .expect_err("must be refused");
         assert_eq!(err.reason(), RejectReason::Oversized);
+    }
+
+    /// A backup task body as coordinators wrote it before `id` and
+    /// `storage_addr` were typed.
+    #[derive(Serialize)]
+    struct OldBody<'a> {
+        v: u16,
+        id: &'a str,
+        fleet: &'a str,
+        host: &'a str,
+        issued_at: UnixMillis,
+        expires_at: UnixMillis,
+        kind: OldKind<'a>,
+    }
+
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    enum OldKind<'a> {
+        Backup {
+            paths: Vec<String>,
+            excludes: Vec<String>,
+            storage: &'a str,
+            storage_addr: &'a str,
+        },
+    }
+
+    /// Signs `body` as it is, whatever it holds.
+    fn sign_old(seed: &SigningSeed, body: &OldBody<'_>) -> Vec<u8> {
+        let body = codec::encode(body).expect("encodes");
+        let signature = SigningKey::from_bytes(&seed.0).sign(&signed_message(&body));
+        codec::encode(&TaskEnvelope {
+            v: TASK_VERSION,
+            body,
+            signature: signature.to_bytes().to_vec(),
+        })
+        .expect("encodes")
+    }
+
+    fn old_backup(storage_addr: &str) -> OldBody<'_> {
+        OldBody {
+            v: TASK_VERSION,
+            id: "0b7e4a9e-5d3c-4c1e-9a57-2f8d1e6b3c10",
+            fleet: "f1",
+            host: "nas",
+            issued_at: NOW,
+            expires_at: NOW + 60_000,
+            kind: OldKind::Backup {
+                paths: vec!["/srv".into()],
+                excludes: Vec::new(),
+                storage: "vault",
+                storage_addr,
+            },
+        }
+    }
+
+    #[test]
+    fn an_old_backup_task_verifies_and_signs_to_the_same_bytes() {
+        for addr in ["192.0.2.1:7443", "[2001:db8::1]:7443"] {
+            let old = old_backup(addr);
+            let bytes = sign_old(&seed(1), &old);
+            let host = HostName::new("nas").expect("valid");
+            let got =
+                verify_task(&bytes, &seed(1).public_key(), "f1", &host, NOW).expect("verifies");
+            assert_eq!(got.id, old.id);
+            let TaskKind::Backup { storage_addr, .. } = &got.kind else {
+                panic!("not a backup: {got:?}");
+            };
+            assert_eq!(storage_addr.to_string(), addr);
+            // The typed body encodes to exactly the bytes the old one did.
+            let env = sign_task(&seed(1), &got).expect("signs");
+            assert_eq!(env.body, codec::encode(&old).expect("encodes"));
+        }
+    }
+
+    #[test]
+    fn a_task_with_an_unparsable_storage_address_is_refused_as_malformed() {
+        for addr in ["vault:7443", "192.0.2.1", "", "::1:7443"] {
+            let bytes = sign_old(&seed(1), &old_backup(addr));
+            let host = HostName::new("nas").expect("valid");
+            let err =
+                verify_task(&bytes, &seed(1).public_key(), "f1", &host, NOW).expect_err("refused");
+            assert_eq!(err.reason(), RejectReason::Malformed, "{addr:?}: {err}");
+            let err = verify_task_for_peer(&bytes, &seed(1).public_key(), "f1", NOW)
+                .expect_err("refused");
+            assert_eq!(err.reason(), RejectReason::Malformed);
+        }
+    }
+
+    #[test]
+    fn a_repair_task_and_its_result_keep_their_names_on_the_wire() {
+        let kind = TaskKind::Repair { read_data: true };
+        assert_eq!(kind.name(), "repair");
+        let wire: serde_json::Value =
+            rmp_serde::from_slice(&codec::encode(&kind).expect("encodes")).expect("decodes");
+        assert_eq!(
+            wire,
+            serde_json::json!({"type": "repair", "read_data": true})
+        );
+        let result = TaskResult::Repair(crate::repo::RepairReport {
+            blobs_lost: 1,
+            lost_blobs: vec![crate::repo::BlobId([3; 32])],
+            snapshots_affected: 1,
+            affected_snapshots: vec![SnapshotId::random()],
+            ..Default::default()
+        });
+        let bytes = codec::encode(&result).expect("encodes");
+        let back: TaskResult = codec::decode(&bytes, limits::EVENT_BYTES).expect("decodes");
+        assert_eq!(back, result);
     }
 
     proptest! {
@@ -613,12 +887,13 @@ mod tests {
             let host = HostName::new(&host).expect("the pattern makes valid names");
             let task = TaskBody {
                 v: TASK_VERSION,
-                id,
+                id: TaskId::new(id).expect("the pattern makes valid ids"),
                 fleet: "f1".into(),
                 host: host.clone(),
                 issued_at,
                 expires_at: issued_at + ttl,
                 kind: TaskKind::Estimate { paths },
+                epoch: None,
             };
             let env = sign_task(&seed(7), &task).expect("signs");
             let bytes = codec::encode(&env).expect("encodes");

@@ -28,6 +28,7 @@ pub struct AgentBuilder<'f> {
     listen: bool,
     restore_root: bool,
     extra: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
 }
 
 impl<'f> AgentBuilder<'f> {
@@ -41,6 +42,7 @@ impl<'f> AgentBuilder<'f> {
             listen: false,
             restore_root: false,
             extra: Vec::new(),
+            envs: Vec::new(),
         }
     }
 
@@ -91,6 +93,13 @@ impl<'f> AgentBuilder<'f> {
         S: Into<OsString>,
     {
         self.extra.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// An environment variable for the agent process, kept across
+    /// [`Agent::restart`]s (e.g. `LD_PRELOAD` of a fault-injection library).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), value.into()));
         self
     }
 
@@ -165,6 +174,7 @@ impl<'f> AgentBuilder<'f> {
             storage_dir: self.storage.then(|| fleet.storage_dir(&self.host)),
             restore_root: self.restore_root.then(|| fleet.restore_root(&self.host)),
             bundle: fleet.bundle_path(&self.host),
+            envs: self.envs,
             child: None,
             last_exit: None,
             starts: 0,
@@ -189,6 +199,7 @@ pub struct Agent {
     storage_dir: Option<PathBuf>,
     restore_root: Option<PathBuf>,
     bundle: PathBuf,
+    envs: Vec<(OsString, OsString)>,
     child: Option<Child>,
     last_exit: Option<ExitStatus>,
     starts: u32,
@@ -216,6 +227,7 @@ impl Agent {
         cmd.args(&self.args)
             .env("RUST_LOG", rust_log)
             .env("RUST_BACKTRACE", "1")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone()?)
             .stderr(log);
         let child = cmd

@@ -1,5 +1,5 @@
-//! The data-plane commands (`backup`, `restore`, `snapshots`, `check`) run
-//! through the real CLI, and readers for what they print.
+//! The data-plane commands (`backup`, `restore`, `snapshots`, `check`,
+//! `repair`) run through the real CLI, and readers for what they print.
 
 use std::time::Duration;
 
@@ -34,6 +34,16 @@ impl Fleet {
     /// `flotilla check STORAGE [--read-data] --json`.
     pub fn check(&self, storage: &str, read_data: bool) -> Result<CliOutput> {
         let mut args = vec!["check", storage, "--json"];
+        if read_data {
+            args.push("--read-data");
+        }
+        self.cli_with_timeout(args, DATA_TIMEOUT)
+    }
+
+    /// `flotilla repair STORAGE [--read-data] --wait --json`; its report is
+    /// read with [`check_report`].
+    pub fn repair(&self, storage: &str, read_data: bool) -> Result<CliOutput> {
+        let mut args = vec!["repair", storage, "--wait", "--json"];
         if read_data {
             args.push("--read-data");
         }
@@ -83,8 +93,8 @@ pub fn summary_of(out: &CliOutput, host: &str) -> Result<Value> {
         .with_context(|| format!("no summary line for {host}:\n{out}"))
 }
 
-/// The report of `check --json`: its last JSON document that is not a
-/// progress line.
+/// The report of `check --json` (or `repair --wait --json`): its last JSON
+/// document that is not a progress line.
 pub fn check_report(out: &CliOutput) -> Result<Value> {
     json_values(out)?
         .into_iter()

@@ -5,13 +5,14 @@ use std::ffi::{OsStr, OsString};
 use std::fmt::{self, Display, Write as _};
 use std::fs;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use flotilla_protocol::{
-    encode, sign_task, HostName, SigningSeed, TaskBody, TaskKind, TASK_VERSION,
+    encode, sign_task, HostName, SigningSeed, TaskBody, TaskId, TaskKind, TASK_VERSION,
 };
 use serde_json::Value;
 use tempfile::TempDir;
@@ -286,14 +287,17 @@ impl Fleet {
 
     /// Waits until `host` is listed online with a `quic_addr` (an agent
     /// started with `--listen`), and returns that address.
-    pub fn wait_quic_addr(&self, host: &str, timeout: Duration) -> String {
+    pub fn wait_quic_addr(&self, host: &str, timeout: Duration) -> SocketAddr {
         let what = format!("{host} to be listed online with a quic_addr");
         self.wait_for(&what, timeout, || {
             let entry = self.host(host)?;
             match entry {
                 Some(h) if h["status"] == "online" => match h["quic_addr"].as_str() {
-                    Some(addr) if !addr.is_empty() => Ok(Some(addr.to_owned())),
-                    _ => bail!("{host} is online without a quic_addr: {h}"),
+                    Some(addr) => match addr.parse() {
+                        Ok(addr) => Ok(Some(addr)),
+                        Err(_) => bail!("{host} lists an unparsable quic_addr: {h}"),
+                    },
+                    None => bail!("{host} is online without a quic_addr: {h}"),
                 },
                 Some(h) => bail!("{host}: {h}"),
                 None => bail!("{host} is not listed"),
@@ -463,12 +467,13 @@ impl Fleet {
         let now = now_ms();
         Ok(TaskBody {
             v: TASK_VERSION,
-            id: uuid::Uuid::new_v4().to_string(),
+            id: TaskId::random(),
             fleet: self.fleet_id()?,
             host: HostName::new(host)?,
             issued_at: now,
             expires_at: now + 10 * 60 * 1000,
             kind,
+            epoch: None,
         })
     }
 

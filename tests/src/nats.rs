@@ -89,6 +89,32 @@ impl NatsServer {
         self.wait_ready()
     }
 
+    /// Kills the server with SIGKILL, as a crash or an OOM kill would, and
+    /// reaps it. The store stays; [`NatsServer::start_again`] brings the
+    /// server back on the same port.
+    pub fn kill9(&mut self) -> Result<()> {
+        // Already gone is fine: the wait below reaps it.
+        let _ = self.child.kill();
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Starts the server again on the same port with the same JetStream
+    /// store (after [`NatsServer::kill9`]), appending to the same log, and
+    /// returns once it accepts connections. Fails if it is still running.
+    pub fn start_again(&mut self) -> Result<()> {
+        if self.child.try_wait()?.is_none() {
+            bail!("nats-server on port {} is still running", self.port);
+        }
+        self.child = spawn(&self.bin, self.port, self.dir.path(), &self.log)?;
+        self.wait_ready()
+    }
+
+    /// The server's process id (of its current run).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn stop(&mut self) -> Result<()> {
         let pid = Pid::from_raw(i32::try_from(self.child.id()).context("pid out of range")?);
         // Already gone is fine: the wait below reaps it.

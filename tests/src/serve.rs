@@ -128,6 +128,24 @@ impl Serve {
             .with_context(|| format!("cannot send SIGTERM to serve {}", self.name))
     }
 
+    /// Kills the daemon with SIGKILL, as a crash or power loss would (its
+    /// lease is left to expire), and reaps it.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.reap();
+        let Some(child) = &mut self.child else {
+            bail!(
+                "serve {} is not running (last exit: {:?})",
+                self.name,
+                self.last_exit
+            );
+        };
+        child
+            .kill()
+            .with_context(|| format!("cannot send SIGKILL to serve {}", self.name))?;
+        self.wait_exit(Duration::from_secs(10))?;
+        Ok(())
+    }
+
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;

@@ -566,6 +566,7 @@ async fn peers_from_another_ca_or_host_are_refused() {
                 excludes: Vec::new(),
                 storage: HostName::new("nas").expect("a valid host name"),
                 storage_addr: beta_addr,
+                allow_empty: false,
             },
         )
         .expect("build a backup task");
@@ -576,7 +577,7 @@ async fn peers_from_another_ca_or_host_are_refused() {
     let finished = fleet.wait_for_event(
         "alpha's task.finished for the misdirected backup",
         Duration::from_secs(120),
-        |ev| is_task_event(ev, "task.finished", &body.id),
+        |ev| is_task_event(ev, "task.finished", body.id.as_str()),
     );
     assert_eq!(finished["detail"]["outcome"], "failed", "{finished:#}");
     let error = finished["detail"]["error"].as_str().unwrap_or_default();
@@ -645,4 +646,132 @@ fn restores_that_would_escape_are_refused() {
 
     // The refusals were about the targets: a proper one still works.
     restore_ok(&fleet, &snapshot, &restore_root.join("fine"), &[]);
+}
+
+#[test]
+fn flipped_byte_is_repaired_and_one_backup_heals_every_snapshot() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let agents = start_world(&fleet, &["alpha"]);
+    let root = agents[1].backup_root().to_path_buf();
+    let (a, b) = (root.join("pair/a.bin"), root.join("pair/b.bin"));
+    write_random(&a, 61, 3 * MIB).expect("write a.bin");
+    write_random(&b, 62, 3 * MIB).expect("write b.bin");
+    // Let the files settle past the "racily clean" second, so that the first
+    // backup puts them in alpha's file cache and the healing backup meets
+    // them as unchanged: the cache then names the lost blob, and the commit's
+    // `missing_blobs` must make alpha read them again and upload it.
+    for file in [&a, &b] {
+        let meta = fs::metadata(file).expect("stat the test data");
+        let changed =
+            SystemTime::UNIX_EPOCH + Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32);
+        if let Ok(left) = (changed + Duration::from_millis(1100)).duration_since(SystemTime::now())
+        {
+            std::thread::sleep(left);
+        }
+    }
+    let first = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+
+    // Rot: one byte in the middle of the largest data blob of the largest pack.
+    let packs = agents[0].storage_dir().join("packs");
+    let (pack, _) = largest_file(&packs, "pack")
+        .expect("list the packs")
+        .expect("the backup wrote a pack");
+    let blob = pack_entries(&pack)
+        .expect("read the pack's entries")
+        .into_iter()
+        .filter(|e| e.kind == 0)
+        .max_by_key(|e| e.length)
+        .expect("the largest pack holds a data blob");
+    flip_byte(&pack, blob.offset + blob.length / 2).expect("flip a byte of a data blob");
+
+    let out = fleet
+        .check("nas", true)
+        .expect("run flotilla check --read-data");
+    assert_exit(&fleet, &out, 4, "check found the flipped byte");
+    let names = |list: &Value, snapshot: &str| {
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|s| *s == snapshot))
+    };
+
+    // Repair: the good blobs leave the damaged pack, which goes; the damaged
+    // blob has no good copy anywhere yet, so one file stays lost for now.
+    let out = fleet.repair("nas", false).expect("run flotilla repair");
+    assert_exit(&fleet, &out, 4, "repair left one blob lost");
+    let report = check_report(&out).expect("a repair report");
+    assert_eq!(report["ok"], false, "{out}");
+    assert_eq!(report["packs_damaged"], 1, "{out}");
+    assert_eq!(report["packs_dropped"], 1, "{out}");
+    assert_eq!(
+        report["blobs_lost"], 1,
+        "one flipped byte loses one blob: {out}"
+    );
+    assert_eq!(
+        report["affected_snapshots"],
+        serde_json::json!([first.as_str()]),
+        "{out}"
+    );
+    assert!(
+        !pack.exists(),
+        "the damaged pack {} is still there",
+        pack.display()
+    );
+    let (a_s, b_s) = (path_str(&a), path_str(&b));
+    let lost: Vec<&str> = report["unrecoverable_files"]
+        .as_array()
+        .expect("unrecoverable_files is an array")
+        .iter()
+        .filter(|f| f["snapshot"] == first.as_str())
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    if !matches!(lost.as_slice(), [one] if *one == a_s || *one == b_s) {
+        fleet.fail(format!(
+            "one lost data blob should leave exactly one of {a_s} and {b_s} unrecoverable, \
+             got {lost:?}:\n{out}"
+        ));
+    }
+    fleet.wait_for_event(
+        "a repair.failed event naming the snapshot",
+        EVENT_TIMEOUT,
+        |ev| ev["kind"] == "repair.failed" && names(&ev["detail"]["affected_snapshots"], &first),
+    );
+
+    // One backup of the unchanged source uploads the lost blob again under
+    // its id, which heals the first snapshot too.
+    let healing = backup_ok(&fleet, &["alpha"]).remove(0);
+    let second = snapshot_of(&healing);
+    assert_ne!(first, second, "{healing}");
+    assert!(
+        healing["bytes_added"]
+            .as_u64()
+            .is_some_and(|n| n >= blob.length / 2),
+        "the lost blob ({} sealed bytes) was not uploaded again: {healing}",
+        blob.length
+    );
+
+    let out = fleet.repair("nas", false).expect("run flotilla repair");
+    assert_exit(&fleet, &out, 0, "nothing is lost after the backup");
+    let report = check_report(&out).expect("a repair report");
+    assert_eq!(report["ok"], true, "{out}");
+    assert_eq!(report["blobs_lost"], 0, "{out}");
+    assert_eq!(
+        report["unrecoverable_files"].as_array().map(Vec::len),
+        Some(0),
+        "{out}"
+    );
+    let out = fleet
+        .check("nas", true)
+        .expect("run flotilla check --read-data");
+    assert_exit(&fleet, &out, 0, "the repository is whole again");
+
+    for (n, snapshot) in [&first, &second].into_iter().enumerate() {
+        let target = agents[0].restore_root().join(format!("r{n}"));
+        restore_ok(&fleet, snapshot, &target, &[]);
+        assert_same_tree(
+            &fleet,
+            &root,
+            &restored_path(&target, &root),
+            Compare::Contents,
+        );
+    }
 }

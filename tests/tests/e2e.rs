@@ -348,7 +348,7 @@ async fn forged_expired_misaddressed_replayed_tasks_are_rejected() -> Result<()>
         assert_eq!(ev["detail"]["subject"], "flotilla.task.alpha", "{ev:#}");
     }
     let finished = fleet.wait_for_event("the genuine task to finish", EVENT_TIMEOUT, |ev| {
-        is_task_event(ev, "task.finished", &valid.id)
+        is_task_event(ev, "task.finished", valid.id.as_str())
     });
     assert_eq!(finished["detail"]["outcome"], "succeeded", "{finished:#}");
 
@@ -369,7 +369,7 @@ async fn forged_expired_misaddressed_replayed_tasks_are_rejected() -> Result<()>
     }
     let runs = events
         .iter()
-        .filter(|ev| is_task_event(ev, "task.started", &valid.id))
+        .filter(|ev| is_task_event(ev, "task.started", valid.id.as_str()))
         .count();
     assert_eq!(
         runs,
@@ -517,5 +517,147 @@ fn agent_config_check() -> Result<()> {
         out.stderr.contains(&missing_s),
         "the error does not name the bundle path: {out}"
     );
+    Ok(())
+}
+
+/// Issue 11, "replay after state loss": an agent whose state directory was
+/// wiped (a reinstall) has an empty journal, which cannot recognise a task
+/// captured from the bus before as a replay. Its new state epoch does: the
+/// coordinator's task carries the old epoch and is refused, and so is a task
+/// without an epoch issued before the new state; neither runs, and the
+/// agent goes on taking new tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_from_before_a_wiped_state_are_refused_as_stale() -> Result<()> {
+    use futures::StreamExt;
+
+    let nats = NatsServer::start()?;
+    let fleet = Fleet::init(&nats)?;
+    let mut alpha = fleet.start_agent("alpha")?;
+    fleet.wait_online(&["alpha"], STARTUP_TIMEOUT);
+    let client = fleet.nats_client().await?;
+
+    // Capture the signed task the coordinator sends, as anyone on the bus can.
+    let host = flotilla_protocol::HostName::new("alpha")?;
+    let mut wire = client.subscribe(subject::task(&host)).await?;
+    client.flush().await?;
+    let out = estimate(&fleet, "alpha", &[])?;
+    let ran = expect_estimate_ok(&out)?;
+    let captured = tokio::time::timeout(EVENT_TIMEOUT, wire.next())
+        .await
+        .context("the estimate task was not seen on the bus")?
+        .context("the task subscription ended")?
+        .payload
+        .to_vec();
+    let envelope: flotilla_protocol::TaskEnvelope = rmp_serde::from_slice(&captured)?;
+    let stamped: flotilla_protocol::TaskBody = rmp_serde::from_slice(&envelope.body)?;
+    assert_eq!(ran["task_id"], stamped.id.as_str(), "{out}");
+    assert!(
+        stamped.epoch.is_some(),
+        "the coordinator did not stamp alpha's epoch into its task: {stamped:?}"
+    );
+
+    // A genuine task without an epoch (as an older coordinator signs them),
+    // issued ten minutes ago and valid for another hour.
+    let mut unstamped = fleet.estimate_task("alpha", Vec::new())?;
+    let now = now_ms();
+    unstamped.issued_at = now - 10 * 60 * 1000;
+    unstamped.expires_at = now + HOUR_MS;
+    let unstamped_bytes = fleet.sign(&unstamped)?;
+
+    // The reinstall: stopped, state directory gone, started again.
+    alpha.sigterm()?;
+    let status = alpha.wait_exit(Duration::from_secs(10))?;
+    assert!(status.success(), "agent exited with {status} after SIGTERM");
+    std::fs::remove_dir_all(alpha.state_dir())
+        .with_context(|| format!("cannot wipe {}", alpha.state_dir().display()))?;
+    alpha.restart()?;
+    fleet.wait_online(&["alpha"], STARTUP_TIMEOUT);
+
+    publish_task(&client, "alpha", captured).await?;
+    publish_task(&client, "alpha", unstamped_bytes).await?;
+    // A task issued now without an epoch is still taken (old coordinators,
+    // and hosts that never reported an epoch).
+    let fresh = fleet.estimate_task("alpha", Vec::new())?;
+    publish_task(&client, "alpha", fleet.sign(&fresh)?).await?;
+
+    for (what, id) in [
+        ("the captured task", stamped.id.as_str()),
+        ("the task issued before the state", unstamped.id.as_str()),
+    ] {
+        let ev = fleet.wait_for_event(
+            &format!("a stale_epoch rejection of {what}"),
+            EVENT_TIMEOUT,
+            |ev| is_rejection(ev, "alpha", "stale_epoch") && ev["detail"]["task_id"] == id,
+        );
+        assert_eq!(ev["detail"]["subject"], "flotilla.task.alpha", "{ev:#}");
+    }
+    let finished = fleet.wait_for_event("the fresh task to finish", EVENT_TIMEOUT, |ev| {
+        is_task_event(ev, "task.finished", fresh.id.as_str())
+    });
+    assert_eq!(finished["detail"]["outcome"], "succeeded", "{finished:#}");
+
+    // The agent takes its subject in order, so both refusals are final by
+    // now: the captured task ran once (before the wipe), the other never.
+    let events = fleet.events()?;
+    let started = |id: &str| {
+        events
+            .iter()
+            .filter(|ev| is_task_event(ev, "task.started", id))
+            .count()
+    };
+    assert_eq!(
+        (started(stamped.id.as_str()), started(unstamped.id.as_str())),
+        (1, 0),
+        "a task from before the wipe ran again:\n{}",
+        summarize_events(&events)
+    );
+    // And the coordinator, reading the new epoch, still gets work done.
+    assert_agent_healthy(&fleet, &mut alpha)?;
+    Ok(())
+}
+
+/// Issue 11, "an empty source root": a path that held files at its last
+/// backup and is empty now (its disk not mounted) fails the backup with
+/// exit 4 and a message that says what to check, and commits no snapshot
+/// for retention to count; `--allow-empty` backs it up anyway, and from
+/// then on it is an empty path like any other.
+#[test]
+fn a_path_emptied_since_its_last_backup_fails_unless_allowed() -> Result<()> {
+    let nats = NatsServer::start()?;
+    let fleet = Fleet::init(&nats)?;
+    let agents = dataplane::start_world(&fleet, &["alpha"]);
+    let disk = agents[1].backup_root().join("disk");
+    write_file(&disk.join("a.bin"), 4000)?;
+    write_file(&disk.join("photos/b.bin"), 5000)?;
+    let disk_s = path_str(&disk);
+    let path = ["--path", disk_s.as_str()];
+    let snapshots = || -> Result<usize> { Ok(fleet.snapshots(&["--host", "alpha"])?.len()) };
+
+    let out = fleet.backup("alpha", "nas", &path)?;
+    dataplane::assert_exit(&fleet, &out, 0, "a first backup with files");
+    assert_eq!(snapshots()?, 1);
+
+    // The disk is "unmounted": its mount point is an empty directory.
+    std::fs::remove_dir_all(&disk)?;
+    std::fs::create_dir(&disk)?;
+    let out = fleet.backup("alpha", "nas", &path)?;
+    dataplane::assert_exit(&fleet, &out, 4, "the path is empty but held files");
+    let expected = format!(
+        "{disk_s} is empty but held 2 files at the last backup; is its disk mounted? \
+         run with --allow-empty to back it up anyway"
+    );
+    assert!(out.stdout.contains(&expected), "no {expected:?} in:\n{out}");
+    let summary = flotilla_tests::summary_of(&out, "alpha")?;
+    assert_eq!(summary["outcome"], "failed", "{out}");
+    assert_eq!(summary["retryable"], false, "{out}");
+    assert_eq!(snapshots()?, 1, "the failed backup committed a snapshot");
+
+    let out = fleet.backup("alpha", "nas", &[path[0], path[1], "--allow-empty"])?;
+    dataplane::assert_exit(&fleet, &out, 0, "--allow-empty backs it up anyway");
+    assert_eq!(snapshots()?, 2);
+    // Empty at the last backup too now: an ordinary backup again.
+    let out = fleet.backup("alpha", "nas", &path)?;
+    dataplane::assert_exit(&fleet, &out, 0, "empty then and now");
+    assert_eq!(snapshots()?, 3);
     Ok(())
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 use anyhow::bail;
 use flotilla_tests::{
     flotilla_cli, free_port, now_ms, parse_prometheus, scrape_metrics, summarize_events,
-    summary_of, write_bytes, Agent, Fleet, NatsServer, Sample, Webhook, EVENT_TIMEOUT,
-    STARTUP_TIMEOUT,
+    summary_of, write_bytes, write_random, Agent, Fleet, NatsServer, Sample, Webhook,
+    EVENT_TIMEOUT, STARTUP_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -664,4 +664,190 @@ fn serve_regains_the_lease_after_a_nats_restart() {
             summarize_events(&events)
         )),
     }
+}
+
+/// The pid of this fleet's running `flotilla SUBCOMMAND` (found in /proc by
+/// its arguments and its `FLOTILLA_FLEET`, as the harness does not hand it
+/// out), to freeze it with SIGSTOP.
+fn cli_pid(fleet: &Fleet, subcommand: &str) -> Option<nix::unistd::Pid> {
+    let fleet_env = format!("FLOTILLA_FLEET={}", fleet.fleet_dir().display());
+    let entries = std::fs::read_dir("/proc").ok()?;
+    entries.flatten().find_map(|entry| {
+        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let mut args = cmdline.split(|&b| b == 0);
+        let bin = args.next()?;
+        let ours = bin.ends_with(b"/flotilla") && args.any(|a| a == subcommand.as_bytes());
+        let environ = std::fs::read(entry.path().join("environ")).ok()?;
+        let same_fleet = environ
+            .split(|&b| b == 0)
+            .any(|var| var == fleet_env.as_bytes());
+        (ours && same_fleet).then(|| nix::unistd::Pid::from_raw(pid))
+    })
+}
+
+/// Issue 11: nats-server killed just as a backup ended. The snapshot was
+/// committed, but `backup --wait` never heard: `task.finished` was stored
+/// while the command was away from the bus, so its subscription could not
+/// hear it, and it waited in silence until killed. The command now reads
+/// its task's outcome back from the event stream after reconnecting.
+///
+/// To make the loss certain rather than a race between two reconnects, the
+/// command is frozen while the server comes back and thawed only once the
+/// agent's `task.finished` is stored.
+#[test]
+fn backup_wait_hears_an_outcome_published_while_it_was_away() {
+    use nix::sys::signal::{kill, Signal};
+    const MIB: u64 = 1 << 20;
+    let mut nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let agents = start_world(&fleet);
+    let root = agents[1].backup_root().to_path_buf();
+    for i in 0..6 {
+        write_random(&root.join(format!("big/part-{i}.bin")), 4000 + i, 50 * MIB)
+            .expect("write 50 MiB of test data");
+    }
+    let cli = fleet
+        .spawn_cli(["backup", "alpha", "--to", "nas", "--wait", "--json"])
+        .expect("start flotilla backup --wait");
+    let started = fleet.wait_for_event("alpha's backup to start", EVENT_TIMEOUT, |ev| {
+        ev["kind"] == "task.started" && ev["host"] == "alpha"
+    });
+    let task_id = started["detail"]["task_id"].clone();
+
+    // The bus goes away; the backup carries on over QUIC and ends.
+    let log_before = agents[1].log().len();
+    nats.kill9().expect("kill -9 nats-server");
+    let before_kill = agents[1].log();
+    if before_kill
+        .get(..log_before)
+        .unwrap_or_default()
+        .contains("task finished")
+    {
+        fleet.fail("alpha's backup ended before the bus went away: it needs more data");
+    }
+    fleet.wait_until(
+        "alpha to finish its backup while the bus is down",
+        Duration::from_secs(120),
+        || {
+            let log = agents[1].log();
+            Ok(log
+                .get(log_before..)
+                .unwrap_or_default()
+                .contains("task finished"))
+        },
+    );
+    let pid = cli_pid(&fleet, "backup").unwrap_or_else(|| {
+        fleet.fail("the waiting flotilla backup is gone (it heard the end before the kill?)")
+    });
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP flotilla backup");
+    nats.start_again().expect("start nats-server again");
+    let stored = fleet.wait_for_event(
+        "alpha's task.finished to be stored after the restart",
+        Duration::from_secs(60),
+        |ev| ev["kind"] == "task.finished" && ev["detail"]["task_id"] == task_id,
+    );
+    kill(pid, Signal::SIGCONT).expect("SIGCONT flotilla backup");
+
+    let out = cli
+        .wait(Duration::from_secs(60))
+        .expect("wait for flotilla backup");
+    if out.timed_out {
+        fleet.fail(format!(
+            "backup --wait never heard that its task ended ({stored:#}):\n{out}"
+        ));
+    }
+    assert_eq!(out.code, Some(0), "{out}");
+    let summary = summary_of(&out, "alpha").expect("alpha's summary line");
+    assert_eq!(summary["outcome"], "succeeded", "{out}");
+    assert_eq!(summary["task_id"], task_id, "{out}");
+    assert!(summary["snapshot"].is_string(), "{out}");
+    // It said what it went through, as `waiting` lines among the JSON.
+    let lines = out.json_lines().expect("JSON lines");
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["type"] == "waiting" && v["notice"] == "reconnected"),
+        "{out}"
+    );
+}
+
+/// No silent waits: `backup --wait` on a host whose agent is stopped says
+/// so on stderr at once, and `--timeout` ends the wait with exit code 3
+/// (host offline) after sending the task a cancel, which stops it as soon
+/// as the host returns.
+#[test]
+fn backup_wait_on_a_stopped_host_says_so_and_times_out() {
+    const MIB: u64 = 1 << 20;
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let mut agents = start_world(&fleet);
+    let root = agents[1].backup_root().to_path_buf();
+    write_random(&root.join("data/blob.bin"), 77, 64 * MIB).expect("write test data");
+    agents[1].sigterm().expect("stop alpha");
+    agents[1]
+        .wait_exit(Duration::from_secs(10))
+        .expect("alpha exits");
+
+    let began = std::time::Instant::now();
+    let out = fleet
+        .cli_with_timeout(
+            [
+                "backup",
+                "alpha",
+                "--to",
+                "nas",
+                "--wait",
+                "--timeout",
+                "5s",
+            ],
+            Duration::from_secs(60),
+        )
+        .expect("run flotilla backup --wait --timeout 5s");
+    let took = began.elapsed();
+    assert_eq!(out.code, Some(3), "{out}");
+    assert!(took < Duration::from_secs(20), "took {took:?}: {out}");
+    let task_id = out
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("sent backup task "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| fleet.fail(format!("no task id on stderr:\n{out}")))
+        .to_owned();
+    assert!(
+        out.stderr
+            .contains("alpha is offline (its agent stopped, last seen"),
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains(&format!(
+            "task {task_id} stays queued and runs when it returns"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.stderr.contains(&format!(
+            "flotilla: host alpha is offline and did not run task {task_id} within 5s \
+             (--timeout); it was sent a cancel"
+        )),
+        "{out}"
+    );
+    // The notice came first, long before the timeout's message.
+    let offline_at = out.stderr.find("alpha is offline (").unwrap_or(usize::MAX);
+    let timeout_at = out.stderr.find("(--timeout)").unwrap_or(0);
+    assert!(offline_at < timeout_at, "{out}");
+
+    // Back: the queued backup starts and its cancel, queued behind it,
+    // stops it.
+    agents[1].restart().expect("start alpha again");
+    let finished = fleet.wait_for_event(
+        "the timed-out backup to end when alpha returns",
+        Duration::from_secs(60),
+        |ev| ev["kind"] == "task.finished" && ev["detail"]["task_id"] == task_id.as_str(),
+    );
+    assert_eq!(finished["detail"]["outcome"], "cancelled", "{finished:#}");
+    let snapshots = fleet
+        .snapshots(&["--host", "alpha"])
+        .expect("list snapshots");
+    assert!(snapshots.is_empty(), "{snapshots:#?}");
 }

@@ -24,6 +24,7 @@ use flotilla_protocol::repo::{
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
+use super::roots::RootSeen;
 use super::{Cancel, Counters, Progress};
 
 /// Chunker sizes: 512 KiB minimum, 1 MiB average, 8 MiB maximum (as restic).
@@ -117,6 +118,9 @@ pub struct BackupOutcome {
     pub unreadable: Vec<String>,
     /// File cache entries to record once the snapshot is committed.
     pub cache_updates: Vec<(Vec<u8>, CachedFile)>,
+    /// What the walk saw of each path: its files, and whether it is a mount
+    /// point (checked against the last backup before a commit).
+    pub roots: Vec<RootSeen>,
 }
 
 /// Why a backup stopped.
@@ -254,14 +258,21 @@ pub fn backup(
         groups: HashMap::new(),
     };
     let mut roots = Vec::new();
+    let mut seen = Vec::new();
     for path in &opts.paths {
         let meta = fs::symlink_metadata(path).map_err(|e| BackupError::Root {
             path: path.display().to_string(),
             why: e.to_string(),
         })?;
+        let files_before = w.counters.files;
         let mut node = w.visit(path, &meta)?;
         node.name = path.as_os_str().as_bytes().to_vec();
         roots.push(node);
+        seen.push(RootSeen {
+            path: path.clone(),
+            files: w.counters.files - files_before,
+            mount_point: super::roots::is_mount_point(path, &meta),
+        });
     }
     roots.sort_by(|a, b| a.name.cmp(&b.name));
     roots.dedup_by(|a, b| a.name == b.name);
@@ -280,6 +291,7 @@ pub fn backup(
         summary: w.summary,
         unreadable: w.unreadable,
         cache_updates: w.cache_updates,
+        roots: seen,
     })
 }
 
@@ -834,5 +846,38 @@ mod tests {
         assert_eq!(again.summary.files_unchanged, 3);
         assert_eq!(store.puts, puts_before);
         assert_eq!(again.tree, out.tree, "same content, same root tree");
+    }
+
+    #[test]
+    fn the_walk_counts_the_files_of_each_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let full = dir.path().join("full");
+        let empty = dir.path().join("empty");
+        fs::create_dir_all(full.join("sub/.cache")).expect("mkdir");
+        fs::create_dir_all(empty.join("only/dirs")).expect("mkdir");
+        fs::write(full.join("a"), b"a").expect("write");
+        fs::write(full.join("sub/b"), b"b").expect("write");
+        fs::write(full.join("sub/.cache/c"), b"c").expect("write");
+        let opts = BackupOptions {
+            paths: vec![full.clone(), empty.clone()],
+            excludes: vec!["**/.cache".into()],
+            zstd_level: 3,
+        };
+        let out = backup(
+            &opts,
+            &RepoKey::from_master(&[3; 32]),
+            &mut MemStore::default(),
+            &NoCache,
+            &mut NoProgress,
+            &Cancel::default(),
+        )
+        .expect("backup");
+        let counts: Vec<(PathBuf, u64, bool)> = out
+            .roots
+            .iter()
+            .map(|r| (r.path.clone(), r.files, r.mount_point))
+            .collect();
+        // Excluded files are not counted; neither are directories.
+        assert_eq!(counts, [(full, 2, false), (empty, 0, false)]);
     }
 }

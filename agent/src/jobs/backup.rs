@@ -1,17 +1,19 @@
 //! The `backup` task on a source host.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use flotilla_protocol::frame::ErrorCode;
 use flotilla_protocol::repo::{RepoKey, SnapshotMeta, SnapshotRecord, REPO_FORMAT};
-use flotilla_protocol::{BackupReport, TaskBody, TaskKind, TaskOutcome, TaskResult};
+use flotilla_protocol::{BackupReport, SnapshotId, TaskBody, TaskKind, TaskOutcome, TaskResult};
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
 use super::Agent;
 use super::{JobError, Totals};
-use crate::engine::{self, BackupOptions, BackupOutcome, Cancel, NoCache};
+use crate::engine::{self, BackupOptions, BackupOutcome, Cancel, NoCache, RootBefore, RootRecord};
 use crate::state::MapFileCache;
 use crate::transfer::client::{BlockingStore, Session, SessionError, UPLOAD_LANES};
 use crate::transfer::TransferEndpoint;
@@ -60,6 +62,7 @@ impl Agent {
             excludes,
             storage,
             storage_addr,
+            allow_empty,
         } = &body.kind
         else {
             return Err(failed("not a backup task"));
@@ -67,16 +70,19 @@ impl Agent {
         let (key, endpoint) = self.data_plane()?;
         let roots = self.settings.backup_roots.clone();
         let resolved = self.allowed_paths(body, paths, &roots).await?;
-        let addr: SocketAddr = storage_addr
-            .parse()
-            .map_err(|_| failed(format!("storage address {storage_addr:?} is not ADDR:PORT")))?;
 
         let started_at = crate::now_ms();
-        let mut session = Session::open(&endpoint, addr, storage, envelope)
+        let mut session = Session::open(&endpoint, *storage_addr, storage, envelope)
             .await
             .map_err(session_err)?;
         let repo_id = session.repo_id.clone();
         let cache = self.state.file_cache(&repo_id).await;
+        // What the last backup into this repository saw of these paths, to
+        // tell an unmounted disk from an empty directory before committing.
+        let before: HashMap<PathBuf, RootBefore> = resolved
+            .iter()
+            .filter_map(|p| Some((p.clone(), cache.root_before(p)?)))
+            .collect();
 
         let mut attempt_cache = Some(cache);
         let mut attempts = 0;
@@ -102,6 +108,10 @@ impl Agent {
                     retryable: true,
                 });
             }
+            if !allow_empty {
+                // Permanent: retrying finds the same empty directory.
+                engine::check_roots(&outcome.roots, &before).map_err(|e| failed(e.to_string()))?;
+            }
             let shown: Vec<String> = resolved.iter().map(|p| p.display().to_string()).collect();
             let record = snapshot_record(&key, body, &outcome, &shown, excludes, started_at)?;
             match session.commit(record).await {
@@ -110,7 +120,7 @@ impl Agent {
                 // or their pack was lost from disk), or another host's upload
                 // we relied on failed: read everything once more (what the
                 // repository has is still not sent again).
-                Err(e) if attempts < 3 && e.code() == Some("missing_blobs") => {
+                Err(e) if attempts < 3 && e.code() == Some(&ErrorCode::MissingBlobs) => {
                     warn!(error = %e, used_cache, "repository lacks blobs this backup relied on; backing up again");
                     if used_cache {
                         if let Err(e) = self.state.clear_file_cache(&repo_id) {
@@ -123,9 +133,14 @@ impl Agent {
         };
         session.close();
         info!(snapshot = %snapshot_id, files_new = outcome.summary.files_new, bytes_added = outcome.summary.bytes_added, "backup committed");
+        let roots = outcome
+            .roots
+            .iter()
+            .map(|r| (r.path.as_os_str().as_bytes().to_vec(), RootRecord::from(r)))
+            .collect();
         if let Err(e) = self
             .state
-            .replace_file_cache(&repo_id, outcome.cache_updates)
+            .replace_file_cache(&repo_id, outcome.cache_updates, roots)
             .await
         {
             warn!(error = %e, "cannot update the file cache; the next backup reads everything again");
@@ -222,7 +237,7 @@ fn snapshot_record(
     excludes: &[String],
     started_at: u64,
 ) -> Result<SnapshotRecord, JobError> {
-    let id = uuid::Uuid::new_v4().simple().to_string();
+    let id = SnapshotId::random();
     let meta = SnapshotMeta {
         v: REPO_FORMAT,
         paths: paths.to_vec(),
@@ -237,11 +252,11 @@ fn snapshot_record(
     let meta_bytes = flotilla_protocol::encode(&meta)
         .map_err(|e| failed(format!("cannot encode snapshot: {e}")))?;
     let sealed = key
-        .seal_meta(&SnapshotRecord::meta_context(&id), &meta_bytes)
+        .seal_meta(&SnapshotRecord::meta_context(id.as_str()), &meta_bytes)
         .map_err(|e| failed(format!("cannot encrypt snapshot: {e}")))?;
     Ok(SnapshotRecord {
         v: REPO_FORMAT,
-        id,
+        id: id.into(),
         host: body.host.clone(),
         time: started_at,
         tree: outcome.tree,

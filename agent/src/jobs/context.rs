@@ -5,10 +5,11 @@
 //! [`crate::transfer::server::ServerContext`] instead of the whole of it.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use flotilla_protocol::repo::RepoKey;
-use flotilla_protocol::RunningJob;
+use flotilla_protocol::{RunningJob, TaskId};
 
 use crate::bus::Bus;
 use crate::config::Settings;
@@ -18,7 +19,7 @@ use crate::state::State;
 use crate::transfer::{Claims, TransferEndpoint};
 
 /// Tasks running now, with their cancellation flags; read by heartbeats.
-pub(crate) type Running = Arc<Mutex<HashMap<String, (RunningJob, Cancel)>>>;
+pub(crate) type Running = Arc<Mutex<HashMap<TaskId, (RunningJob, Cancel)>>>;
 
 /// What every part of the running agent shares.
 #[derive(Debug)]
@@ -36,9 +37,9 @@ pub(crate) struct Agent {
     /// The repository key, when the bundle carries it.
     pub repo_key: Option<Arc<RepoKey>>,
     /// The QUIC address peers reach this agent at.
-    pub quic_addr: Option<String>,
+    pub quic_addr: Option<SocketAddr>,
     /// What live data-plane sessions rely on (storage hosts); prune asks it.
     pub claims: Arc<Claims>,
     /// Tasks a signed `cancel` task asked to stop (as opposed to shutdown).
-    pub cancelled: Mutex<HashSet<String>>,
+    pub cancelled: Mutex<HashSet<TaskId>>,
 }

@@ -24,8 +24,8 @@
 //!   it arrived now.
 
 use flotilla_protocol::{
-    verify_task, HostName, PublicKey, RejectReason, Severity, TaskBody, TaskFinished, TaskOutcome,
-    TaskResult, TaskVerifyError, UnixMillis,
+    verify_task, HostName, PublicKey, RejectReason, Severity, TaskBody, TaskFinished, TaskId,
+    TaskOutcome, TaskResult, TaskVerifyError, UnixMillis,
 };
 
 use crate::state::JobStatus;
@@ -50,7 +50,7 @@ pub(crate) enum Reply {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Rejection {
     /// The task's id, when it got far enough to be trusted with one.
-    pub task_id: Option<String>,
+    pub task_id: Option<TaskId>,
     pub reason: RejectReason,
     pub detail: String,
 }
@@ -59,7 +59,7 @@ pub(crate) struct Rejection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Publish {
     /// `task.started`.
-    Started { task_id: String, task_kind: String },
+    Started { task_id: TaskId, task_kind: String },
     /// `task.finished`, with the event's severity and human message (boxed:
     /// it carries the task's whole result).
     Finished {
@@ -106,7 +106,7 @@ impl Decision {
 /// The task a decision is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Task<'a> {
-    pub id: &'a str,
+    pub id: &'a TaskId,
     pub kind: &'static str,
 }
 
@@ -136,7 +136,7 @@ pub(crate) enum Intake {
     },
     /// The same task id in another stream message: a replay.
     Replayed {
-        task_id: String,
+        task_id: TaskId,
         stored_seq: u64,
         seq: u64,
     },
@@ -197,7 +197,7 @@ pub(crate) fn start(task: Task<'_>) -> Decision {
     Decision {
         journal: Some((JobStatus::Running, None)),
         publish: Some(Publish::Started {
-            task_id: task.id.to_owned(),
+            task_id: task.id.clone(),
             task_kind: task.kind.to_owned(),
         }),
         ..Decision::NOTHING
@@ -363,7 +363,7 @@ fn ended(
             severity,
             message,
             finished: Box::new(TaskFinished {
-                task_id: id.to_owned(),
+                task_id: id.clone(),
                 task_kind: kind.to_owned(),
                 outcome,
                 retryable,
@@ -386,14 +386,33 @@ fn failure_text(result: &TaskResult) -> String {
             r.damaged_blobs.len(),
             r.affected_snapshots.len()
         ),
+        TaskResult::Repair(r) if r.blobs_lost == 0 => format!(
+            "repository repair could not do all it should: {} problem(s)",
+            r.problems.len()
+        ),
+        TaskResult::Repair(r) => {
+            let mut line = format!(
+                "repository repair left {} blob(s) lost (no copy left; a backup of a host that \
+                 still has the data uploads them again), {} snapshot(s) affected",
+                r.blobs_lost, r.snapshots_affected
+            );
+            if !r.problems.is_empty() {
+                line.push_str(&format!(", {} problem(s)", r.problems.len()));
+            }
+            line
+        }
         _ => "failed".into(),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use flotilla_protocol::repo::{BlobId, CheckReport, Problem};
-    use flotilla_protocol::{sign_task, CancelReport, SigningSeed, TaskKind, TASK_VERSION};
+    use flotilla_protocol::repo::{BlobId, CheckReport, Problem, RepairReport};
+    use flotilla_protocol::{
+        sign_task, CancelReport, SigningSeed, SnapshotId, TaskKind, TASK_VERSION,
+    };
+
+    use std::sync::LazyLock;
 
     use super::*;
 
@@ -412,16 +431,24 @@ mod tests {
         JobStatus::Cancelled,
     ];
 
+    fn tid(id: &str) -> TaskId {
+        TaskId::new(id).expect("valid")
+    }
+
+    static T1: LazyLock<TaskId> = LazyLock::new(|| tid("t1"));
+    static C1: LazyLock<TaskId> = LazyLock::new(|| tid("c1"));
+    static C2: LazyLock<TaskId> = LazyLock::new(|| tid("c2"));
+
     fn task() -> Task<'static> {
         Task {
-            id: "t1",
+            id: &T1,
             kind: "backup",
         }
     }
 
     fn cancel_result() -> TaskResult {
         TaskResult::Cancel(CancelReport {
-            task_id: "t0".into(),
+            task_id: tid("t0"),
             was_running: true,
         })
     }
@@ -457,7 +484,7 @@ mod tests {
     #[test]
     fn a_refused_task_is_terminated_with_one_rejection_and_never_run() {
         let rejection = Rejection {
-            task_id: Some("t1".into()),
+            task_id: Some(tid("t1")),
             reason: RejectReason::Expired,
             detail: "expired".into(),
         };
@@ -471,7 +498,7 @@ mod tests {
     #[test]
     fn a_replay_is_terminated_and_rejected_as_replayed() {
         let d = intake(Intake::Replayed {
-            task_id: "t1".into(),
+            task_id: tid("t1"),
             stored_seq: 7,
             seq: 9,
         });
@@ -481,7 +508,7 @@ mod tests {
             panic!("expected a rejection, got {:?}", d.publish);
         };
         assert_eq!(r.reason, RejectReason::Replayed);
-        assert_eq!(r.task_id.as_deref(), Some("t1"));
+        assert_eq!(r.task_id, Some(tid("t1")));
         assert!(
             r.detail.contains("stream message 7 (now 9)"),
             "{}",
@@ -532,7 +559,7 @@ mod tests {
         assert_eq!(
             d.publish,
             Some(Publish::Started {
-                task_id: "t1".into(),
+                task_id: tid("t1"),
                 task_kind: "backup".into()
             })
         );
@@ -572,7 +599,7 @@ mod tests {
         let report = CheckReport::default();
         let d = finish(
             Task {
-                id: "c1",
+                id: &C1,
                 kind: "check",
             },
             Ran::Done(TaskOutcome::Failed, TaskResult::Check(report)),
@@ -611,7 +638,7 @@ mod tests {
         };
         let d = finish(
             Task {
-                id: "c2",
+                id: &C2,
                 kind: "check",
             },
             Ran::Done(TaskOutcome::Failed, TaskResult::Check(report)),
@@ -624,6 +651,76 @@ mod tests {
                 "repository check found 3 problem(s); 2 blob(s) damaged or missing, \
                  1 snapshot(s) affected"
             )
+        );
+    }
+
+    #[test]
+    fn a_repair_that_left_blobs_lost_fails_for_good_with_its_counts() {
+        // The lists are cut to fit an event; the line counts them all.
+        let report = RepairReport {
+            packs_damaged: 1,
+            packs_dropped: 1,
+            blobs_lost: 3,
+            lost_blobs: vec![BlobId([1; 32])],
+            snapshots_affected: 2,
+            affected_snapshots: vec![SnapshotId::random()],
+            ..RepairReport::default()
+        };
+        let d = finish(
+            Task {
+                id: &C1,
+                kind: "repair",
+            },
+            Ran::Done(TaskOutcome::Failed, TaskResult::Repair(report.clone())),
+            // A cancel that came too late changes nothing: it ran to its end.
+            Stop::Cancelled,
+            5,
+        );
+        let f = finished(&d);
+        assert_eq!(f.outcome, TaskOutcome::Failed);
+        assert!(!f.retryable, "running it again finds the same");
+        assert_eq!(f.result, Some(TaskResult::Repair(report.clone())));
+        let error = f.error.as_deref().expect("an error line");
+        assert!(
+            error.starts_with("repository repair left 3 blob(s) lost")
+                && error.ends_with("2 snapshot(s) affected"),
+            "{error}"
+        );
+        assert_eq!(d.journal.as_ref().map(|(s, _)| *s), Some(JobStatus::Failed));
+
+        let problems = RepairReport {
+            problems: vec!["pack ab kept: cannot read it".into()],
+            ..report
+        };
+        let d = finish(
+            Task {
+                id: &C2,
+                kind: "repair",
+            },
+            Ran::Done(TaskOutcome::Failed, TaskResult::Repair(problems)),
+            Stop::No,
+            5,
+        );
+        let error = finished(&d).error.clone().unwrap_or_default();
+        assert!(error.ends_with(", 1 problem(s)"), "{error}");
+
+        // Nothing lost, but a pack kept that could not be read.
+        let kept = RepairReport {
+            problems: vec!["pack ab kept: cannot read it".into()],
+            ..RepairReport::default()
+        };
+        let d = finish(
+            Task {
+                id: &C2,
+                kind: "repair",
+            },
+            Ran::Done(TaskOutcome::Failed, TaskResult::Repair(kept)),
+            Stop::No,
+            5,
+        );
+        assert_eq!(
+            finished(&d).error.as_deref(),
+            Some("repository repair could not do all it should: 1 problem(s)")
         );
     }
 
@@ -752,7 +849,7 @@ mod tests {
     fn journalled(seed: &SigningSeed, host: &HostName, expires_at: UnixMillis) -> Vec<u8> {
         let body = TaskBody {
             v: TASK_VERSION,
-            id: "t1".into(),
+            id: tid("t1"),
             fleet: "f".into(),
             host: host.clone(),
             issued_at: NOW,
@@ -760,6 +857,7 @@ mod tests {
             kind: TaskKind::Estimate {
                 paths: vec!["/srv".into()],
             },
+            epoch: None,
         };
         let envelope = sign_task(seed, &body).expect("signs");
         flotilla_protocol::encode(&envelope).expect("encodes")

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use flotilla_protocol::repo::ForgetReport;
-use flotilla_protocol::{TaskOutcome, TaskResult};
+use flotilla_protocol::{SnapshotId, TaskOutcome, TaskResult};
 
 use super::backup::failed;
 use super::Agent;
@@ -11,7 +11,7 @@ use super::JobError;
 use crate::repository::{RepoError, Repository};
 
 impl Agent {
-    fn repository(&self) -> Result<Repository, JobError> {
+    pub(super) fn repository(&self) -> Result<Repository, JobError> {
         self.repo.as_deref().cloned().ok_or_else(|| {
             failed(format!(
                 "host {} keeps no repository (start its agent with --storage DIR)",
@@ -22,14 +22,14 @@ impl Agent {
 
     pub(super) async fn forget(
         &self,
-        ids: &[String],
+        ids: &[SnapshotId],
     ) -> Result<(TaskOutcome, TaskResult), JobError> {
         let repo = self.repository()?;
         let ids = ids.to_vec();
         let report = on_repository("forget", move || {
             let mut report = ForgetReport::default();
             for id in ids {
-                match repo.forget_snapshot(&id) {
+                match repo.forget_snapshot(id.as_str()) {
                     Ok(true) => report.removed.push(id),
                     Ok(false) => report.missing.push(id),
                     Err(e) => return Err(e),
@@ -60,7 +60,7 @@ impl Agent {
 
 /// Runs repository work `what` on a blocking thread; its error, or a crash of
 /// that thread, fails the task (retryable as the error says).
-async fn on_repository<T: Send + 'static>(
+pub(super) async fn on_repository<T: Send + 'static>(
     what: &str,
     work: impl FnOnce() -> Result<T, RepoError> + Send + 'static,
 ) -> Result<T, JobError> {

@@ -1,6 +1,5 @@
 //! The `restore` task on a destination host.
 
-use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
 
 use flotilla_protocol::{RejectReason, TaskBody, TaskKind, TaskOutcome, TaskResult};
@@ -43,20 +42,20 @@ impl Agent {
                 return Err(JobError::Refused(refused));
             }
         };
-        let addr: SocketAddr = storage_addr
-            .parse()
-            .map_err(|_| failed(format!("storage address {storage_addr:?} is not ADDR:PORT")))?;
-        let mut session = Session::open(&endpoint, addr, storage, envelope)
+        let mut session = Session::open(&endpoint, *storage_addr, storage, envelope)
             .await
             .map_err(session_err)?;
-        let record = session.snapshot(snapshot).await.map_err(session_err)?;
+        let record = session
+            .snapshot(snapshot.as_str())
+            .await
+            .map_err(session_err)?;
         if !record.id.starts_with(snapshot.as_str()) {
             return Err(failed(format!(
                 "storage {storage} answered snapshot {} for {snapshot}",
                 record.id
             )));
         }
-        record.verify(&key).map_err(failed)?;
+        record.verify(&key).map_err(|e| failed(e.to_string()))?;
         let mut fetch = BlockingFetch::new(Handle::current(), session.fetcher());
         let opts = RestoreOptions {
             target,

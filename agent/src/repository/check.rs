@@ -24,6 +24,16 @@
 //! An index that exists but does not read (truncated, garbage) is damage and
 //! is reported, not rewritten; the blobs it would list count as missing.
 //!
+//! Damage is remembered: a copy that `read_data` finds damaged (its bytes do
+//! not match their hash, its entry cannot be read, or its index entry does
+//! not match the pack) leaves the in-memory index at once and is recorded in
+//! `DIR/damaged/` (see `damage.rs`), so no backup dedups against it; a pack
+//! whose structure is damaged while its blobs are intact is recorded too, for
+//! `repair` to rewrite. Every check, with or without `read_data`, counts the
+//! recorded copies as damaged and reports them until `repair` drops their
+//! pack: what check reports is the damage still in the repository. Check, like
+//! `prune` and `repair`, holds the repository's maintenance lock.
+//!
 //! Order matters while backups run: snapshots are listed before indexes,
 //! because a snapshot is committed only after the indexes of all its blobs,
 //! so every blob a listed snapshot needs is already indexed when the indexes
@@ -36,6 +46,7 @@ use std::io;
 use flotilla_protocol::repo::{BlobId, CheckReport, Problem};
 use tracing::{info, warn};
 
+use super::damage::{self, Recorded};
 use super::format::{hex32, scan_pack, IndexEntry, PackId};
 use super::{idx_path, index, pack_path, read_config, snapshots, RepoError, Repository};
 
@@ -69,10 +80,33 @@ fn io_problem(e: &RepoError) -> Problem {
     problem("io", None, None, e.to_string())
 }
 
+/// What checking one indexed pack found.
+struct PackVerdict {
+    /// Per index entry: whether that copy is intact, as far as this level
+    /// of checking can tell.
+    good: Vec<bool>,
+    /// Copies the read found damaged: (blob, offset). Only when the pack was
+    /// read (`read_data`), is there with the size its index states, and the
+    /// read did not fail on I/O.
+    damaged: Vec<(BlobId, u64)>,
+    /// What the read found wrong with the pack as a whole.
+    fault: Option<String>,
+}
+
+/// The message of a problem about a recorded copy.
+const RECORDED: &str =
+    "recorded as damaged by an earlier check or read; the blob is no longer offered to backups, run repair";
+
 impl Repository {
     /// Checks the repository; see the module documentation. Never fails:
     /// what cannot be read is itself a finding.
     pub fn check(&self, read_data: bool) -> CheckReport {
+        let _maintenance = self.shared.maintenance();
+        self.check_locked(read_data)
+    }
+
+    /// [`check`](Self::check), for a caller that holds the maintenance lock.
+    pub(super) fn check_locked(&self, read_data: bool) -> CheckReport {
         let dir = &self.shared.dir;
         let mut report = CheckReport::default();
         if let Err(e) = read_config(&dir.join("config")) {
@@ -103,7 +137,7 @@ impl Repository {
                     match index::read_idx(&path, &pack) {
                         Ok(idx) => {
                             indexed.insert(pack);
-                            let good = self.check_pack(
+                            let verdict = self.check_pack(
                                 &pack,
                                 idx.size,
                                 &idx.entries,
@@ -111,6 +145,8 @@ impl Repository {
                                 &mut report,
                                 &mut absent,
                             );
+                            let good =
+                                self.apply_records(&pack, &idx.entries, verdict, &mut report);
                             for (entry, ok) in idx.entries.iter().zip(good) {
                                 let slot = blobs.entry(entry.id).or_insert(false);
                                 *slot |= ok;
@@ -150,8 +186,17 @@ impl Repository {
                             self.shared
                                 .write_index()
                                 .insert_pack(pack, idx.size, &idx.entries);
-                            for entry in &idx.entries {
-                                blobs.insert(entry.id, true);
+                            // Intact as read, but copies recorded as damaged
+                            // still count until repair.
+                            let verdict = PackVerdict {
+                                good: vec![true; idx.entries.len()],
+                                damaged: Vec::new(),
+                                fault: None,
+                            };
+                            let good =
+                                self.apply_records(&pack, &idx.entries, verdict, &mut report);
+                            for (entry, ok) in idx.entries.iter().zip(good) {
+                                *blobs.entry(entry.id).or_insert(false) |= ok;
                             }
                         }
                         Err(e) => {
@@ -254,8 +299,74 @@ impl Repository {
         report
     }
 
-    /// Checks one indexed pack; returns, per index entry, whether that copy
-    /// of the blob is intact (as far as this level of checking can tell).
+    /// Counts the copies recorded as damaged in `pack` as damaged (reporting
+    /// those the read did not find again), and records what the read found
+    /// that is not recorded yet, which takes it out of the in-memory index.
+    /// Returns, per index entry, whether that copy counts as intact.
+    fn apply_records(
+        &self,
+        pack: &PackId,
+        entries: &[IndexEntry],
+        verdict: PackVerdict,
+        report: &mut CheckReport,
+    ) -> Vec<bool> {
+        let PackVerdict {
+            mut good,
+            damaged,
+            fault,
+        } = verdict;
+        let recorded = match damage::recorded(&self.shared.dir, pack) {
+            Ok(r) => r,
+            Err(e) => {
+                report.problems.push(problem(
+                    "io",
+                    Some(pack),
+                    None,
+                    format!("cannot read its damage record: {e}"),
+                ));
+                None
+            }
+        };
+        if let Some(rec) = &recorded {
+            if fault.is_none() {
+                if let Some(f) = rec.fault() {
+                    report.problems.push(problem(
+                        "pack_damaged",
+                        Some(pack),
+                        None,
+                        format!("recorded as damaged: {f}; run repair"),
+                    ));
+                }
+            }
+            for (entry, ok) in entries.iter().zip(good.iter_mut()) {
+                if rec.covers(&entry.id) && *ok {
+                    *ok = false;
+                    report.problems.push(problem(
+                        "blob_damaged",
+                        Some(pack),
+                        Some(entry.id),
+                        RECORDED,
+                    ));
+                }
+            }
+        }
+        let known = |id: &BlobId| recorded.as_ref().is_some_and(|r| r.covers(id));
+        let new: Vec<(BlobId, u64)> = damaged.into_iter().filter(|(id, _)| !known(id)).collect();
+        let new_fault = fault.filter(|_| recorded.as_ref().and_then(Recorded::fault).is_none());
+        if !new.is_empty() || new_fault.is_some() {
+            if let Err(e) = self.mark_damaged(pack, &new, new_fault.as_deref()) {
+                report.problems.push(problem(
+                    "io",
+                    Some(pack),
+                    None,
+                    format!("cannot record the damage found (it stays out of the index until the agent restarts): {e}"),
+                ));
+            }
+        }
+        good
+    }
+
+    /// Checks one indexed pack.
     fn check_pack(
         &self,
         pack: &PackId,
@@ -264,9 +375,13 @@ impl Repository {
         read_data: bool,
         report: &mut CheckReport,
         absent: &mut Vec<PackId>,
-    ) -> Vec<bool> {
+    ) -> PackVerdict {
         let path = pack_path(&self.shared.dir, pack);
-        let all = |ok: bool| vec![ok; entries.len()];
+        let all = |ok: bool| PackVerdict {
+            good: vec![ok; entries.len()],
+            damaged: Vec::new(),
+            fault: None,
+        };
         match fs::metadata(&path) {
             Err(e) => {
                 // Only a pack known to be gone leaves the in-memory index; one
@@ -315,6 +430,7 @@ impl Repository {
                 return all(false);
             }
         };
+        let mut fault = scan.fault.clone();
         if let Some(fault) = &scan.fault {
             report
                 .problems
@@ -333,12 +449,11 @@ impl Repository {
         }
         if scan.fault.is_none() && scan.damaged.is_empty() && scan.pack_hash.as_ref() != Some(pack)
         {
-            report.problems.push(problem(
-                "pack_hash",
-                Some(pack),
-                None,
-                "pack content does not hash to its name",
-            ));
+            let why = "pack content does not hash to its name";
+            report
+                .problems
+                .push(problem("pack_hash", Some(pack), None, why));
+            fault = Some(why.into());
         }
         // Each blob is judged by its own hash: a damaged neighbour or trailer
         // does not make an intact blob unreadable.
@@ -349,7 +464,9 @@ impl Repository {
             .filter(|e| !damaged.contains(&e.offset))
             .map(|e| (e.offset, e))
             .collect();
-        entries
+        // A copy not verified (damaged, past a structural fault, or not as
+        // its index entry says) cannot be served: it is damage to record.
+        let good: Vec<bool> = entries
             .iter()
             .map(|e| {
                 let ok = verified.get(&e.offset).is_some_and(|v| *v == e);
@@ -363,7 +480,18 @@ impl Repository {
                 }
                 ok
             })
-            .collect()
+            .collect();
+        let bad = entries
+            .iter()
+            .zip(&good)
+            .filter(|(_, ok)| !**ok)
+            .map(|(e, _)| (e.id, e.offset))
+            .collect();
+        PackVerdict {
+            good,
+            damaged: bad,
+            fault,
+        }
     }
 }
 
@@ -435,9 +563,16 @@ mod tests {
         assert_eq!(repo.read_blob(&ids[1]).unwrap().1, blob(2, 2000).1);
         assert_eq!(repo.read_blob(&ids[2]).unwrap().1, blob(3, 2000).1);
 
+        // The read took the damaged copy out of the index and recorded it:
+        // even a check that reads no data reports it now.
+        assert_eq!(repo.missing(&ids), vec![ids[0]]);
+        let r = repo.check(false);
+        assert_eq!(r.damaged_blobs, vec![ids[0]], "{r:?}");
         assert!(
-            repo.check(false).is_ok(),
-            "structure alone cannot see bit rot"
+            r.problems
+                .iter()
+                .all(|p| p.kind == "blob_damaged" && p.blob == Some(ids[0])),
+            "{r:?}"
         );
         let r = repo.check(true);
         assert_eq!(r.damaged_blobs, vec![ids[0]]);

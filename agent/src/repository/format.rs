@@ -25,32 +25,32 @@ pub(crate) const PACK_MAGIC: &[u8; 8] = b"FLOTPACK";
 /// Pack format version this build writes and reads.
 pub(crate) const PACK_VERSION: u16 = 1;
 /// Length of the pack header.
-pub(crate) const HEADER_LEN: u64 = 10;
+pub const HEADER_LEN: u64 = 10;
 /// Magic at the start of every entry.
 pub(crate) const ENTRY_MAGIC: &[u8; 4] = b"BLOB";
 /// Length of an entry header (magic, kind, id, length, hash).
-pub(crate) const ENTRY_HEADER_LEN: u64 = 4 + 1 + 32 + 4 + 32;
+pub const ENTRY_HEADER_LEN: u64 = 4 + 1 + 32 + 4 + 32;
 /// Magic at the start of the trailer.
 pub(crate) const TRAILER_MAGIC: &[u8; 8] = b"FLOTEND\0";
 /// Length of the trailer (magic, count, hash).
-pub(crate) const TRAILER_LEN: u64 = 8 + 4 + 32;
+pub const TRAILER_LEN: u64 = 8 + 4 + 32;
 /// `.idx` format version this build writes and reads.
-pub(crate) const IDX_VERSION: u16 = 1;
+pub const IDX_VERSION: u16 = 1;
 /// Largest `.idx` file read. The writer caps entries per pack, which keeps
 /// honest indexes far below this; anything larger is not ours.
-pub(crate) const MAX_IDX_BYTES: u64 = 32 * 1024 * 1024;
+pub const MAX_IDX_BYTES: u64 = 32 * 1024 * 1024;
 
 /// A pack's name: BLAKE3 of the whole file.
-pub(crate) type PackId = [u8; 32];
+pub type PackId = [u8; 32];
 
 /// Lowercase hex of 32 bytes (the agent does not depend on `hex`).
-pub(crate) fn hex32(bytes: &[u8; 32]) -> String {
+pub fn hex32(bytes: &[u8; 32]) -> String {
     blake3::Hash::from_bytes(*bytes).to_hex().to_string()
 }
 
 /// Parses 64 lowercase hex digits, refusing anything else (file names are
 /// attacker-adjacent: nothing but our own spelling is accepted).
-pub(crate) fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64
         || !s
             .bytes()
@@ -87,7 +87,7 @@ pub(crate) fn header() -> [u8; HEADER_LEN as usize] {
 }
 
 /// The header written before one blob's sealed bytes.
-pub(crate) fn entry_header(
+pub fn entry_header(
     id: &BlobId,
     kind: BlobKind,
     len: u32,
@@ -104,7 +104,7 @@ pub(crate) fn entry_header(
 
 /// A parsed entry header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct EntryHeader {
+pub struct EntryHeader {
     pub id: BlobId,
     pub kind: BlobKind,
     pub len: u32,
@@ -112,7 +112,7 @@ pub(crate) struct EntryHeader {
 }
 
 /// Parses an entry header; `None` if the magic or kind is wrong.
-pub(crate) fn parse_entry_header(h: &[u8; ENTRY_HEADER_LEN as usize]) -> Option<EntryHeader> {
+pub fn parse_entry_header(h: &[u8; ENTRY_HEADER_LEN as usize]) -> Option<EntryHeader> {
     if &h[..4] != ENTRY_MAGIC {
         return None;
     }
@@ -139,7 +139,7 @@ pub(crate) fn trailer(count: u32, body_hash: &[u8; 32]) -> [u8; TRAILER_LEN as u
 
 /// One blob of one pack, as an `.idx` file lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct IndexEntry {
+pub struct IndexEntry {
     /// The blob.
     pub id: BlobId,
     /// What it holds.
@@ -155,7 +155,7 @@ pub(crate) struct IndexEntry {
 
 /// The `.idx` file of one pack (MessagePack, named fields).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct IndexFile {
+pub struct IndexFile {
     /// [`IDX_VERSION`].
     pub v: u16,
     /// The pack's id, hex.
@@ -168,7 +168,7 @@ pub(crate) struct IndexFile {
 
 /// Why an `.idx` file cannot be trusted: what is wrong with which entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum IndexInvalid {
+pub enum IndexInvalid {
     /// Another format version.
     #[error("index version {found} (this build reads {IDX_VERSION})")]
     Version {
@@ -252,7 +252,7 @@ impl IndexFile {
 
 /// What reading a whole pack found.
 #[derive(Debug, Default)]
-pub(crate) struct Scan {
+pub struct Scan {
     /// Entries whose header parsed, in file order (damaged ones included).
     pub entries: Vec<IndexEntry>,
     /// Entries whose sealed bytes do not hash to their stored hash.
@@ -274,7 +274,7 @@ impl Scan {
 /// Reads the pack at `path` from start to end, verifying every hash. Memory
 /// stays bounded whatever the file holds: blobs are streamed through the
 /// hashers, never held. I/O errors are errors; damage is a finding.
-pub(crate) fn scan_pack(path: &Path) -> io::Result<Scan> {
+pub fn scan_pack(path: &Path) -> io::Result<Scan> {
     let file = File::open(path)?;
     let size = file.metadata()?.len();
     let mut r = BufReader::with_capacity(1 << 20, file);

@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use super::format::{self, hex32, parse_hex32, IndexFile, PackId, IDX_VERSION, MAX_IDX_BYTES};
-use super::{idx_path, pack_path, write_atomic, MemIndex, RepoError};
+use super::format::{
+    self, hex32, parse_hex32, IndexFile, PackId, Scan, IDX_VERSION, MAX_IDX_BYTES,
+};
+use super::{damage, idx_path, pack_path, write_atomic, MemIndex, RepoError};
 
 /// Reads and validates the index at `path`, which must describe `pack`.
 /// Damage of any kind is a `Corrupt` error, never a panic: the size is
@@ -54,6 +56,18 @@ pub(super) fn rebuild(dir: &Path, id: &PackId) -> Result<IndexFile, RepoError> {
         .map_err(|e| RepoError::io("stat", &path, e))?
         .len();
     let scan = format::scan_pack(&path).map_err(|e| RepoError::io("read", &path, e))?;
+    rebuild_from(dir, id, size, &scan)
+}
+
+/// [`rebuild`] from a scan the caller made of the whole pack `id` (of
+/// `size` bytes): writes the index if the scan found the pack intact.
+pub(super) fn rebuild_from(
+    dir: &Path,
+    id: &PackId,
+    size: u64,
+    scan: &Scan,
+) -> Result<IndexFile, RepoError> {
+    let path = pack_path(dir, id);
     if !scan.is_intact(id) {
         let reason = match (&scan.fault, scan.damaged.first()) {
             (_, Some(e)) => format!("blob {} does not match its stored hash", e.id),
@@ -66,7 +80,7 @@ pub(super) fn rebuild(dir: &Path, id: &PackId) -> Result<IndexFile, RepoError> {
         v: IDX_VERSION,
         pack: hex32(id),
         size,
-        entries: scan.entries,
+        entries: scan.entries.clone(),
     };
     // The scan produced these offsets; validating again guards the writer
     // and the scanner against disagreeing about the format.
@@ -78,7 +92,7 @@ pub(super) fn rebuild(dir: &Path, id: &PackId) -> Result<IndexFile, RepoError> {
 
 /// Every `<64 hex><ext>` file directly in `dir`, by id. Other names are
 /// reported and ignored: nothing but our own spelling becomes a path.
-fn list_ids(dir: &Path, ext: &str) -> Result<Vec<(PackId, PathBuf)>, RepoError> {
+pub(super) fn list_ids(dir: &Path, ext: &str) -> Result<Vec<(PackId, PathBuf)>, RepoError> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| RepoError::io("list", dir, e))? {
         let entry = entry.map_err(|e| RepoError::io("list", dir, e))?;
@@ -130,8 +144,12 @@ pub(super) fn list_idx(dir: &Path) -> Result<Vec<(PackId, PathBuf)>, RepoError> 
 /// otherwise its blobs would look stored while they cannot be read, and new
 /// backups would skip them. Packs left without a usable index (a crash after
 /// the pack's rename, or a damaged index) are re-read and re-indexed.
+/// Copies recorded as damaged (`DIR/damaged/`) are left out.
 pub(super) fn load_all(dir: &Path) -> Result<MemIndex, RepoError> {
-    let mut index = MemIndex::default();
+    let mut index = MemIndex {
+        damaged: damage::load_all(dir)?,
+        ..MemIndex::default()
+    };
     let mut loaded = HashSet::new();
     for (id, path) in list_idx(dir)? {
         let idx = match read_idx(&path, &id) {

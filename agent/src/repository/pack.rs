@@ -19,9 +19,11 @@ use flotilla_protocol::repo::{BlobId, BlobKind, MAX_SEALED};
 use tracing::debug;
 
 use super::format::{
-    self, IndexEntry, IndexFile, ENTRY_HEADER_LEN, HEADER_LEN, IDX_VERSION, TRAILER_LEN,
+    self, IndexEntry, IndexFile, PackId, ENTRY_HEADER_LEN, HEADER_LEN, IDX_VERSION, TRAILER_LEN,
 };
-use super::{index, parent, sync_dir, tmp_path, RepoError, Shared, MAX_PACK_ENTRIES, PACK_TARGET};
+use super::{
+    damage, index, parent, sync_dir, tmp_path, RepoError, Shared, MAX_PACK_ENTRIES, PACK_TARGET,
+};
 
 /// What a writer stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,6 +50,12 @@ pub struct PackWriter {
     /// Set after an error: the open pack was discarded, so accepting more
     /// blobs and then reporting success would lose the discarded ones.
     failed: bool,
+    /// Whether a blob the index already holds is skipped. `repair` turns
+    /// this off: it copies blobs whose indexed copy is in a pack it is about
+    /// to drop.
+    dedup: bool,
+    /// Packs committed, by id.
+    written: Vec<PackId>,
 }
 
 /// The pack being written.
@@ -69,7 +77,17 @@ impl PackWriter {
             open: None,
             stats: WriteStats::default(),
             failed: false,
+            dedup: true,
+            written: Vec::new(),
         }
+    }
+
+    /// A writer that stores every blob given, indexed or not (once per
+    /// writer): for `repair`, which moves blobs out of damaged packs.
+    pub(super) fn rewriting(shared: Arc<Shared>) -> Self {
+        let mut writer = Self::new(shared);
+        writer.dedup = false;
+        writer
     }
 
     /// Adds one sealed blob. Skips it if the repository or this writer has
@@ -85,7 +103,7 @@ impl PackWriter {
             ));
         }
         if self.open.as_ref().is_some_and(|p| p.ids.contains(&id))
-            || self.shared.read_index().blobs.contains_key(&id)
+            || (self.dedup && self.shared.read_index().blobs.contains_key(&id))
         {
             return Ok(());
         }
@@ -115,12 +133,18 @@ impl PackWriter {
 
     /// Commits the open pack, if any, and returns what this writer stored.
     /// Only after this returns `Ok` are the blobs durable.
-    pub fn finish(mut self) -> Result<WriteStats, RepoError> {
+    pub fn finish(self) -> Result<WriteStats, RepoError> {
+        self.finish_packs().map(|(stats, _)| stats)
+    }
+
+    /// [`finish`](Self::finish), also returning the ids of the packs
+    /// committed.
+    pub(super) fn finish_packs(mut self) -> Result<(WriteStats, Vec<PackId>), RepoError> {
         if self.failed {
             return Err(RepoError::WriterFailed);
         }
         self.close()?;
-        Ok(self.stats)
+        Ok((self.stats, std::mem::take(&mut self.written)))
     }
 
     /// Appends to the open pack, opening one first if needed.
@@ -185,8 +209,9 @@ impl PackWriter {
             return Ok(());
         };
         match commit(&self.shared, open) {
-            Ok(()) => {
+            Ok(id) => {
                 self.stats.packs += 1;
+                self.written.push(id);
                 Ok(())
             }
             Err(e) => {
@@ -217,7 +242,8 @@ impl Drop for PackWriter {
 }
 
 /// Trailer, fsync, rename into place, directory fsync, index, memory.
-fn commit(shared: &Shared, open: OpenPack) -> Result<(), RepoError> {
+/// Returns the pack's id.
+fn commit(shared: &Shared, open: OpenPack) -> Result<PackId, RepoError> {
     let OpenPack {
         tmp,
         mut out,
@@ -268,9 +294,20 @@ fn commit(shared: &Shared, open: OpenPack) -> Result<(), RepoError> {
         entries,
     };
     index::write_idx(&shared.dir, &id, &idx)?;
+    // A pack's name is the hash of its content, so a pack of this name that
+    // was recorded as damaged has just been replaced, by the rename above,
+    // with intact bytes (a backup uploaded exactly its blobs again, or repair
+    // rewrote it): its record no longer holds. Left in place, it would keep
+    // these blobs out of the index, and every backup would upload them again.
+    if shared.read_index().damaged.contains_key(&id) {
+        let _records = shared.records();
+        damage::remove_record(&shared.dir, &id)?;
+        shared.write_index().damaged.remove(&id);
+        debug!(pack = %idx.pack, "an intact copy replaced a damaged pack; its record is cleared");
+    }
     shared.write_index().insert_pack(id, size, &idx.entries);
     debug!(pack = %idx.pack, blobs = idx.entries.len(), size, "pack committed");
-    Ok(())
+    Ok(id)
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@
 //! Crash safety: a pack's index file is deleted before the pack. A crash in
 //! between leaves a pack without index, which the next open re-indexes: the
 //! blobs come back, nothing is lost, the next prune deletes them again.
+//! A pack's damage record (`DIR/damaged/`) goes last, after the pack: a
+//! record without its pack is harmless, and `repair` removes it.
 //! Packs with some live blobs are not rewritten yet (see `docs/repository.md`).
 
 use std::collections::HashSet;
@@ -22,7 +24,7 @@ use flotilla_protocol::repo::{BlobId, PruneReport};
 use tracing::info;
 
 use super::format::PackId;
-use super::{idx_path, index, pack_path, snapshots, sync_dir, RepoError, Repository};
+use super::{damage, idx_path, index, pack_path, snapshots, sync_dir, RepoError, Repository};
 
 impl Repository {
     /// Removes a snapshot's record; returns whether it existed.
@@ -56,6 +58,7 @@ impl Repository {
         dry_run: bool,
         protected: &dyn Fn(&BlobId) -> bool,
     ) -> Result<PruneReport, RepoError> {
+        let _maintenance = self.shared.maintenance();
         let dir = self.dir().to_path_buf();
         // Everything committed snapshots reference. An unreadable snapshot
         // stops the prune: what it references cannot be known.
@@ -100,6 +103,8 @@ impl Repository {
             }
             return Ok(report);
         }
+        // The records lock comes before the index lock, as everywhere.
+        let _records = self.shared.records();
         let mut index = self.shared.write_index();
         // Commits hold the index read lock until their snapshot file is in
         // place, so under the write lock the snapshot list is final: read it
@@ -126,6 +131,7 @@ impl Repository {
             let packfile = pack_path(&dir, &pack);
             fs::remove_file(&packfile).map_err(|e| RepoError::io("remove", &packfile, e))?;
             sync_dir(packfile.parent().unwrap_or(&dir))?;
+            damage::remove_record(&dir, &pack)?;
             report.packs_deleted += 1;
             report.blobs_removed += ids.len() as u64;
             report.bytes_freed += size;
@@ -133,7 +139,7 @@ impl Repository {
         if report.packs_deleted > 0 {
             // Rebuilt from disk, still under the write lock: a blob that also
             // lives in a surviving pack gets that location back.
-            *index = index::load_all(&dir)?;
+            self.shared.reload(&mut index)?;
         }
         info!(
             deleted = report.packs_deleted,

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use flotilla_protocol::repo::BlobId;
+use flotilla_protocol::TaskId;
 use tracing::info;
 
 use crate::repository::Repository;
@@ -26,7 +27,7 @@ pub(crate) struct Claims {
     owners: Mutex<HashMap<BlobId, u64>>,
     next_session: AtomicU64,
     /// Live session of each task: a resumed task (same id) supersedes it.
-    tasks: Mutex<HashMap<String, (u64, quinn::Connection)>>,
+    tasks: Mutex<HashMap<TaskId, (u64, quinn::Connection)>>,
     /// Blobs each live session relies on being kept: those a backup was told
     /// are present, those a restore reads. Prune leaves them alone.
     relied: Mutex<HashMap<u64, HashSet<BlobId>>>,
@@ -109,14 +110,14 @@ impl Claims {
     /// task belongs to a source that died and resumed: its connection may
     /// linger until the idle timeout, so it is closed and its claims dropped
     /// now, instead of making the resumed commit wait for them.
-    pub(super) fn supersede(&self, task_id: &str, me: u64, conn: &quinn::Connection) {
+    pub(super) fn supersede(&self, task_id: &TaskId, me: u64, conn: &quinn::Connection) {
         let old = self
             .tasks
             .lock()
             .ok()
-            .and_then(|mut t| t.insert(task_id.to_owned(), (me, conn.clone())));
+            .and_then(|mut t| t.insert(task_id.clone(), (me, conn.clone())));
         if let Some((session, old_conn)) = old.filter(|(s, _)| *s != me) {
-            info!(task = task_id, "a resumed session supersedes an older one");
+            info!(task = %task_id, "a resumed session supersedes an older one");
             old_conn.close(1u32.into(), b"superseded by a resumed session");
             if let Ok(mut owners) = self.owners.lock() {
                 owners.retain(|_, owner| *owner != session);

@@ -11,9 +11,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use flotilla_protocol::frame::{Request, Response, FRAME_VERSION, MAX_FRAME, MAX_IDS};
+use flotilla_protocol::frame::{ErrorCode, Request, Response, FRAME_VERSION, MAX_FRAME, MAX_IDS};
 use flotilla_protocol::repo::{BlobId, BlobKind, SnapshotRecord};
-use flotilla_protocol::HostName;
+use flotilla_protocol::{HostName, SnapshotId};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinSet;
@@ -37,7 +37,7 @@ pub enum SessionError {
     #[error("storage refused: {message} ({code})")]
     Refused {
         /// Error code.
-        code: String,
+        code: ErrorCode,
         /// What happened.
         message: String,
         /// Whether trying again may work.
@@ -59,7 +59,7 @@ impl SessionError {
     }
 
     /// The storage agent's error code, when it refused.
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<&ErrorCode> {
         match self {
             SessionError::Refused { code, .. } => Some(code),
             _ => None,
@@ -147,7 +147,7 @@ impl Session {
     }
 
     /// Commits a snapshot whose blobs are all stored.
-    pub async fn commit(&mut self, snapshot: SnapshotRecord) -> Result<String, SessionError> {
+    pub async fn commit(&mut self, snapshot: SnapshotRecord) -> Result<SnapshotId, SessionError> {
         match self.request(&Request::Commit { snapshot }).await? {
             Response::Committed { id } => Ok(id),
             other => Err(unexpected(other)),

@@ -130,7 +130,7 @@ impl IncomingConnection {
     /// certificate from the fleet CA.
     ///
     /// Which fleet member it is remains to be checked with
-    /// [`super::peer_host`] once the server knows whom to expect.
+    /// `peer_host` once the server knows whom to expect.
     pub async fn establish(self) -> Result<quinn::Connection, TransferError> {
         let addr = self.inner.remote_address();
         let connecting = self

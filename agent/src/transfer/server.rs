@@ -17,11 +17,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_protocol::frame::{Request, Response, MAX_FRAME, MAX_IDS};
+use flotilla_protocol::frame::{ErrorCode, Request, Response, MAX_FRAME, MAX_IDS};
 use flotilla_protocol::repo::BlobId;
 use flotilla_protocol::{
-    verify_task_for_peer, EventBody, HostName, PublicKey, RejectReason, Severity, TaskBody,
-    TaskKind,
+    verify_task_for_peer, EventBody, HostName, PublicKey, RejectReason, Severity, SnapshotId,
+    TaskBody, TaskId, TaskKind,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -62,7 +62,8 @@ pub(crate) struct ServerContext {
 enum Grant {
     /// Add blobs and commit snapshots of `host`.
     Backup { host: HostName },
-    /// Read the blobs of one snapshot.
+    /// Read the blobs of one snapshot: the task's id (or prefix) until
+    /// `get_snapshot` finds it, then the full id.
     Restore {
         snapshot: String,
         allowed: Option<Arc<HashSet<BlobId>>>,
@@ -128,16 +129,17 @@ impl ServerContext {
     }
 }
 
-fn error(code: &str, message: impl Into<String>, retryable: bool) -> Response {
+fn error(code: ErrorCode, message: impl Into<String>, retryable: bool) -> Response {
     Response::Error {
-        code: code.into(),
+        code,
         message: message.into(),
         retryable,
     }
 }
 
 fn repo_error(e: &RepoError) -> Response {
-    error(e.code(), e.to_string(), e.is_retryable())
+    // The repository names its codes with the wire's words.
+    error(ErrorCode::from(e.code()), e.to_string(), e.is_retryable())
 }
 
 async fn session(
@@ -158,7 +160,7 @@ async fn session(
     let Some(Request::Hello { task, .. }) = hello else {
         write_frame(
             &mut send,
-            &error("invalid", "a session must start with hello", false),
+            &error(ErrorCode::Invalid, "a session must start with hello", false),
         )
         .await?;
         return Ok(());
@@ -168,7 +170,11 @@ async fn session(
         Err(e) => {
             ctx.reject_peer_task(e.task_id(), e.reason(), e.to_string(), &peer)
                 .await;
-            write_frame(&mut send, &error("forbidden", e.to_string(), false)).await?;
+            write_frame(
+                &mut send,
+                &error(ErrorCode::Forbidden, e.to_string(), false),
+            )
+            .await?;
             return Ok(());
         }
     };
@@ -178,7 +184,7 @@ async fn session(
             let why = why.to_string();
             ctx.reject_peer_task(Some(&body.id), RejectReason::NotAllowed, why.clone(), &peer)
                 .await;
-            write_frame(&mut send, &error("forbidden", why, false)).await?;
+            write_frame(&mut send, &error(ErrorCode::Forbidden, why, false)).await?;
             return Ok(());
         }
     };
@@ -190,14 +196,18 @@ async fn session(
             &peer,
         )
         .await;
-        write_frame(&mut send, &error("forbidden", e.to_string(), false)).await?;
+        write_frame(
+            &mut send,
+            &error(ErrorCode::Forbidden, e.to_string(), false),
+        )
+        .await?;
         return Ok(());
     }
     let Some(repo) = ctx.repo.clone() else {
         write_frame(
             &mut send,
             &error(
-                "invalid",
+                ErrorCode::Invalid,
                 format!(
                     "host {} keeps no repository (start it with --storage)",
                     ctx.host
@@ -267,7 +277,7 @@ enum NoGrant {
     #[error("task {task} names storage host {storage}, not {me}")]
     OtherStorage {
         /// The task's id.
-        task: String,
+        task: TaskId,
         /// The storage host it names.
         storage: HostName,
         /// This host.
@@ -289,7 +299,7 @@ fn grant_for(body: &TaskBody, me: &HostName) -> Result<Grant, NoGrant> {
         TaskKind::Restore {
             storage, snapshot, ..
         } if storage == me => Ok(Grant::Restore {
-            snapshot: snapshot.clone(),
+            snapshot: snapshot.to_string(),
             allowed: None,
         }),
         TaskKind::Backup { storage, .. } | TaskKind::Restore { storage, .. } => {
@@ -314,7 +324,7 @@ async fn control(
         (Request::Have { ids }, Grant::Backup { .. }) => {
             if ids.len() > MAX_IDS {
                 return error(
-                    "invalid",
+                    ErrorCode::Invalid,
                     format!("at most {MAX_IDS} ids per request"),
                     false,
                 );
@@ -326,7 +336,7 @@ async fn control(
         (Request::Commit { snapshot }, Grant::Backup { host }) => {
             if &snapshot.host != host {
                 return error(
-                    "forbidden",
+                    ErrorCode::Forbidden,
                     format!(
                         "a backup session of {host} cannot commit a snapshot of {}",
                         snapshot.host
@@ -334,6 +344,12 @@ async fn control(
                     false,
                 );
             }
+            // Checked here as the repository checks it (the same rule), so
+            // that what `committed` answers is a typed id.
+            let id = match SnapshotId::new(snapshot.id.as_str()) {
+                Ok(id) => id,
+                Err(e) => return error(ErrorCode::Invalid, e.to_string(), false),
+            };
             // Blobs another session is still uploading for us: wait for them.
             let started = Instant::now();
             let mut needed = snapshot.blobs.clone();
@@ -342,20 +358,19 @@ async fn control(
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let repo = repo.clone();
-            let id = snapshot.id.clone();
             match tokio::task::spawn_blocking(move || repo.commit_snapshot(&snapshot)).await {
                 Ok(Ok(())) => {
                     info!(snapshot = %id, "snapshot committed");
                     Response::Committed { id }
                 }
                 Ok(Err(e)) => repo_error(&e),
-                Err(e) => error("io", format!("commit crashed: {e}"), true),
+                Err(e) => error(ErrorCode::Io, format!("commit crashed: {e}"), true),
             }
         }
         (Request::GetSnapshot { id }, Grant::Restore { snapshot, allowed }) => {
             if !id.starts_with(snapshot.as_str()) && !snapshot.starts_with(id.as_str()) {
                 return error(
-                    "forbidden",
+                    ErrorCode::Forbidden,
                     format!("this session may read snapshot {snapshot} only"),
                     false,
                 );
@@ -372,11 +387,11 @@ async fn control(
                     Response::Snapshot { snapshot: rec }
                 }
                 Ok(Err(e)) => repo_error(&e),
-                Err(e) => error("io", format!("lookup crashed: {e}"), true),
+                Err(e) => error(ErrorCode::Io, format!("lookup crashed: {e}"), true),
             }
         }
         (other, _) => error(
-            "forbidden",
+            ErrorCode::Forbidden,
             format!(
                 "request {} is not allowed in this session",
                 request_name(&other)
@@ -422,7 +437,7 @@ async fn data_stream(
                     }
                     Ok(Some(other)) => {
                         failure.get_or_insert(error(
-                            "invalid",
+                            ErrorCode::Invalid,
                             format!("{} on an upload stream", request_name(&other)),
                             false,
                         ));
@@ -444,7 +459,7 @@ async fn data_stream(
                     bytes: stats.bytes,
                 },
                 (None, Ok(Err(e))) => repo_error(&e),
-                (None, Err(e)) => error("io", format!("pack writer crashed: {e}"), true),
+                (None, Err(e)) => error(ErrorCode::Io, format!("pack writer crashed: {e}"), true),
             };
             write_frame(&mut send, &resp).await?;
             let _ = send.finish();
@@ -452,14 +467,14 @@ async fn data_stream(
         Grant::Restore { allowed, .. } => {
             let Some(Request::Get { ids }) = read_frame::<Request>(&mut recv, MAX_FRAME).await?
             else {
-                write_frame(&mut send, &error("invalid", "expected get", false)).await?;
+                write_frame(&mut send, &error(ErrorCode::Invalid, "expected get", false)).await?;
                 return Ok(());
             };
             if ids.len() > MAX_IDS {
                 write_frame(
                     &mut send,
                     &error(
-                        "invalid",
+                        ErrorCode::Invalid,
                         format!("at most {MAX_IDS} ids per request"),
                         false,
                     ),
@@ -471,7 +486,7 @@ async fn data_stream(
                 let permitted = allowed.as_ref().is_some_and(|a| a.contains(&id));
                 let resp = if !permitted {
                     error(
-                        "forbidden",
+                        ErrorCode::Forbidden,
                         format!("blob {id:?} is not part of this session's snapshot"),
                         false,
                     )
@@ -480,7 +495,7 @@ async fn data_stream(
                     match tokio::task::spawn_blocking(move || repo.read_blob(&id)).await {
                         Ok(Ok((kind, data))) => Response::Blob { id, kind, data },
                         Ok(Err(e)) => repo_error(&e),
-                        Err(e) => error("io", format!("read crashed: {e}"), true),
+                        Err(e) => error(ErrorCode::Io, format!("read crashed: {e}"), true),
                     }
                 };
                 write_frame(&mut send, &resp).await?;
@@ -494,7 +509,7 @@ async fn data_stream(
 impl ServerContext {
     async fn reject_peer_task(
         &self,
-        task_id: Option<&str>,
+        task_id: Option<&TaskId>,
         reason: RejectReason,
         detail: String,
         peer: &str,
@@ -505,7 +520,7 @@ impl ServerContext {
                 Severity::Error,
                 format!("refused a data-plane session from {peer}: {detail}"),
                 EventBody::TaskRejected {
-                    task_id: task_id.map(str::to_owned),
+                    task_id: task_id.cloned(),
                     reason,
                     detail,
                     subject: format!("quic://{peer}"),
@@ -528,12 +543,13 @@ mod tests {
     fn task(kind: TaskKind) -> TaskBody {
         TaskBody {
             v: TASK_VERSION,
-            id: "t1".into(),
+            id: TaskId::new("t1").expect("valid"),
             fleet: "f".into(),
             host: host("alpha"),
             issued_at: 1,
             expires_at: 2,
             kind,
+            epoch: None,
         }
     }
 
@@ -543,12 +559,13 @@ mod tests {
             excludes: vec![],
             storage: host(storage),
             storage_addr: "192.0.2.1:7443".parse().expect("address"),
+            allow_empty: false,
         }
     }
 
     fn restore(storage: &str) -> TaskKind {
         TaskKind::Restore {
-            snapshot: "abc".into(),
+            snapshot: SnapshotId::new("abc".repeat(10) + "ab").expect("valid"),
             storage: host(storage),
             storage_addr: "192.0.2.1:7443".parse().expect("address"),
             target: "/restore".into(),
@@ -568,7 +585,7 @@ mod tests {
         let Grant::Restore { snapshot, allowed } = grant else {
             panic!("expected a restore grant");
         };
-        assert_eq!(snapshot, "abc");
+        assert_eq!(snapshot, "abc".repeat(10) + "ab");
         assert!(allowed.is_none(), "no blob is readable before get_snapshot");
     }
 
@@ -580,10 +597,47 @@ mod tests {
         }
     }
 
+    /// The repository's codes are the wire's words: each refusal reaches
+    /// the client as a code it knows (the source retries on `missing_blobs`).
+    #[test]
+    fn repository_errors_reach_the_wire_as_known_codes() {
+        let errors = [
+            RepoError::NotFound {
+                what: "blob".into(),
+            },
+            RepoError::Exists { id: "a".into() },
+            RepoError::MissingBlobs {
+                count: 1,
+                first: BlobId([0; 32]),
+            },
+            RepoError::Invalid {
+                what: "id".into(),
+                reason: "bad".into(),
+            },
+            RepoError::Corrupt {
+                path: "/p".into(),
+                reason: "cut short".into(),
+            },
+            RepoError::WriterFailed,
+        ];
+        for e in &errors {
+            let Response::Error { code, .. } = repo_error(e) else {
+                panic!("{e} is not answered with an error");
+            };
+            assert!(!matches!(code, ErrorCode::Other(_)), "{e}: {code}");
+            assert_eq!(code.as_str(), e.code());
+        }
+        let Response::Error { code, .. } = repo_error(&errors[2]) else {
+            panic!("not an error");
+        };
+        assert_eq!(code, ErrorCode::MissingBlobs);
+    }
+
     #[test]
     fn tasks_without_a_data_plane_open_no_session() {
         let kinds = [
             TaskKind::Check { read_data: true },
+            TaskKind::Repair { read_data: true },
             TaskKind::Prune {
                 dry_run: false,
                 grace_secs: 0,

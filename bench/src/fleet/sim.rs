@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,8 +20,8 @@ use flotilla_agent::{now_ms, VERSION};
 use flotilla_protocol::repo::BackupSummary;
 use flotilla_protocol::{
     encode, subject, verify_task, AgentState, BackupReport, Bundle, Event, EventBody, Heartbeat,
-    HostName, PublicKey, RejectReason, Role, Severity, TaskBody, TaskFinished, TaskKind,
-    TaskOutcome, TaskResult, EVENT_VERSION, HEARTBEAT_VERSION,
+    HostName, PublicKey, RejectReason, Role, Severity, SnapshotId, TaskBody, TaskFinished, TaskId,
+    TaskKind, TaskOutcome, TaskResult, EVENT_VERSION, HEARTBEAT_VERSION,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -36,7 +37,7 @@ const SETUP_BACKOFF: Duration = Duration::from_millis(250);
 /// Distinct error messages kept for the report.
 const MAX_ERRORS: usize = 10;
 /// What a simulated storage host advertises as its QUIC address (nobody dials it).
-const STORAGE_QUIC_ADDR: &str = "127.0.0.1:9";
+const STORAGE_QUIC_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9);
 
 /// What a simulated agent takes from its bundle.
 #[derive(Debug, Clone)]
@@ -70,7 +71,7 @@ impl SimIdentity {
 #[derive(Debug, Clone)]
 pub struct Receipt {
     /// The task id.
-    pub task_id: String,
+    pub task_id: TaskId,
     /// Its stream sequence (the same on a redelivery, another on a replay).
     pub stream_seq: u64,
     /// When it arrived, Unix ms.
@@ -236,7 +237,7 @@ impl SimAgent {
 
     fn heartbeat(&self, started_at: u64, interval: Duration) -> Heartbeat {
         let (roles, quic_addr) = if self.id.storage {
-            (vec![Role::Storage], Some(STORAGE_QUIC_ADDR.to_owned()))
+            (vec![Role::Storage], Some(STORAGE_QUIC_ADDR))
         } else {
             (vec![Role::Source], None)
         };
@@ -257,6 +258,7 @@ impl SimAgent {
             quic_addr,
             roots: Vec::new(),
             running: Vec::new(),
+            epoch: None,
         }
     }
 
@@ -308,7 +310,7 @@ impl SimAgent {
         &self,
         shared: &Shared,
         msg: jetstream::Message,
-        seen: &mut HashMap<String, u64>,
+        seen: &mut HashMap<TaskId, u64>,
     ) {
         let at = shared.start.elapsed();
         let subject = msg.subject.to_string();
@@ -317,7 +319,7 @@ impl SimAgent {
         let body = match verify_task(&msg.payload, &id.key, &id.fleet, &id.host, now_ms()) {
             Ok(body) => body,
             Err(e) => {
-                let task_id = e.task_id().map(str::to_owned);
+                let task_id = e.task_id().cloned();
                 self.reject(shared, task_id, e.reason(), e.to_string(), &subject)
                     .await;
                 terminate(shared, &msg).await;
@@ -398,7 +400,7 @@ impl SimAgent {
     async fn reject(
         &self,
         shared: &Shared,
-        task_id: Option<String>,
+        task_id: Option<TaskId>,
         reason: RejectReason,
         detail: String,
         subject: &str,
@@ -420,14 +422,14 @@ impl SimAgent {
 }
 
 /// What the simulated work produces: a backup "succeeds" at once with an
-/// empty snapshot named `sim-<task id>`; other kinds fail, saying they are not
+/// empty snapshot of a fresh id; other kinds fail, saying they are not
 /// simulated.
 fn simulate(body: &TaskBody) -> (TaskOutcome, Option<TaskResult>, Option<String>) {
     match &body.kind {
         TaskKind::Backup { storage, .. } => (
             TaskOutcome::Succeeded,
             Some(TaskResult::Backup(BackupReport {
-                snapshot: format!("sim-{}", body.id),
+                snapshot: SnapshotId::random(),
                 storage: storage.to_string(),
                 summary: BackupSummary::default(),
                 partial: false,
@@ -490,7 +492,7 @@ pub async fn tasks(
     } else {
         vec![Role::Source]
     };
-    let quic_addr = agent.id.storage.then(|| STORAGE_QUIC_ADDR.to_owned());
+    let quic_addr = agent.id.storage.then_some(STORAGE_QUIC_ADDR);
     agent
         .event(
             &shared,
@@ -504,7 +506,7 @@ pub async fn tasks(
         )
         .await;
     // Task ids already run, with the stream message they came in.
-    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut seen: HashMap<TaskId, u64> = HashMap::new();
     'consume: loop {
         let mut messages = match consumer.messages().await {
             Ok(m) => m,

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::follow::follow_all;
 use super::{output, Global};
-use crate::dispatch::{Dispatch, SentTask};
+use crate::dispatch::{Dispatch, SentTask, Wait};
 use crate::error::CliError;
 use crate::fleetops::storage_addr;
 
@@ -25,7 +25,9 @@ pub(super) async fn run(
     paths: Vec<String>,
     to: &HostName,
     excludes: Vec<String>,
+    allow_empty: bool,
     wait: bool,
+    timeout: Option<Duration>,
     json: bool,
 ) -> Result<(), CliError> {
     let fleet = g.fleet()?;
@@ -39,6 +41,7 @@ pub(super) async fn run(
         excludes,
         storage: to.clone(),
         storage_addr: addr,
+        allow_empty,
     };
     let sent: Vec<(HostName, SentTask)> = futures::stream::iter(hosts)
         .map(|host| {
@@ -71,7 +74,8 @@ pub(super) async fn run(
         return Ok(());
     }
     let expected = sent.len();
-    let results = follow_all(sent, WAIT, json, Some(&dispatch)).await;
+    let wait = Wait::with_timeout(WAIT, timeout);
+    let results = follow_all(sent, wait, json, Some(&dispatch)).await;
     // Fewer results than tasks: waiting was given up (a second Ctrl-C).
     let gave_up = results.len() < expected;
     // With one host its error is the command's; with several, each failed

@@ -3,26 +3,23 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use flotilla_protocol::repo::{BlobId, CheckReport, RepoKey};
+use flotilla_protocol::repo::BlobId;
 use flotilla_protocol::{HostName, TaskKind, TaskOutcome, TaskResult};
 use serde_json::json;
 
 use super::follow::follow_one;
-use super::snapshots::tree;
 use super::{output, Global};
-use crate::dispatch::Dispatch;
+use crate::dispatch::{Dispatch, Wait};
 use crate::error::CliError;
-use crate::fleetops::{list, repo_key, Found};
-use crate::nats::Nats;
+use crate::fleetops::{affected_files, repo_key};
 
 const WAIT: Duration = Duration::from_secs(24 * 3600);
-/// Affected files listed per snapshot.
-const MAX_FILES: usize = 100;
 
 pub(super) async fn run(
     g: &Global,
     storage: &HostName,
     read_data: bool,
+    timeout: Option<Duration>,
     json: bool,
 ) -> Result<(), CliError> {
     let fleet = g.fleet()?;
@@ -34,7 +31,8 @@ pub(super) async fn run(
     let task = dispatch
         .send(storage, TaskKind::Check { read_data })
         .await?;
-    let done = follow_one(storage, task, "check", WAIT, json, &dispatch).await?;
+    let wait = Wait::with_timeout(WAIT, timeout);
+    let done = follow_one(storage, task, "check", wait, json, &dispatch).await?;
     let Some(TaskResult::Check(report)) = done.result else {
         return Err(CliError::TaskFailed {
             host: storage.to_string(),
@@ -47,8 +45,9 @@ pub(super) async fn run(
     let affected = if report.damaged_blobs.is_empty() {
         Vec::new()
     } else {
+        let damaged: HashSet<BlobId> = report.damaged_blobs.iter().copied().collect();
         match repo_key(&fleet) {
-            Ok(key) => affected_files(&nats, &key, storage, &report)
+            Ok(key) => affected_files(&nats, &key, storage, &damaged, &report.affected_snapshots)
                 .await
                 .unwrap_or_default(),
             Err(_) => Vec::new(),
@@ -109,51 +108,4 @@ pub(super) async fn run(
                 .unwrap_or_else(|| "repository check failed".into()),
         }),
     }
-}
-
-/// (snapshot id, path) of every file or tree that uses a damaged blob.
-async fn affected_files(
-    nats: &Nats,
-    key: &RepoKey,
-    storage: &HostName,
-    report: &CheckReport,
-) -> Result<Vec<(String, String)>, CliError> {
-    let damaged: HashSet<BlobId> = report.damaged_blobs.iter().copied().collect();
-    let mut out = Vec::new();
-    let found: Vec<Found> = list(nats, key, Some(storage)).await?;
-    for snap in found
-        .iter()
-        .filter(|f| report.affected_snapshots.contains(&f.record.id))
-    {
-        let mut stack = vec![(snap.record.tree, String::new())];
-        let mut listed = 0;
-        while let Some((id, prefix)) = stack.pop() {
-            if damaged.contains(&id) {
-                out.push((
-                    snap.record.id.clone(),
-                    format!("{prefix}/ (directory listing)"),
-                ));
-                continue;
-            }
-            let Ok(t) = tree(nats, key, storage, &id).await else {
-                continue;
-            };
-            for node in t.nodes {
-                let name = String::from_utf8_lossy(&node.name);
-                let path = if name.starts_with('/') {
-                    name.into_owned()
-                } else {
-                    format!("{prefix}/{name}")
-                };
-                if node.content.iter().any(|c| damaged.contains(&c.id)) && listed < MAX_FILES {
-                    listed += 1;
-                    out.push((snap.record.id.clone(), path.clone()));
-                }
-                if let Some(sub) = node.subtree {
-                    stack.push((sub, path));
-                }
-            }
-        }
-    }
-    Ok(out)
 }

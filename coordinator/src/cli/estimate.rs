@@ -6,7 +6,7 @@ use flotilla_protocol::{EventBody, HostName, TaskKind, TaskOutcome, TaskResult};
 
 use super::follow::Live;
 use super::{output, Global};
-use crate::dispatch::{Dispatch, Outcome};
+use crate::dispatch::{Dispatch, NoticeKind, Outcome, Update};
 use crate::error::CliError;
 
 /// Default wait for an online host.
@@ -35,27 +35,38 @@ pub(super) async fn run(
         WAIT_ONLINE
     });
 
-    let mut task = dispatch.send(host, TaskKind::Estimate { paths }).await?;
+    let task = dispatch.send(host, TaskKind::Estimate { paths }).await?;
+    let task_id = task.id.clone();
     if offline {
         eprintln!(
             "host {host} is offline (last seen {}); task {} is queued and runs when it returns; waiting {} s",
             output::ago(crate::now_ms(), record.stored_at),
-            task.id,
+            task_id,
             wait.as_secs()
         );
     }
     let mut live = (!json).then(Live::stderr);
     let outcome = task
-        .wait(wait, |ev| {
-            if let (EventBody::TaskProgress(p), Some(live)) = (&ev.body, live.as_mut()) {
-                let line = format!(
-                    "{host}: {} files, {} dirs, {} so far",
-                    p.files,
-                    p.dirs,
-                    output::bytes(p.bytes)
-                );
-                let width = live.width();
-                live.set(host.as_str(), line.chars().take(width).collect());
+        .wait(wait, |update| {
+            let Some(live) = live.as_mut() else { return };
+            match update {
+                Update::Event(ev) => {
+                    if let EventBody::TaskProgress(p) = &ev.body {
+                        let line = format!(
+                            "{host}: {} files, {} dirs, {} so far",
+                            p.files,
+                            p.dirs,
+                            output::bytes(p.bytes)
+                        );
+                        let width = live.width();
+                        live.set(host.as_str(), line.chars().take(width).collect());
+                    }
+                }
+                // Its offline host was said above: only later news.
+                Update::Notice(n) if n.kind != NoticeKind::Offline || !offline => {
+                    live.println(&n.message)
+                }
+                _ => {}
             }
         })
         .await;
@@ -63,32 +74,33 @@ pub(super) async fn run(
         live.clear();
     }
     let finished = match outcome {
-        Outcome::Finished(f) => f,
+        Outcome::Finished(f) => *f,
         Outcome::Rejected { reason, detail } => {
             return Err(CliError::Rejected {
                 host: host.to_string(),
-                task_id: task.id.clone(),
+                task_id: task_id.clone(),
                 reason,
                 detail,
             })
         }
-        Outcome::TimedOut if offline => {
+        // (A plain wait: no `--timeout` cancels an estimate.)
+        Outcome::TimedOut | Outcome::GaveUp { .. } if offline => {
             return Err(CliError::HostOffline {
                 host: host.to_string(),
-                task_id: task.id.clone(),
+                task_id: Some(task_id.clone()),
                 waited_secs: wait.as_secs(),
             })
         }
-        Outcome::TimedOut => {
+        Outcome::TimedOut | Outcome::GaveUp { .. } => {
             return Err(CliError::Timeout {
                 host: host.to_string(),
-                task_id: task.id.clone(),
+                task_id: task_id.clone(),
                 waited_secs: wait.as_secs(),
             })
         }
         Outcome::Lost(why) => {
             return Err(CliError::Request {
-                what: format!("follow task {}", task.id),
+                what: format!("follow task {task_id}"),
                 why,
             })
         }

@@ -73,10 +73,7 @@ fn line(ev: &Event, utc: bool) -> String {
         Severity::Error => "ERROR",
     };
     let extra = match &ev.body {
-        EventBody::TaskRejected { reason, .. } => serde_json::to_value(reason)
-            .ok()
-            .and_then(|v| v.as_str().map(|r| format!(" [{r}]")))
-            .unwrap_or_default(),
+        EventBody::TaskRejected { reason, .. } => format!(" [{reason}]"),
         _ => String::new(),
     };
     format!(

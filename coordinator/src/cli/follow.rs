@@ -5,6 +5,11 @@
 //! as plain lines of at most 80 columns, at most once a second per host; with
 //! `--json`, as JSON lines. No colours are used, so `NO_COLOR` has nothing to
 //! turn off here.
+//!
+//! A wait is never silent: what the [`Follower`] notices (an offline host, a
+//! task nothing was heard from, a lost connection, a `--timeout` that ran
+//! out) is printed above the progress lines, or as `{"type": "waiting"}`
+//! lines with `--json`.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -12,12 +17,11 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use flotilla_protocol::{Event, EventBody, HostName, TaskFinished, TaskProgress};
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use flotilla_protocol::{EventBody, HostName, TaskFinished, TaskId, TaskKind, TaskProgress};
+use serde_json::json;
 
 use super::output;
-use crate::dispatch::{Dispatch, Outcome, SentTask};
+use crate::dispatch::{Dispatch, Follower, Notice, Outcome, SentTask, Update, Wait};
 use crate::error::CliError;
 
 /// How one followed task ended.
@@ -26,42 +30,53 @@ pub struct Followed {
     /// The host.
     pub host: HostName,
     /// The task id.
-    pub task_id: String,
+    pub task_id: TaskId,
     /// How it ended.
     pub outcome: Outcome,
 }
 
 impl Followed {
-    /// The task's end, or the error for a refusal or for a wait (of `wait`)
-    /// that ran out or lost its subscription.
-    pub fn finished(self, wait: Duration) -> Result<TaskFinished, CliError> {
+    /// The task's end, or the error for a refusal, for a `--timeout` that
+    /// ran out, or for a wait (of `wait`) that ran out or lost its
+    /// subscription.
+    pub fn finished(self, wait: impl Into<Wait>) -> Result<TaskFinished, CliError> {
         match self.outcome {
-            Outcome::Finished(done) => Ok(done),
+            Outcome::Finished(done) => Ok(*done),
             Outcome::Rejected { reason, detail } => Err(CliError::Rejected {
                 host: self.host.to_string(),
                 task_id: self.task_id,
                 reason,
                 detail,
             }),
+            Outcome::GaveUp {
+                after,
+                host_offline,
+            } => Err(CliError::TimedOut {
+                host: self.host.to_string(),
+                task_id: self.task_id,
+                after_secs: after.as_secs(),
+                host_offline,
+            }),
             Outcome::TimedOut | Outcome::Lost(_) => Err(CliError::Timeout {
                 host: self.host.to_string(),
                 task_id: self.task_id,
-                waited_secs: wait.as_secs(),
+                waited_secs: wait.into().limit.as_secs(),
             }),
         }
     }
 }
 
-/// Follows one task (`what` names it in errors) to its end, with progress
-/// and Ctrl-C handling as [`follow_all`].
+/// Follows one task (`what` names it in errors) to its end, with progress,
+/// notices and Ctrl-C handling as [`follow_all`].
 pub async fn follow_one(
     host: &HostName,
     task: SentTask,
     what: &str,
-    wait: Duration,
+    wait: impl Into<Wait>,
     json: bool,
     dispatch: &Dispatch<'_>,
 ) -> Result<TaskFinished, CliError> {
+    let wait = wait.into();
     let followed = follow_all(vec![(host.clone(), task)], wait, json, Some(dispatch))
         .await
         .pop()
@@ -72,41 +87,26 @@ pub async fn follow_one(
     followed.finished(wait)
 }
 
-/// Waits for every task, rendering progress; returns in the order given.
+/// Waits for every task, rendering progress and saying what it waits for
+/// (an offline host, a silent task, a lost connection: on stderr, or as
+/// `{"type": "waiting"}` lines with `--json`); returns in the order given.
 ///
 /// With `interrupt`, Ctrl-C sends each unfinished task a signed `cancel`
 /// (the agents stop cleanly; the tasks end `cancelled`) and keeps waiting
-/// for them to say so; a second Ctrl-C stops waiting.
+/// for them to say so; a second Ctrl-C stops waiting. A [`Wait::timeout`]
+/// that runs out sends the same `cancel`.
 pub async fn follow_all(
     tasks: Vec<(HostName, SentTask)>,
-    wait: Duration,
+    wait: impl Into<Wait>,
     json: bool,
     interrupt: Option<&Dispatch<'_>>,
 ) -> Vec<Followed> {
-    let targets: Vec<(HostName, String)> = tasks
-        .iter()
-        .map(|(h, t)| (h.clone(), t.id.clone()))
-        .collect();
+    let Some(nats) = tasks.first().map(|(_, t)| t.nats().clone()) else {
+        return Vec::new();
+    };
+    let order: Vec<TaskId> = tasks.iter().map(|(_, t)| t.id.clone()).collect();
+    let mut follower = Follower::new(&nats, tasks.into_iter().map(|(_, t)| t).collect(), wait);
     let mut interrupted = false;
-    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
-    let mut set = JoinSet::new();
-    let order: Vec<String> = tasks.iter().map(|(_, t)| t.id.clone()).collect();
-    for (host, mut task) in tasks {
-        let tx = tx.clone();
-        set.spawn(async move {
-            let outcome = task
-                .wait(wait, |ev| {
-                    let _ = tx.send(ev.clone());
-                })
-                .await;
-            Followed {
-                host,
-                task_id: task.id.clone(),
-                outcome,
-            }
-        });
-    }
-    drop(tx);
     let mut live = Live::stderr();
     let mut done = Vec::new();
     loop {
@@ -118,41 +118,64 @@ pub async fn follow_all(
                 }
                 interrupted = true;
                 live.println("interrupted: asking the agents to stop cleanly (Ctrl-C again to stop waiting)");
-                if let Some(d) = interrupt {
-                    let finished: Vec<String> = done.iter().map(|f: &Followed| f.task_id.clone()).collect();
-                    for (host, id) in targets.iter().filter(|(_, id)| !finished.contains(id)) {
-                        if let Err(e) = d.publish(host, flotilla_protocol::TaskKind::Cancel { task_id: id.clone() }).await {
-                            live.println(&format!("cannot cancel {id} on {host}: {e}"));
+                for (host, id) in follower.interrupt() {
+                    cancel(interrupt, &host, id, &live).await;
+                }
+            }
+            update = follower.next() => {
+                let Some(update) = update else { break };
+                match update {
+                    Update::Event(ev) => {
+                        let EventBody::TaskProgress(p) = &ev.body else { continue };
+                        if json {
+                            let mut v = serde_json::to_value(p).unwrap_or_default();
+                            v["host"] = json!(ev.host.as_str());
+                            v["type"] = json!("progress");
+                            outln!("{v}");
+                            continue;
                         }
+                        let width = live.width();
+                        live.set(ev.host.as_str(), progress_line(&ev.host, p, width));
+                    }
+                    Update::Notice(n) if json => outln!("{}", notice_json(&n)),
+                    Update::Notice(n) => live.println(&n.message),
+                    Update::Cancel { host, task_id } => cancel(interrupt, &host, task_id, &live).await,
+                    Update::Ended { host, task_id, outcome } => {
+                        live.remove(host.as_str());
+                        done.push(Followed { host, task_id, outcome });
                     }
                 }
             }
-            ev = rx.recv() => {
-                let Some(ev) = ev else { continue };
-                let EventBody::TaskProgress(p) = &ev.body else { continue };
-                if json {
-                    let mut v = serde_json::to_value(p).unwrap_or_default();
-                    v["host"] = serde_json::json!(ev.host.as_str());
-                    v["type"] = serde_json::json!("progress");
-                    outln!("{v}");
-                    continue;
-                }
-                let width = live.width();
-                live.set(ev.host.as_str(), progress_line(&ev.host, p, width));
-            }
-            joined = set.join_next() => match joined {
-                Some(Ok(f)) => {
-                    live.remove(f.host.as_str());
-                    done.push(f);
-                }
-                Some(Err(_)) => {}
-                None => break,
-            },
         }
     }
     live.clear();
     done.sort_by_key(|f| order.iter().position(|id| *id == f.task_id));
     done
+}
+
+/// Sends `task_id` on `host` a signed `cancel`, saying so when it cannot.
+async fn cancel(dispatch: Option<&Dispatch<'_>>, host: &HostName, task_id: TaskId, live: &Live) {
+    let Some(d) = dispatch else {
+        return live.println(&format!(
+            "cannot cancel {task_id} on {host}: no signing key at hand"
+        ));
+    };
+    let id = task_id.clone();
+    if let Err(e) = d.publish(host, TaskKind::Cancel { task_id }).await {
+        live.println(&format!("cannot cancel {id} on {host}: {e}"));
+    }
+}
+
+/// A notice as a `--json` line: `{"type": "waiting", "notice", "host",
+/// "task_id", "message"}` (scripts filter lines by `type`).
+pub(super) fn notice_json(n: &Notice) -> serde_json::Value {
+    json!({
+        "type": "waiting",
+        "notice": n.kind.as_str(),
+        "host": n.host.as_ref().map(HostName::as_str),
+        "task_id": n.task_id,
+        "message": n.message,
+    })
 }
 
 /// Width of plain progress lines, and of a terminal that will not say.
@@ -363,7 +386,7 @@ mod tests {
 
     fn progress(files: u64, bytes: u64, total: Option<u64>, elapsed_ms: u64) -> TaskProgress {
         TaskProgress {
-            task_id: "t".into(),
+            task_id: TaskId::new("t").expect("valid"),
             task_kind: "backup".into(),
             files,
             dirs: 0,
@@ -426,5 +449,32 @@ mod tests {
         assert_eq!(eta(45), "45s");
         assert_eq!(eta(185), "3m05s");
         assert_eq!(eta(7800), "2h10m");
+    }
+
+    /// Scripts filter `--json` lines by `type`: a notice is `waiting`, with
+    /// what it is about.
+    #[test]
+    fn a_notice_is_a_waiting_json_line() {
+        let n = Notice {
+            kind: crate::dispatch::NoticeKind::Offline,
+            host: Some(host("laptop")),
+            task_id: Some(TaskId::new("t1").expect("valid")),
+            message: "laptop is offline".into(),
+        };
+        let v = notice_json(&n);
+        assert_eq!(v["type"], "waiting");
+        assert_eq!(v["notice"], "offline");
+        assert_eq!(v["host"], "laptop");
+        assert_eq!(v["task_id"], "t1");
+        assert_eq!(v["message"], "laptop is offline");
+        let conn = Notice {
+            kind: crate::dispatch::NoticeKind::Reconnected,
+            host: None,
+            task_id: None,
+            message: "reconnected".into(),
+        };
+        let v = notice_json(&conn);
+        assert!(v["host"].is_null() && v["task_id"].is_null(), "{v}");
+        assert_eq!(v["notice"], "reconnected");
     }
 }

@@ -5,7 +5,6 @@
 //! snapshots with the same host and paths (as restic does). The storage agents only carry out signed `forget` and
 //! `prune` tasks; sources can never delete anything.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use flotilla_protocol::{HostName, TaskKind, TaskOutcome, TaskResult};
@@ -15,7 +14,7 @@ use super::follow::{follow_all, follow_one};
 use super::{output, Global};
 use crate::dispatch::Dispatch;
 use crate::error::CliError;
-use crate::fleetops::{decide, repo_key, Found};
+use crate::fleetops::{decide, doomed, repo_key, Found};
 use crate::retention::{KeepPolicy, Verdict};
 
 const WAIT: Duration = Duration::from_secs(24 * 3600);
@@ -25,15 +24,8 @@ pub(crate) async fn send_forgets(
     dispatch: &Dispatch<'_>,
     verdicts: &[(Found, Verdict)],
 ) -> Result<Vec<(HostName, crate::dispatch::SentTask)>, CliError> {
-    let mut by_storage: BTreeMap<HostName, Vec<String>> = BTreeMap::new();
-    for (f, _) in verdicts.iter().filter(|(_, v)| !v.keep) {
-        by_storage
-            .entry(f.storage.clone())
-            .or_default()
-            .push(f.record.id.clone());
-    }
     let mut sent = Vec::new();
-    for (storage, ids) in by_storage {
+    for (storage, ids) in doomed(verdicts)? {
         let task = dispatch
             .send(&storage, TaskKind::Forget { snapshots: ids })
             .await?;
@@ -57,7 +49,9 @@ pub(super) async fn forget(
             "give at least one --keep-* option (forgetting everything is never a default)".into(),
         ));
     }
-    policy.within().map_err(CliError::Usage)?;
+    policy
+        .within()
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let fleet = g.fleet()?;
     let key = repo_key(&fleet)?;
     let nats = g.connect().await?;

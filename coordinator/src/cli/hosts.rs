@@ -1,6 +1,8 @@
 //! `flotilla hosts`: the fleet registry.
 
-use flotilla_protocol::{Role, RootUsage, RunningJob};
+use std::net::SocketAddr;
+
+use flotilla_protocol::{OfflineReason, Role, RootUsage, RunningJob, TaskId};
 use serde::Serialize;
 
 use super::{output, Global};
@@ -12,14 +14,14 @@ use crate::nats::HostRecord;
 struct HostView<'a> {
     host: &'a str,
     status: &'static str,
-    offline_reason: Option<&'static str>,
+    offline_reason: Option<OfflineReason>,
     last_seen: String,
     #[serde(skip)]
     last_seen_ms: u64,
     last_seen_age_secs: f64,
     version: &'a str,
     roles: &'a [Role],
-    quic_addr: Option<&'a str>,
+    quic_addr: Option<SocketAddr>,
     uptime_secs: u64,
     load: [f32; 3],
     rss_bytes: u64,
@@ -30,7 +32,7 @@ struct HostView<'a> {
 /// A running job in `--json` output: its start as RFC 3339.
 #[derive(Debug, Serialize)]
 pub(super) struct RunningView<'a> {
-    task_id: &'a str,
+    task_id: &'a TaskId,
     kind: &'a str,
     started_at: String,
 }
@@ -63,7 +65,7 @@ fn view(r: &HostRecord, now: u64) -> HostView<'_> {
         last_seen_age_secs: now.saturating_sub(r.stored_at) as f64 / 1000.0,
         version: &hb.version,
         roles: &hb.roles,
-        quic_addr: hb.quic_addr.as_deref(),
+        quic_addr: hb.quic_addr,
         uptime_secs: hb.time.saturating_sub(hb.started_at) / 1000,
         load: hb.load,
         rss_bytes: hb.rss_bytes,
@@ -112,7 +114,7 @@ pub(super) async fn run(g: &Global, json: bool) -> Result<(), CliError> {
                     .join(",")
             };
             let status = match v.offline_reason {
-                Some("shutdown") => "stopped",
+                Some(OfflineReason::Shutdown) => "stopped",
                 Some(_) => "OFFLINE",
                 None => "online",
             };

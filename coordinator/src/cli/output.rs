@@ -57,8 +57,8 @@ pub fn follow_hint() -> &'static str {
 
 /// The first 8 characters of an id, for tables. Ids come from peers, so this
 /// never slices bytes (a short or non-ASCII id must not panic).
-pub fn short(id: &str) -> String {
-    id.chars().take(8).collect()
+pub fn short(id: impl AsRef<str>) -> String {
+    id.as_ref().chars().take(8).collect()
 }
 
 /// A time for JSON output: RFC 3339 in UTC with milliseconds

@@ -8,13 +8,14 @@ use serde_json::json;
 use super::follow::follow_one;
 use super::snapshots::find;
 use super::{output, Global};
-use crate::dispatch::Dispatch;
+use crate::dispatch::{Dispatch, Wait};
 use crate::error::CliError;
 use crate::fleetops::{repo_key, storage_addr};
 
 /// How long `--wait` waits for a restore.
 const WAIT: Duration = Duration::from_secs(24 * 3600);
 
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     g: &Global,
     snapshot: &str,
@@ -22,6 +23,7 @@ pub(super) async fn run(
     includes: Vec<String>,
     from: Option<&HostName>,
     wait: bool,
+    timeout: Option<Duration>,
     json: bool,
 ) -> Result<(), CliError> {
     let (host, dir) = to
@@ -41,12 +43,17 @@ pub(super) async fn run(
         return Err(CliError::HostUnknown(host.to_string()));
     }
     let addr = storage_addr(&nats, &found.storage).await?;
+    // The storage host listed it; only a well-formed id goes into a task.
+    let snapshot = found.record.snapshot_id().map_err(|e| CliError::Request {
+        what: format!("restore from {}", found.storage),
+        why: e.to_string(),
+    })?;
     let dispatch = Dispatch::new(&fleet, &nats)?;
     let task = dispatch
         .send(
             &host,
             TaskKind::Restore {
-                snapshot: found.record.id.clone(),
+                snapshot,
                 storage: found.storage.clone(),
                 storage_addr: addr,
                 target: dir.to_owned(),
@@ -74,7 +81,8 @@ pub(super) async fn run(
         }
         return Ok(());
     }
-    let done = follow_one(&host, task, "restore", WAIT, json, &dispatch).await?;
+    let wait = Wait::with_timeout(WAIT, timeout);
+    let done = follow_one(&host, task, "restore", wait, json, &dispatch).await?;
     if json {
         let mut v = json!({"type": "summary", "host": host.as_str(), "task_id": done.task_id,
             "outcome": done.outcome, "error": done.error, "retryable": done.retryable,

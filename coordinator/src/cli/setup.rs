@@ -117,7 +117,10 @@ mod tests {
             named.starts_with("cannot read /etc/flotilla/flotilla.toml"),
             "{named}"
         );
-        assert_eq!(config_error(true, missing()).exit_code(), crate::EXIT_USAGE);
+        assert_eq!(
+            config_error(true, missing()).exit_code(),
+            crate::error::EXIT_USAGE
+        );
     }
 
     #[test]

@@ -5,14 +5,13 @@
 //! blob); everything sensitive in them is sealed, and only this side, holding
 //! the key, can open it. File content never comes this way.
 
-use flotilla_protocol::frame::RepoReply;
-use flotilla_protocol::repo::{BlobId, Node, NodeKind, RepoKey, Tree};
-use flotilla_protocol::{subject, HostName};
+use flotilla_protocol::repo::{Node, NodeKind, RepoKey};
+use flotilla_protocol::{HostName, TaskId};
 use serde::Serialize;
 
 use super::{output, Global};
-use crate::error::{request_err, CliError};
-use crate::fleetops::{list, query, repo_key, Found};
+use crate::error::CliError;
+use crate::fleetops::{list, repo_key, Found, RemoteTrees, Trees};
 use crate::nats::Nats;
 
 #[derive(Debug, Serialize)]
@@ -26,7 +25,7 @@ struct SnapshotView<'a> {
     files: Option<u64>,
     bytes_total: Option<u64>,
     bytes_added: Option<u64>,
-    task_id: Option<String>,
+    task_id: Option<TaskId>,
 }
 
 /// The one snapshot whose id starts with `prefix`.
@@ -49,31 +48,6 @@ pub(super) async fn find(
         n => Err(CliError::Usage(format!(
             "{n} snapshots start with {prefix}; give more of the id"
         ))),
-    }
-}
-
-/// Fetches and opens one tree.
-pub(super) async fn tree(
-    nats: &Nats,
-    key: &RepoKey,
-    storage: &HostName,
-    id: &BlobId,
-) -> Result<Tree, CliError> {
-    match query(nats, subject::repo_tree(storage), id.0.to_vec(), storage).await? {
-        RepoReply::Tree { data } => {
-            let plain = key
-                .open(id, &data)
-                .map_err(request_err(&format!("open tree {id:?}")))?;
-            rmp_serde::from_slice(&plain).map_err(request_err(&format!("read tree {id:?}")))
-        }
-        RepoReply::Error { message } => Err(CliError::Request {
-            what: format!("fetch tree {id:?}"),
-            why: message,
-        }),
-        RepoReply::Snapshots { .. } | RepoReply::Stats { .. } => Err(CliError::Request {
-            what: format!("fetch tree {id:?}"),
-            why: "unexpected answer".into(),
-        }),
     }
 }
 
@@ -189,25 +163,6 @@ fn view(node: &Node, path: &str) -> EntryView {
     }
 }
 
-/// Where `ls` finds trees: the storage host, or a map in tests.
-pub(super) trait Trees {
-    /// The tree `id`, opened.
-    async fn get(&self, id: &BlobId) -> Result<Tree, CliError>;
-}
-
-/// The trees of one snapshot, fetched from its storage host.
-struct Remote<'a> {
-    nats: &'a Nats,
-    key: &'a RepoKey,
-    storage: &'a HostName,
-}
-
-impl Trees for Remote<'_> {
-    async fn get(&self, id: &BlobId) -> Result<Tree, CliError> {
-        tree(self.nats, self.key, self.storage, id).await
-    }
-}
-
 /// `base/name`; a name at the snapshot root is already an absolute path.
 fn join(base: &str, name: &[u8]) -> String {
     let name = String::from_utf8_lossy(name);
@@ -240,6 +195,20 @@ fn find_root<'a>(roots: &[Node], want: &'a str) -> Option<(usize, Vec<&'a str>)>
         .map(|(i, _, rest)| (i, rest.split('/').filter(|c| !c.is_empty()).collect()))
 }
 
+/// Why `ls` has nothing to list.
+#[derive(Debug, thiserror::Error)]
+enum ListingError {
+    /// The path is not in the snapshot (the message goes on with which).
+    #[error("{0} is not in")]
+    NotIn(String),
+    /// A path component is a file.
+    #[error("{0} is a file, not a directory, in")]
+    NotADirectory(String),
+    /// A tree could not be fetched from the storage host.
+    #[error(transparent)]
+    Fetch(#[from] CliError),
+}
+
 /// The entries `ls` prints, with their paths, in order: the contents of
 /// `want` (a directory; a file lists itself), or without `want` the contents
 /// of each path the snapshot backed up; with `recursive`, everything beneath
@@ -249,7 +218,7 @@ async fn listing(
     roots: Vec<Node>,
     want: Option<&str>,
     recursive: bool,
-) -> Result<Vec<(Node, String)>, String> {
+) -> Result<Vec<(Node, String)>, ListingError> {
     let want = want
         .map(|w| w.trim_end_matches('/'))
         .filter(|w| !w.is_empty());
@@ -263,19 +232,20 @@ async fn listing(
             }
         }
         Some(want) => {
-            let (i, rest) = find_root(&roots, want).ok_or_else(|| format!("{want} is not in"))?;
+            let (i, rest) =
+                find_root(&roots, want).ok_or_else(|| ListingError::NotIn(want.to_owned()))?;
             let mut current = roots[i].clone();
             let mut path = join("", &current.name);
             for comp in rest {
                 let sub = current
                     .subtree
-                    .ok_or_else(|| format!("{path} is a file, not a directory, in"))?;
-                let t = trees.get(&sub).await.map_err(|e| e.to_string())?;
+                    .ok_or_else(|| ListingError::NotADirectory(path.clone()))?;
+                let t = trees.get(&sub).await?;
                 current = t
                     .nodes
                     .into_iter()
                     .find(|n| n.name == comp.as_bytes())
-                    .ok_or_else(|| format!("{want} is not in"))?;
+                    .ok_or_else(|| ListingError::NotIn(want.to_owned()))?;
                 path = join(&path, comp.as_bytes());
             }
             targets.push((current, path));
@@ -286,7 +256,7 @@ async fn listing(
     for (node, path) in targets.into_iter().rev() {
         match node.subtree {
             Some(sub) => {
-                let t = trees.get(&sub).await.map_err(|e| e.to_string())?;
+                let t = trees.get(&sub).await?;
                 for child in t.nodes.into_iter().rev() {
                     let p = join(&path, &child.name);
                     stack.push((child, p));
@@ -299,7 +269,7 @@ async fn listing(
     while let Some((node, path)) = stack.pop() {
         let below = node.subtree.filter(|_| recursive);
         if let Some(sub) = below {
-            let t = trees.get(&sub).await.map_err(|e| e.to_string())?;
+            let t = trees.get(&sub).await?;
             for child in t.nodes.into_iter().rev() {
                 let p = join(&path, &child.name);
                 stack.push((child, p));
@@ -322,7 +292,7 @@ pub(super) async fn ls(
     let key = repo_key(&fleet)?;
     let nats = g.connect().await?;
     let found = find(&nats, &key, snapshot, to).await?;
-    let trees = Remote {
+    let trees = RemoteTrees {
         nats: &nats,
         key: &key,
         storage: &found.storage,
@@ -330,12 +300,13 @@ pub(super) async fn ls(
     let root = trees.get(&found.record.tree).await?;
     let entries = listing(&trees, root.nodes, path, recursive)
         .await
-        .map_err(|what| {
-            CliError::Usage(format!(
+        .map_err(|e| match e {
+            ListingError::Fetch(e) => e,
+            what => CliError::Usage(format!(
                 "{what} snapshot {} (see `flotilla ls {}`)",
                 output::short(&found.record.id),
                 output::short(&found.record.id)
-            ))
+            )),
         })?;
     let views: Vec<EntryView> = entries.iter().map(|(n, p)| view(n, p)).collect();
     if json {
@@ -385,6 +356,8 @@ pub(super) async fn ls(
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
+
+    use flotilla_protocol::repo::{BlobId, Tree};
 
     use super::*;
 
@@ -444,7 +417,8 @@ mod tests {
     async fn paths(want: Option<&str>, recursive: bool) -> Result<Vec<String>, String> {
         let (trees, roots) = snapshot();
         Ok(listing(&trees, roots, want, recursive)
-            .await?
+            .await
+            .map_err(|e| e.to_string())?
             .into_iter()
             .map(|(_, p)| p)
             .collect())
@@ -486,6 +460,21 @@ mod tests {
         assert_eq!(
             below_a_file,
             Err("/srv/data/a.txt is a file, not a directory, in".into())
+        );
+    }
+
+    /// A tree the storage host cannot deliver is that request's error (its
+    /// exit code, its retryability), not a mistake in the path asked for.
+    #[tokio::test]
+    async fn a_tree_that_cannot_be_fetched_is_a_request_error() {
+        let (trees, _) = snapshot();
+        let roots = vec![node("/srv/gone", Some(9))];
+        let err = listing(&trees, roots, None, false)
+            .await
+            .expect_err("tree 9 is missing");
+        assert!(
+            matches!(err, ListingError::Fetch(CliError::Request { .. })),
+            "{err:?}"
         );
     }
 

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use flotilla_protocol::status::{FleetStatus, PlanHostStatus, STATUS_BUCKET, STATUS_KEY};
-use flotilla_protocol::{subject, Event, EventBody};
+use flotilla_protocol::{subject, Event, EventBody, OfflineReason, TaskId};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -50,7 +50,7 @@ pub(super) async fn status(g: &Global, json: bool) -> Result<(), CliError> {
         let host = hb.host.as_str();
         let mut problems = Vec::new();
         match rec.offline_reason(now) {
-            Some("missed_heartbeats") => problems.push(format!(
+            Some(OfflineReason::MissedHeartbeats) => problems.push(format!(
                 "offline: no heartbeat for {}",
                 output::ago(now, rec.stored_at)
             )),
@@ -158,9 +158,9 @@ pub(super) async fn status(g: &Global, json: bool) -> Result<(), CliError> {
 }
 
 /// One task as `flotilla jobs` shows it, put together from its events.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Job {
-    task_id: String,
+    task_id: TaskId,
     kind: String,
     host: String,
     /// `running`, or how it ended.
@@ -200,8 +200,8 @@ pub(super) async fn jobs(g: &Global, json: bool, limit: usize) -> Result<(), Cli
     let mut consumer = stream
         .create_consumer(pull::OrderedConfig {
             filter_subjects: vec![
-                format!("{}.events.task.started.*", subject::ROOT),
-                format!("{}.events.task.finished.*", subject::ROOT),
+                subject::events_of_kind("task.started"),
+                subject::events_of_kind("task.finished"),
             ],
             deliver_policy: DeliverPolicy::All,
             ..Default::default()
@@ -213,8 +213,8 @@ pub(super) async fn jobs(g: &Global, json: bool, limit: usize) -> Result<(), Cli
         .await
         .map_err(request_err("read event stream"))?
         .num_pending;
-    let mut jobs: BTreeMap<String, Job> = BTreeMap::new();
-    let mut order: Vec<String> = Vec::new();
+    let mut jobs: BTreeMap<TaskId, Job> = BTreeMap::new();
+    let mut order: Vec<TaskId> = Vec::new();
     if pending > 0 {
         let mut messages = consumer
             .messages()
@@ -235,7 +235,9 @@ pub(super) async fn jobs(g: &Global, json: bool, limit: usize) -> Result<(), Cli
                                 host: ev.host.to_string(),
                                 state: "running".into(),
                                 started: Some(ev.time),
-                                ..Job::default()
+                                finished: None,
+                                duration_ms: None,
+                                error: None,
                             },
                         );
                     }
@@ -246,7 +248,11 @@ pub(super) async fn jobs(g: &Global, json: bool, limit: usize) -> Result<(), Cli
                                 task_id: f.task_id.clone(),
                                 kind: f.task_kind.clone(),
                                 host: ev.host.to_string(),
-                                ..Job::default()
+                                state: String::new(),
+                                started: None,
+                                finished: None,
+                                duration_ms: None,
+                                error: None,
                             }
                         });
                         j.state = serde_json::to_value(f.outcome)
@@ -283,7 +289,7 @@ pub(super) async fn jobs(g: &Global, json: bool, limit: usize) -> Result<(), Cli
         .iter()
         .map(|j| {
             vec![
-                j.task_id.clone(),
+                j.task_id.to_string(),
                 j.kind.clone(),
                 j.host.clone(),
                 j.state.clone(),
@@ -314,7 +320,7 @@ pub(super) async fn watch(g: &Global, json: bool) -> Result<(), CliError> {
     let nats = g.connect().await?;
     let mut sub = nats
         .client
-        .subscribe(format!("{}.events.task.>", subject::ROOT))
+        .subscribe(subject::task_events_all())
         .await
         .map_err(request_err("subscribe to task events"))?;
     let mut live = (!json).then(Live::stdout);
@@ -333,7 +339,7 @@ pub(super) async fn watch(g: &Global, json: bool) -> Result<(), CliError> {
             outln!("{}", serde_json::to_string(&ev).unwrap_or_default());
             continue;
         };
-        let task_id = ev.body.task_id().unwrap_or("");
+        let task_id = ev.body.task_id().map(TaskId::as_str).unwrap_or("");
         let key = format!("{} {task_id}", ev.host);
         // What follows the progress itself: the kind and the task.
         let tail = |kind: &str| format!("  {kind} {}", output::short(task_id));

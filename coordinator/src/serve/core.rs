@@ -4,24 +4,27 @@
 //! [`Action`]s it returns; the tests drive it with a virtual clock.
 //!
 //! Inputs: [`Core::on_lease`] (what the lease said this tick),
-//! [`Core::on_tick`] (schedules, the queue, the watchdog),
+//! [`Core::on_tick`] (schedules, plan timeouts, the queue, the watchdog),
 //! [`Core::on_dispatched`] (a task was sent, or could not be),
 //! [`Core::on_finished`] and [`Core::on_rejected`] (task outcomes from the
 //! event stream). Its durable state (last runs, successes, raised alerts) goes
 //! through the [`Store`] trait; the queue and the jobs it follows live in
 //! memory.
 //!
-//! Invariants: only the leader schedules, dispatches, raises watchdog events
-//! and applies retention; a job (kind, plan, host) is never queued twice
-//! while one is queued, being sent or running; at most `max_per_storage` jobs
-//! per storage host are out at once.
+//! Invariants: only the leader schedules, dispatches, cancels, raises
+//! watchdog events and applies retention; a job (kind, plan, host) is never
+//! queued twice while one is queued, being sent or running; at most
+//! `max_per_storage` jobs per storage host are out at once; a job whose
+//! plan has a `timeout` is out at most that long (then its task is sent a
+//! `cancel` and the job counts as failed, retryable), so a lost outcome
+//! cannot hold a storage host's slot for good.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use chrono::{DateTime, TimeZone};
 use flotilla_protocol::status::{FleetStatus, PlanHostStatus, STATUS_VERSION};
 use flotilla_protocol::{
-    BackupReport, Event, EventBody, HostName, JobEnded, Severity, TaskOutcome, TaskResult,
+    BackupReport, Event, EventBody, HostName, JobEnded, Severity, TaskId, TaskOutcome, TaskResult,
 };
 use tracing::{info, warn};
 
@@ -96,6 +99,9 @@ pub struct Job {
     pub attempt: u32,
     /// Not sent before this time (unix ms): retries wait.
     pub not_before: u64,
+    /// While running: when it times out (the plan's `timeout` after it was
+    /// sent), is sent a `cancel` and counts as failed.
+    pub deadline: Option<u64>,
 }
 
 /// Names a job between [`Action::Dispatch`] and [`Core::on_dispatched`].
@@ -114,6 +120,8 @@ pub enum TaskSpec {
         paths: Vec<String>,
         /// Exclude globs.
         excludes: Vec<String>,
+        /// Back up paths that are empty now but held files before.
+        allow_empty: bool,
     },
     /// A repository check.
     Check {
@@ -191,6 +199,13 @@ pub enum Action {
     },
     /// Leadership changed, or standing by has lasted.
     Leadership(LeaderChange),
+    /// Send `task_id` on `host` a signed `cancel`: its job timed out.
+    Cancel {
+        /// Where it runs.
+        host: HostName,
+        /// The task.
+        task_id: TaskId,
+    },
 }
 
 impl From<Alert> for Action {
@@ -215,7 +230,7 @@ pub struct Core<S, Tz: TimeZone> {
     started: u64,
     queue: VecDeque<Job>,
     sending: BTreeMap<JobId, Job>,
-    running: HashMap<String, Job>,
+    running: HashMap<TaskId, Job>,
     next_job: u64,
     leader: bool,
     /// Since when this daemon stands by.
@@ -314,6 +329,14 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
         self.running.len()
     }
 
+    /// The tasks of the jobs that are out, with their hosts.
+    pub fn running_tasks(&self) -> Vec<(TaskId, HostName)> {
+        self.running
+            .iter()
+            .map(|(id, j)| (id.clone(), j.host.clone()))
+            .collect()
+    }
+
     /// Jobs waiting for a slot or a retry.
     #[cfg(test)]
     pub fn queued_jobs(&self) -> usize {
@@ -394,7 +417,8 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
             return Vec::new();
         }
         self.schedule(now);
-        let mut out = self.dispatch_due(now);
+        let mut out = self.expire(now);
+        out.extend(self.dispatch_due(now));
         if let Some(hosts) = hosts {
             let watch = Watch {
                 config: &self.config,
@@ -451,6 +475,7 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
                     storage: plan.to.clone(),
                     attempt: 1,
                     not_before: now,
+                    deadline: None,
                 }));
             }
         }
@@ -512,6 +537,7 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
                 storage: job.storage.clone(),
                 paths: plan.paths.clone(),
                 excludes: plan.exclude.clone(),
+                allow_empty: plan.allow_empty,
             },
             JobKind::Check { read_data, .. } => TaskSpec::Check { read_data },
             JobKind::Prune { .. } => TaskSpec::Prune {
@@ -533,7 +559,7 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
     pub fn on_dispatched<E: std::fmt::Display>(
         &mut self,
         job: JobId,
-        sent: Result<String, E>,
+        sent: Result<TaskId, E>,
         now: u64,
     ) -> Vec<Action> {
         let Some(mut j) = self.sending.remove(&job) else {
@@ -542,6 +568,9 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
         match sent {
             Ok(task_id) => {
                 info!(host = %j.host, task = %task_id, attempt = j.attempt, "job dispatched");
+                j.deadline = self.config.plan[j.kind.plan()]
+                    .timeout
+                    .map(|t| now.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)));
                 let started = match j.kind {
                     JobKind::Backup { plan } => vec![Action::JobStarted {
                         plan: self.config.plan[plan].name.clone(),
@@ -609,23 +638,11 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
                 format!("{job_kind} job of plan {plan} on {host} finished with skipped files"),
                 EventBody::JobPartial(ended),
             ),
-            TaskOutcome::Failed if done.retryable && job.attempt < self.config.serve.retries => {
-                let mut again = job;
-                again.not_before = now.saturating_add(self.backoff_ms(again.attempt));
-                again.attempt += 1;
-                info!(host = %again.host, attempt = again.attempt, "retryable failure; job queued again");
-                self.queue.push_back(again);
+            TaskOutcome::Failed => {
+                let error = done.error.clone().unwrap_or_default();
+                out.extend(self.failed(job, ended, error, done.retryable, now));
                 return out;
             }
-            TaskOutcome::Failed => (
-                Severity::Error,
-                format!(
-                    "{job_kind} job of plan {plan} on {host} failed after {} attempt(s): {}",
-                    job.attempt,
-                    done.error.clone().unwrap_or_default()
-                ),
-                EventBody::JobFailed(ended),
-            ),
         };
         out.push(Action::Publish {
             host,
@@ -633,6 +650,79 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
             message,
             body,
         });
+        out
+    }
+
+    /// A job that failed (`ended` says how): queued again after its backoff
+    /// when `retryable` and attempts are left, else its `job.failed` event.
+    fn failed(
+        &mut self,
+        job: Job,
+        ended: JobEnded,
+        error: String,
+        retryable: bool,
+        now: u64,
+    ) -> Option<Action> {
+        if retryable && job.attempt < self.config.serve.retries {
+            let mut again = job;
+            again.not_before = now.saturating_add(self.backoff_ms(again.attempt));
+            again.attempt += 1;
+            again.deadline = None;
+            info!(host = %again.host, attempt = again.attempt, "retryable failure; job queued again");
+            self.queue.push_back(again);
+            return None;
+        }
+        let plan = &self.config.plan[job.kind.plan()].name;
+        Some(Action::Publish {
+            message: format!(
+                "{} job of plan {plan} on {} failed after {} attempt(s): {error}",
+                job.kind.name(),
+                job.host,
+                job.attempt,
+            ),
+            host: job.host,
+            severity: Severity::Error,
+            body: EventBody::JobFailed(ended),
+        })
+    }
+
+    /// The running jobs whose plan's `timeout` has passed at `now`: each
+    /// task is sent a `cancel`, and the job counts as failed with a
+    /// retryable error (its late result, if any, is then ignored).
+    fn expire(&mut self, now: u64) -> Vec<Action> {
+        let expired: Vec<TaskId> = self
+            .running
+            .iter()
+            .filter(|(_, j)| j.deadline.is_some_and(|d| now >= d))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut out = Vec::new();
+        for task_id in expired {
+            let Some(job) = self.running.remove(&task_id) else {
+                continue;
+            };
+            let plan = &self.config.plan[job.kind.plan()];
+            let after = plan
+                .timeout
+                .map(|t| humantime::format_duration(t).to_string())
+                .unwrap_or_default();
+            let error =
+                format!("timed out after {after} (the plan's timeout) and was sent a cancel");
+            warn!(host = %job.host, task = %task_id, plan = %plan.name, "job timed out; cancelling it");
+            let ended = JobEnded {
+                task_id: task_id.clone(),
+                job_kind: job.kind.name().into(),
+                plan: Some(plan.name.clone()),
+                attempts: job.attempt,
+                error: Some(error.clone()),
+                snapshot: None,
+            };
+            out.push(Action::Cancel {
+                host: job.host.clone(),
+                task_id,
+            });
+            out.extend(self.failed(job, ended, error, true, now));
+        }
         out
     }
 

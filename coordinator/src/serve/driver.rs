@@ -2,18 +2,22 @@
 //! `/metrics` and notifications around the [`Core`], which decides.
 //!
 //! One task owns everything and reacts to four inputs: a tick (lease, then
-//! schedules, queue and watchdog), task results and refusals from the event
-//! stream, every event (routed to notifications while leading), and shutdown.
+//! schedules, timeouts, queue and watchdog, then the running jobs' outcomes
+//! read back from the event stream after a reconnect), task results and
+//! refusals from the event stream, every event (routed to notifications while
+//! leading), and shutdown.
 //! Each input becomes a call on the core with the time it happened at, and the
 //! returned [`Action`]s are performed in order before the next input is taken.
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::Local;
 use flotilla_protocol::status::{FleetStatus, STATUS_BUCKET, STATUS_KEY};
-use flotilla_protocol::{subject, Event, HostName, RootKind, TaskKind};
+use flotilla_protocol::{subject, Event, HostName, RootKind, TaskId, TaskKind};
 use futures::StreamExt;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +30,7 @@ use super::metrics;
 use super::notify::Notifier;
 use super::state::ServeState;
 use crate::config::Config;
-use crate::dispatch::Dispatch;
+use crate::dispatch::{Dispatch, Since, CLOCK_MARGIN_MS};
 use crate::error::CliError;
 use crate::fleet::Fleet;
 use crate::fleetops;
@@ -45,7 +49,28 @@ struct Driver {
     registry: Registry,
     /// `None` until opened, and again after a write failed.
     status: Option<async_nats::jetstream::kv::Store>,
+    /// Reading the jobs' outcomes back from the event stream.
+    read_back: ReadBack,
 }
+
+/// The subscriptions hear nothing while the daemon is disconnected: a job's
+/// `task.finished` published then would be lost, and the job would hold
+/// its storage slot for good and never raise its `job.*` event. So after
+/// every reconnect, and every [`READ_BACK_EVERY`] besides, the running
+/// jobs' outcomes are read back from the event stream.
+struct ReadBack {
+    /// Connections the client has made; a change is a reconnect.
+    connects: u64,
+    /// When the stream was last read back.
+    at: tokio::time::Instant,
+    /// Where the next read starts.
+    since: Since,
+}
+
+/// How often the running jobs' outcomes are read back while connected.
+const READ_BACK_EVERY: Duration = Duration::from_secs(60);
+/// Longest a read-back may take before it is left to the next one.
+const READ_BACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Subscribes to `subject`; failing means the bus is gone.
 async fn subscribe(nats: &Nats, subject: String) -> Result<async_nats::Subscriber, ServeError> {
@@ -118,6 +143,11 @@ pub async fn run(
         notifier: Notifier::new(config.notify.clone()),
         core: Core::new(config, state, Local, VERSION, crate::now_ms()),
         status: open_status_bucket(&nats).await,
+        read_back: ReadBack {
+            connects: nats.client.statistics().connects.load(Ordering::Relaxed),
+            at: tokio::time::Instant::now(),
+            since: Since::Time(crate::now_ms().saturating_sub(CLOCK_MARGIN_MS)),
+        },
         nats,
         fleet,
         metrics,
@@ -136,6 +166,7 @@ pub async fn run(
                 let actions = driver.core.on_lease(crate::now_ms(), seen);
                 driver.perform(actions).await;
                 driver.tick().instrument(info_span!("tick")).await;
+                driver.read_back().instrument(info_span!("read_back")).await;
             }
             Some(msg) = finished.next() => {
                 if let Ok(ev) = Event::decode(&msg.payload) {
@@ -196,6 +227,67 @@ fn hostname() -> String {
 }
 
 impl Driver {
+    /// Reads the running jobs' outcomes back from the event stream after a
+    /// reconnect or when [`READ_BACK_EVERY`] has passed, and hands the core
+    /// those it has not had yet (a job the live subscription already ended
+    /// is no longer running, so nothing is taken twice).
+    async fn read_back(&mut self) {
+        let connects = self
+            .nats
+            .client
+            .statistics()
+            .connects
+            .load(Ordering::Relaxed);
+        let reconnected = connects != self.read_back.connects;
+        self.read_back.connects = connects;
+        if !reconnected && self.read_back.at.elapsed() < READ_BACK_EVERY {
+            return;
+        }
+        self.read_back.at = tokio::time::Instant::now();
+        let mut hosts: Vec<HostName> = self
+            .core
+            .running_tasks()
+            .into_iter()
+            .map(|(_, host)| host)
+            .collect();
+        if hosts.is_empty() {
+            return;
+        }
+        hosts.sort();
+        hosts.dedup();
+        let since = self.read_back.since;
+        let read = match tokio::time::timeout(
+            READ_BACK_TIMEOUT,
+            crate::dispatch::read_back(&self.nats, &hosts, since),
+        )
+        .await
+        {
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => {
+                return warn!(error = %e, "cannot read job outcomes back from the event stream")
+            }
+            Err(_) => return warn!("reading job outcomes back from the event stream timed out"),
+        };
+        for (seq, ev) in read {
+            self.read_back.since = Since::After(seq);
+            let ours = ev.body.task_id().is_some_and(|id| {
+                self.core
+                    .running_tasks()
+                    .iter()
+                    .any(|(t, host)| t == id && *host == ev.host)
+            });
+            if !ours {
+                continue;
+            }
+            info!(host = %ev.host, kind = ev.body.kind(), "job outcome read back from the event stream");
+            let actions = match ev.body {
+                flotilla_protocol::EventBody::TaskRejected { .. } => self.core.on_rejected(&ev),
+                _ => self.core.on_finished(crate::now_ms(), &ev),
+            };
+            self.perform(actions).await;
+        }
+    }
+
     async fn tick(&mut self) {
         // The registry is read once per tick and shared by metrics and the
         // watchdog: from the live copy, or from the bucket until that copy
@@ -251,20 +343,42 @@ impl Driver {
                 }
                 Action::JobStarted { plan } => self.notifier.job_started(&plan),
                 Action::Leadership(change) => log_leadership(&change),
+                Action::Cancel { host, task_id } => {
+                    let sent = match Dispatch::new(&self.fleet, &self.nats) {
+                        Ok(d) => {
+                            d.publish(
+                                &host,
+                                TaskKind::Cancel {
+                                    task_id: task_id.clone(),
+                                },
+                            )
+                            .await
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match sent {
+                        Ok(_) => info!(%host, task = %task_id, "timed-out job sent a cancel"),
+                        Err(e) => {
+                            warn!(%host, task = %task_id, error = %e, "cannot cancel the timed-out job's task")
+                        }
+                    }
+                }
             }
         }
     }
 
-    async fn send(&self, host: &HostName, task: TaskSpec) -> Result<String, CliError> {
+    async fn send(&self, host: &HostName, task: TaskSpec) -> Result<TaskId, CliError> {
         let dispatch = Dispatch::new(&self.fleet, &self.nats)?;
         let kind = match task {
             TaskSpec::Backup {
                 storage,
                 paths,
                 excludes,
+                allow_empty,
             } => TaskKind::Backup {
                 paths,
                 excludes,
+                allow_empty,
                 storage_addr: fleetops::storage_addr(&self.nats, &storage).await?,
                 storage,
             },
@@ -287,14 +401,10 @@ impl Driver {
     ) -> Result<(), CliError> {
         let key = fleetops::repo_key(&self.fleet)?;
         let verdicts = fleetops::decide(&self.nats, &key, keep, Some(host), Some(storage)).await?;
-        let doomed: Vec<String> = verdicts
-            .iter()
-            .filter(|(_, v)| !v.keep)
-            .map(|(f, _)| f.record.id.clone())
-            .collect();
-        if doomed.is_empty() {
+        // `decide` was asked about this one storage host only.
+        let Some(doomed) = fleetops::doomed(&verdicts)?.remove(storage) else {
             return Ok(());
-        }
+        };
         let task = Dispatch::new(&self.fleet, &self.nats)?
             .publish(
                 storage,

@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use flotilla_protocol::SnapshotId;
 use serde::{Deserialize, Serialize};
 
 const FORMAT: u16 = 1;
@@ -29,7 +30,7 @@ pub struct Success {
     /// When it finished (unix ms).
     pub time: u64,
     /// The snapshot.
-    pub snapshot: Option<String>,
+    pub snapshot: Option<SnapshotId>,
     /// Bytes added to the repository.
     pub bytes_added: u64,
     /// How long it took.
@@ -223,7 +224,7 @@ mod tests {
         let success = Success {
             v: 1,
             time: 5_000,
-            snapshot: Some("s1".into()),
+            snapshot: Some(SnapshotId::random()),
             bytes_added: 42,
             duration_ms: 7,
         };

@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use flotilla_protocol::{AgentState, EventBody, HostName, RootKind, Severity};
+use flotilla_protocol::{AgentState, EventBody, HostName, OfflineReason, RootKind, Severity};
 use tracing::warn;
 
 use super::state::Store;
@@ -100,7 +100,7 @@ fn offline(store: &mut impl Store, rec: &HostRecord, now: u64, out: &mut Vec<Ale
     let host = &rec.heartbeat.host;
     let key = format!("offline/{host}");
     match rec.offline_reason(now) {
-        Some("missed_heartbeats") => {
+        Some(OfflineReason::MissedHeartbeats) => {
             if raise(store, &key, &rec.stored_at.to_be_bytes()) {
                 let msg = format!(
                     "agent {host} missed its heartbeats (last seen {} s ago)",
@@ -111,7 +111,7 @@ fn offline(store: &mut impl Store, rec: &HostRecord, now: u64, out: &mut Vec<Ale
                     Severity::Error,
                     msg,
                     EventBody::AgentOffline {
-                        reason: "missed_heartbeats".into(),
+                        reason: OfflineReason::MissedHeartbeats,
                     },
                 ));
             }

@@ -4,7 +4,8 @@
 use chrono::Utc;
 use flotilla_protocol::{
     AgentState, BackupReport, Event, EventBody, Heartbeat, HostName, RejectReason, RootKind,
-    RootUsage, Severity, TaskFinished, TaskOutcome, TaskResult, EVENT_VERSION, HEARTBEAT_VERSION,
+    RootUsage, Severity, SnapshotId, TaskFinished, TaskOutcome, TaskResult, EVENT_VERSION,
+    HEARTBEAT_VERSION,
 };
 
 use super::*;
@@ -32,6 +33,17 @@ fn name(h: &str) -> HostName {
     HostName::new(h).expect("valid host name")
 }
 
+fn tid(id: &str) -> TaskId {
+    TaskId::new(id).expect("valid task id")
+}
+
+/// A valid snapshot id made from a short label (its hex, padded with zeros),
+/// so tests can speak of `snap1`.
+fn snap(label: &str) -> SnapshotId {
+    let hex: String = label.bytes().map(|b| format!("{b:02x}")).collect();
+    SnapshotId::new(format!("{hex:0<32}")).expect("a short label makes a valid id")
+}
+
 /// A daemon and the tasks it sent, on a virtual clock.
 struct World {
     core: Core<MemoryStore, Utc>,
@@ -39,7 +51,7 @@ struct World {
 }
 
 /// A task the world sent: `(task id, host, what)`.
-type Sent = (String, HostName, TaskSpec);
+type Sent = (TaskId, HostName, TaskSpec);
 
 impl World {
     /// A daemon started at `T0` on `text`, not yet leading.
@@ -78,7 +90,7 @@ impl World {
             match a {
                 Action::Dispatch { job, host, task } => {
                     self.sent += 1;
-                    let id = format!("t{}", self.sent);
+                    let id = tid(&format!("t{}", self.sent));
                     rest.extend(self.core.on_dispatched(job, Ok::<_, &str>(id.clone()), now));
                     sent.push((id, host, task));
                 }
@@ -100,8 +112,8 @@ impl World {
     }
 
     /// `task.finished` of `task` on `host` at `now`.
-    fn finish(&mut self, now: u64, task: &str, host: &str, done: Done) -> Vec<Action> {
-        let ev = event(host, now, finished(task, done));
+    fn finish(&mut self, now: u64, task: impl AsRef<str>, host: &str, done: Done) -> Vec<Action> {
+        let ev = event(host, now, finished(task.as_ref(), done));
         self.core.on_finished(now, &ev)
     }
 }
@@ -132,7 +144,7 @@ fn failed(retryable: bool) -> Done {
 
 fn backup_to(storage: &str, snapshot: &str) -> TaskResult {
     TaskResult::Backup(BackupReport {
-        snapshot: snapshot.into(),
+        snapshot: snap(snapshot),
         storage: storage.into(),
         summary: Default::default(),
         partial: false,
@@ -142,7 +154,7 @@ fn backup_to(storage: &str, snapshot: &str) -> TaskResult {
 
 fn finished(task: &str, done: Done) -> EventBody {
     EventBody::TaskFinished(TaskFinished {
-        task_id: task.into(),
+        task_id: tid(task),
         task_kind: "backup".into(),
         outcome: done.outcome,
         error: (done.outcome == TaskOutcome::Failed).then(|| "disk on fire".into()),
@@ -217,6 +229,7 @@ fn record(host: &str, stored_at: u64, version: &str, roots: Vec<RootUsage>) -> H
             quic_addr: None,
             roots,
             running: Vec::new(),
+            epoch: None,
         },
         stored_at,
     }
@@ -255,6 +268,7 @@ fn a_due_plan_backs_up_each_host_once() {
             storage: name("nas"),
             paths: Vec::new(),
             excludes: Vec::new(),
+            allow_empty: false,
         }
     );
     // The same scheduled time does not fire again.
@@ -406,13 +420,13 @@ fn a_success_ends_the_job_and_is_recorded() {
     let ended = w.finish(T0 + 6 * MIN, &sent[0].0, "alpha", succeeded("snap1"));
     let (kind, job) = job_ended(&ended);
     assert_eq!(
-        (kind, job.snapshot.as_deref()),
-        ("job.succeeded", Some("snap1"))
+        (kind, job.snapshot.clone()),
+        ("job.succeeded", Some(snap("snap1")))
     );
     let s = w.core.store().success("home", "alpha").expect("recorded");
     assert_eq!(
-        (s.time, s.snapshot.as_deref(), s.duration_ms),
-        (T0 + 6 * MIN, Some("snap1"), 1234)
+        (s.time, s.snapshot, s.duration_ms),
+        (T0 + 6 * MIN, Some(snap("snap1")), 1234)
     );
     assert_eq!(w.core.running_jobs(), 1, "beta still runs");
 }
@@ -471,7 +485,7 @@ fn a_refused_task_fails_its_job() {
             "alpha",
             T0 + 6 * MIN,
             EventBody::TaskRejected {
-                task_id: Some(task.into()),
+                task_id: Some(tid(task)),
                 reason: RejectReason::NotAllowed,
                 detail: "/home is outside the backup roots".into(),
                 subject: "x".into(),
@@ -479,7 +493,7 @@ fn a_refused_task_fails_its_job() {
         )
     };
     assert!(w.core.on_rejected(&refusal("not-ours")).is_empty());
-    let ended = w.core.on_rejected(&refusal(&sent[0].0));
+    let ended = w.core.on_rejected(&refusal(sent[0].0.as_str()));
     let (kind, job) = job_ended(&ended);
     assert_eq!(kind, "job.failed");
     assert_eq!(
@@ -487,6 +501,85 @@ fn a_refused_task_fails_its_job() {
         Some("/home is outside the backup roots")
     );
     assert_eq!((w.core.running_jobs(), w.core.queued_jobs()), (1, 0));
+}
+
+/// The tasks `actions` send a `cancel`.
+fn cancels(actions: &[Action]) -> Vec<TaskId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Cancel { task_id, .. } => Some(task_id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Alpha alone, every five minutes, with a one-hour `timeout`.
+fn timed() -> String {
+    format!(
+        "{}timeout = \"1h\"\n",
+        five_minutely().replace("\"alpha\", \"beta\"", "\"alpha\"")
+    )
+}
+
+#[test]
+fn a_job_past_its_plan_timeout_is_cancelled_retried_then_failed() {
+    let mut w = World::leader(&timed());
+    let mut at = T0 + 5 * MIN;
+    let mut sent = w.tick(at);
+    let first = sent[0].0.clone();
+    for attempt in 1..=3 {
+        assert_eq!(hosts_of(&sent), ["alpha"], "attempt {attempt}");
+        let task = sent[0].0.clone();
+        // A minute short of the hour: nothing.
+        let early = w.core.on_tick(at + 59 * MIN, None);
+        assert!(cancels(&early).is_empty(), "{early:?}");
+        let late = w.core.on_tick(at + 60 * MIN, None);
+        assert_eq!(cancels(&late), vec![task], "attempt {attempt}");
+        assert_eq!(w.core.running_jobs(), 0, "the slot is free again");
+        if attempt == 3 {
+            // The last attempt (retries = 3): the job fails, saying why.
+            let (kind, job) = job_ended(&late);
+            assert_eq!((kind, job.attempts), ("job.failed", 3));
+            let error = job.error.unwrap_or_default();
+            assert!(error.starts_with("timed out after 1h"), "{error}");
+            assert_eq!(w.core.queued_jobs(), 0);
+            break;
+        }
+        assert!(
+            published(&late).is_empty(),
+            "a retry, no job event: {late:?}"
+        );
+        // Queued again after the backoff (30 s, then 60 s).
+        at += 60 * MIN;
+        let backoff = (30 * SEC) << (attempt - 1);
+        assert!(w.tick(at + backoff - 1).is_empty());
+        at += backoff;
+        sent = w.tick(at);
+    }
+    // The first task's late `cancelled` ends nothing: its job is gone.
+    let done = Done {
+        outcome: TaskOutcome::Cancelled,
+        retryable: false,
+        result: None,
+    };
+    assert!(w.finish(at, &first, "alpha", done).is_empty());
+}
+
+#[test]
+fn a_job_that_ends_in_time_or_has_no_timeout_is_never_cancelled() {
+    let mut w = World::leader(&timed());
+    let sent = w.tick(T0 + 5 * MIN);
+    let ended = w.finish(T0 + 64 * MIN, &sent[0].0, "alpha", succeeded("snap1"));
+    assert_eq!(job_ended(&ended).0, "job.succeeded");
+    assert!(cancels(&w.core.on_tick(T0 + 66 * MIN, None)).is_empty());
+
+    let mut w = World::leader(&five_minutely());
+    let sent = w.tick(T0 + 5 * MIN);
+    assert_eq!(sent.len(), 2);
+    let much_later = w.core.on_tick(T0 + 30 * 24 * 60 * MIN, None);
+    assert!(cancels(&much_later).is_empty());
+    assert_eq!(w.core.running_jobs(), 2);
 }
 
 #[test]
@@ -818,11 +911,11 @@ fn status_shows_the_next_run_the_running_task_and_the_last_success() {
     assert_eq!(
         (
             alpha.last_success,
-            alpha.last_snapshot.as_deref(),
-            alpha.running_task.as_deref()
+            alpha.last_snapshot.clone(),
+            alpha.running_task.clone()
         ),
-        (Some(T0 + 6 * MIN), Some("snap1"), None)
+        (Some(T0 + 6 * MIN), Some(snap("snap1")), None)
     );
-    assert_eq!(beta.running_task.as_deref(), Some(sent[1].0.as_str()));
+    assert_eq!(beta.running_task.as_ref(), Some(&sent[1].0));
     assert_eq!(alpha.next_run, Some(T0 + 10 * MIN));
 }
