@@ -338,7 +338,7 @@ pub(crate) fn doomed(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::HashMap;
 
     use flotilla_protocol::repo::{ChunkRef, Node, NodeKind};
@@ -347,7 +347,7 @@ mod tests {
 
     /// A file whose content is the blobs `chunks`, or a directory whose
     /// tree is `subtree`.
-    fn node(name: &str, chunks: &[u8], subtree: Option<u8>) -> Node {
+    pub(crate) fn node(name: &str, chunks: &[u8], subtree: Option<u8>) -> Node {
         Node {
             name: name.as_bytes().to_vec(),
             kind: if subtree.is_some() {

@@ -361,33 +361,9 @@ mod tests {
 
     use super::*;
 
+    /// A file (no content) or a directory whose tree is `subtree`.
     fn node(name: &str, subtree: Option<u8>) -> Node {
-        Node {
-            name: name.as_bytes().to_vec(),
-            kind: if subtree.is_some() {
-                NodeKind::Dir
-            } else {
-                NodeKind::File
-            },
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            user: None,
-            group: None,
-            mtime_ns: 0,
-            atime_ns: 0,
-            ctime_ns: 0,
-            size: 1,
-            inode: 0,
-            dev: 0,
-            nlink: 1,
-            rdev: 0,
-            link_target: None,
-            content: Vec::new(),
-            sparse: false,
-            subtree: subtree.map(|b| BlobId([b; 32])),
-            xattrs: Vec::new(),
-        }
+        crate::fleetops::tests::node(name, &[], subtree)
     }
 
     struct Map(HashMap<BlobId, Vec<Node>>);
