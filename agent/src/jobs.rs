@@ -297,13 +297,15 @@ impl Agent {
         let duration_ms = started.elapsed().as_millis() as u64;
         // Whether a `cancel` task set the flag, as opposed to shutdown; taken
         // out of the set either way, so the set holds only running tasks.
-        let asked = cancel.is_cancelled()
-            && self
-                .cancelled
-                .lock()
-                .map(|mut c| c.remove(&body.id))
-                .unwrap_or(false);
-        let stop = Stop::from_flags(cancel.is_cancelled(), asked);
+        // The flag is read once: a cancel landing between two reads would
+        // make a task that failed by itself look stopped by shutdown.
+        let flagged = cancel.is_cancelled();
+        let asked = self
+            .cancelled
+            .lock()
+            .map(|mut c| c.remove(&body.id))
+            .unwrap_or(false);
+        let stop = Stop::from_flags(flagged, flagged && asked);
         let ran = match ran {
             Ok((outcome, result)) => Ran::Done(outcome, result),
             Err(e) => Ran::Failed {
@@ -522,11 +524,11 @@ impl Agent {
     }
 }
 
-/// Publishes engine progress into a watch channel, at most every 100 ms.
 /// Files and bytes a task will cover, once something has counted them (the
 /// estimate that runs beside a backup); progress events carry them from then on.
 pub(crate) type Totals = std::sync::Arc<std::sync::OnceLock<(u64, u64)>>;
 
+/// Publishes engine progress into a watch channel, at most every 100 ms.
 struct WatchProgress {
     tx: watch::Sender<(Counters, PathBuf)>,
     last: Option<Instant>,

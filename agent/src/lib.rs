@@ -28,15 +28,18 @@
 //!   `jobs::Agent` and the data-plane server's narrow context.
 //! - `jobs`: task intake (verify, journal, acknowledge), the task lifecycle as
 //!   pure decisions (`jobs/lifecycle.rs`), resume at startup, and one runner
-//!   per task kind (`jobs/backup.rs`, `restore.rs`, `check.rs`, `prune.rs`).
+//!   per task kind (`jobs/backup.rs`, `restore.rs`, `check.rs`, `prune.rs`,
+//!   `repair.rs`).
 //! - `transfer`: the whole QUIC data plane: TLS identity, endpoint, frames,
 //!   the client side of a session (`transfer/client.rs`), the storage side
 //!   (`transfer/server.rs`) and what live sessions rely on (`claims.rs`).
 //! - `bus`: NATS: connection, streams, events, health bucket, discovery
 //!   (`bus/micro.rs`) and the read-only repository queries (`bus/queries.rs`).
-//! - `engine`: synchronous backup, restore and estimate on blocking threads.
+//! - `engine`: synchronous backup, restore and estimate on blocking threads,
+//!   and the check that a path did not empty since its last backup.
 //! - [`repository`]: the storage side on disk: packs, indexes, snapshots,
-//!   check, prune. Never sees a repository key.
+//!   check, prune, the record of damaged copies and repair. Never sees a
+//!   repository key.
 //! - `state`: sled: the task journal, and the file cache beside it.
 //! - `config` ([`AgentConfig`], [`Settings`]), `health` (host readings).
 //!

@@ -390,6 +390,16 @@ mod tests {
         TaskId::new(id).expect("valid")
     }
 
+    /// The ids `unfinished` hands back (what a restart would resume).
+    fn unfinished_ids(state: &State) -> Vec<TaskId> {
+        state
+            .unfinished()
+            .expect("ok")
+            .into_iter()
+            .map(|e| e.task_id)
+            .collect()
+    }
+
     fn entry(id: &str, seq: u64) -> JournalEntry {
         JournalEntry {
             v: JOURNAL_VERSION,
@@ -435,13 +445,7 @@ mod tests {
                 .expect("ok");
         }
         let state = State::open(dir.path()).expect("reopens");
-        let open: Vec<_> = state
-            .unfinished()
-            .expect("ok")
-            .into_iter()
-            .map(|e| e.task_id)
-            .collect();
-        assert_eq!(open, vec![tid("a")]);
+        assert_eq!(unfinished_ids(&state), vec![tid("a")]);
         assert_eq!(state.prune(10).expect("ok"), 1);
     }
 
@@ -516,13 +520,7 @@ mod tests {
         }
         // Across a reopen (a restart), the cancelled task is not handed back.
         let state = State::open(dir.path()).expect("reopens");
-        let open: Vec<_> = state
-            .unfinished()
-            .expect("ok")
-            .into_iter()
-            .map(|e| e.task_id)
-            .collect();
-        assert_eq!(open, vec![tid("r")]);
+        assert_eq!(unfinished_ids(&state), vec![tid("r")]);
         assert_eq!(state.prune(10).expect("ok"), 1, "only the cancelled one");
         assert!(state.get(&tid("c")).expect("ok").is_none());
         assert!(state.get(&tid("r")).expect("ok").is_some());

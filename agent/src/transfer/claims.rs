@@ -84,13 +84,21 @@ impl Claims {
     }
 
     /// How many of `ids` are still being uploaded by other sessions.
+    ///
+    /// The claims are read first and released before the repository's index
+    /// is asked: prune holds the index write lock while it asks
+    /// [`Claims::is_protected`], so taking the index lock under `owners`
+    /// would be the opposite order and could deadlock the two.
     pub(super) fn pending(&self, repo: &Repository, ids: &[BlobId], me: u64) -> usize {
-        let Ok(owners) = self.owners.lock() else {
-            return 0;
+        let others: Vec<BlobId> = match self.owners.lock() {
+            Ok(owners) => ids
+                .iter()
+                .filter(|id| owners.get(id).is_some_and(|o| *o != me))
+                .copied()
+                .collect(),
+            Err(_) => return 0,
         };
-        ids.iter()
-            .filter(|id| owners.get(id).is_some_and(|o| *o != me) && !repo.contains(id))
-            .count()
+        repo.missing(&others).len()
     }
 
     /// Drops everything session `me` claimed or relied on (it ended).

@@ -147,9 +147,15 @@ impl Session {
     }
 
     /// Commits a snapshot whose blobs are all stored.
+    /// The storage host must answer with the id this source chose: another
+    /// id would be reported as this backup's snapshot without being it.
     pub async fn commit(&mut self, snapshot: SnapshotRecord) -> Result<SnapshotId, SessionError> {
+        let sent = snapshot.id.clone();
         match self.request(&Request::Commit { snapshot }).await? {
-            Response::Committed { id } => Ok(id),
+            Response::Committed { id } if id.as_str() == sent.as_str() => Ok(id),
+            Response::Committed { id } => Err(SessionError::Protocol(format!(
+                "the storage host answered the commit of snapshot {sent} with snapshot {id}"
+            ))),
             other => Err(unexpected(other)),
         }
     }

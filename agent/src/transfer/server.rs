@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 use flotilla_protocol::frame::{ErrorCode, Request, Response, MAX_FRAME, MAX_IDS};
 use flotilla_protocol::repo::BlobId;
 use flotilla_protocol::{
-    verify_task_for_peer, EventBody, HostName, PublicKey, RejectReason, Severity, SnapshotId,
-    TaskBody, TaskId, TaskKind,
+    verify_task_for_peer, EventBody, HostName, PublicKey, RejectReason, Severity, TaskBody, TaskId,
+    TaskKind,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -346,7 +346,7 @@ async fn control(
             }
             // Checked here as the repository checks it (the same rule), so
             // that what `committed` answers is a typed id.
-            let id = match SnapshotId::new(snapshot.id.as_str()) {
+            let id = match snapshot.snapshot_id() {
                 Ok(id) => id,
                 Err(e) => return error(ErrorCode::Invalid, e.to_string(), false),
             };
@@ -354,6 +354,9 @@ async fn control(
             let started = Instant::now();
             let mut needed = snapshot.blobs.clone();
             needed.push(snapshot.tree);
+            // Only what is not stored yet can be pending: poll that, not the
+            // snapshot's whole blob list, every 50 ms.
+            let needed = repo.missing(&needed);
             while claims.pending(repo, &needed, me) > 0 && started.elapsed() < CLAIM_WAIT {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -532,7 +535,7 @@ impl ServerContext {
 
 #[cfg(test)]
 mod tests {
-    use flotilla_protocol::TASK_VERSION;
+    use flotilla_protocol::{SnapshotId, TASK_VERSION};
 
     use super::*;
 
