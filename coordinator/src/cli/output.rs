@@ -63,7 +63,16 @@ pub fn short(id: impl AsRef<str>) -> String {
 
 /// A time for JSON output: RFC 3339 in UTC with milliseconds
 /// (`2026-03-01T15:00:00.123Z`), the one format every `--json` uses.
+///
+/// Times come from other hosts (heartbeats, listings, events): one past the
+/// year 9999, which RFC 3339 cannot write, is shown as raw milliseconds
+/// instead of panicking.
 pub fn rfc3339(ms: UnixMillis) -> String {
+    /// 9999-12-31T23:59:59.999Z, the last instant RFC 3339 can write.
+    const LAST_MS: UnixMillis = 253_402_300_799_999;
+    if ms > LAST_MS {
+        return format!("@{ms}ms");
+    }
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -156,6 +165,12 @@ mod tests {
             Some("1970-01-01T00:00:00.000Z")
         );
         assert_eq!(rfc3339_opt(None), None);
+    }
+
+    #[test]
+    fn a_time_past_year_9999_from_a_peer_does_not_panic() {
+        assert_eq!(rfc3339(253_402_300_799_999), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(u64::MAX), format!("@{}ms", u64::MAX));
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub(super) async fn status(g: &Global, json: bool) -> Result<(), CliError> {
         for r in hb
             .roots
             .iter()
-            .filter(|r| r.total_bytes > 0 && r.free_bytes * 20 < r.total_bytes)
+            .filter(|r| r.total_bytes > 0 && r.free_bytes.saturating_mul(20) < r.total_bytes)
         {
             problems.push(format!(
                 "{} nearly full ({} free)",
