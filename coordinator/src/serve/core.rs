@@ -329,6 +329,21 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
         self.running.len()
     }
 
+    /// Takes the running job `id` if it was sent to `from`: a job's end is
+    /// believed only from its own host (a storage host refusing a source's
+    /// data-plane session reports the source's task id under its own name,
+    /// and the source then reports the real, perhaps retryable, outcome).
+    fn take_job(&mut self, id: &TaskId, from: &HostName) -> Option<Job> {
+        self.running.get(id).filter(|j| &j.host == from)?;
+        self.running.remove(id)
+    }
+
+    /// Whether `id` is a running job of `host` (outcomes read back from the
+    /// event stream are handed in only then).
+    pub fn follows(&self, id: &TaskId, host: &HostName) -> bool {
+        self.running.get(id).is_some_and(|j| &j.host == host)
+    }
+
     /// The tasks of the jobs that are out, with their hosts.
     pub fn running_tasks(&self) -> Vec<(TaskId, HostName)> {
         self.running
@@ -604,7 +619,7 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
         {
             out.extend(self.backup_succeeded(&ev.host, r, ev.time, done.duration_ms));
         }
-        let Some(job) = self.running.remove(&done.task_id) else {
+        let Some(job) = self.take_job(&done.task_id, &ev.host) else {
             return out;
         };
         let plan = self.config.plan[job.kind.plan()].name.clone();
@@ -779,7 +794,7 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
         else {
             return Vec::new();
         };
-        let Some(job) = self.running.remove(id) else {
+        let Some(job) = self.take_job(id, &ev.host) else {
             return Vec::new();
         };
         let plan = self.config.plan[job.kind.plan()].name.clone();

@@ -270,12 +270,10 @@ impl Driver {
         };
         for (seq, ev) in read {
             self.read_back.since = Since::After(seq);
-            let ours = ev.body.task_id().is_some_and(|id| {
-                self.core
-                    .running_tasks()
-                    .iter()
-                    .any(|(t, host)| t == id && *host == ev.host)
-            });
+            let ours = ev
+                .body
+                .task_id()
+                .is_some_and(|id| self.core.follows(id, &ev.host));
             if !ours {
                 continue;
             }

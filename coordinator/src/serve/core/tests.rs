@@ -919,3 +919,37 @@ fn status_shows_the_next_run_the_running_task_and_the_last_success() {
     assert_eq!(beta.running_task.as_ref(), Some(&sent[1].0));
     assert_eq!(alpha.next_run, Some(T0 + 10 * MIN));
 }
+
+#[test]
+fn a_job_ends_only_on_word_from_its_own_host() {
+    let mut w = World::leader(&five_minutely());
+    let sent = w.tick(T0 + 5 * MIN);
+    let (task, host, _) = sent
+        .iter()
+        .find(|(_, h, _)| h.as_str() == "alpha")
+        .expect("a backup of alpha")
+        .clone();
+    // nas refusing alpha's data-plane session names alpha's task under its
+    // own host; alpha then reports the real outcome.
+    let from_nas = event(
+        "nas",
+        T0 + 6 * MIN,
+        EventBody::TaskRejected {
+            task_id: Some(task.clone()),
+            reason: RejectReason::Expired,
+            detail: "expired".into(),
+            subject: "x".into(),
+        },
+    );
+    assert!(w.core.on_rejected(&from_nas).is_empty());
+    assert!(w
+        .finish(T0 + 6 * MIN, &task, "beta", failed(false))
+        .is_empty());
+    assert!(!w.core.follows(&task, &name("nas")));
+    assert!(w.core.follows(&task, &host));
+    assert_eq!(w.core.running_jobs(), 2, "both backups still out");
+    let ended = w.finish(T0 + 7 * MIN, &task, host.as_str(), failed(false));
+    let (kind, _) = job_ended(&ended);
+    assert_eq!(kind, "job.failed");
+    assert_eq!(w.core.running_jobs(), 1);
+}
