@@ -1,5 +1,6 @@
-//! The coordinator's NATS side: connecting, reading fleet health, dispatching
-//! signed tasks and following their events.
+//! The coordinator's NATS side: connecting, reading fleet health (the
+//! registry of heartbeats, the offline rule). Dispatching signed tasks and
+//! following their events is `dispatch.rs`.
 
 use std::time::Duration;
 
