@@ -142,11 +142,24 @@ pub(crate) async fn list(
         .await?
         {
             RepoReply::Snapshots { snapshots } => {
-                out.extend(snapshots.into_iter().map(|record| Found {
-                    meta: record.open_meta(key),
-                    storage: storage.clone(),
-                    record,
-                }))
+                // A storage host holds each snapshot once (one file per id):
+                // a reply naming an id twice is not believed twice, or a
+                // repeated record would fill a keep-last policy with copies.
+                let mut seen = std::collections::HashSet::new();
+                let before = snapshots.len();
+                out.extend(
+                    snapshots
+                        .into_iter()
+                        .filter(|record| seen.insert(record.id.clone()))
+                        .map(|record| Found {
+                            meta: record.open_meta(key),
+                            storage: storage.clone(),
+                            record,
+                        }),
+                );
+                if seen.len() < before {
+                    tracing::warn!(%storage, repeated = before - seen.len(), "the snapshot listing repeated ids; each is counted once");
+                }
             }
             RepoReply::Error { message } => {
                 return Err(CliError::Request {
