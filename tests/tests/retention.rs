@@ -272,7 +272,9 @@ fn prune_during_a_concurrent_backup_breaks_nothing() {
     );
     replace_data(&alpha_root, 12, 4 * MIB);
     let kept = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
-    // Beta walks the shared file first (names sort), then 200 MiB of its own.
+    // Beta's first 16 MiB question to nas (which blobs exist?) covers its
+    // seeded README.txt and the shared file before any upload; then 200 MiB
+    // of its own follow.
     write_random(&beta_root.join("a-shared/seed-11.bin"), 11, 4 * MIB)
         .expect("write the data beta shares with alpha's old snapshot");
     for i in 0..5 {
