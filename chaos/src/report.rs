@@ -1,5 +1,5 @@
 //! The summary of a run: a table per scenario (trials, passed, failed,
-//! skipped, median recovery time), as plain text and as markdown with the
+//! skipped, missed, median recovery time and its range), as plain text and as markdown with the
 //! command line and the seed that made it.
 
 use std::fmt::Write as _;
@@ -12,7 +12,7 @@ use crate::trial::{TrialResult, Verdict};
 pub struct Row {
     /// The scenario.
     pub scenario: String,
-    /// Trials run.
+    /// Trials whose fault landed (every trial but the missed ones).
     pub trials: usize,
     /// Trials that passed.
     pub passed: usize,
@@ -20,8 +20,12 @@ pub struct Row {
     pub failed: usize,
     /// Trials skipped (not root, no libfaketime).
     pub skipped: usize,
+    /// Trials whose fault missed their task (replaced by another trial).
+    pub missed: usize,
     /// Median recovery time of the trials that measured one.
     pub median_recovery: Option<Duration>,
+    /// The shortest and the longest recovery.
+    pub recovery_range: Option<(Duration, Duration)>,
 }
 
 /// The rows of `results`, scenarios in the order they first appear.
@@ -38,13 +42,21 @@ pub fn rows(results: &[TrialResult]) -> Vec<Row> {
             let of: Vec<&TrialResult> = results.iter().filter(|r| r.scenario == name).collect();
             let count = |f: fn(&Verdict) -> bool| of.iter().filter(|r| f(&r.verdict)).count();
             let recoveries: Vec<Duration> = of.iter().filter_map(|r| r.recovery).collect();
+            let missed = count(|v| matches!(v, Verdict::Missed(_)));
+            let range = recoveries
+                .iter()
+                .min()
+                .copied()
+                .zip(recoveries.iter().max().copied());
             Row {
                 scenario: name.to_owned(),
-                trials: of.len(),
+                trials: of.len() - missed,
                 passed: count(|v| matches!(v, Verdict::Passed)),
                 failed: count(|v| matches!(v, Verdict::Failed(_))),
                 skipped: count(|v| matches!(v, Verdict::Skipped(_))),
+                missed,
                 median_recovery: median(recoveries),
+                recovery_range: range,
             }
         })
         .collect()
@@ -68,29 +80,36 @@ fn seconds(d: Option<Duration>) -> String {
     d.map_or_else(|| "–".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
 }
 
-const HEADER: [&str; 6] = [
+const HEADER: [&str; 8] = [
     "scenario",
     "trials",
     "passed",
     "failed",
     "skipped",
+    "missed",
     "median recovery",
+    "recovery range",
 ];
 
-fn cells(row: &Row) -> [String; 6] {
+fn cells(row: &Row) -> [String; 8] {
     [
         row.scenario.clone(),
         row.trials.to_string(),
         row.passed.to_string(),
         row.failed.to_string(),
         row.skipped.to_string(),
+        row.missed.to_string(),
         seconds(row.median_recovery),
+        row.recovery_range.map_or_else(
+            || "–".to_owned(),
+            |(lo, hi)| format!("{:.1}–{:.1} s", lo.as_secs_f64(), hi.as_secs_f64()),
+        ),
     ]
 }
 
 /// The table as aligned plain text.
 pub fn text_table(rows: &[Row]) -> String {
-    let body: Vec<[String; 6]> = rows.iter().map(cells).collect();
+    let body: Vec<[String; 8]> = rows.iter().map(cells).collect();
     let mut widths = HEADER.map(str::len);
     for line in &body {
         for (w, cell) in widths.iter_mut().zip(line) {
@@ -128,7 +147,7 @@ pub fn markdown(command: &str, seed: u64, wall: Duration, results: &[TrialResult
     let _ = writeln!(out, "Seed: `{seed}` (replay: add `--seed {seed}`)  ");
     let _ = writeln!(out, "Wall time: {:.0} s\n", wall.as_secs_f64());
     let _ = writeln!(out, "| {} |", HEADER.join(" | "));
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for row in rows(results) {
         let _ = writeln!(out, "| {} |", cells(&row).join(" | "));
     }
@@ -142,6 +161,7 @@ pub fn markdown(command: &str, seed: u64, wall: Duration, results: &[TrialResult
         let verdict = match &r.verdict {
             Verdict::Passed => "pass".to_owned(),
             Verdict::Skipped(_) => "skipped".to_owned(),
+            Verdict::Missed(_) => "missed".to_owned(),
             Verdict::Failed(_) => "**FAIL**".to_owned(),
         };
         let _ = writeln!(
@@ -226,22 +246,30 @@ mod tests {
             result("a", Verdict::Failed("x".into()), None),
             result("b", Verdict::Passed, Some(4)),
             result("a", Verdict::Skipped("y".into()), None),
+            result("b", Verdict::Missed("z".into()), None),
         ];
         let rows = rows(&results);
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].scenario, "b");
-        assert_eq!((rows[0].trials, rows[0].passed), (2, 2));
+        assert_eq!((rows[0].trials, rows[0].passed, rows[0].missed), (2, 2, 1));
+        assert_eq!(
+            rows[0].recovery_range,
+            Some((Duration::from_secs(2), Duration::from_secs(4)))
+        );
         assert_eq!(rows[0].median_recovery, Some(Duration::from_secs(3)));
         assert_eq!((rows[1].failed, rows[1].skipped), (1, 1));
         let text = text_table(&rows);
         assert!(text.starts_with("scenario"), "{text}");
-        assert!(text.contains("3.0 s"), "{text}");
+        assert!(
+            text.contains("3.0 s") && text.contains("2.0–4.0 s"),
+            "{text}"
+        );
         let md = markdown("chaos --quick", 9, Duration::from_secs(3), &results);
         assert!(
             md.contains("`chaos --quick`") && md.contains("--seed 9"),
             "{md}"
         );
-        assert!(md.contains("| a | 2 | 0 | 1 | 1 | – |"), "{md}");
+        assert!(md.contains("| a | 2 | 0 | 1 | 1 | 0 | – | – |"), "{md}");
         assert!(md.contains("### Failures"), "{md}");
     }
 }

@@ -14,7 +14,9 @@ use crate::trial::{trial_seed, Outcome, Trial, TrialResult, Verdict};
 pub struct Config {
     /// The scenarios, in order.
     pub scenarios: Vec<&'static Scenario>,
-    /// Trials per scenario; `None`: each scenario's `--quick` count.
+    /// Trials whose fault landed, per scenario (a trial whose fault missed
+    /// its task is replaced by another, up to as many again); `None`: each
+    /// scenario's `--quick` count.
     pub trials: Option<usize>,
     /// Run only this trial (from 0) of each scenario, to replay one.
     pub only: Option<usize>,
@@ -30,13 +32,19 @@ pub fn run(config: &Config) -> (Vec<TrialResult>, Duration) {
     let mut results = Vec::new();
     for scenario in &config.scenarios {
         let count = config.trials.unwrap_or(scenario.quick_trials);
-        let indices: Vec<usize> = match config.only {
-            Some(i) => vec![i],
-            None => (0..count).collect(),
-        };
-        for index in indices {
+        if let Some(index) = config.only {
+            results.push(run_trial(scenario, index, config));
+            continue;
+        }
+        let mut landed = 0;
+        let mut index = 0;
+        while landed < count && index < 2 * count {
             let result = run_trial(scenario, index, config);
+            if !matches!(result.verdict, Verdict::Missed(_)) {
+                landed += 1;
+            }
             results.push(result);
+            index += 1;
         }
     }
     (results, started.elapsed())
@@ -57,7 +65,10 @@ fn run_trial(scenario: &'static Scenario, index: usize, config: &Config) -> Tria
     let started = Instant::now();
     let outcome = catch_unwind(AssertUnwindSafe(|| (scenario.run)(&mut trial)));
     let verdict = match outcome {
-        Ok(Ok(Outcome::Passed)) => Verdict::Passed,
+        Ok(Ok(Outcome::Passed)) => match trial.miss() {
+            Some(why) => Verdict::Missed(why.to_owned()),
+            None => Verdict::Passed,
+        },
         Ok(Ok(Outcome::Skipped(why))) => Verdict::Skipped(why),
         Ok(Err(e)) => Verdict::Failed(format!("{e:#}")),
         Err(panic) => Verdict::Failed(format!("the trial panicked: {}", panic_text(&panic))),
@@ -69,6 +80,7 @@ fn run_trial(scenario: &'static Scenario, index: usize, config: &Config) -> Tria
         match &verdict {
             Verdict::Passed => "PASS",
             Verdict::Skipped(_) => "SKIP",
+            Verdict::Missed(_) => "MISS",
             Verdict::Failed(_) => "FAIL",
         },
         scenario.name,
@@ -100,7 +112,7 @@ fn run_trial(scenario: &'static Scenario, index: usize, config: &Config) -> Tria
             eprintln!("--- skipped: {why}");
             String::new()
         }
-        Verdict::Passed => String::new(),
+        Verdict::Passed | Verdict::Missed(_) => String::new(),
     };
     TrialResult {
         scenario: scenario.name,

@@ -45,7 +45,7 @@ pub const ALL: &[Scenario] = &[
         name: "kill-storage",
         about: "kill -9 the storage agent mid-backup, mid-restore or mid-prune, restart it: the task resumes, or fails clearly and a retry completes",
         // Each costs a minute: a source notices a dead storage agent only
-        // when QUIC's 60 s idle timeout ends the connection.
+        // when QUIC's 20 s idle timeout ends the connection.
         quick_trials: 1,
         run: kill_storage::run,
     },
@@ -101,6 +101,10 @@ pub(crate) struct Fault {
     pub ms: u64,
     /// For deadlines counted from the fault.
     pub at: Instant,
+    /// The fault took the bus away: recovery is measured to when the
+    /// outcome was seen on the bus, not to the time the agent stamped on it
+    /// (which can be before the bus came back).
+    pub bus: bool,
 }
 
 impl Fault {
@@ -109,6 +113,15 @@ impl Fault {
         Self {
             ms: wall_ms(),
             at: Instant::now(),
+            bus: false,
+        }
+    }
+
+    /// Now, a fault of the bus itself.
+    pub fn of_bus() -> Self {
+        Self {
+            bus: true,
+            ..Self::now()
         }
     }
 
@@ -123,8 +136,9 @@ impl Fault {
 /// How a task hit by a fault ended, as its `task.finished` event says.
 #[derive(Debug)]
 pub(crate) enum Ended {
-    /// Succeeded (resumed, or never disturbed); the event.
-    Succeeded(Value),
+    /// Succeeded (resumed, or never disturbed); the event, and when it was
+    /// seen on the bus (since the fault).
+    Succeeded(Value, Duration),
     /// Failed with this message; whether it is marked retryable.
     Failed(String, bool),
 }
@@ -134,8 +148,9 @@ pub(crate) enum Ended {
 /// not "clear"); other outcomes (cancelled, partial) fail the trial.
 pub(crate) fn task_end(w: &World, host: &str, task_id: &str, fault: &Fault) -> Result<Ended> {
     let ev = w.wait_finished(host, task_id, fault.left(RECOVERY_TIMEOUT))?;
+    let seen = fault.at.elapsed();
     match ev["detail"]["outcome"].as_str() {
-        Some("succeeded") => Ok(Ended::Succeeded(ev)),
+        Some("succeeded") => Ok(Ended::Succeeded(ev, seen)),
         Some("failed") => {
             let error = ev["detail"]["error"]
                 .as_str()
@@ -241,9 +256,13 @@ pub(crate) fn complete(
     retry: impl FnOnce(&mut Trial) -> Result<()>,
 ) -> Result<bool> {
     match ended {
-        Ended::Succeeded(ev) => {
+        Ended::Succeeded(ev, seen) => {
             t.note("the task succeeded without a retry");
-            t.recovered(since_fault(fault.ms, &ev));
+            t.recovered(if fault.bus {
+                seen
+            } else {
+                since_fault(fault.ms, &ev)
+            });
             Ok(false)
         }
         Ended::Failed(error, retryable) => {

@@ -38,6 +38,7 @@ pub struct Trial {
     rng: XorShift,
     notes: Vec<String>,
     recovery: Option<Duration>,
+    missed: Option<String>,
     logs: Arc<Mutex<String>>,
 }
 
@@ -53,6 +54,7 @@ impl Trial {
             rng: XorShift::new(seed),
             notes: Vec::new(),
             recovery: None,
+            missed: None,
             logs: Arc::new(Mutex::new(String::new())),
         }
     }
@@ -115,9 +117,25 @@ impl Trial {
         self.recovery = Some(after);
     }
 
-    /// The recovery time, if the trial recorded one.
+    /// The recovery time, if the trial recorded one (none for a trial whose
+    /// fault missed its task: it measured nothing).
     pub fn recovery(&self) -> Option<Duration> {
-        self.recovery
+        self.missed.is_none().then_some(self.recovery).flatten()
+    }
+
+    /// Records that the fault missed its task (the task ended before the
+    /// fault's moment came): the trial still checks everything, but a pass
+    /// says nothing about recovery, so it counts as missed, not passed, and
+    /// a run makes another trial in its place.
+    pub fn missed(&mut self, why: impl Into<String>) {
+        let why = why.into();
+        self.note(format!("missed: {why}"));
+        self.missed = Some(why);
+    }
+
+    /// Why the fault missed its task, if it did.
+    pub fn miss(&self) -> Option<&str> {
+        self.missed.as_deref()
     }
 
     /// Where a world leaves its logs when it is dropped (see
@@ -160,6 +178,9 @@ pub enum Verdict {
     Passed,
     /// Could not run here.
     Skipped(String),
+    /// Every criterion held, but the fault missed its task (why): not
+    /// counted as a pass.
+    Missed(String),
     /// A criterion did not hold, or the trial itself broke; why.
     Failed(String),
 }
@@ -169,6 +190,7 @@ impl fmt::Display for Verdict {
         match self {
             Verdict::Passed => write!(f, "PASS"),
             Verdict::Skipped(why) => write!(f, "SKIP ({why})"),
+            Verdict::Missed(why) => write!(f, "MISSED ({why})"),
             Verdict::Failed(why) => write!(f, "FAIL: {why}"),
         }
     }

@@ -61,7 +61,7 @@ pub(super) fn trial(t: &mut Trial, stop: Stop) -> Result<Outcome> {
     let mut proc = w.spawn_backup(HOST)?;
     let landed = w.wait_moment(moment, None, DATA_TIMEOUT, || proc.is_running())?;
     let down = t.millis(200, 3000);
-    let fault = Fault::now();
+    let fault = Fault::of_bus();
     match stop {
         Stop::Kill => {
             w.nats.kill9()?;
@@ -83,6 +83,9 @@ pub(super) fn trial(t: &mut Trial, stop: Stop) -> Result<Outcome> {
         },
         down.as_millis()
     ));
+    if !landed {
+        t.missed("the backup ended before the bus went away");
+    }
     w.wait_online(&[STORAGE.to_owned(), HOST.to_owned()], STARTUP_TIMEOUT)?;
     t.note("agents reconnected");
 
@@ -105,7 +108,7 @@ pub(super) fn trial(t: &mut Trial, stop: Stop) -> Result<Outcome> {
             }
         }
     };
-    if let super::Ended::Succeeded(ev) = &ended {
+    if let super::Ended::Succeeded(ev, _) = &ended {
         t.note(format!(
             "task.finished: succeeded, snapshot {}",
             snapshot_of(ev).unwrap_or_default()

@@ -65,6 +65,9 @@ pub(super) fn run(t: &mut Trial) -> Result<Outcome> {
     } else {
         "kill -9 flotilla serve: the backup had committed already".to_owned()
     });
+    if !landed {
+        t.missed("the backup committed before the kill");
+    }
     let down = t.millis(500, 5000);
     std::thread::sleep(down);
     w.restart_serve()?;
@@ -74,7 +77,7 @@ pub(super) fn run(t: &mut Trial) -> Result<Outcome> {
     ));
 
     match task_end(&w, HOST, &task, &fault)? {
-        Ended::Succeeded(ev) => {
+        Ended::Succeeded(ev, _) => {
             t.note("the dispatched job completed without its daemon");
             t.recovered(since_fault(fault.ms, &ev));
         }

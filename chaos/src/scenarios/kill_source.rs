@@ -51,6 +51,9 @@ fn kill_at(
     } else {
         format!("kill -9 {HOST}: the task ended before {moment:?}, the kill landed after it")
     });
+    if !landed {
+        t.missed(format!("the task ended before {moment:?}"));
+    }
     let down = t.millis(200, 3000);
     std::thread::sleep(down);
     w.restart_agent(HOST)?;
@@ -101,7 +104,7 @@ fn finish(
     proc: flotilla_tests::CliProcess,
 ) -> Result<()> {
     match task_end(w, HOST, task, fault)? {
-        Ended::Succeeded(ev) => {
+        Ended::Succeeded(ev, _) => {
             t.note("the task resumed and succeeded");
             t.recovered(crate::world::since_fault(fault.ms, &ev));
         }

@@ -53,6 +53,9 @@ fn kill_nas(t: &mut Trial, w: &mut World, what: &str, landed: bool) -> Result<Fa
     } else {
         format!("kill -9 nas: the task ended before {what}, the kill landed after it")
     });
+    if !landed {
+        t.missed(format!("the task ended before {what}"));
+    }
     let down = t.millis(200, 3000);
     std::thread::sleep(down);
     w.restart_agent(STORAGE)?;
