@@ -36,6 +36,12 @@ pub struct AgentConfig {
     /// UDP address to serve QUIC on for peer agents.
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
+    /// Address peers dial to reach this agent's QUIC port, when it is not
+    /// the `--listen` address (NAT, a proxy, a port forward). Without it, an
+    /// agent listening on 0.0.0.0 or [::] advertises the address of the
+    /// interface it reaches NATS through.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub advertise: Option<SocketAddr>,
     /// Keep a repository in this directory (makes this a storage host).
     #[arg(long, value_name = "DIR")]
     pub storage: Option<PathBuf>,
@@ -136,6 +142,9 @@ pub enum ConfigError {
     /// The heartbeat interval is out of range.
     #[error("heartbeat interval {0:?} is out of range (100ms to 10min)")]
     Heartbeat(Duration),
+    /// `advertise` cannot be dialled, or is given without `listen`.
+    #[error("advertise address {0} is unusable: {1}")]
+    Advertise(SocketAddr, &'static str),
 }
 
 /// Everything the daemon needs, resolved and validated.
@@ -153,6 +162,8 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// QUIC listen address.
     pub listen: Option<SocketAddr>,
+    /// The address to advertise instead of the listen address.
+    pub advertise: Option<SocketAddr>,
     /// Storage directory, canonical.
     pub storage: Option<PathBuf>,
     /// Backup roots, canonical.
@@ -187,6 +198,7 @@ impl AgentConfig {
             state_dir: self.state_dir.or(file.state_dir.map(rel)),
             nats: self.nats.or(file.nats),
             listen: self.listen.or(file.listen),
+            advertise: self.advertise.or(file.advertise),
             storage: self.storage.or(file.storage.map(rel)),
             backup_roots: if self.backup_roots.is_empty() {
                 file.backup_roots.into_iter().map(rel).collect()
@@ -242,6 +254,20 @@ impl Settings {
         {
             return Err(ConfigError::Heartbeat(heartbeat_interval));
         }
+        if let Some(addr) = config.advertise {
+            if config.listen.is_none() {
+                return Err(ConfigError::Advertise(
+                    addr,
+                    "give `listen` too: an agent that does not listen has nothing to advertise",
+                ));
+            }
+            if addr.ip().is_unspecified() || addr.port() == 0 {
+                return Err(ConfigError::Advertise(
+                    addr,
+                    "peers need a concrete address and port to dial (not 0.0.0.0, [::] or port 0)",
+                ));
+            }
+        }
         Ok(Settings {
             host: bundle.host.clone(),
             nats_url: config.nats.unwrap_or_else(|| bundle.nats_url.clone()),
@@ -249,6 +275,7 @@ impl Settings {
             bundle,
             state_dir,
             listen: config.listen,
+            advertise: config.advertise,
             storage: config
                 .storage
                 .map(|p| canonical_dir("storage directory", p))

@@ -25,7 +25,9 @@ use crate::jobs::{self, Agent};
 use crate::repository::{RepoError, Repository};
 use crate::state::{State, StateError};
 use crate::transfer::server::{self, ServerContext};
-use crate::transfer::{Identity, TransferEndpoint, TransferError};
+use crate::transfer::{
+    advertised_addr, route_ip_to, AdvertisedFrom, Identity, TransferEndpoint, TransferError,
+};
 use crate::{health, now_ms, VERSION};
 
 /// Finished journal entries older than this are forgotten at startup.
@@ -91,7 +93,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let endpoint = Arc::new(TransferEndpoint::bind(bind, &identity)?);
     let quic_addr = match settings.listen {
-        Some(_) => endpoint.local_addr().ok(),
+        Some(_) => endpoint
+            .local_addr()
+            .ok()
+            .map(|bound| advertise(&settings, bound)),
         None => None,
     };
     let repo = match settings.storage.clone() {
@@ -221,6 +226,33 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     }
     info!("agent stopped");
     Ok(())
+}
+
+/// The QUIC address to put in heartbeats, said in the log: peers dial it,
+/// so a wildcard bind is replaced by the address this host reaches NATS
+/// from, and one that cannot be replaced is a warning.
+fn advertise(settings: &Settings, bound: SocketAddr) -> SocketAddr {
+    let (addr, from) = advertised_addr(bound, settings.advertise, || {
+        route_ip_to(&settings.nats_url)
+    });
+    match from {
+        AdvertisedFrom::Flag => {
+            info!(%addr, %bound, "advertising the QUIC address given by --advertise")
+        }
+        AdvertisedFrom::Bound => info!(%addr, "advertising the QUIC address it listens on"),
+        AdvertisedFrom::Route => info!(
+            %addr, %bound,
+            "listening on every interface: advertising the address of the one that reaches NATS (give --advertise to choose another)"
+        ),
+        AdvertisedFrom::Unroutable => warn!(
+            %bound,
+            "listening on every interface and no route to NATS found: peers cannot dial {bound}; give --advertise ADDR:PORT"
+        ),
+    }
+    if addr.ip().is_loopback() && from == AdvertisedFrom::Route {
+        warn!(%addr, "NATS is on this machine, so the advertised address is a loopback one that other hosts cannot dial; give --advertise ADDR:PORT");
+    }
+    addr
 }
 
 async fn heartbeat_loop(agent: Arc<Agent>, latest: LatestHealth, cancel: CancellationToken) {

@@ -59,7 +59,9 @@ mod tls;
 
 pub(crate) use claims::Claims;
 
-pub use endpoint::{IncomingConnection, TransferEndpoint};
+pub use endpoint::{
+    advertised_addr, route_ip_to, AdvertisedFrom, IncomingConnection, TransferEndpoint,
+};
 pub use error::TransferError;
 pub use frame::{read_frame, write_frame};
 pub use tls::{peer_host, Identity};

@@ -28,8 +28,13 @@
 //! Codemap: `scenarios.rs` the list and what the kill scenarios share,
 //! one file per scenario under `scenarios/`; `world.rs` the fleet of a
 //! trial and the checks; `trial.rs` seeds, notes, results; `tmpfs.rs` the
-//! full disk; `runner.rs` the loop; `report.rs` the table.
+//! full disk; `net.rs` network namespaces, nftables drops and tbf caps;
+//! `delay.rs` the UDP delay proxy; `eio.rs` and `shim/eio.c` EIO on the
+//! repository; `runner.rs` the loop; `report.rs` the table.
 
+mod delay;
+mod eio;
+mod net;
 mod report;
 mod runner;
 mod scenarios;

@@ -4,10 +4,13 @@
 mod bit_rot;
 mod clock_skew;
 mod disk_full;
+mod io_error;
 mod kill_nats;
 mod kill_serve;
 mod kill_source;
 mod kill_storage;
+mod network;
+mod partition;
 mod restart_nats;
 
 use std::time::{Duration, Instant};
@@ -68,10 +71,46 @@ pub const ALL: &[Scenario] = &[
         run: restart_nats::run,
     },
     Scenario {
+        name: "partition-short",
+        about: "the source (own network namespace) cut from nas's QUIC port by nftables for 2-12 s mid-backup, less than the idle timeout: the backup rides it out",
+        quick_trials: 1,
+        run: partition::short,
+    },
+    Scenario {
+        name: "partition-long",
+        about: "the same partition for 25-40 s, more than QUIC's 20 s idle timeout: the backup fails clearly and retryably (or survives) and a retry succeeds",
+        quick_trials: 0,
+        run: partition::long,
+    },
+    Scenario {
+        name: "packet-loss",
+        about: "5% of the source's packets dropped at random each way (nftables), bus and data plane: the backup succeeds",
+        quick_trials: 1,
+        run: network::packet_loss,
+    },
+    Scenario {
+        name: "bandwidth-cap",
+        about: "the source's uplink capped at 40-100 Mbit/s (tbf): the backup succeeds no faster than the cap",
+        quick_trials: 0,
+        run: network::bandwidth_cap,
+    },
+    Scenario {
+        name: "latency",
+        about: "5-50 ms each way between source and storage (a userspace UDP delay proxy nas advertises): the backup succeeds",
+        quick_trials: 1,
+        run: network::latency,
+    },
+    Scenario {
         name: "disk-full",
         about: "the repository's tmpfs fills mid-backup: a clear failure, nothing committed damaged; enlarged, the next backup and check pass",
         quick_trials: 1,
         run: disk_full::run,
+    },
+    Scenario {
+        name: "io-error",
+        about: "EIO on nas's repository writes and fsyncs (LD_PRELOAD) mid-backup: a clear failure naming the I/O error, nas keeps running, a retry succeeds",
+        quick_trials: 1,
+        run: io_error::run,
     },
     Scenario {
         name: "clock-skew",

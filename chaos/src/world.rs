@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -23,6 +24,8 @@ use flotilla_tests::{
 };
 use serde_json::Value;
 
+use crate::eio::EioSwitch;
+use crate::net::Netns;
 use crate::tmpfs::Tmpfs;
 use crate::trial::Trial;
 
@@ -89,6 +92,15 @@ pub struct Spec {
     pub sources: Vec<Source>,
     /// Put nas's repository on a tmpfs of this many MiB.
     pub nas_tmpfs_mib: Option<u64>,
+    /// Put every source in its own network namespace (see [`Netns`]): the
+    /// bus listens on every interface, nas on `0.0.0.0` advertising the
+    /// root side of the first source's link (`--advertise`).
+    pub netns: bool,
+    /// nas's `--listen` and `--advertise`, instead of `127.0.0.1:0`.
+    pub nas_listen: Option<(String, Option<String>)>,
+    /// Give nas's agent the EIO shim, switched by this flag file (see
+    /// [`EioSwitch`]), for its repository directory.
+    pub nas_eio: Option<PathBuf>,
 }
 
 /// A moment during a data-plane task at which to inject a fault.
@@ -112,6 +124,7 @@ pub struct World {
     // hold files on, then the directories, then the bus.
     serve: Option<Serve>,
     agents: BTreeMap<String, Agent>,
+    nets: BTreeMap<String, Netns>,
     tmpfs: Option<Tmpfs>,
     /// The fleet (directory, CLI).
     pub fleet: Fleet,
@@ -127,11 +140,16 @@ impl World {
     /// nas and the sources, and waits until all are online and nas serves
     /// QUIC.
     pub fn start(t: &mut Trial, spec: &Spec) -> Result<Self> {
-        let nats = NatsServer::start()?;
+        let nats = if spec.netns {
+            NatsServer::start_on("0.0.0.0")?
+        } else {
+            NatsServer::start()?
+        };
         let fleet = Fleet::init(&nats)?;
         let mut world = Self {
             serve: None,
             agents: BTreeMap::new(),
+            nets: BTreeMap::new(),
             tmpfs: None,
             fleet,
             nats,
@@ -147,13 +165,40 @@ impl World {
             write_tree(&root, source, t)?;
             world.roots.insert(source.host.clone(), root);
         }
-        let nas = world
+        let mut nas_listen = spec.nas_listen.clone();
+        if spec.netns {
+            for source in &spec.sources {
+                let ns = Netns::create()?;
+                world.nets.insert(source.host.clone(), ns);
+            }
+            if let (None, Some(first)) = (&nas_listen, spec.sources.first()) {
+                let port = free_udp_port()?;
+                let root_ip = world.nets[&first.host].root_ip();
+                nas_listen = Some((format!("0.0.0.0:{port}"), Some(format!("{root_ip}:{port}"))));
+            }
+        }
+        let mut nas = world
             .fleet
             .agent(STORAGE)
             .without_backup_root()
             .storage()
-            .restore_root()
-            .start()?;
+            .restore_root();
+        if let Some((listen, advertise)) = &nas_listen {
+            nas = nas.listen_on(listen);
+            if let Some(advertise) = advertise {
+                nas = nas.args(["--advertise", advertise.as_str()]);
+            }
+        }
+        if let Some(flag) = &spec.nas_eio {
+            let dir = world.fleet.storage_dir(STORAGE);
+            fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            // As /proc/self/fd shows the files the agent opens.
+            let dir = fs::canonicalize(&dir)?;
+            for (key, value) in EioSwitch::new(flag).env(&dir)? {
+                nas = nas.env(key, value);
+            }
+        }
+        let nas = nas.start()?;
         world.agents.insert(STORAGE.to_owned(), nas);
         for source in &spec.sources {
             let mut builder = world.fleet.agent(&source.host);
@@ -162,6 +207,10 @@ impl World {
             }
             for (key, value) in &source.env {
                 builder = builder.env(key, value);
+            }
+            if let Some(ns) = world.nets.get(&source.host) {
+                let url = format!("nats://{}:{}", ns.root_ip(), world.nats.port());
+                builder = builder.netns(ns.name()).nats(&url);
             }
             let agent = builder.start()?;
             world.agents.insert(source.host.clone(), agent);
@@ -183,6 +232,29 @@ impl World {
     }
 
     // ---- processes -------------------------------------------------------
+
+    /// The network namespace `host` runs in, if it has its own.
+    pub fn net(&self, host: &str) -> Result<&Netns> {
+        self.nets
+            .get(host)
+            .with_context(|| format!("{host} has no network namespace in this world"))
+    }
+
+    /// The QUIC address nas advertises, as `hosts --json` lists it.
+    pub fn nas_quic_addr(&self) -> Result<SocketAddr> {
+        let out = self.cli_ok(&["hosts", "--json"])?;
+        let listed = match out.json()? {
+            Value::Array(l) => l,
+            other => bail!("hosts --json printed {other}"),
+        };
+        let addr = listed
+            .iter()
+            .find(|h| h["host"] == STORAGE)
+            .and_then(|h| h["quic_addr"].as_str())
+            .context("nas lists no QUIC address")?;
+        addr.parse()
+            .with_context(|| format!("nas's QUIC address {addr:?} is not ADDR:PORT"))
+    }
 
     /// `host`'s agent.
     pub fn agent(&mut self, host: &str) -> Result<&mut Agent> {
@@ -728,4 +800,10 @@ fn write_tree(root: &Path, source: &Source, t: &mut Trial) -> Result<()> {
         write_random(&path, t.data_seed(), len)?;
     }
     Ok(())
+}
+
+/// A UDP port that was free a moment ago on every interface.
+pub fn free_udp_port() -> Result<u16> {
+    let socket = UdpSocket::bind("0.0.0.0:0").context("cannot bind a UDP port")?;
+    Ok(socket.local_addr()?.port())
 }

@@ -110,6 +110,8 @@ pub enum CliError {
         task_id: TaskId,
         /// Error.
         error: String,
+        /// Whether the agent said running it again may succeed.
+        retryable: bool,
     },
     /// Tasks failed on some of several hosts; each host's error was printed
     /// with its result, so this only counts them.
@@ -194,6 +196,7 @@ impl CliError {
         match self {
             CliError::Plan { source, .. } => source.is_retryable(),
             CliError::Serve(e) => e.is_retryable(),
+            CliError::TaskFailed { retryable, .. } => *retryable,
             _ => matches!(
                 self,
                 CliError::Nats { .. }
@@ -301,6 +304,7 @@ mod tests {
                     host: "laptop".into(),
                     task_id: t1(),
                     error: "disk full".into(),
+                    retryable: false,
                 },
                 "task t1 failed on laptop: disk full",
             ),
@@ -309,6 +313,7 @@ mod tests {
                     host: "laptop".into(),
                     task_id: t1(),
                     error: String::new(),
+                    retryable: false,
                 },
                 "task t1 failed on laptop: no reason given (see `flotilla events --host laptop`)",
             ),
@@ -396,6 +401,16 @@ mod tests {
         };
         assert_eq!(failed.to_json()["exit_code"], u64::from(EXIT_HOST));
         assert_eq!(failed.to_json()["retryable"], false);
+        // A task's failure is as retryable as its agent said.
+        for retryable in [false, true] {
+            let e = CliError::TaskFailed {
+                host: "nas".into(),
+                task_id: t1(),
+                error: "connection lost during a transfer: timed out".into(),
+                retryable,
+            };
+            assert_eq!(e.to_json()["retryable"], retryable);
+        }
         // A `--timeout` that ran out: 4, or 3 when the host was offline.
         for (host_offline, code) in [(false, EXIT_TASK), (true, EXIT_HOST)] {
             let e = CliError::TimedOut {

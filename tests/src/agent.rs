@@ -25,11 +25,16 @@ pub struct AgentBuilder<'f> {
     heartbeat: String,
     backup_root: bool,
     storage: bool,
-    listen: bool,
+    listen: Option<String>,
+    nats: Option<String>,
+    netns: Option<String>,
     restore_root: bool,
     extra: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
 }
+
+/// Where agents listen unless told otherwise.
+const LOOPBACK_ANY_PORT: &str = "127.0.0.1:0";
 
 impl<'f> AgentBuilder<'f> {
     pub(crate) fn new(fleet: &'f Fleet, host: &str) -> Self {
@@ -39,7 +44,9 @@ impl<'f> AgentBuilder<'f> {
             heartbeat: "1s".to_owned(),
             backup_root: true,
             storage: false,
-            listen: false,
+            listen: None,
+            nats: None,
+            netns: None,
             restore_root: false,
             extra: Vec::new(),
             envs: Vec::new(),
@@ -51,13 +58,35 @@ impl<'f> AgentBuilder<'f> {
     /// `quic_addr` (see [`Fleet::wait_quic_addr`]).
     pub fn storage(mut self) -> Self {
         self.storage = true;
-        self.listen = true;
+        self.listen
+            .get_or_insert_with(|| LOOPBACK_ANY_PORT.to_owned());
         self
     }
 
     /// `--listen 127.0.0.1:0` alone: serves QUIC without keeping a repository.
     pub fn listen(mut self) -> Self {
-        self.listen = true;
+        self.listen
+            .get_or_insert_with(|| LOOPBACK_ANY_PORT.to_owned());
+        self
+    }
+
+    /// `--listen ADDR` instead of `127.0.0.1:0`.
+    pub fn listen_on(mut self, addr: &str) -> Self {
+        self.listen = Some(addr.to_owned());
+        self
+    }
+
+    /// `--nats URL` instead of the fleet's server on loopback (an agent in
+    /// another network namespace reaches the bus by another address).
+    pub fn nats(mut self, url: &str) -> Self {
+        self.nats = Some(url.to_owned());
+        self
+    }
+
+    /// Runs the agent in the network namespace `name` (`ip netns exec`,
+    /// which execs the agent: its pid is the agent's). Needs root.
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
         self
     }
 
@@ -120,7 +149,10 @@ impl<'f> AgentBuilder<'f> {
             "--state-dir".into(),
             state.into(),
             "--nats".into(),
-            fleet.nats_url().into(),
+            self.nats
+                .clone()
+                .unwrap_or_else(|| fleet.nats_url().to_owned())
+                .into(),
         ];
         if self.backup_root {
             let root = fleet.backup_root(&self.host);
@@ -136,9 +168,9 @@ impl<'f> AgentBuilder<'f> {
             flags.push("--storage".into());
             flags.push(dir.into());
         }
-        if self.listen {
+        if let Some(addr) = &self.listen {
             flags.push("--listen".into());
-            flags.push("127.0.0.1:0".into());
+            flags.push(addr.into());
         }
         if self.restore_root {
             let dir = fleet.restore_root(&self.host);
@@ -161,12 +193,25 @@ impl<'f> AgentBuilder<'f> {
 
     /// Spawns `flotilla-agent run …`, logging to `logs/<host>.log`.
     pub fn start(self) -> Result<Agent> {
-        let mut args: Vec<OsString> = vec!["run".into()];
+        let agent_bin = binaries().agent.clone();
+        let (bin, mut args): (PathBuf, Vec<OsString>) = match &self.netns {
+            Some(ns) => (
+                PathBuf::from("ip"),
+                vec![
+                    "netns".into(),
+                    "exec".into(),
+                    ns.into(),
+                    agent_bin.into_os_string(),
+                ],
+            ),
+            None => (agent_bin, Vec::new()),
+        };
+        args.push("run".into());
         args.extend(self.flags()?);
         let fleet = self.fleet;
         let mut agent = Agent {
             host: self.host.clone(),
-            bin: binaries().agent.clone(),
+            bin,
             args,
             log: fleet.agent_log(&self.host),
             state_dir: fleet.state_dir(&self.host),

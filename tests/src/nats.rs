@@ -34,6 +34,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct NatsServer {
     child: Child,
     bin: PathBuf,
+    host: String,
     port: u16,
     log: PathBuf,
     // Dropped after the child is killed, see `Drop`.
@@ -45,10 +46,17 @@ impl NatsServer {
     ///
     /// The binary is `$NATS_SERVER_BIN`, else `nats-server` on `PATH`.
     pub fn start() -> Result<Self> {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// [`NatsServer::start`] listening on `host` (`0.0.0.0`: every
+    /// interface, for agents in other network namespaces); [`Self::url`]
+    /// stays the loopback one.
+    pub fn start_on(host: &str) -> Result<Self> {
         let bin = nats_server_bin()?;
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match Self::try_start(&bin) {
+            match Self::try_start(&bin, host) {
                 Ok(server) => return Ok(server),
                 Err(e) => last_error = Some(e),
             }
@@ -56,7 +64,7 @@ impl NatsServer {
         Err(last_error.expect("START_ATTEMPTS is at least one"))
     }
 
-    fn try_start(bin: &Path) -> Result<Self> {
+    fn try_start(bin: &Path, host: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-nats-")
             .tempdir()
@@ -64,10 +72,11 @@ impl NatsServer {
         let port = free_port()?;
         let log = dir.path().join("nats-server.log");
         File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let child = spawn(bin, port, dir.path(), &log)?;
+        let child = spawn(bin, host, port, dir.path(), &log)?;
         let mut server = Self {
             child,
             bin: bin.to_path_buf(),
+            host: host.to_owned(),
             port,
             log,
             dir,
@@ -85,7 +94,7 @@ impl NatsServer {
         thread::sleep(down);
         // The port was ours a moment ago; another process taking it in
         // between is possible but rare, and reported with the log.
-        self.child = spawn(&self.bin, self.port, self.dir.path(), &self.log)?;
+        self.child = spawn(&self.bin, &self.host, self.port, self.dir.path(), &self.log)?;
         self.wait_ready()
     }
 
@@ -106,7 +115,7 @@ impl NatsServer {
         if self.child.try_wait()?.is_none() {
             bail!("nats-server on port {} is still running", self.port);
         }
-        self.child = spawn(&self.bin, self.port, self.dir.path(), &self.log)?;
+        self.child = spawn(&self.bin, &self.host, self.port, self.dir.path(), &self.log)?;
         self.wait_ready()
     }
 
@@ -196,16 +205,16 @@ impl Drop for NatsServer {
     }
 }
 
-/// Starts `bin` on `127.0.0.1:port` with JetStream stored under
+/// Starts `bin` on `host:port` with JetStream stored under
 /// `dir/jetstream`, appending its output to `log`.
-fn spawn(bin: &Path, port: u16, dir: &Path, log: &Path) -> Result<Child> {
+fn spawn(bin: &Path, host: &str, port: u16, dir: &Path, log: &Path) -> Result<Child> {
     let log_file = OpenOptions::new()
         .append(true)
         .open(log)
         .with_context(|| format!("cannot open {}", log.display()))?;
     let port_arg = port.to_string();
     Command::new(bin)
-        .args(["-a", "127.0.0.1", "-p", port_arg.as_str(), "-js", "-sd"])
+        .args(["-a", host, "-p", port_arg.as_str(), "-js", "-sd"])
         .arg(dir.join("jetstream"))
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)

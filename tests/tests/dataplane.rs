@@ -775,3 +775,36 @@ fn flipped_byte_is_repaired_and_one_backup_heals_every_snapshot() {
         );
     }
 }
+
+/// A storage agent told `--listen 0.0.0.0:0` advertises the address of the
+/// interface it reaches NATS through (loopback here), with the bound port,
+/// not `0.0.0.0`, which no peer can dial: a backup through it works. And
+/// `--advertise` without `--listen` is refused before the agent starts.
+#[test]
+fn an_agent_listening_on_every_interface_advertises_a_dialable_address() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let refused = fleet
+        .agent("alpha")
+        .args(["--advertise", "192.0.2.7:7443"])
+        .config_check()
+        .expect("run config check");
+    assert!(
+        !refused.success() && refused.stderr.contains("advertise address 192.0.2.7:7443"),
+        "{refused}"
+    );
+    let _nas = fleet
+        .agent("nas")
+        .without_backup_root()
+        .storage()
+        .listen_on("0.0.0.0:0")
+        .start()
+        .expect("start the nas agent");
+    let alpha = fleet.start_agent("alpha").expect("start alpha");
+    fleet.wait_online(&["nas", "alpha"], STARTUP_TIMEOUT);
+    let addr = fleet.wait_quic_addr("nas", STARTUP_TIMEOUT);
+    assert!(addr.ip().is_loopback(), "advertised {addr}");
+    assert_ne!(addr.port(), 0, "advertised {addr}");
+    write_random(&alpha.backup_root().join("data/a.bin"), 9, MIB).expect("write test data");
+    backup_ok(&fleet, &["alpha"]);
+}

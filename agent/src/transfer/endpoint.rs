@@ -4,7 +4,7 @@
 //! advertises (`quic_addr` in its heartbeat) is also the source of its own
 //! connections, and a firewall needs one rule.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use flotilla_protocol::HostName;
@@ -293,5 +293,130 @@ mod tests {
         assert!(matches!(err, TransferError::PeerNotHost { .. }), "{err:?}");
         assert!(err.to_string().contains("is not host desktop"), "{err}");
         assert!(!err.is_retryable());
+    }
+}
+
+/// Where the advertised QUIC address came from, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdvertisedFrom {
+    /// `--advertise`.
+    Flag,
+    /// The bound address itself.
+    Bound,
+    /// The bound port on the interface that reaches NATS (bound to a
+    /// wildcard address).
+    Route,
+    /// Bound to a wildcard address and no route found: peers cannot dial it.
+    Unroutable,
+}
+
+/// The address peers should dial: `--advertise` when given; else the bound
+/// address, unless it is a wildcard (`0.0.0.0`, `[::]`), which no peer can
+/// dial: then the bound port on `route_ip`, the address of the interface
+/// this host reaches NATS through (what other hosts can most likely reach).
+pub fn advertised_addr(
+    bound: SocketAddr,
+    advertise: Option<SocketAddr>,
+    route_ip: impl FnOnce() -> Option<IpAddr>,
+) -> (SocketAddr, AdvertisedFrom) {
+    if let Some(addr) = advertise {
+        return (addr, AdvertisedFrom::Flag);
+    }
+    if !bound.ip().is_unspecified() {
+        return (bound, AdvertisedFrom::Bound);
+    }
+    match route_ip() {
+        Some(ip) if !ip.is_unspecified() => {
+            (SocketAddr::new(ip, bound.port()), AdvertisedFrom::Route)
+        }
+        _ => (bound, AdvertisedFrom::Unroutable),
+    }
+}
+
+/// The local address of the interface the kernel routes `nats_url`'s first
+/// server through: a UDP socket "connected" to it (nothing is sent) is
+/// given the source address the kernel would use. `None` when the URL does
+/// not resolve or there is no route.
+pub fn route_ip_to(nats_url: &str) -> Option<IpAddr> {
+    let first = nats_url.split(',').next()?.trim();
+    let rest = first.split_once("://").map_or(first, |(_, rest)| rest);
+    // Credentials in the URL (user:pass@host) are not the host.
+    let host_port = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host_port = host_port.split('/').next()?;
+    let with_port = if host_port.starts_with('[') {
+        if host_port.contains("]:") {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:4222")
+        }
+    } else if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:4222")
+    };
+    let target = with_port.to_socket_addrs().ok()?.next()?;
+    let any: SocketAddr = if target.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(target).ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
+#[cfg(test)]
+mod advertise_tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_flag_wins_then_a_concrete_bound_address() {
+        let never = || -> Option<IpAddr> { panic!("no route lookup needed") };
+        assert_eq!(
+            advertised_addr(addr("0.0.0.0:7443"), Some(addr("192.0.2.7:9000")), never),
+            (addr("192.0.2.7:9000"), AdvertisedFrom::Flag)
+        );
+        assert_eq!(
+            advertised_addr(addr("10.0.0.5:7443"), None, never),
+            (addr("10.0.0.5:7443"), AdvertisedFrom::Bound)
+        );
+    }
+
+    #[test]
+    fn a_wildcard_takes_the_route_to_nats_with_the_bound_port() {
+        let route = || Some("10.1.2.3".parse().unwrap());
+        assert_eq!(
+            advertised_addr(addr("0.0.0.0:7443"), None, route),
+            (addr("10.1.2.3:7443"), AdvertisedFrom::Route)
+        );
+        assert_eq!(
+            advertised_addr(addr("[::]:7443"), None, || Some("fd00::9".parse().unwrap())),
+            (addr("[fd00::9]:7443"), AdvertisedFrom::Route)
+        );
+        assert_eq!(
+            advertised_addr(addr("0.0.0.0:7443"), None, || None),
+            (addr("0.0.0.0:7443"), AdvertisedFrom::Unroutable)
+        );
+    }
+
+    #[test]
+    fn the_route_to_a_loopback_server_is_loopback() {
+        for url in [
+            "nats://127.0.0.1:4222",
+            "tls://user:pw@127.0.0.1:4222",
+            "127.0.0.1",
+            "nats://127.0.0.1:4222,nats://192.0.2.1:4222",
+        ] {
+            assert_eq!(
+                route_ip_to(url),
+                Some("127.0.0.1".parse().unwrap()),
+                "{url}"
+            );
+        }
+        assert_eq!(route_ip_to("nats://host.invalid:4222"), None);
     }
 }

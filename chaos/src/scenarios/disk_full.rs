@@ -46,6 +46,7 @@ pub(super) fn run(t: &mut Trial) -> Result<Outcome> {
     let spec = Spec {
         sources: vec![Source::new(SMALL, small), Source::new(BIG, big)],
         nas_tmpfs_mib: Some(disk_mib),
+        ..Spec::default()
     };
     let w = World::start(t, &spec)?;
     t.note(format!("nas's repository is on a {disk_mib} MiB tmpfs"));

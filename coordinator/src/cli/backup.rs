@@ -142,6 +142,7 @@ pub(super) async fn run(
                         let e = CliError::TaskFailed {
                             host: host.clone(),
                             task_id: done.task_id,
+                            retryable: done.retryable,
                             error,
                         };
                         failed.push((host, e));

@@ -37,6 +37,7 @@ pub(super) async fn run(
         return Err(CliError::TaskFailed {
             host: storage.to_string(),
             task_id: done.task_id,
+            retryable: done.retryable,
             error: done.error.unwrap_or_default(),
         });
     };
@@ -103,6 +104,7 @@ pub(super) async fn run(
         _ => Err(CliError::TaskFailed {
             host: storage.to_string(),
             task_id: done.task_id,
+            retryable: done.retryable,
             error: done
                 .error
                 .unwrap_or_else(|| "repository check failed".into()),

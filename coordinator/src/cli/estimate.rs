@@ -115,6 +115,7 @@ pub(super) async fn run(
         return Err(CliError::TaskFailed {
             host: host.to_string(),
             task_id: finished.task_id,
+            retryable: finished.retryable,
             error: finished.error.unwrap_or_else(|| "unknown error".into()),
         });
     }

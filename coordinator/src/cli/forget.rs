@@ -119,6 +119,7 @@ pub(super) async fn forget(
                 first_err.get_or_insert(CliError::TaskFailed {
                     host: host.to_string(),
                     task_id: d.task_id,
+                    retryable: d.retryable,
                     error: d.error.unwrap_or_default(),
                 });
             }
@@ -185,6 +186,7 @@ pub(super) async fn run_prune(
         _ => Err(CliError::TaskFailed {
             host: storage.to_string(),
             task_id: d.task_id,
+            retryable: d.retryable,
             error: d.error.unwrap_or_default(),
         }),
     }

@@ -56,6 +56,7 @@ pub(super) async fn run(
             _ => Err(CliError::TaskFailed {
                 host: storage.to_string(),
                 task_id: done.task_id,
+                retryable: done.retryable,
                 error: done.error.unwrap_or_default(),
             }),
         };
@@ -99,6 +100,7 @@ pub(super) async fn run(
         _ => Err(CliError::TaskFailed {
             host: storage.to_string(),
             task_id: done.task_id,
+            retryable: done.retryable,
             error: done
                 .error
                 .unwrap_or_else(|| "repository repair left data lost".into()),

@@ -112,6 +112,7 @@ pub(super) async fn run(
         TaskOutcome::Failed => Err(CliError::TaskFailed {
             host: host.to_string(),
             task_id: done.task_id,
+            retryable: done.retryable,
             error: done.error.unwrap_or_default(),
         }),
     }
