@@ -112,6 +112,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Take a decommissioned host out of the registry (hosts, status, listings).
+    ///
+    /// Drops its health record, its task consumer and the tasks queued for
+    /// it. Refused while the host is online (stop its agent first) unless
+    /// --force. Its certificate stays valid: an agent started again with its
+    /// bundle joins again.
+    Remove {
+        #[arg(help = HOST_NAME_HELP)]
+        host: HostName,
+        /// Remove it even though it is online.
+        #[arg(long)]
+        force: bool,
+        /// Print {"host", "removed", "tasks_dropped"}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show every host ever seen: online or offline, last seen, version, roles, space.
     Hosts {
         /// Print one JSON array instead of a table.
@@ -384,6 +400,7 @@ impl Command {
             Command::Init { json, .. }
             | Command::Enroll { json, .. }
             | Command::Hosts { json }
+            | Command::Remove { json, .. }
             | Command::Status { json }
             | Command::Jobs { json, .. }
             | Command::Watch { json }
@@ -527,6 +544,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Hosts { json } => hosts::run(g, json).await,
+        Command::Remove { host, force, json } => hosts::remove(g, &host, force, json).await,
         Command::Status { json } => status::status(g, json).await,
         Command::Jobs { json, limit } => status::jobs(g, json, limit).await,
         Command::Watch { json } => status::watch(g, json).await,

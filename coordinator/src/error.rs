@@ -67,6 +67,15 @@ pub enum CliError {
         /// How long we waited.
         waited_secs: u64,
     },
+    /// `forget` acted on the storage hosts it could list and trust, and left
+    /// these alone.
+    #[error("nothing was forgotten on {} (not listed, or its listing not trusted: see the warnings above); run forget again once it answers, or `flotilla remove HOST` a storage host that is gone for good", .hosts.join(", "))]
+    LeftAlone {
+        /// The storage hosts left alone.
+        hosts: Vec<String>,
+        /// Whether any was only unreachable (asking again may help).
+        unreachable: bool,
+    },
     /// The host is online but did not finish in time.
     #[error("host {host} did not finish task {task_id} within {waited_secs} s; see `flotilla events --host {host}`")]
     Timeout {
@@ -161,7 +170,9 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Nats { .. } => EXIT_NATS,
-            CliError::HostUnknown(_) | CliError::HostOffline { .. } => EXIT_HOST,
+            CliError::HostUnknown(_)
+            | CliError::HostOffline { .. }
+            | CliError::LeftAlone { .. } => EXIT_HOST,
             CliError::Rejected { .. } | CliError::TaskFailed { .. } => EXIT_TASK,
             CliError::TimedOut { host_offline, .. } => {
                 if *host_offline {
@@ -197,6 +208,7 @@ impl CliError {
             CliError::Plan { source, .. } => source.is_retryable(),
             CliError::Serve(e) => e.is_retryable(),
             CliError::TaskFailed { retryable, .. } => *retryable,
+            CliError::LeftAlone { unreachable, .. } => *unreachable,
             _ => matches!(
                 self,
                 CliError::Nats { .. }

@@ -89,23 +89,6 @@ pub(crate) fn config_warnings(config: &Config, fleet_dir: Option<&Path>) -> Vec<
     }
 }
 
-/// Storage hosts to ask: the one named, or every host with the storage role.
-pub(crate) async fn storages(
-    nats: &Nats,
-    to: Option<&HostName>,
-) -> Result<Vec<HostName>, CliError> {
-    if let Some(h) = to {
-        return Ok(vec![h.clone()]);
-    }
-    Ok(nats
-        .hosts()
-        .await?
-        .into_iter()
-        .filter(|r| r.heartbeat.roles.contains(&Role::Storage))
-        .map(|r| r.heartbeat.host)
-        .collect())
-}
-
 /// Asks `storage` one repository query and decodes its answer.
 pub(crate) async fn query(
     nats: &Nats,
@@ -125,53 +108,178 @@ pub(crate) async fn query(
         .map_err(request_err(&format!("read the answer of {storage}")))
 }
 
-/// Every snapshot on the given storage hosts, oldest first.
+/// The snapshots of the storage hosts that answered, and what is known of
+/// the others.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Listing {
+    /// Every snapshot listed (each id once per storage host), oldest first.
+    pub found: Vec<Found>,
+    /// Storage hosts that were not listed, and why (offline, no answer, an
+    /// error): their snapshots are missing from `found`.
+    pub unanswered: Vec<(HostName, String)>,
+    /// Storage hosts whose listing is not to be acted on, and why: it
+    /// repeated snapshot ids, held records that fail verification against
+    /// their sealed metadata, or named a snapshot another storage host
+    /// also listed. Shown, but retention leaves these storage hosts alone.
+    pub doubtful: Vec<(HostName, String)>,
+}
+
+impl Listing {
+    /// Whether retention may act on what `storage` listed.
+    pub fn trusted(&self, storage: &HostName) -> bool {
+        !self.doubtful.iter().any(|(s, _)| s == storage)
+            && !self.unanswered.iter().any(|(s, _)| s == storage)
+    }
+
+    /// One line per storage host missing from or doubted in the listing,
+    /// for stderr.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .unanswered
+            .iter()
+            .map(|(s, why)| {
+                format!("storage host {s} was not listed ({why}); its snapshots are missing here")
+            })
+            .collect();
+        out.extend(self.doubtful.iter().map(|(s, why)| {
+            format!(
+                "the listing of storage host {s} is not trusted: {why}; retention leaves it alone"
+            )
+        }));
+        out
+    }
+}
+
+/// Merges what each storage host answered (its records, or why it did
+/// not) into a [`Listing`]. Pure: the checks that make a listing doubtful
+/// live here.
+pub(crate) fn merge(
+    answers: Vec<(HostName, Result<Vec<SnapshotRecord>, String>)>,
+    key: &RepoKey,
+) -> Listing {
+    let mut listing = Listing::default();
+    let mut owner: BTreeMap<String, HostName> = BTreeMap::new();
+    let mut doubts: BTreeMap<HostName, Vec<String>> = BTreeMap::new();
+    for (storage, answer) in answers {
+        let records = match answer {
+            Ok(records) => records,
+            Err(why) => {
+                listing.unanswered.push((storage, why));
+                continue;
+            }
+        };
+        // A storage host holds each snapshot once (one file per id): a
+        // reply naming an id twice is not believed twice (a repeated record
+        // would fill a keep-last policy with copies of itself).
+        let mut seen = HashSet::new();
+        let before = records.len();
+        let mut unverified = 0;
+        for record in records {
+            if !seen.insert(record.id.clone()) {
+                continue;
+            }
+            if record.verify(key).is_err() {
+                unverified += 1;
+            }
+            if let Some(other) = owner.get(&record.id) {
+                let (a, b) = (other.clone(), storage.clone());
+                doubts
+                    .entry(a.clone())
+                    .or_default()
+                    .push(format!("snapshot {} is also listed by {b}", record.id));
+                doubts
+                    .entry(b)
+                    .or_default()
+                    .push(format!("snapshot {} is also listed by {a}", record.id));
+            } else {
+                owner.insert(record.id.clone(), storage.clone());
+            }
+            listing.found.push(Found {
+                meta: record.open_meta(key),
+                storage: storage.clone(),
+                record,
+            });
+        }
+        if seen.len() < before {
+            doubts.entry(storage.clone()).or_default().push(format!(
+                "it repeated {} snapshot id(s)",
+                before - seen.len()
+            ));
+        }
+        if unverified > 0 {
+            doubts.entry(storage).or_default().push(format!(
+                "{unverified} record(s) do not match their sealed metadata"
+            ));
+        }
+    }
+    for (storage, mut why) in doubts {
+        why.dedup();
+        // The first few reasons say enough.
+        let more = why.len().saturating_sub(3);
+        why.truncate(3);
+        if more > 0 {
+            why.push(format!("and {more} more"));
+        }
+        listing.doubtful.push((storage, why.join("; ")));
+    }
+    listing.found.sort_by_key(|f| f.record.time);
+    listing
+}
+
+/// What `storage` lists, or why it could not be listed.
+async fn listing_of(nats: &Nats, storage: &HostName) -> Result<Vec<SnapshotRecord>, CliError> {
+    match query(nats, subject::repo_snapshots(storage), Vec::new(), storage).await? {
+        RepoReply::Snapshots { snapshots } => Ok(snapshots),
+        RepoReply::Error { message } => Err(CliError::Request {
+            what: format!("list snapshots on {storage}"),
+            why: message,
+        }),
+        RepoReply::Tree { .. } | RepoReply::Stats { .. } => Err(CliError::Request {
+            what: format!("list snapshots on {storage}"),
+            why: "unexpected answer".into(),
+        }),
+    }
+}
+
+/// Every snapshot on `to`, or on every storage host that answers.
+///
+/// With `to`, a storage host that cannot be listed is an error. Without,
+/// every host with the storage role is asked at once, except those the
+/// registry already says are offline; the ones that are offline, do not
+/// answer or answer an error are named in [`Listing::unanswered`] and the
+/// rest is listed: one dead storage host does not stop the fleet reading
+/// the others.
 pub(crate) async fn list(
     nats: &Nats,
     key: &RepoKey,
     to: Option<&HostName>,
-) -> Result<Vec<Found>, CliError> {
-    let mut out = Vec::new();
-    for storage in storages(nats, to).await? {
-        match query(
-            nats,
-            subject::repo_snapshots(&storage),
-            Vec::new(),
-            &storage,
-        )
-        .await?
-        {
-            RepoReply::Snapshots { snapshots } => {
-                // A storage host holds each snapshot once (one file per id):
-                // a reply naming an id twice is not believed twice, or a
-                // repeated record would fill a keep-last policy with copies.
-                let mut seen = std::collections::HashSet::new();
-                let before = snapshots.len();
-                out.extend(
-                    snapshots
-                        .into_iter()
-                        .filter(|record| seen.insert(record.id.clone()))
-                        .map(|record| Found {
-                            meta: record.open_meta(key),
-                            storage: storage.clone(),
-                            record,
-                        }),
-                );
-                if seen.len() < before {
-                    tracing::warn!(%storage, repeated = before - seen.len(), "the snapshot listing repeated ids; each is counted once");
-                }
-            }
-            RepoReply::Error { message } => {
-                return Err(CliError::Request {
-                    what: format!("list snapshots on {storage}"),
-                    why: message,
-                })
-            }
-            RepoReply::Tree { .. } | RepoReply::Stats { .. } => {}
+) -> Result<Listing, CliError> {
+    if let Some(storage) = to {
+        let records = listing_of(nats, storage).await?;
+        return Ok(merge(vec![(storage.clone(), Ok(records))], key));
+    }
+    let now = crate::now_ms();
+    let mut offline = Vec::new();
+    let mut asked = Vec::new();
+    for record in nats.hosts().await? {
+        if !record.heartbeat.roles.contains(&Role::Storage) {
+            continue;
+        }
+        let host = record.heartbeat.host.clone();
+        match record.offline_reason(now) {
+            Some(reason) => offline.push((host, Err(format!("offline: {reason}")))),
+            None => asked.push(host),
         }
     }
-    out.sort_by_key(|f| f.record.time);
-    Ok(out)
+    let answers = futures::future::join_all(asked.into_iter().map(|storage| async move {
+        let answer = listing_of(nats, &storage).await.map_err(|e| e.to_string());
+        (storage, answer)
+    }))
+    .await;
+    let mut all = answers;
+    all.extend(offline);
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(merge(all, key))
 }
 
 /// Fetches and opens one tree from `storage`.
@@ -235,6 +343,7 @@ pub(crate) async fn affected_files(
     let mut out = Vec::new();
     for snap in list(nats, key, Some(storage))
         .await?
+        .found
         .iter()
         .filter(|f| among.iter().any(|s| s.as_ref() == f.record.id))
     {
@@ -285,20 +394,51 @@ async fn files_using(
     out
 }
 
+/// What retention decided, and the storage hosts it left alone.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Decision {
+    /// The verdict on every snapshot of the trusted storage hosts.
+    pub verdicts: Vec<(Found, Verdict)>,
+    /// The listing's storage hosts that were not listed or not trusted
+    /// (nothing is forgotten there).
+    pub left_alone: Listing,
+}
+
 /// The verdicts for every snapshot on `to` (or all storages) of `host`
-/// (or all hosts), grouped by storage, host and paths.
+/// (or all hosts), grouped by storage, host and paths. A storage host
+/// whose listing is doubtful gets no verdicts at all (see [`merge`]), nor
+/// does one that could not be listed.
 pub(crate) async fn decide(
     nats: &Nats,
     key: &RepoKey,
     policy: &KeepPolicy,
     host: Option<&HostName>,
     to: Option<&HostName>,
-) -> Result<Vec<(Found, Verdict)>, CliError> {
-    let found = list(nats, key, to).await?;
+) -> Result<Decision, CliError> {
+    let listing = list(nats, key, to).await?;
+    Ok(Decision {
+        verdicts: verdicts(&listing, key, policy, host),
+        left_alone: Listing {
+            found: Vec::new(),
+            ..listing
+        },
+    })
+}
+
+/// The verdicts of [`decide`] for a listing at hand.
+pub(crate) fn verdicts(
+    listing: &Listing,
+    key: &RepoKey,
+    policy: &KeepPolicy,
+    host: Option<&HostName>,
+) -> Vec<(Found, Verdict)> {
     let mut groups: BTreeMap<(String, String, Vec<String>), Vec<Found>> = BTreeMap::new();
-    for f in found
-        .into_iter()
+    for f in listing
+        .found
+        .iter()
+        .filter(|f| listing.trusted(&f.storage))
         .filter(|f| host.is_none_or(|h| &f.record.host == h))
+        .cloned()
     {
         // Only snapshots whose record matches its sealed metadata take part:
         // a forged or tampered listing must not steer what is forgotten.
@@ -330,7 +470,7 @@ pub(crate) async fn decide(
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// The snapshots `verdicts` drop, by storage host: what each storage's
@@ -450,6 +590,147 @@ pub(crate) mod tests {
         assert_eq!(hit(&[1], 100).await, ["/ (directory listing)"]);
         // At most `max_files` files; a directory listing is always named.
         assert_eq!(hit(&[10, 12, 3], 1).await.len(), 2);
+    }
+
+    fn genuine(key: &RepoKey, n: u8, host: &str, time: u64) -> SnapshotRecord {
+        let id = format!("{n:02x}").repeat(16);
+        let tree = key.blob_id(&[n]);
+        let meta = SnapshotMeta {
+            v: flotilla_protocol::repo::REPO_FORMAT,
+            paths: vec!["/srv".into()],
+            excludes: Vec::new(),
+            task_id: flotilla_protocol::TaskId::new("t-1").expect("valid"),
+            summary: Default::default(),
+            unreadable: Vec::new(),
+            tree: Some(tree),
+            host: Some(host.into()),
+            time: Some(time),
+        };
+        let plain = rmp_serde::to_vec_named(&meta).expect("encodes");
+        SnapshotRecord {
+            v: flotilla_protocol::repo::REPO_FORMAT,
+            meta: key
+                .seal_meta(&SnapshotRecord::meta_context(&id), &plain)
+                .expect("seals"),
+            id,
+            host: HostName::new(host).expect("valid"),
+            time,
+            tree,
+            partial: false,
+            blobs: vec![tree],
+        }
+    }
+
+    fn h(name: &str) -> HostName {
+        HostName::new(name).expect("valid")
+    }
+
+    #[test]
+    fn a_dead_storage_host_is_named_and_the_others_listed() {
+        let key = RepoKey::from_master(&[7; 32]);
+        let listing = merge(
+            vec![
+                (
+                    h("nas"),
+                    Ok(vec![
+                        genuine(&key, 2, "alpha", 20),
+                        genuine(&key, 1, "alpha", 10),
+                    ]),
+                ),
+                (h("nas2"), Err("offline: missed heartbeats".into())),
+            ],
+            &key,
+        );
+        let ids: Vec<&str> = listing.found.iter().map(|f| f.record.id.as_str()).collect();
+        assert_eq!(ids, ["01".repeat(16), "02".repeat(16)], "oldest first");
+        assert_eq!(
+            listing.unanswered,
+            [(h("nas2"), "offline: missed heartbeats".to_owned())]
+        );
+        assert!(listing.doubtful.is_empty());
+        assert!(listing.trusted(&h("nas")) && !listing.trusted(&h("nas2")));
+        let warnings = listing.warnings();
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("nas2") && warnings[0].contains("missed heartbeats"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn retention_leaves_a_doubtful_listing_alone() {
+        let key = RepoKey::from_master(&[7; 32]);
+        let policy = KeepPolicy {
+            last: Some(1),
+            ..KeepPolicy::default()
+        };
+        let (a, b, c) = (
+            genuine(&key, 1, "alpha", 10),
+            genuine(&key, 2, "alpha", 20),
+            genuine(&key, 3, "alpha", 30),
+        );
+        // Repeated ids: the newest twice, which would otherwise fill
+        // keep-last with a copy and forget everything else.
+        let repeated = merge(
+            vec![(
+                h("nas"),
+                Ok(vec![a.clone(), b.clone(), c.clone(), c.clone()]),
+            )],
+            &key,
+        );
+        assert_eq!(repeated.found.len(), 3, "each id listed once");
+        assert!(
+            repeated.doubtful[0].1.contains("repeated 1"),
+            "{:?}",
+            repeated.doubtful
+        );
+        assert!(verdicts(&repeated, &key, &policy, None).is_empty());
+
+        // A record that does not match its sealed metadata.
+        let mut moved = b.clone();
+        moved.time = 25;
+        let tampered = merge(
+            vec![(h("nas"), Ok(vec![a.clone(), moved, c.clone()]))],
+            &key,
+        );
+        assert!(
+            tampered.doubtful[0].1.contains("do not match"),
+            "{:?}",
+            tampered.doubtful
+        );
+        assert!(verdicts(&tampered, &key, &policy, None).is_empty());
+
+        // Another storage host's genuine records: both are doubted, and a
+        // third, honest one is still acted on.
+        let stolen = merge(
+            vec![
+                (h("nas"), Ok(vec![a.clone(), b.clone()])),
+                (h("nas2"), Ok(vec![b.clone()])),
+                (
+                    h("nas3"),
+                    Ok(vec![
+                        genuine(&key, 4, "beta", 40),
+                        genuine(&key, 5, "beta", 50),
+                    ]),
+                ),
+            ],
+            &key,
+        );
+        let doubted: Vec<&HostName> = stolen.doubtful.iter().map(|(s, _)| s).collect();
+        assert_eq!(doubted, [&h("nas"), &h("nas2")]);
+        let decided = verdicts(&stolen, &key, &policy, None);
+        assert_eq!(decided.len(), 2);
+        assert!(decided.iter().all(|(f, _)| f.storage == h("nas3")));
+        assert_eq!(decided.iter().filter(|(_, v)| !v.keep).count(), 1);
+
+        // A clean listing is acted on.
+        let clean = merge(vec![(h("nas"), Ok(vec![a, b, c]))], &key);
+        assert!(clean.doubtful.is_empty());
+        let forgotten = verdicts(&clean, &key, &policy, None)
+            .into_iter()
+            .filter(|(_, v)| !v.keep)
+            .count();
+        assert_eq!(forgotten, 2);
     }
 
     #[test]

@@ -121,6 +121,41 @@ impl Nats {
         Ok(())
     }
 
+    /// Takes `host` out of the registry: its heartbeat record (with its
+    /// history), its durable task consumer and the tasks still queued for
+    /// it. Returns how many queued tasks were dropped. Idempotent: what is
+    /// already gone is not an error.
+    pub async fn remove_host(&self, host: &HostName) -> Result<u64, CliError> {
+        if let Some(store) = self.health().await? {
+            store
+                .purge(subject::health_key(host))
+                .await
+                .map_err(request_err(&format!("remove {host}'s health record")))?;
+        }
+        let mut dropped = 0;
+        match self.js.get_stream(subject::TASK_STREAM).await {
+            Ok(stream) => {
+                match stream.delete_consumer(&subject::task_consumer(host)).await {
+                    Ok(_) => {}
+                    Err(e) if e.to_string().contains("not found") => {}
+                    Err(e) => {
+                        return Err(request_err(&format!("delete {host}'s task consumer"))(e))
+                    }
+                }
+                let purged = stream
+                    .purge()
+                    .filter(subject::task(host))
+                    .await
+                    .map_err(request_err(&format!("drop {host}'s queued tasks")))?;
+                dropped = purged.purged;
+            }
+            // No task was ever sent: nothing queued.
+            Err(e) if e.to_string().contains("not found") => {}
+            Err(e) => return Err(request_err("open the task stream")(e)),
+        }
+        Ok(dropped)
+    }
+
     /// One host's record, if it ever heartbeated.
     pub async fn host(&self, host: &HostName) -> Result<Option<HostRecord>, CliError> {
         let Some(store) = self.health().await? else {

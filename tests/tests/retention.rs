@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use flotilla_tests::{
     check_report, json_values, pack_entries, pack_files, read_lossy, restored_path,
     summarize_events, write_random, CliOutput, Compare, DirStats, Fleet, NatsServer, DATA_TIMEOUT,
+    STARTUP_TIMEOUT,
 };
 use serde_json::Value;
 
@@ -387,4 +388,96 @@ fn prune_during_a_concurrent_backup_breaks_nothing() {
     );
     assert_restores(&fleet, &nas_restore_root, &kept, "alpha", &alpha_root);
     assert_restores(&fleet, &nas_restore_root, &beta_snap, "beta", &beta_root);
+}
+
+/// One dead storage host does not stop the fleet reading the others. With
+/// nas2 stopped, `snapshots` lists nas's snapshots and names nas2 on stderr
+/// (as JSON with `--json`), a restore from nas works, and `forget` acts on
+/// nas only, reports nas2 as left alone and exits 3. `flotilla remove nas2`
+/// (refused for an online host) takes it out of the registry, and the
+/// warnings stop.
+#[test]
+fn a_dead_storage_host_is_named_and_the_others_still_serve() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let agents = start_world(&fleet, &["alpha"]);
+    let mut nas2 = fleet
+        .agent("nas2")
+        .without_backup_root()
+        .storage()
+        .start()
+        .expect("start nas2");
+    fleet.wait_quic_addr("nas2", STARTUP_TIMEOUT);
+    let root = agents[1].backup_root().to_path_buf();
+    write_random(&root.join("data/a.bin"), 1, MIB).expect("write test data");
+    let older = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+    let newer = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+    let out = fleet.backup("alpha", "nas2", &[]).expect("back up to nas2");
+    assert_exit(&fleet, &out, 0, "a backup to nas2");
+
+    nas2.sigterm().expect("stop nas2");
+    nas2.wait_exit(Duration::from_secs(30)).expect("nas2 exits");
+    fleet.wait_for("nas2 to be listed offline", STARTUP_TIMEOUT, || {
+        Ok(fleet.host("nas2")?.filter(|h| h["status"] == "offline"))
+    });
+
+    let out = fleet.cli(["snapshots", "--json"]).expect("run snapshots");
+    assert_exit(&fleet, &out, 0, "snapshots with a dead storage host");
+    let listed: Vec<Value> = serde_json::from_str(&out.stdout).expect("a JSON array");
+    assert_eq!(
+        sorted(listed.iter().filter_map(|v| v["id"].as_str())),
+        sorted([older.clone(), newer.clone()]),
+        "{out}"
+    );
+    let warning: Value = serde_json::from_str(out.stderr.trim()).expect("one JSON warning");
+    assert_eq!(warning["storage"], "nas2", "{out}");
+    assert!(
+        warning["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("offline")),
+        "{out}"
+    );
+
+    let target = fleet.restore_root("nas").join("older");
+    restore_ok(&fleet, &older, &target, &[]);
+    assert_same_tree(
+        &fleet,
+        &root,
+        &restored_path(&target, &root),
+        Compare::Contents,
+    );
+
+    let out = fleet
+        .cli(["forget", "--keep-last", "1", "--json"])
+        .expect("run forget");
+    assert_exit(&fleet, &out, 3, "forget with a storage host left alone");
+    let lines = json_values(&out).expect("JSON lines");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["type"] == "left_alone" && l["storage"] == "nas2"),
+        "{out}"
+    );
+    let forgotten: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["type"] == "verdict" && l["keep"] == false)
+        .collect();
+    let forgotten: Vec<&str> = forgotten.iter().filter_map(|v| v["id"].as_str()).collect();
+    assert_eq!(forgotten, [older.as_str()], "{out}");
+    assert!(
+        out.stderr.contains("nothing was forgotten on nas2"),
+        "{out}"
+    );
+
+    let out = fleet.cli(["remove", "nas"]).expect("run remove");
+    assert_exit(&fleet, &out, 2, "remove of an online host");
+    let out = fleet.cli(["remove", "nas2", "--json"]).expect("run remove");
+    assert_exit(&fleet, &out, 0, "remove of a stopped host");
+    assert!(fleet.host("nas2").expect("list hosts").is_none(), "{out}");
+    let out = fleet.cli(["snapshots", "--json"]).expect("run snapshots");
+    assert_exit(&fleet, &out, 0, "snapshots after remove");
+    assert!(out.stderr.trim().is_empty(), "{out}");
+    let listed: Vec<Value> = serde_json::from_str(&out.stdout).expect("a JSON array");
+    let ids: Vec<&str> = listed.iter().filter_map(|v| v["id"].as_str()).collect();
+    assert_eq!(ids, [newer.as_str()], "{out}");
 }

@@ -55,7 +55,35 @@ pub(super) async fn forget(
     let fleet = g.fleet()?;
     let key = repo_key(&fleet)?;
     let nats = g.connect().await?;
-    let verdicts = decide(&nats, &key, &policy, host, to).await?;
+    let decision = decide(&nats, &key, &policy, host, to).await?;
+    let verdicts = decision.verdicts;
+    let left_alone: Vec<String> = decision
+        .left_alone
+        .unanswered
+        .iter()
+        .chain(&decision.left_alone.doubtful)
+        .map(|(s, _)| s.to_string())
+        .collect();
+    let left_alone_err = (!left_alone.is_empty()).then(|| CliError::LeftAlone {
+        hosts: left_alone,
+        unreachable: decision.left_alone.doubtful.is_empty(),
+    });
+    if json {
+        for ((storage, why), listed) in decision
+            .left_alone
+            .unanswered
+            .iter()
+            .map(|u| (u, false))
+            .chain(decision.left_alone.doubtful.iter().map(|d| (d, true)))
+        {
+            outln!(
+                "{}",
+                json!({"type": "left_alone", "storage": storage.as_str(), "listed": listed, "reason": why})
+            );
+        }
+    } else {
+        output::listing_warnings(&decision.left_alone, false);
+    }
     if json {
         for (f, v) in &verdicts {
             outln!(
@@ -94,7 +122,7 @@ pub(super) async fn forget(
                 if dry_run { " (dry run)" } else { "" }
             );
         }
-        return Ok(());
+        return left_alone_err.map_or(Ok(()), Err);
     }
     let dispatch = Dispatch::new(&fleet, &nats)?;
     let sent = send_forgets(&dispatch, &verdicts).await?;
@@ -136,7 +164,7 @@ pub(super) async fn forget(
             run_prune(g, &storage, false, Duration::from_secs(0), json).await?;
         }
     }
-    Ok(())
+    left_alone_err.map_or(Ok(()), Err)
 }
 
 pub(super) async fn run_prune(

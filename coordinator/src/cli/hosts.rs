@@ -146,3 +146,34 @@ pub(super) async fn run(g: &Global, json: bool) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+/// `flotilla remove HOST`: takes a decommissioned host out of the registry.
+pub(super) async fn remove(
+    g: &Global,
+    host: &flotilla_protocol::HostName,
+    force: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    let nats = g.connect().await?;
+    let record = nats
+        .host(host)
+        .await?
+        .ok_or_else(|| CliError::HostUnknown(host.to_string()))?;
+    if record.offline_reason(crate::now_ms()).is_none() && !force {
+        return Err(CliError::Usage(format!(
+            "host {host} is online: stop its agent first (or give --force; a running agent registers again at its next heartbeat)"
+        )));
+    }
+    let dropped = nats.remove_host(host).await?;
+    if json {
+        outln!(
+            "{}",
+            serde_json::json!({"host": host.as_str(), "removed": true, "tasks_dropped": dropped})
+        );
+    } else {
+        outln!(
+            "removed {host} from the registry ({dropped} queued task(s) dropped); its snapshots stay on their storage hosts, and an agent started with its bundle joins again"
+        );
+    }
+    Ok(())
+}

@@ -106,6 +106,29 @@ where
     }
 }
 
+/// Says on stderr which storage hosts a listing is missing or does not
+/// trust: a line each, as `warning: …`, or as a JSON object with `--json`
+/// (`{"type": "warning", "storage", "listed", "message"}`), so that stdout
+/// keeps its shape.
+pub(crate) fn listing_warnings(listing: &crate::fleetops::Listing, json: bool) {
+    let lines = listing
+        .unanswered
+        .iter()
+        .map(|(s, _)| (s, false))
+        .chain(listing.doubtful.iter().map(|(s, _)| (s, true)))
+        .zip(listing.warnings());
+    for ((storage, listed), message) in lines {
+        if json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"type": "warning", "storage": storage.as_str(), "listed": listed, "message": message})
+            );
+        } else {
+            eprintln!("warning: {message}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

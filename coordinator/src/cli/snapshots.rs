@@ -35,12 +35,22 @@ pub(super) async fn find(
     prefix: &str,
     to: Option<&HostName>,
 ) -> Result<Found, CliError> {
-    let mut hits: Vec<Found> = list(nats, key, to)
-        .await?
+    let listing = list(nats, key, to).await?;
+    let missing: Vec<String> = listing
+        .unanswered
+        .iter()
+        .map(|(s, why)| format!("{s} ({why})"))
+        .collect();
+    let mut hits: Vec<Found> = listing
+        .found
         .into_iter()
         .filter(|f| f.record.id.starts_with(prefix))
         .collect();
     match hits.len() {
+        0 if !missing.is_empty() => Err(CliError::Usage(format!(
+            "no snapshot {prefix} on the storage hosts that answered; not listed: {}",
+            missing.join(", ")
+        ))),
         0 => Err(CliError::Usage(format!(
             "no snapshot {prefix}; see `flotilla snapshots`"
         ))),
@@ -60,8 +70,10 @@ pub(super) async fn snapshots(
     let fleet = g.fleet()?;
     let key = repo_key(&fleet)?;
     let nats = g.connect().await?;
-    let found: Vec<Found> = list(&nats, &key, to)
-        .await?
+    let listing = list(&nats, &key, to).await?;
+    output::listing_warnings(&listing, json);
+    let found: Vec<Found> = listing
+        .found
         .into_iter()
         .filter(|f| host.is_none_or(|h| &f.record.host == h))
         .collect();

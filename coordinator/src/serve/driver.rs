@@ -398,9 +398,15 @@ impl Driver {
         keep: &crate::retention::KeepPolicy,
     ) -> Result<(), CliError> {
         let key = fleetops::repo_key(&self.fleet)?;
-        let verdicts = fleetops::decide(&self.nats, &key, keep, Some(host), Some(storage)).await?;
+        let decision = fleetops::decide(&self.nats, &key, keep, Some(host), Some(storage)).await?;
+        if let Some(why) = decision.left_alone.warnings().into_iter().next() {
+            return Err(CliError::Request {
+                what: format!("apply retention to {host}'s snapshots on {storage}"),
+                why,
+            });
+        }
         // `decide` was asked about this one storage host only.
-        let Some(doomed) = fleetops::doomed(&verdicts)?.remove(storage) else {
+        let Some(doomed) = fleetops::doomed(&decision.verdicts)?.remove(storage) else {
             return Ok(());
         };
         let task = Dispatch::new(&self.fleet, &self.nats)?
