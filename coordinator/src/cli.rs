@@ -277,6 +277,11 @@ pub enum Command {
         /// Storage host holding the snapshot (default: search all).
         #[arg(long, value_name = "STORAGE")]
         from: Option<HostName>,
+        /// Onto another host than the snapshot's own, keep setuid/setgid bits, file
+        /// capabilities and device nodes (stripped by default: a compromised host's
+        /// backups must not plant them elsewhere).
+        #[arg(long)]
+        preserve_special: bool,
         /// Wait and show progress until it ends.
         #[arg(long)]
         wait: bool,
@@ -697,6 +702,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             to,
             includes,
             from,
+            preserve_special,
             wait,
             timeout,
             json,
@@ -707,6 +713,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 &to,
                 includes,
                 from.as_ref(),
+                preserve_special,
                 wait,
                 timeout,
                 json,

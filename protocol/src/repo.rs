@@ -549,6 +549,32 @@ pub struct RestoreSummary {
     pub errors: u64,
     /// The first few of those, with why.
     pub error_samples: Vec<String>,
+    /// What a restore of another host's snapshot left out because it could
+    /// raise privileges here (absent from older agents: none).
+    #[serde(default)]
+    pub stripped: Stripped,
+}
+
+/// Privilege-bearing parts of another host's snapshot that a restore left
+/// out: a compromised host must not be able to plant a setuid-root program,
+/// a capability or a device node on another host through its backups.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Stripped {
+    /// Regular files restored without their setuid/setgid bits.
+    pub setid: u64,
+    /// Files restored without their `security.capability` attribute.
+    pub capabilities: u64,
+    /// Character and block devices not created.
+    pub devices: u64,
+    /// The first few paths, each with what was left out.
+    pub samples: Vec<String>,
+}
+
+impl Stripped {
+    /// Nothing was left out.
+    pub fn is_empty(&self) -> bool {
+        self.setid == 0 && self.capabilities == 0 && self.devices == 0
+    }
 }
 
 /// What `prune` found and did.

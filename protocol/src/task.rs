@@ -107,6 +107,13 @@ pub enum TaskKind {
         target: String,
         /// Snapshot paths to restore; empty means everything.
         includes: Vec<String>,
+        /// Keep setuid/setgid bits, file capabilities and device nodes even
+        /// when the snapshot is another host's (the operator chose to; by
+        /// default a cross-host restore strips them). A restore onto the
+        /// snapshot's own host always keeps them. Absent (older
+        /// coordinators): false.
+        #[serde(default)]
+        preserve_special: bool,
     },
     /// Check this host's repository (run on the storage host).
     Check {

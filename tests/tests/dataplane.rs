@@ -8,7 +8,7 @@
 //! never by asking the agent.
 
 use std::fs::{self, File, Permissions};
-use std::os::unix::fs::{symlink, FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{symlink, FileExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -807,4 +807,135 @@ fn an_agent_listening_on_every_interface_advertises_a_dialable_address() {
     assert_ne!(addr.port(), 0, "advertised {addr}");
     write_random(&alpha.backup_root().join("data/a.bin"), 9, MIB).expect("write test data");
     backup_ok(&fleet, &["alpha"]);
+}
+
+/// A compromised host's backups must not plant privileges on another host:
+/// restored onto nas, alpha's setuid-root program loses its setuid bit, its
+/// capability-bearing program its `security.capability`, its device node is
+/// not created, and the summary lists each; restored onto alpha itself (or
+/// with `--preserve-special`), everything comes back. Needs root (device
+/// nodes, capabilities); skipped with a message otherwise.
+#[test]
+fn another_hosts_special_files_are_stripped_unless_preserved() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to make device nodes and set capabilities");
+        return;
+    }
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let _nas = fleet
+        .agent("nas")
+        .without_backup_root()
+        .storage()
+        .restore_root()
+        .start()
+        .expect("start the nas agent");
+    let alpha = fleet
+        .agent("alpha")
+        .restore_root()
+        .start()
+        .expect("start alpha");
+    fleet.wait_online(&["nas", "alpha"], STARTUP_TIMEOUT);
+    fleet.wait_quic_addr("nas", STARTUP_TIMEOUT);
+    let root = alpha.backup_root().to_path_buf();
+    let bin = root.join("bin");
+    fs::create_dir_all(&bin).expect("mkdir");
+    write_bytes(&bin.join("su"), b"#!/bin/sh\nexec id\n").expect("write su");
+    fs::set_permissions(bin.join("su"), Permissions::from_mode(0o4755)).expect("chmod 4755");
+    write_bytes(&bin.join("ping"), b"#!/bin/sh\n").expect("write ping");
+    // vfs_cap_data revision 2, effective, permitting CAP_SETUID.
+    let cap: Vec<u8> = [0x0200_0001u32, 1 << 7, 0, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    xattr::set(bin.join("ping"), "security.capability", &cap).expect("set a capability");
+    nix::sys::stat::mknod(
+        &bin.join("null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .expect("mknod");
+    let snapshot = snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+
+    // Onto another host: stripped, and said.
+    let target = fleet.restore_root("nas").join("elsewhere");
+    let out = fleet
+        .restore(&snapshot, &format!("nas:{}", path_str(&target)), &[])
+        .expect("run restore");
+    assert_exit(&fleet, &out, 0, "a cross-host restore");
+    let summary = summary_of(&out, "nas").expect("a summary");
+    let stripped = &summary["restore"]["stripped"];
+    assert_eq!(
+        (
+            &stripped["setid"],
+            &stripped["capabilities"],
+            &stripped["devices"]
+        ),
+        (&Value::from(1), &Value::from(1), &Value::from(1)),
+        "{out}"
+    );
+    let got = restored_path(&target, &root).join("bin");
+    let mode = |p: &Path| fs::metadata(p).expect("restored").mode() & 0o7777;
+    assert_eq!(mode(&got.join("su")), 0o755, "setuid left out");
+    assert_eq!(
+        xattr::get(got.join("ping"), "security.capability").expect("read xattrs"),
+        None
+    );
+    assert!(!got.join("null").exists(), "no device node");
+    let again = format!("nas:{}", path_str(&target.join("again")));
+    let human = fleet
+        .cli_with_timeout(
+            [
+                "restore",
+                snapshot.as_str(),
+                "--to",
+                again.as_str(),
+                "--wait",
+            ],
+            DATA_TIMEOUT,
+        )
+        .expect("run restore");
+    assert_exit(&fleet, &human, 0, "a second cross-host restore");
+    assert!(
+        human
+            .stdout
+            .contains("left out, as the snapshot is alpha's")
+            && human.stdout.contains("bin/su: setuid/setgid bits removed"),
+        "{human}"
+    );
+
+    // Onto its own host, and onto another with --preserve-special: kept.
+    let own = fleet.restore_root("alpha").join("home");
+    let out = fleet
+        .restore(&snapshot, &format!("alpha:{}", path_str(&own)), &[])
+        .expect("run restore");
+    assert_exit(&fleet, &out, 0, "a restore onto the snapshot's own host");
+    let preserved = fleet.restore_root("nas").join("preserved");
+    let to = format!("nas:{}", path_str(&preserved));
+    let out = fleet
+        .cli_with_timeout(
+            [
+                "restore",
+                snapshot.as_str(),
+                "--to",
+                to.as_str(),
+                "--preserve-special",
+                "--wait",
+                "--json",
+            ],
+            DATA_TIMEOUT,
+        )
+        .expect("run restore");
+    assert_exit(&fleet, &out, 0, "a restore with --preserve-special");
+    for dir in [own, preserved] {
+        let got = restored_path(&dir, &root).join("bin");
+        assert_eq!(mode(&got.join("su")), 0o4755, "{}", got.display());
+        assert_eq!(
+            xattr::get(got.join("ping"), "security.capability").expect("read xattrs"),
+            Some(cap.clone())
+        );
+        let meta = fs::symlink_metadata(got.join("null")).expect("the device node");
+        assert!(meta.file_type().is_char_device(), "{}", got.display());
+    }
 }

@@ -40,7 +40,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use flotilla_protocol::repo::{
-    BlobId, Node, NodeKind, RepoKey, RestoreSummary, Tree, MAX_TREE, REPO_FORMAT,
+    BlobId, Node, NodeKind, RepoKey, RestoreSummary, Stripped, Tree, MAX_TREE, REPO_FORMAT,
 };
 use nix::fcntl::OFlag;
 use tracing::{debug, warn};
@@ -88,7 +88,17 @@ pub struct RestoreOptions {
     /// Give entries their recorded owner and group (numeric ids). Only done
     /// when running as root; ignored otherwise.
     pub restore_owner: bool,
+    /// Leave out what could raise privileges on this host: setuid/setgid
+    /// bits of regular files, `security.capability` attributes and device
+    /// nodes (set for another host's snapshot, unless the task says
+    /// `preserve_special`). Each is counted in [`Stripped`].
+    pub strip_special: bool,
 }
+
+/// The extended attribute that holds a file's capabilities.
+const CAPABILITY_XATTR: &[u8] = b"security.capability";
+/// setuid and setgid.
+const SET_ID_BITS: u32 = 0o6000;
 
 /// Why a restore stopped. Failures of single entries do not stop it; they are
 /// counted in [`RestoreSummary::errors`].
@@ -200,6 +210,7 @@ pub fn restore(
         is_root,
         meta: Meta::new(opts.restore_owner && is_root),
         includes,
+        strip_special: opts.strip_special,
         summary: RestoreSummary::default(),
         counters: Counters::default(),
         links: HashMap::new(),
@@ -374,6 +385,8 @@ struct Restorer<'a> {
     is_root: bool,
     meta: Meta,
     includes: Includes,
+    /// See [`RestoreOptions::strip_special`].
+    strip_special: bool,
     summary: RestoreSummary,
     counters: Counters,
     /// First restored path of each multiply-linked file, by (device, inode)
@@ -385,6 +398,44 @@ struct Restorer<'a> {
     dirs: Vec<(PathBuf, Node)>,
     /// Numbers temporary names.
     seq: u64,
+}
+
+/// Takes out of `node` what could raise privileges on this host, counting
+/// it in `stripped` with a sample naming `path`. Returns false when nothing
+/// of the node is to be created at all (a device).
+fn strip(node: &mut Node, path: &Path, stripped: &mut Stripped) -> bool {
+    let mut left_out = Vec::new();
+    if matches!(node.kind, NodeKind::CharDevice | NodeKind::BlockDevice) {
+        stripped.devices += 1;
+        sample(stripped, path, "device node not created");
+        return false;
+    }
+    // A directory's setgid bit only makes new entries inherit its group.
+    if node.kind == NodeKind::File && node.mode & SET_ID_BITS != 0 {
+        node.mode &= !SET_ID_BITS;
+        stripped.setid += 1;
+        left_out.push("setuid/setgid bits");
+    }
+    let before = node.xattrs.len();
+    node.xattrs.retain(|x| x.name != CAPABILITY_XATTR);
+    if node.xattrs.len() < before {
+        stripped.capabilities += 1;
+        left_out.push("file capabilities");
+    }
+    if !left_out.is_empty() {
+        sample(
+            stripped,
+            path,
+            &format!("{} removed", left_out.join(" and ")),
+        );
+    }
+    true
+}
+
+fn sample(stripped: &mut Stripped, path: &Path, what: &str) {
+    if stripped.samples.len() < ERROR_SAMPLES {
+        stripped.samples.push(format!("{}: {what}", path.display()));
+    }
 }
 
 impl Restorer<'_> {
@@ -566,9 +617,18 @@ impl Restorer<'_> {
     fn visit(
         &mut self,
         path: PathBuf,
-        node: Node,
+        mut node: Node,
         within: Option<Vec<Vec<u8>>>,
     ) -> Result<Option<Frame>, RestoreError> {
+        if self.strip_special {
+            let rel = path
+                .strip_prefix(&self.target)
+                .unwrap_or(&path)
+                .to_path_buf();
+            if !strip(&mut node, &rel, &mut self.summary.stripped) {
+                return Ok(None);
+            }
+        }
         let outcome = match node.kind {
             NodeKind::Dir => self.dir(path, node, within).map(Some),
             NodeKind::File => self.file(&path, &node).map(|()| None),

@@ -24,6 +24,7 @@ impl Agent {
             storage_addr,
             target,
             includes,
+            preserve_special,
         } = &body.kind
         else {
             return Err(failed("not a restore task"));
@@ -57,10 +58,14 @@ impl Agent {
         }
         record.verify(&key).map_err(|e| failed(e.to_string()))?;
         let mut fetch = BlockingFetch::new(Handle::current(), session.fetcher());
+        // Another host's snapshot may carry what would raise privileges
+        // here (a compromised host can put anything in its backups).
+        let strip_special = !preserve_special && record.host != self.settings.host;
         let opts = RestoreOptions {
             target,
             includes: includes.clone(),
             restore_owner: true,
+            strip_special,
         };
         let cancel = cancel.clone();
         let tree = record.tree;

@@ -573,6 +573,7 @@ mod tests {
             storage_addr: "192.0.2.1:7443".parse().expect("address"),
             target: "/restore".into(),
             includes: vec![],
+            preserve_special: false,
         }
     }
 

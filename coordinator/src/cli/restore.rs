@@ -22,6 +22,7 @@ pub(super) async fn run(
     to: &str,
     includes: Vec<String>,
     from: Option<&HostName>,
+    preserve_special: bool,
     wait: bool,
     timeout: Option<Duration>,
     json: bool,
@@ -58,6 +59,7 @@ pub(super) async fn run(
                 storage_addr: addr,
                 target: dir.to_owned(),
                 includes,
+                preserve_special,
             },
         )
         .await?;
@@ -101,6 +103,18 @@ pub(super) async fn run(
             output::bytes(r.bytes),
             done.duration_ms as f64 / 1000.0
         );
+        if !r.stripped.is_empty() {
+            outln!(
+                "  left out, as the snapshot is {}'s (--preserve-special keeps them): {} setuid/setgid file(s), {} file capabilit(ies), {} device node(s)",
+                found.record.host,
+                r.stripped.setid,
+                r.stripped.capabilities,
+                r.stripped.devices
+            );
+            for s in &r.stripped.samples {
+                outln!("    {s}");
+            }
+        }
         for e in &r.error_samples {
             outln!("  error: {e}");
         }

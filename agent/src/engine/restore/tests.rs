@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use flotilla_protocol::repo::{
-    BlobId, ChunkRef, Node, NodeKind, RepoKey, RestoreSummary, Tree, REPO_FORMAT,
+    BlobId, ChunkRef, Node, NodeKind, RepoKey, RestoreSummary, Tree, Xattr, REPO_FORMAT,
 };
 
 use super::{restore, Fetch, FetchError, RestoreError, RestoreOptions};
@@ -111,6 +111,16 @@ impl Repo {
         target: &Path,
         includes: &[&str],
     ) -> Result<RestoreSummary, RestoreError> {
+        self.run_stripping(roots, target, includes, false)
+    }
+
+    fn run_stripping(
+        &mut self,
+        roots: Vec<Node>,
+        target: &Path,
+        includes: &[&str],
+        strip_special: bool,
+    ) -> Result<RestoreSummary, RestoreError> {
         let root = self.tree(roots);
         let mut fetch = MapFetch {
             blobs: self.blobs.clone(),
@@ -120,6 +130,7 @@ impl Repo {
             target: target.to_path_buf(),
             includes: includes.iter().map(|s| s.to_string()).collect(),
             restore_owner: false,
+            strip_special,
         };
         let summary = restore(
             &root,
@@ -544,4 +555,100 @@ fn unreachable_storage_is_retryable_and_cancel_stops() {
     )
     .expect_err("cancelled");
     assert!(matches!(err, RestoreError::Cancelled));
+}
+
+/// A capability set granting `CAP_SETUID` (permitted and effective), as the
+/// kernel stores it (`vfs_cap_data`, revision 2, little endian).
+fn cap_setuid() -> Xattr {
+    let words: [u32; 5] = [0x0200_0001, 1 << 7, 0, 0, 0];
+    Xattr {
+        name: b"security.capability".to_vec(),
+        value: words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+    }
+}
+
+/// The snapshot of a compromised host: a setuid-root program, a program with
+/// a capability, a world-writable device node, a setgid shared directory and
+/// a plain file with an ordinary attribute.
+fn privileged_snapshot(repo: &mut Repo) -> Vec<Node> {
+    let setuid = Node {
+        mode: 0o4755,
+        ..repo.file(b"su", b"#!/bin/sh\n", 64)
+    };
+    let capable = Node {
+        xattrs: vec![
+            cap_setuid(),
+            Xattr {
+                name: b"user.note".to_vec(),
+                value: b"kept".to_vec(),
+            },
+        ],
+        ..repo.file(b"ping", b"ping\n", 64)
+    };
+    let device = Node {
+        rdev: nix::sys::stat::makedev(1, 3),
+        ..node(b"null", NodeKind::CharDevice, 0o666)
+    };
+    let shared = Node {
+        mode: 0o2775,
+        ..repo.dir(b"shared", vec![])
+    };
+    vec![repo.dir(b"/srv", vec![setuid, capable, device, shared])]
+}
+
+#[test]
+fn another_hosts_privileges_are_left_out_and_counted() {
+    let mut repo = Repo::new();
+    let roots = privileged_snapshot(&mut repo);
+    let (_tmp, target) = target();
+    let summary = repo
+        .run_stripping(roots, &target, &[], true)
+        .expect("restores");
+    assert_eq!(summary.errors, 0, "{summary:?}");
+    let s = &summary.stripped;
+    assert_eq!((s.setid, s.capabilities, s.devices), (1, 1, 1), "{s:?}");
+    assert_eq!(s.samples.len(), 3, "{s:?}");
+    assert!(
+        s.samples
+            .iter()
+            .any(|x| x.contains("srv/su") && x.contains("setuid")),
+        "{s:?}"
+    );
+    let srv = target.join("srv");
+    assert_eq!(names(&srv), ["ping", "shared", "su"], "no device node");
+    let mode = |p: &str| fs::metadata(srv.join(p)).expect("exists").mode() & 0o7777;
+    assert_eq!(mode("su"), 0o755);
+    // A directory's setgid bit raises nothing: kept.
+    assert_eq!(mode("shared"), 0o2775);
+    let attrs: Vec<_> = xattr::list(srv.join("ping"))
+        .expect("lists attributes")
+        .collect();
+    assert!(
+        !attrs
+            .iter()
+            .any(|n| n.as_encoded_bytes() == b"security.capability"),
+        "{attrs:?}"
+    );
+}
+
+#[test]
+fn the_same_hosts_privileges_are_restored() {
+    let mut repo = Repo::new();
+    let roots = privileged_snapshot(&mut repo);
+    let (_tmp, target) = target();
+    let summary = repo
+        .run_stripping(roots, &target, &[], false)
+        .expect("restores");
+    assert!(summary.stripped.is_empty(), "{summary:?}");
+    let srv = target.join("srv");
+    let mode = |p: &str| fs::metadata(srv.join(p)).expect("exists").mode() & 0o7777;
+    assert_eq!(mode("su"), 0o4755);
+    // Devices and capabilities need root; elsewhere they fail as errors.
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!(summary.errors, 0, "{summary:?}");
+        let meta = fs::symlink_metadata(srv.join("null")).expect("the device exists");
+        assert!(meta.file_type().is_char_device());
+        let cap = xattr::get(srv.join("ping"), "security.capability").expect("reads");
+        assert_eq!(cap, Some(cap_setuid().value));
+    }
 }
