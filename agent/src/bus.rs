@@ -3,12 +3,15 @@
 //! [`Bus`] is a cheap, cloneable handle: one NATS connection (which reconnects on
 //! its own), the JetStream context, and the health bucket. It creates the
 //! streams and bucket the fleet needs if they are missing, so the first agent of
-//! a new fleet sets up the server.
+//! a new fleet sets up the server. Security events go through a throttle
+//! (`throttle.rs`): a flood is a few events, not thousands.
 
 pub(crate) mod micro;
 pub(crate) mod queries;
+pub(crate) mod throttle;
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use flotilla_protocol::{
@@ -18,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::now_ms;
+use throttle::{Admit, Coalesced, Throttle};
 
 /// How long event publication waits for the stream's acknowledgement.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,7 +68,14 @@ pub struct Bus {
     js: jetstream::Context,
     health: kv::Store,
     host: HostName,
+    security: Arc<Mutex<Throttle<(String, EventBody)>>>,
 }
+
+/// One security event per source and reason per this long; the rest are
+/// summed up in one event when it has passed.
+const SECURITY_WINDOW: Duration = Duration::from_secs(10);
+/// Sources tracked at once; past that, new ones share one window.
+const SECURITY_KEYS: usize = 1024;
 
 impl Bus {
     /// Connects, retrying with backoff until the server answers or `cancel`
@@ -130,6 +141,7 @@ impl Bus {
             js,
             health,
             host: host.clone(),
+            security: Arc::new(Mutex::new(Throttle::new(SECURITY_WINDOW, SECURITY_KEYS))),
         })
     }
 
@@ -199,6 +211,59 @@ impl Bus {
             },
             Err(e) => warn!(kind, error = %e, "cannot publish event"),
         }
+    }
+
+    /// A security event, coalesced per `key` (the source and the reason):
+    /// the first of a window is logged and published at once, the rest are
+    /// counted and summed up by [`Bus::flush_security`] (or by the next one
+    /// after the window), so a flood cannot bury the event history or the log.
+    pub async fn security_event(&self, key: &str, message: String, body: EventBody) {
+        let admitted = match self.security.lock() {
+            Ok(mut t) => t.admit(key, Instant::now(), (message.clone(), body.clone())),
+            Err(_) => Admit::Publish { closed: None },
+        };
+        match admitted {
+            Admit::HeldBack => debug!(%key, %message, "security event coalesced"),
+            Admit::Publish { closed } => {
+                if let Some(c) = closed {
+                    self.publish_coalesced(c).await;
+                }
+                warn!(%key, %message, "security event");
+                self.event(Severity::Error, message, body).await;
+            }
+        }
+    }
+
+    /// Publishes the summaries of the security-event windows that have
+    /// passed. Called at every heartbeat.
+    pub async fn flush_security(&self) {
+        let due = match self.security.lock() {
+            Ok(mut t) => t.due(Instant::now()),
+            Err(_) => Vec::new(),
+        };
+        for c in due {
+            self.publish_coalesced(c).await;
+        }
+    }
+
+    async fn publish_coalesced(&self, c: Coalesced<(String, EventBody)>) {
+        let (message, mut body) = c.last;
+        let said = format!(
+            "{} more like this in {} s (coalesced; {}); the last: {message}",
+            c.count,
+            c.window.as_secs().max(1),
+            c.key
+        );
+        // The key holds the task id, if any: the summary names the same task.
+        if let EventBody::TaskRejected { detail, .. } = &mut body {
+            *detail = format!(
+                "{} more in {} s; the last: {detail}",
+                c.count,
+                c.window.as_secs().max(1)
+            );
+        }
+        warn!(key = %c.key, held_back = c.count, "security events coalesced");
+        self.event(Severity::Error, said, body).await;
     }
 
     /// Flushes everything published so far to the server.

@@ -272,6 +272,7 @@ async fn heartbeat_loop(agent: Arc<Agent>, latest: LatestHealth, cancel: Cancell
         if let Err(e) = agent.bus.put_health(&hb).await {
             warn!(error = %e, "cannot publish heartbeat");
         }
+        agent.bus.flush_security().await;
     }
 }
 

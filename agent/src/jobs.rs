@@ -508,10 +508,15 @@ impl Agent {
         detail: String,
         subject: &str,
     ) {
-        warn!(task = ?task_id, ?reason, %detail, "task rejected");
         self.bus
-            .event(
-                Severity::Error,
+            .security_event(
+                // Per task as well: refusals of different genuine tasks are
+                // each told (the coordinator follows them); a replayed one,
+                // or a stream of forgeries, is coalesced.
+                &format!(
+                    "{subject} {reason:?} {}",
+                    task_id.as_ref().map_or("-", |t| t.as_str())
+                ),
                 format!("rejected a task on {subject}: {detail}"),
                 EventBody::TaskRejected {
                     task_id,

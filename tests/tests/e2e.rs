@@ -416,6 +416,54 @@ fn task_sent_while_agent_stopped_runs_when_back() -> Result<()> {
     Ok(())
 }
 
+/// A flood of forged tasks is two security events, not three hundred: the
+/// first at once, then one that sums up the rest of its 10 s window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_forged_tasks_is_coalesced_into_two_events() -> Result<()> {
+    const FLOOD: usize = 300;
+    let nats = NatsServer::start()?;
+    let fleet = Fleet::init(&nats)?;
+    let mut alpha = fleet.start_agent("alpha")?;
+    fleet.wait_online(&["alpha"], STARTUP_TIMEOUT);
+    let client = fleet.nats_client().await?;
+    for i in 0..FLOOD {
+        publish_task(
+            &client,
+            "alpha",
+            format!("\u{c1}not a task {i}").into_bytes(),
+        )
+        .await?;
+    }
+    let rejections = |fleet: &Fleet| -> Result<Vec<Value>> {
+        Ok(fleet
+            .events()?
+            .into_iter()
+            .filter(|ev| is_rejection(ev, "alpha", "malformed"))
+            .collect())
+    };
+    let summary = fleet.wait_for(
+        "the summary of the coalesced rejections",
+        Duration::from_secs(30),
+        || {
+            let all = rejections(&fleet)?;
+            Ok(all.into_iter().find(|ev| {
+                ev["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("coalesced"))
+            }))
+        },
+    );
+    let all = rejections(&fleet)?;
+    assert_eq!(all.len(), 2, "{}", summarize_events(&all));
+    let detail = summary["detail"]["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.starts_with(&format!("{} more in ", FLOOD - 1)),
+        "{summary:#}"
+    );
+    assert_agent_healthy(&fleet, &mut alpha)?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_payloads_do_not_crash_agent() -> Result<()> {
     let nats = NatsServer::start()?;

@@ -3,8 +3,12 @@
 //! their blob lists, sealed tree blobs, and counts. The coordinator lists and
 //! browses snapshots through them; it opens what it gets with the fleet's
 //! repository key, which this side never has. No file content is served.
+//! Answers go only to `_INBOX.` reply subjects, at most 50 a second on
+//! average (bursts of 200): a flood is dropped, not answered, and said in
+//! the log once per 10 s.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use flotilla_protocol::frame::RepoReply;
 use flotilla_protocol::repo::{BlobId, BlobKind};
@@ -13,8 +17,17 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::throttle::RateLimit;
 use super::Bus;
 use crate::repository::Repository;
+
+/// Queries answered a second, on average: far more than a person or the
+/// daemon asks, far fewer than a flood that would starve the real askers.
+const QUERY_RATE: f64 = 50.0;
+/// Queries answered at once before the rate applies.
+const QUERY_BURST: f64 = 200.0;
+/// How often a storm of unanswered queries is said in the log.
+const SAY_DROPPED_EVERY: Duration = Duration::from_secs(10);
 
 /// Which query a request is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +48,9 @@ pub(crate) async fn serve(
     let snaps = client.subscribe(subject::repo_snapshots(host)).await?;
     let trees = client.subscribe(subject::repo_tree(host)).await?;
     let stats = client.subscribe(subject::repo_stats(host)).await?;
+    let mut limit = RateLimit::new(QUERY_RATE, QUERY_BURST);
+    let mut dropped: u64 = 0;
+    let mut last_said: Option<Instant> = None;
     let mut requests = futures::stream::select_all([
         snaps.map(|m| (Query::Snapshots, m)).boxed(),
         trees.map(|m| (Query::Tree, m)).boxed(),
@@ -48,7 +64,25 @@ pub(crate) async fn serve(
                 None => return Ok(()),
             },
         };
-        let Some(reply) = msg.reply else { continue };
+        // Replies go only to request inboxes: a reply subject is chosen by
+        // whoever asks, and the storage host must not be made to publish
+        // its listings on any subject an asker names.
+        let Some(reply) = msg.reply.filter(|r| r.starts_with("_INBOX.")) else {
+            continue;
+        };
+        let now = Instant::now();
+        if !limit.allow(now) {
+            dropped += 1;
+            if last_said.is_none_or(|at| now.saturating_duration_since(at) >= SAY_DROPPED_EVERY) {
+                warn!(
+                    dropped,
+                    "repository queries are coming faster than {QUERY_RATE}/s; the excess is not answered"
+                );
+                dropped = 0;
+                last_said = Some(now);
+            }
+            continue;
+        }
         let repo = repo.clone();
         let payload = msg.payload.clone();
         let answered = tokio::task::spawn_blocking(move || answer(&repo, query, &payload))

@@ -14,18 +14,18 @@
 //! the repository key, never the task journal.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_protocol::frame::{ErrorCode, Request, Response, MAX_FRAME, MAX_IDS};
 use flotilla_protocol::repo::BlobId;
 use flotilla_protocol::{
-    verify_task_for_peer, EventBody, HostName, PublicKey, RejectReason, Severity, TaskBody, TaskId,
-    TaskKind,
+    verify_task_for_peer, EventBody, HostName, PublicKey, RejectReason, TaskBody, TaskId, TaskKind,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use super::{peer_host, read_frame, write_frame, Claims, TransferEndpoint, TransferError};
 use crate::bus::Bus;
@@ -34,6 +34,10 @@ use crate::repository::{RepoError, Repository};
 
 /// How long a client has to present its task.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may stay without opening its first stream.
+const FIRST_STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// Close code of a connection that opened no stream in time.
+const CLOSE_NO_STREAM: quinn::VarInt = quinn::VarInt::from_u32(2);
 /// Largest hello frame: a task envelope and a little framing.
 const HELLO_BYTES: usize = flotilla_protocol::limits::TASK_BYTES + 1024;
 
@@ -94,9 +98,9 @@ pub(crate) async fn serve(
                 let conn = match incoming.establish().await {
                     Ok(c) => c,
                     Err(e) => {
-                        // A peer without a fleet certificate ends here.
-                        warn!(error = %e, "QUIC handshake refused");
-                        ctx.refused_peer(&peer.to_string(), &e.to_string()).await;
+                        // A peer without a fleet certificate ends here
+                        // (logged with the event, coalesced in a flood).
+                        ctx.refused_peer(&peer, &e.to_string()).await;
                         return;
                     }
                 };
@@ -113,10 +117,10 @@ pub(crate) async fn serve(
 }
 
 impl ServerContext {
-    async fn refused_peer(&self, peer: &str, why: &str) {
+    async fn refused_peer(&self, peer: &SocketAddr, why: &str) {
         self.bus
-            .event(
-                Severity::Error,
+            .security_event(
+                &format!("{} unknown_peer", peer.ip()),
                 format!("refused a data-plane peer at {peer}: {why}"),
                 EventBody::TaskRejected {
                     task_id: None,
@@ -149,7 +153,17 @@ async fn session(
 ) -> Result<(), TransferError> {
     let claims = &ctx.claims;
     let peer = conn.remote_address().to_string();
-    let (mut send, mut recv) = conn.accept_bi().await?;
+    // A fleet member that connects must say what it wants at once: a
+    // connection that opens no stream would otherwise hold a slot (and
+    // keep-alives) until the idle timeout, and many of them would be a flood.
+    let first = tokio::time::timeout(FIRST_STREAM_TIMEOUT, conn.accept_bi()).await;
+    let Ok(first) = first else {
+        conn.close(CLOSE_NO_STREAM, b"no stream opened in time");
+        return Err(TransferError::TimedOut {
+            addr: conn.remote_address(),
+        });
+    };
+    let (mut send, mut recv) = first?;
     // The hello is small and must come at once: a peer cannot hold a
     // session (or much memory) without presenting a task.
     let hello = tokio::time::timeout(HELLO_TIMEOUT, read_frame::<Request>(&mut recv, HELLO_BYTES))
@@ -517,10 +531,14 @@ impl ServerContext {
         detail: String,
         peer: &str,
     ) {
-        warn!(task = ?task_id, ?reason, %detail, %peer, "data-plane session refused");
+        // The source address, not its port: a flood comes from many ports.
+        let source = peer.rsplit_once(':').map_or(peer, |(ip, _)| ip);
         self.bus
-            .event(
-                Severity::Error,
+            .security_event(
+                &format!(
+                    "{source} {reason:?} {}",
+                    task_id.map_or("-", |t| t.as_str())
+                ),
                 format!("refused a data-plane session from {peer}: {detail}"),
                 EventBody::TaskRejected {
                     task_id: task_id.cloned(),
