@@ -135,6 +135,22 @@ pub enum EventBody {
         /// The coordinator's version.
         coordinator_version: String,
     },
+    /// A `flotilla serve` daemon has been on standby for long without any
+    /// daemon it can see leading: the lease cannot be read, its holder is
+    /// not named, or the named holder publishes no fleet status (a daemon
+    /// that hangs, or someone squatting the lease key). Schedules and alerts
+    /// may not be running. Repeated every few minutes while it lasts.
+    #[serde(rename = "coordinator.standby")]
+    CoordinatorStandby {
+        /// This daemon's instance name.
+        instance: String,
+        /// Who holds the lease, if it can be read.
+        holder: Option<String>,
+        /// How long it has stood by like this, in seconds.
+        standby_secs: u64,
+        /// Why no leader can be seen.
+        why: String,
+    },
     /// A repository check found problems.
     #[serde(rename = "check.failed")]
     CheckFailed {
@@ -350,6 +366,7 @@ impl EventBody {
         "backup.overdue",
         "storage.low_space",
         "agent.version_mismatch",
+        "coordinator.standby",
     ];
 
     /// The dotted kind name, as on the wire and in the subject.
@@ -370,6 +387,7 @@ impl EventBody {
             EventBody::BackupOverdue { .. } => "backup.overdue",
             EventBody::StorageLowSpace { .. } => "storage.low_space",
             EventBody::AgentVersionMismatch { .. } => "agent.version_mismatch",
+            EventBody::CoordinatorStandby { .. } => "coordinator.standby",
         }
     }
 
@@ -391,7 +409,8 @@ impl EventBody {
             | EventBody::AgentOffline { .. }
             | EventBody::BackupOverdue { .. }
             | EventBody::StorageLowSpace { .. }
-            | EventBody::AgentVersionMismatch { .. } => None,
+            | EventBody::AgentVersionMismatch { .. }
+            | EventBody::CoordinatorStandby { .. } => None,
         }
     }
 }
@@ -485,7 +504,8 @@ mod tests {
                 | EventBody::JobCancelled(_)
                 | EventBody::BackupOverdue { .. }
                 | EventBody::StorageLowSpace { .. }
-                | EventBody::AgentVersionMismatch { .. } => {}
+                | EventBody::AgentVersionMismatch { .. }
+                | EventBody::CoordinatorStandby { .. } => {}
             }
         }
         let ended = JobEnded {
@@ -504,6 +524,12 @@ mod tests {
             },
             EventBody::AgentOffline {
                 reason: OfflineReason::Shutdown,
+            },
+            EventBody::CoordinatorStandby {
+                instance: "nas-1".into(),
+                holder: Some("squatter".into()),
+                standby_secs: 45,
+                why: "no fleet status".into(),
             },
             EventBody::TaskRejected {
                 task_id: None,

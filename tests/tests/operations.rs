@@ -851,3 +851,82 @@ fn backup_wait_on_a_stopped_host_says_so_and_times_out() {
         .expect("list snapshots");
     assert!(snapshots.is_empty(), "{snapshots:#?}");
 }
+
+/// Someone squats the coordinator lease: they keep the key `leader` in the
+/// lease bucket renewed under a name of their own but lead nothing. The
+/// daemon stands by, and because the holder writes no fleet status it says
+/// so within a minute: in its log and as a `coordinator.standby` event that
+/// names the holder. Nothing is dispatched meanwhile.
+#[test]
+fn a_squatted_lease_is_said_not_silent() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let _agents = start_world(&fleet);
+    let rt = tokio::runtime::Runtime::new().expect("a runtime");
+    let client = rt.block_on(fleet.nats_client()).expect("connect to NATS");
+    let squatter = rt.spawn(async move {
+        use async_nats::jetstream::{self, kv};
+        let js = jetstream::new(client);
+        // As the daemon makes the bucket: entries live 15 s.
+        let store = js
+            .create_key_value(kv::Config {
+                bucket: "flotilla-coordinator".into(),
+                history: 1,
+                max_age: Duration::from_secs(15),
+                storage: jetstream::stream::StorageType::Memory,
+                ..Default::default()
+            })
+            .await
+            .expect("create the lease bucket");
+        loop {
+            store
+                .put("leader", "squatter".into())
+                .await
+                .expect("squat the lease");
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    // The key is there before the daemon looks.
+    fleet.wait_until("the lease to be squatted", STARTUP_TIMEOUT, || {
+        rt.block_on(async {
+            let js = async_nats::jetstream::new(fleet.nats_client().await?);
+            let store = js.get_key_value("flotilla-coordinator").await?;
+            anyhow::Ok(store.get("leader").await?.is_some())
+        })
+    });
+    let config = write_config(
+        fleet.dir(),
+        "flotilla.toml",
+        &format!("{SERVE}{}", minute_plan()),
+    );
+    let serve = fleet.serve("main", &config).expect("start flotilla serve");
+    let event = fleet.wait_for_event(
+        "a coordinator.standby event",
+        Duration::from_secs(120),
+        |ev| ev["kind"] == "coordinator.standby",
+    );
+    assert_eq!(event["detail"]["holder"], "squatter", "{event:#}");
+    let why = event["detail"]["why"].as_str().unwrap_or_default();
+    assert!(why.contains("no fleet status"), "{event:#}");
+    assert!(
+        event["detail"]["standby_secs"]
+            .as_u64()
+            .is_some_and(|s| s >= 45),
+        "{event:#}"
+    );
+    assert!(
+        serve
+            .log()
+            .contains("no daemon can be seen leading"),
+        "{}",
+        serve.log()
+    );
+    let dispatched = fleet
+        .events()
+        .expect("flotilla events --json")
+        .into_iter()
+        .filter(|ev| ev["kind"] == "task.started")
+        .count();
+    assert_eq!(dispatched, 0, "a standby daemon dispatched");
+    squatter.abort();
+}

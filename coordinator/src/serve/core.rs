@@ -153,6 +153,8 @@ pub enum LeaderChange {
     LongStandby {
         /// Time on standby.
         for_ms: u64,
+        /// Who holds the lease, if it can be read.
+        holder: Option<String>,
         /// Why the lease is not ours.
         why: String,
     },
@@ -368,6 +370,7 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
     /// Takes in what the lease said at `now`.
     pub fn on_lease(&mut self, now: u64, seen: LeaseSeen) -> Vec<Action> {
         let mut out = Vec::new();
+        let mut holder_seen = None;
         let worry = match seen {
             LeaseSeen::Held => {
                 if !self.leader {
@@ -380,18 +383,31 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
                 self.warned_at = None;
                 return out;
             }
-            // Another daemon leads: standing by is what this one is for.
+            // Another daemon leads: standing by is what this one is for, as
+            // long as the holder shows it leads (the fleet status it writes
+            // at every tick is fresh).
             LeaseSeen::HeldByOther {
                 holder: Some(holder),
+                status_at,
             } => {
                 if self.leader {
                     out.push(Action::Leadership(LeaderChange::Lost {
                         why: format!("{holder} holds the lease"),
                     }));
                 }
-                None
+                holder_seen = Some(holder.clone());
+                match status_at {
+                    Some(at) if now.saturating_sub(at) <= STANDBY_WARN_MS => None,
+                    Some(at) => Some(format!(
+                        "{holder} holds the lease but has written no fleet status for {} s (a daemon that hangs, or someone squatting the lease key)",
+                        now.saturating_sub(at) / 1000
+                    )),
+                    None => Some(format!(
+                        "{holder} holds the lease but no fleet status can be read (a daemon that hangs, or someone squatting the lease key)"
+                    )),
+                }
             }
-            LeaseSeen::HeldByOther { holder: None } => {
+            LeaseSeen::HeldByOther { holder: None, .. } => {
                 Some("the lease is held, but its holder cannot be read".to_owned())
             }
             LeaseSeen::Failed { why } => Some(why),
@@ -417,6 +433,7 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
             self.warned_at = Some(now);
             out.push(Action::Leadership(LeaderChange::LongStandby {
                 for_ms,
+                holder: holder_seen,
                 why,
             }));
         }

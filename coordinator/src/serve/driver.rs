@@ -25,7 +25,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::core::{Action, Core, LeaderChange, TaskSpec};
 use super::error::ServeError;
-use super::lease::Lease;
+use super::lease::{Lease, LeaseSeen};
 use super::metrics;
 use super::notify::Notifier;
 use super::state::ServeState;
@@ -51,6 +51,8 @@ struct Driver {
     status: Option<async_nats::jetstream::kv::Store>,
     /// Reading the jobs' outcomes back from the event stream.
     read_back: ReadBack,
+    /// This daemon's instance name (the lease's value when it leads).
+    instance: String,
 }
 
 /// The subscriptions hear nothing while the daemon is disconnected: a job's
@@ -152,6 +154,7 @@ pub async fn run(
         fleet,
         metrics,
         registry,
+        instance: instance.clone(),
     };
     info!(instance = %instance, plans, "flotilla serve started");
 
@@ -162,7 +165,7 @@ pub async fn run(
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
             _ = tick.tick() => {
-                let seen = lease.refresh().await;
+                let seen = driver.status_of_holder(lease.refresh().await).await;
                 let actions = driver.core.on_lease(crate::now_ms(), seen);
                 driver.perform(actions).await;
                 driver.tick().instrument(info_span!("tick")).await;
@@ -227,6 +230,58 @@ fn hostname() -> String {
 }
 
 impl Driver {
+    /// Fills in when the lease's other holder last wrote the fleet status
+    /// (its entry's time in the status bucket), so the core can tell a
+    /// leader from a holder that does nothing.
+    async fn status_of_holder(&mut self, seen: LeaseSeen) -> LeaseSeen {
+        let LeaseSeen::HeldByOther {
+            holder: Some(holder),
+            status_at: None,
+        } = seen
+        else {
+            return seen;
+        };
+        let status_at = match self.nats.js.get_key_value(STATUS_BUCKET).await {
+            Ok(store) => match store.entry(STATUS_KEY).await {
+                Ok(Some(entry)) => {
+                    let ms = entry.created.unix_timestamp_nanos() / 1_000_000;
+                    u64::try_from(ms).ok()
+                }
+                _ => None,
+            },
+            Err(_) => None,
+        };
+        LeaseSeen::HeldByOther {
+            holder: Some(holder),
+            status_at,
+        }
+    }
+
+    /// Publishes `coordinator.standby` (about the coordinator's machine).
+    async fn standby_event(&self, for_ms: u64, holder: Option<String>, why: String) {
+        let host = HostName::new(hostname())
+            .or_else(|_| HostName::new("coordinator"))
+            .expect("\"coordinator\" is a valid host name");
+        let message = format!(
+            "flotilla serve {} has stood by for {} s with no daemon seen leading: {why}; schedules and alerts may not be running",
+            self.instance,
+            for_ms / 1000
+        );
+        let body = flotilla_protocol::EventBody::CoordinatorStandby {
+            instance: self.instance.clone(),
+            holder,
+            standby_secs: for_ms / 1000,
+            why,
+        };
+        if let Err(e) = self
+            .nats
+            .publish_event(&host, flotilla_protocol::Severity::Warning, message, body)
+            .await
+        {
+            warn!(error = %e, "cannot publish coordinator.standby");
+        }
+    }
+
     /// Reads the running jobs' outcomes back from the event stream after a
     /// reconnect or when [`READ_BACK_EVERY`] has passed, and hands the core
     /// those it has not had yet (a job the live subscription already ended
@@ -340,7 +395,17 @@ impl Driver {
                     }
                 }
                 Action::JobStarted { plan } => self.notifier.job_started(&plan),
-                Action::Leadership(change) => log_leadership(&change),
+                Action::Leadership(change) => {
+                    log_leadership(&change);
+                    if let LeaderChange::LongStandby {
+                        for_ms,
+                        holder,
+                        why,
+                    } = change
+                    {
+                        self.standby_event(for_ms, holder, why).await;
+                    }
+                }
                 Action::Cancel { host, task_id } => {
                     let sent = match Dispatch::new(&self.fleet, &self.nats) {
                         Ok(d) => {
@@ -524,9 +589,9 @@ fn log_leadership(change: &LeaderChange) {
         LeaderChange::Lost { why } => {
             warn!(%why, "lost the coordinator lease; standing by")
         }
-        LeaderChange::LongStandby { for_ms, why } => warn!(
+        LeaderChange::LongStandby { for_ms, why, .. } => warn!(
             %why,
-            "standby for {} s: no daemon can be seen holding the coordinator lease",
+            "standby for {} s: no daemon can be seen leading",
             for_ms / 1000
         ),
     }

@@ -32,6 +32,11 @@ pub enum LeaseSeen {
     HeldByOther {
         /// The holder's instance name.
         holder: Option<String>,
+        /// When the fleet status a leader writes at every tick was last
+        /// written (unix ms), if it can be read: a holder that writes none
+        /// is not leading (it hangs, or it squats the key). Filled in by the
+        /// driver.
+        status_at: Option<u64>,
     },
     /// The lease could not be renewed or taken (bus down, bucket gone).
     Failed {
@@ -148,14 +153,21 @@ impl Lease {
                                 self.revision = Some(rev);
                                 LeaseSeen::Held
                             }
-                            Err(_) => LeaseSeen::HeldByOther { holder: None },
+                            Err(_) => LeaseSeen::HeldByOther {
+                                holder: None,
+                                status_at: None,
+                            },
                         }
                     }
                     Ok(Some(entry)) => LeaseSeen::HeldByOther {
                         holder: Some(String::from_utf8_lossy(&entry.value).into_owned()),
+                        status_at: None,
                     },
                     // Gone between the two calls: the next tick takes it.
-                    Ok(None) => LeaseSeen::HeldByOther { holder: None },
+                    Ok(None) => LeaseSeen::HeldByOther {
+                        holder: None,
+                        status_at: None,
+                    },
                     Err(e) => {
                         self.store = None;
                         LeaseSeen::Failed {

@@ -707,6 +707,7 @@ fn dispatching_resumes_when_the_lease_returns_after_a_bus_restart() {
             down + 45 * SEC,
             Action::Leadership(LeaderChange::LongStandby {
                 for_ms: 45 * SEC,
+                holder: None,
                 why: "stream not found".into()
             })
         )]
@@ -726,11 +727,14 @@ fn dispatching_resumes_when_the_lease_returns_after_a_bus_restart() {
 #[test]
 fn standing_by_behind_a_live_leader_is_quiet_and_a_lasting_failure_is_not() {
     let mut w = World::standby(&five_minutely());
-    let other = LeaseSeen::HeldByOther {
-        holder: Some("nas-1234".into()),
-    };
+    // The leader writes the fleet status at every tick: quiet.
     for i in 0..240 {
-        let actions = w.core.on_lease(T0 + i * 5 * SEC, other.clone());
+        let now = T0 + i * 5 * SEC;
+        let other = LeaseSeen::HeldByOther {
+            holder: Some("nas-1234".into()),
+            status_at: Some(now - 3 * SEC),
+        };
+        let actions = w.core.on_lease(now, other);
         assert!(actions.is_empty(), "{actions:?}");
     }
     // Unreadable for 11 minutes: warned at 45 s, then every 5 minutes.
@@ -738,16 +742,52 @@ fn standing_by_behind_a_live_leader_is_quiet_and_a_lasting_failure_is_not() {
     let mut warned = Vec::new();
     for i in 0..=132 {
         let now = start + i * 5 * SEC;
-        for a in w
-            .core
-            .on_lease(now, LeaseSeen::HeldByOther { holder: None })
-        {
+        for a in w.core.on_lease(
+            now,
+            LeaseSeen::HeldByOther {
+                holder: None,
+                status_at: None,
+            },
+        ) {
             if let Action::Leadership(LeaderChange::LongStandby { for_ms, .. }) = a {
                 warned.push(for_ms / SEC);
             }
         }
     }
     assert_eq!(warned, [45, 345, 645]);
+}
+
+#[test]
+fn a_lease_holder_that_writes_no_status_is_said_to_be_squatting() {
+    let mut w = World::standby(&five_minutely());
+    // The key names a holder, but nothing it writes shows it leads: the
+    // status stopped at T0 (a daemon that hung), or was never there.
+    let mut warned = Vec::new();
+    for i in 0..=132 {
+        let now = T0 + i * 5 * SEC;
+        let squat = LeaseSeen::HeldByOther {
+            holder: Some("squatter".into()),
+            status_at: (i < 66).then_some(T0),
+        };
+        for a in w.core.on_lease(now, squat) {
+            match a {
+                Action::Leadership(LeaderChange::LongStandby {
+                    for_ms,
+                    holder,
+                    why,
+                }) => {
+                    assert_eq!(holder.as_deref(), Some("squatter"));
+                    assert!(why.contains("squatting"), "{why}");
+                    warned.push(for_ms / SEC);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(w.tick(now).is_empty(), "standby dispatches nothing");
+    }
+    // Fresh for 45 s (quiet), then worried from 50 s: said 45 s later, then
+    // every 5 minutes.
+    assert_eq!(warned, [45, 345]);
 }
 
 // ---- watchdog ---------------------------------------------------------------------------
