@@ -660,10 +660,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     )
                     .await
                     {
+                        // Ctrl-C stops the command, not just this plan.
+                        let stop = matches!(e, CliError::Cancelled);
                         failed.push(CliError::Plan {
                             plan: p.name.to_string(),
                             source: Box::new(e),
                         });
+                        if stop {
+                            break;
+                        }
                     }
                 }
                 // Each failure once: all but the last here, the last by `main`.

@@ -103,6 +103,9 @@ pub enum Outcome {
     },
     /// The subscriptions ended (connection closed).
     Lost(String),
+    /// A second Ctrl-C stopped the wait: the task was sent a `cancel`, and
+    /// its end was not waited for.
+    Abandoned,
 }
 
 /// How long a waiting command waits, and what it does when that runs out.

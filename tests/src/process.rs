@@ -198,6 +198,13 @@ impl CliProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// SIGINT, as Ctrl-C at a terminal would send.
+    pub fn interrupt(&self) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)
+            .with_context(|| format!("cannot interrupt `{}`", self.command))
+    }
+
     /// Waits up to `timeout` for the process to exit, killing it after that, and
     /// returns what it did. A timeout is reported in [`CliOutput::timed_out`], not
     /// as an error, so the caller's assertion shows the partial output.

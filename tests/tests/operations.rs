@@ -915,9 +915,7 @@ fn a_squatted_lease_is_said_not_silent() {
         "{event:#}"
     );
     assert!(
-        serve
-            .log()
-            .contains("no daemon can be seen leading"),
+        serve.log().contains("no daemon can be seen leading"),
         "{}",
         serve.log()
     );
@@ -929,4 +927,59 @@ fn a_squatted_lease_is_said_not_silent() {
         .count();
     assert_eq!(dispatched, 0, "a standby daemon dispatched");
     squatter.abort();
+}
+
+/// Ctrl-C during `backup --all --wait` stops the command, not just the plan
+/// that is running: that plan's backup is cancelled, the command exits 130,
+/// and the next plan is never sent.
+#[test]
+fn ctrl_c_during_backup_all_stops_before_the_next_plan() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let agents = start_world(&fleet);
+    let beta = fleet.start_agent("beta").expect("start beta");
+    fleet.wait_online(&["beta"], STARTUP_TIMEOUT);
+    // Enough for the backup to be running when the interrupt comes.
+    write_random(
+        &agents[1].backup_root().join("data/big.bin"),
+        7,
+        600 * 1024 * 1024,
+    )
+    .expect("write test data");
+    let config = write_config(
+        fleet.dir(),
+        "flotilla.toml",
+        "[[plan]]\nname = \"first\"\nhosts = [\"alpha\"]\nto = \"nas\"\n\n\
+         [[plan]]\nname = \"second\"\nhosts = [\"beta\"]\nto = \"nas\"\n",
+    );
+    let config = config.to_string_lossy().into_owned();
+    let proc = fleet
+        .spawn_cli(["backup", "--all", "--config", config.as_str(), "--wait"])
+        .expect("start flotilla backup --all --wait");
+    fleet.wait_for_event("alpha's backup to start", EVENT_TIMEOUT, |ev| {
+        ev["kind"] == "task.started" && ev["host"] == "alpha"
+    });
+    proc.interrupt().expect("Ctrl-C");
+    let out = proc
+        .wait(Duration::from_secs(120))
+        .expect("wait for backup");
+    assert_eq!(out.code, Some(130), "{out}");
+    let finished = fleet.wait_for_event("alpha's backup to end", EVENT_TIMEOUT, |ev| {
+        ev["kind"] == "task.finished"
+            && ev["host"] == "alpha"
+            && ev["detail"]["task_kind"] == "backup"
+    });
+    assert_eq!(finished["detail"]["outcome"], "cancelled", "{finished:#}");
+    // The second plan was never sent: beta started nothing, and the
+    // command said nothing of it.
+    let events = fleet.events().expect("flotilla events --json");
+    assert!(
+        !events
+            .iter()
+            .any(|ev| ev["kind"] == "task.started" && ev["host"] == "beta"),
+        "{}",
+        summarize_events(&events)
+    );
+    assert!(!out.stderr.contains("to beta"), "{out}");
+    drop(beta);
 }

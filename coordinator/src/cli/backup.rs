@@ -76,8 +76,6 @@ pub(super) async fn run(
     let expected = sent.len();
     let wait = Wait::with_timeout(WAIT, timeout);
     let results = follow_all(sent, wait, json, Some(&dispatch)).await;
-    // Fewer results than tasks: waiting was given up (a second Ctrl-C).
-    let gave_up = results.len() < expected;
     // With one host its error is the command's; with several, each failed
     // host's error is printed with its result and the command's error only
     // names them, so no message is printed twice.
@@ -150,6 +148,9 @@ pub(super) async fn run(
                     TaskOutcome::Cancelled => cancelled = true,
                 }
             }
+            // Waiting was given up (a second Ctrl-C): the command was
+            // stopped, which is not a failure of the host.
+            Err(CliError::Cancelled) => cancelled = true,
             // Refused, or not finished in time: with several hosts, said on
             // the host's own line (the message names the host).
             Err(e) => {
@@ -179,7 +180,7 @@ pub(super) async fn run(
             code: first.exit_code(),
         });
     }
-    if cancelled || gave_up {
+    if cancelled {
         return Err(CliError::Cancelled);
     }
     if partial {

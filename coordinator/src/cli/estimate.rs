@@ -104,6 +104,7 @@ pub(super) async fn run(
                 why,
             })
         }
+        Outcome::Abandoned => return Err(CliError::Cancelled),
     };
     if json {
         outln!(

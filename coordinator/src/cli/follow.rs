@@ -57,11 +57,18 @@ impl Followed {
                 after_secs: after.as_secs(),
                 host_offline,
             }),
-            Outcome::TimedOut | Outcome::Lost(_) => Err(CliError::Timeout {
+            Outcome::TimedOut => Err(CliError::Timeout {
                 host: self.host.to_string(),
                 task_id: self.task_id,
                 waited_secs: wait.into().limit.as_secs(),
             }),
+            // The subscription ended before the task did: not a timeout (no
+            // time ran out), so not reported as one.
+            Outcome::Lost(why) => Err(CliError::Request {
+                what: format!("follow task {} on {}", self.task_id, self.host),
+                why,
+            }),
+            Outcome::Abandoned => Err(CliError::Cancelled),
         }
     }
 }
@@ -104,7 +111,10 @@ pub async fn follow_all(
     let Some(nats) = tasks.first().map(|(_, t)| t.nats().clone()) else {
         return Vec::new();
     };
-    let order: Vec<TaskId> = tasks.iter().map(|(_, t)| t.id.clone()).collect();
+    let order: Vec<(HostName, TaskId)> = tasks
+        .iter()
+        .map(|(h, t)| (h.clone(), t.id.clone()))
+        .collect();
     let mut follower = Follower::new(&nats, tasks.into_iter().map(|(_, t)| t).collect(), wait);
     let mut interrupted = false;
     let mut live = Live::stderr();
@@ -114,6 +124,18 @@ pub async fn follow_all(
             _ = tokio::signal::ctrl_c(), if interrupt.is_some() => {
                 if interrupted {
                     live.println("second interrupt: not waiting any longer");
+                    // Every task not heard of ends here, so that no caller
+                    // takes silence for success and goes on (a prune after
+                    // a forget, the next plan).
+                    for (host, task_id) in &order {
+                        if !done.iter().any(|f: &Followed| f.task_id == *task_id) {
+                            done.push(Followed {
+                                host: host.clone(),
+                                task_id: task_id.clone(),
+                                outcome: Outcome::Abandoned,
+                            });
+                        }
+                    }
                     break;
                 }
                 interrupted = true;
@@ -149,7 +171,7 @@ pub async fn follow_all(
         }
     }
     live.clear();
-    done.sort_by_key(|f| order.iter().position(|id| *id == f.task_id));
+    done.sort_by_key(|f| order.iter().position(|(_, id)| *id == f.task_id));
     done
 }
 
@@ -403,6 +425,22 @@ mod tests {
     }
 
     const GIB: u64 = 1024 * 1024 * 1024;
+
+    #[test]
+    fn a_lost_subscription_is_not_reported_as_a_timeout() {
+        let lost = Followed {
+            host: host("laptop"),
+            task_id: TaskId::new("t1").expect("valid"),
+            outcome: Outcome::Lost("event subscription closed".into()),
+        };
+        match lost.finished(std::time::Duration::from_secs(24 * 3600)) {
+            Err(CliError::Request { what, why }) => {
+                assert_eq!(what, "follow task t1 on laptop");
+                assert_eq!(why, "event subscription closed");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn a_progress_line_shows_everything_when_it_fits() {
