@@ -25,6 +25,10 @@ use throttle::{Admit, Coalesced, Throttle};
 
 /// How long event publication waits for the stream's acknowledgement.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`Bus::event_until_stored`] keeps trying: inside the event
+/// stream's two-minute duplicate window, so a try whose acknowledgement was
+/// lost and a later one are stored once.
+const STORE_RETRY_FOR: Duration = Duration::from_secs(100);
 
 /// A failure talking to NATS.
 #[derive(Debug, thiserror::Error)]
@@ -189,27 +193,78 @@ impl Bus {
     /// store it. Failures are logged, never returned: an event that cannot be
     /// published must not stop the work it reports on.
     pub async fn event(&self, severity: Severity, message: impl Into<String>, body: EventBody) {
-        let event = Event {
+        let event = self.make_event(severity, message.into(), body);
+        if let Err(why) = self.store_event(&event).await {
+            warn!(kind = event.body.kind(), %why, "event not stored");
+        }
+    }
+
+    /// [`Bus::event`] for what must not be lost (a task's start and end,
+    /// which waiting commands and `flotilla serve` follow): while the bus
+    /// does not acknowledge it, it is sent again, every few seconds, for up
+    /// to [`STORE_RETRY_FOR`]. Each try carries the event id as
+    /// `Nats-Msg-Id`, so the stream stores it once however many tries
+    /// reach it (its duplicate window is two minutes).
+    pub async fn event_until_stored(
+        &self,
+        severity: Severity,
+        message: impl Into<String>,
+        body: EventBody,
+    ) {
+        let event = self.make_event(severity, message.into(), body);
+        let kind = event.body.kind();
+        let deadline = Instant::now() + STORE_RETRY_FOR;
+        let mut delay = Duration::from_secs(1);
+        let mut tries = 1u32;
+        loop {
+            match self.store_event(&event).await {
+                Ok(()) if tries > 1 => {
+                    return info!(kind, tries, "event stored after the bus came back")
+                }
+                Ok(()) => return,
+                Err(why) if Instant::now() + delay >= deadline => {
+                    return warn!(kind, tries, %why, "event not stored; giving up")
+                }
+                Err(why) => {
+                    debug!(kind, tries, %why, retry_in = ?delay, "event not stored yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(8));
+                    tries += 1;
+                }
+            }
+        }
+    }
+
+    fn make_event(&self, severity: Severity, message: String, body: EventBody) -> Event {
+        Event {
             v: EVENT_VERSION,
             id: uuid::Uuid::new_v4().to_string(),
             time: now_ms(),
             host: self.host.clone(),
             severity,
-            message: message.into(),
+            message,
             body,
-        };
-        let kind = event.body.kind();
-        let bytes = match encode(&event) {
-            Ok(b) => b,
-            Err(e) => return warn!(kind, error = %e, "cannot encode event"),
-        };
-        match self.js.publish(event.subject(), bytes.into()).await {
-            Ok(ack) => match tokio::time::timeout(ACK_TIMEOUT, ack).await {
-                Ok(Ok(_)) => debug!(kind, "event stored"),
-                Ok(Err(e)) => warn!(kind, error = %e, "event not stored"),
-                Err(_) => warn!(kind, "event stream did not acknowledge in time"),
-            },
-            Err(e) => warn!(kind, error = %e, "cannot publish event"),
+        }
+    }
+
+    /// One try: publish with the event id as `Nats-Msg-Id`, and wait for
+    /// the stream's acknowledgement.
+    async fn store_event(&self, event: &Event) -> Result<(), String> {
+        let bytes = encode(event).map_err(|e| format!("cannot encode: {e}"))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
+        let ack = self
+            .js
+            .publish_with_headers(event.subject(), headers, bytes.into())
+            .await
+            .map_err(|e| format!("cannot publish: {e}"))?;
+        match tokio::time::timeout(ACK_TIMEOUT, ack).await {
+            Ok(Ok(_)) => {
+                debug!(kind = event.body.kind(), "event stored");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the event stream did not acknowledge in time".into()),
         }
     }
 

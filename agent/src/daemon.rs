@@ -149,6 +149,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         }
     });
     loops.spawn(jobs::task_loop(agent.clone(), loops_cancel.clone()));
+    loops.spawn(security_loop(agent.clone(), loops_cancel.clone()));
     if agent.settings.listen.is_some() {
         // The server gets what it checks and serves, not the agent: no
         // journal, no repository key.
@@ -272,7 +273,19 @@ async fn heartbeat_loop(agent: Arc<Agent>, latest: LatestHealth, cancel: Cancell
         if let Err(e) = agent.bus.put_health(&hb).await {
             warn!(error = %e, "cannot publish heartbeat");
         }
-        agent.bus.flush_security().await;
+    }
+}
+
+/// Publishes the summaries of coalesced security events as their windows
+/// close: a loop of its own, so a slow bus delays no heartbeat.
+async fn security_loop(agent: Arc<Agent>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => agent.bus.flush_security().await,
+        }
     }
 }
 

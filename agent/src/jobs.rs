@@ -339,7 +339,7 @@ impl Agent {
             None => {}
             Some(Publish::Started { task_id, task_kind }) => {
                 self.bus
-                    .event(
+                    .event_until_stored(
                         Severity::Info,
                         format!("{task_kind} task {task_id} started"),
                         EventBody::TaskStarted {
@@ -355,7 +355,7 @@ impl Agent {
                 finished,
             }) => {
                 self.bus
-                    .event(
+                    .event_until_stored(
                         *severity,
                         message.clone(),
                         EventBody::TaskFinished(finished.as_ref().clone()),

@@ -24,8 +24,14 @@ pub fn shim() -> Result<PathBuf> {
 }
 
 fn build() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("flotilla-chaos-{}", std::process::id()));
-    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // A fresh directory only this user can write (0700, random name): the
+    // library is loaded into a root process, so nobody else may plant or
+    // swap it. Kept for the run (the agents load it at every start).
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-chaos-eio-")
+        .tempdir()
+        .context("cannot create a directory for the EIO shim")?
+        .keep();
     let src = dir.join("eio.c");
     let lib = dir.join("libchaos_eio.so");
     fs::write(&src, SOURCE)?;

@@ -152,8 +152,8 @@ impl Netns {
     pub fn partition_udp(&self, port: u16) -> Result<()> {
         let root = self.root_ip();
         self.nft(&format!(
-            "add rule inet {TABLE} output ip daddr {root} udp dport {port} drop\n\
-             add rule inet {TABLE} input ip saddr {root} udp sport {port} drop\n"
+            "add rule inet {TABLE} output ip daddr {root} udp dport {port} counter drop\n\
+             add rule inet {TABLE} input ip saddr {root} udp sport {port} counter drop\n"
         ))
     }
 
@@ -162,9 +162,43 @@ impl Netns {
     pub fn loss(&self, percent: u32) -> Result<()> {
         let dev = &self.ns_if;
         self.nft(&format!(
-            "add rule inet {TABLE} output oifname {dev} numgen random mod 100 < {percent} drop\n\
-             add rule inet {TABLE} input iifname {dev} numgen random mod 100 < {percent} drop\n"
+            "add rule inet {TABLE} output oifname {dev} numgen random mod 100 < {percent} counter drop\n\
+             add rule inet {TABLE} input iifname {dev} numgen random mod 100 < {percent} counter drop\n"
         ))
+    }
+
+    /// Packets the drop rules have dropped so far (their counters): proof
+    /// that a partition or loss hit traffic.
+    pub fn dropped(&self) -> Result<u64> {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "nft", "list", "table", "inet", TABLE,
+            ])
+            .output()
+            .context("cannot run nft")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(numbers_after(&text, "packets "))
+    }
+
+    /// Packets the bandwidth cap held back so far (tbf's `overlimits`):
+    /// proof that the cap throttled traffic.
+    pub fn throttled(&self) -> Result<u64> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.name,
+                "tc",
+                "-s",
+                "qdisc",
+                "show",
+                "dev",
+                &self.ns_if,
+            ])
+            .output()
+            .context("cannot run tc")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(numbers_after(&text, "overlimits "))
     }
 
     /// Lifts every drop rule.
@@ -249,4 +283,33 @@ fn quiet(args: &[&str]) -> Result<()> {
         bail!("`{}` failed", args.join(" "));
     }
     Ok(())
+}
+
+/// The sum of the numbers that follow `label` in `text` (nft's `packets N`,
+/// tc's `overlimits N`).
+fn numbers_after(text: &str, label: &str) -> u64 {
+    text.match_indices(label)
+        .filter_map(|(i, _)| {
+            text[i + label.len()..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::numbers_after;
+
+    #[test]
+    fn counters_are_summed_from_nft_and_tc_output() {
+        let nft = "chain output {\n udp dport 7443 counter packets 12 bytes 900 drop\n}\n\
+                   chain input {\n udp sport 7443 counter packets 3 bytes 100 drop\n}";
+        assert_eq!(numbers_after(nft, "packets "), 15);
+        let tc = "qdisc tbf 8001: root rate 40Mbit burst 32Kb lat 400ms\n \
+                  Sent 123 bytes 4 pkt (dropped 0, overlimits 57 requeues 0)";
+        assert_eq!(numbers_after(tc, "overlimits "), 57);
+        assert_eq!(numbers_after("nothing here", "packets "), 0);
+    }
 }

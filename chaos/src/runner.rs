@@ -46,6 +46,25 @@ pub fn run(config: &Config) -> (Vec<TrialResult>, Duration) {
             results.push(result);
             index += 1;
         }
+        // Faults that keep missing test nothing: that is a failure of the
+        // run (a shim that stopped intercepting, a rule that matches
+        // nothing), not a quiet pass.
+        if landed < count {
+            let why = format!(
+                "the fault landed in {landed} of {index} trials, fewer than the {count} asked for"
+            );
+            eprintln!("--- FAIL {}: {why}", scenario.name);
+            results.push(TrialResult {
+                scenario: scenario.name,
+                index,
+                seed: trial_seed(config.seed, scenario.name, index),
+                verdict: Verdict::Failed(why),
+                recovery: None,
+                elapsed: Duration::ZERO,
+                notes: Vec::new(),
+                logs: String::new(),
+            });
+        }
     }
     (results, started.elapsed())
 }

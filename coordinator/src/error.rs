@@ -134,6 +134,8 @@ pub enum CliError {
         total: usize,
         /// Exit code of the first failure.
         code: u8,
+        /// Whether every failure may go away when run again.
+        retryable: bool,
     },
     /// One plan of several (`backup --all`) failed.
     #[error("plan {plan}: {source}")]
@@ -209,6 +211,7 @@ impl CliError {
             CliError::Serve(e) => e.is_retryable(),
             CliError::TaskFailed { retryable, .. } => *retryable,
             CliError::LeftAlone { unreachable, .. } => *unreachable,
+            CliError::HostsFailed { retryable, .. } => *retryable,
             _ => matches!(
                 self,
                 CliError::Nats { .. }
@@ -335,6 +338,7 @@ mod tests {
                     failed: vec!["a".into(), "b".into()],
                     total: 3,
                     code: EXIT_TASK,
+                    retryable: false,
                 },
                 "backup failed on a, b (2 of 3 hosts; each host's error is shown above)",
             ),
@@ -410,6 +414,7 @@ mod tests {
             failed: vec!["a".into()],
             total: 2,
             code: EXIT_HOST,
+            retryable: false,
         };
         assert_eq!(failed.to_json()["exit_code"], u64::from(EXIT_HOST));
         assert_eq!(failed.to_json()["retryable"], false);

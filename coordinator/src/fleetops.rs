@@ -7,7 +7,7 @@
 //! They take plain values (a [`Fleet`], a [`Nats`] connection) and print
 //! nothing: what a person is told is the caller's business.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -118,10 +118,16 @@ pub(crate) struct Listing {
     /// error): their snapshots are missing from `found`.
     pub unanswered: Vec<(HostName, String)>,
     /// Storage hosts whose listing is not to be acted on, and why: it
-    /// repeated snapshot ids, held records that fail verification against
-    /// their sealed metadata, or named a snapshot another storage host
-    /// also listed. Shown, but retention leaves these storage hosts alone.
+    /// repeated snapshot ids, or held records that fail verification
+    /// against their sealed metadata. Shown, but retention leaves these
+    /// storage hosts alone.
     pub doubtful: Vec<(HostName, String)>,
+    /// Snapshot ids listed by more than one storage host (until copies
+    /// exist, one of them answers with records it does not hold). Retention
+    /// keeps them wherever they are listed and decides on the rest; the
+    /// storage hosts are not doubted for it, or one hostile host could stop
+    /// retention on every honest one by repeating its records.
+    pub contested: BTreeSet<String>,
 }
 
 impl Listing {
@@ -178,24 +184,33 @@ pub(crate) fn merge(
             if !seen.insert(record.id.clone()) {
                 continue;
             }
-            if record.verify(key).is_err() {
-                unverified += 1;
-            }
-            if let Some(other) = owner.get(&record.id) {
-                let (a, b) = (other.clone(), storage.clone());
-                doubts
-                    .entry(a.clone())
-                    .or_default()
-                    .push(format!("snapshot {} is also listed by {b}", record.id));
-                doubts
-                    .entry(b)
-                    .or_default()
-                    .push(format!("snapshot {} is also listed by {a}", record.id));
-            } else {
-                owner.insert(record.id.clone(), storage.clone());
+            let meta = match record.verify(key) {
+                Ok(meta) => Some(meta),
+                Err(_) => {
+                    let meta = record.open_meta(key);
+                    // Written before records were sealed to their meta
+                    // (no tree, host or time inside): not tampering, but
+                    // not something retention can check either.
+                    let legacy = meta
+                        .as_ref()
+                        .is_some_and(|m| m.tree.is_none() && m.host.is_none() && m.time.is_none());
+                    if !legacy {
+                        unverified += 1;
+                    }
+                    meta
+                }
+            };
+            match owner.get(&record.id) {
+                Some(other) if *other != storage => {
+                    listing.contested.insert(record.id.clone());
+                }
+                Some(_) => {}
+                None => {
+                    owner.insert(record.id.clone(), storage.clone());
+                }
             }
             listing.found.push(Found {
-                meta: record.open_meta(key),
+                meta,
                 storage: storage.clone(),
                 record,
             });
@@ -271,6 +286,9 @@ pub(crate) async fn list(
             None => asked.push(host),
         }
     }
+    // A host listed twice (a forged health record under another key) is
+    // asked once.
+    let asked: BTreeSet<HostName> = asked.into_iter().collect();
     let answers = futures::future::join_all(asked.into_iter().map(|storage| async move {
         let answer = listing_of(nats, &storage).await.map_err(|e| e.to_string());
         (storage, answer)
@@ -415,9 +433,26 @@ pub(crate) async fn decide(
     host: Option<&HostName>,
     to: Option<&HostName>,
 ) -> Result<Decision, CliError> {
-    let listing = list(nats, key, to).await?;
+    // Every storage host is asked even when one is named: a record that
+    // another storage host also lists is only seen as contested that way.
+    let mut listing = list(nats, key, None).await?;
+    if let Some(to) = to {
+        if !listing.found.iter().any(|f| &f.storage == to)
+            && !listing.unanswered.iter().any(|(s, _)| s == to)
+        {
+            // Not a storage host the registry knows as such: ask it by name,
+            // so that its silence is the error it was before.
+            listing = list(nats, key, Some(to)).await?;
+        }
+        listing.unanswered.retain(|(s, _)| s == to);
+        listing.doubtful.retain(|(s, _)| s == to);
+    }
+    let mut decided = verdicts(&listing, key, policy, host);
+    if let Some(to) = to {
+        decided.retain(|(f, _)| &f.storage == to);
+    }
     Ok(Decision {
-        verdicts: verdicts(&listing, key, policy, host),
+        verdicts: decided,
         left_alone: Listing {
             found: Vec::new(),
             ..listing
@@ -433,6 +468,7 @@ pub(crate) fn verdicts(
     host: Option<&HostName>,
 ) -> Vec<(Found, Verdict)> {
     let mut groups: BTreeMap<(String, String, Vec<String>), Vec<Found>> = BTreeMap::new();
+    let mut out = Vec::new();
     for f in listing
         .found
         .iter()
@@ -440,6 +476,20 @@ pub(crate) fn verdicts(
         .filter(|f| host.is_none_or(|h| &f.record.host == h))
         .cloned()
     {
+        // Kept, and out of the policy's count: a contested record must not
+        // take a keep slot from the snapshots that are really there.
+        if listing.contested.contains(&f.record.id) {
+            let id = f.record.id.clone();
+            out.push((
+                f,
+                Verdict {
+                    id,
+                    keep: true,
+                    reasons: vec!["contested"],
+                },
+            ));
+            continue;
+        }
         // Only snapshots whose record matches its sealed metadata take part:
         // a forged or tampered listing must not steer what is forgotten.
         if f.record.verify(key).is_err() {
@@ -452,7 +502,7 @@ pub(crate) fn verdicts(
             .push(f);
     }
     let now = Local::now();
-    let mut out = Vec::new();
+
     for (_, group) in groups {
         let times: Vec<(String, chrono::DateTime<Local>)> = group
             .iter()
@@ -700,8 +750,10 @@ pub(crate) mod tests {
         );
         assert!(verdicts(&tampered, &key, &policy, None).is_empty());
 
-        // Another storage host's genuine records: both are doubted, and a
-        // third, honest one is still acted on.
+        // Another storage host's genuine records (nas2 repeats nas's
+        // newest): the contested id is kept wherever it is listed and takes
+        // no keep slot, and no storage host is doubted for it, so a hostile
+        // one cannot stop retention on the honest ones.
         let stolen = merge(
             vec![
                 (h("nas"), Ok(vec![a.clone(), b.clone()])),
@@ -716,12 +768,49 @@ pub(crate) mod tests {
             ],
             &key,
         );
-        let doubted: Vec<&HostName> = stolen.doubtful.iter().map(|(s, _)| s).collect();
-        assert_eq!(doubted, [&h("nas"), &h("nas2")]);
+        assert!(stolen.doubtful.is_empty(), "{:?}", stolen.doubtful);
+        assert_eq!(stolen.contested.iter().collect::<Vec<_>>(), [&b.id]);
         let decided = verdicts(&stolen, &key, &policy, None);
-        assert_eq!(decided.len(), 2);
-        assert!(decided.iter().all(|(f, _)| f.storage == h("nas3")));
-        assert_eq!(decided.iter().filter(|(_, v)| !v.keep).count(), 1);
+        let verdict = |storage: &str, id: &str| {
+            decided
+                .iter()
+                .find(|(f, v)| f.storage == h(storage) && v.id == id)
+                .map(|(_, v)| (v.keep, v.reasons.clone()))
+        };
+        assert_eq!(verdict("nas", &b.id), Some((true, vec!["contested"])));
+        assert_eq!(verdict("nas2", &b.id), Some((true, vec!["contested"])));
+        // nas's only uncontested snapshot is kept by keep-last.
+        assert_eq!(verdict("nas", &a.id).map(|v| v.0), Some(true));
+        // The honest nas3 is pruned as usual.
+        assert_eq!(verdict("nas3", &"04".repeat(16)).map(|v| v.0), Some(false));
+        assert_eq!(verdict("nas3", &"05".repeat(16)).map(|v| v.0), Some(true));
+
+        // A record sealed before records were bound to their meta is no
+        // tampering: not doubted (and not acted on either).
+        let legacy_meta = SnapshotMeta {
+            v: flotilla_protocol::repo::REPO_FORMAT,
+            paths: vec!["/srv".into()],
+            excludes: Vec::new(),
+            task_id: flotilla_protocol::TaskId::new("t-0").expect("valid"),
+            summary: Default::default(),
+            unreadable: Vec::new(),
+            tree: None,
+            host: None,
+            time: None,
+        };
+        let mut legacy = genuine(&key, 9, "alpha", 5);
+        legacy.meta = key
+            .seal_meta(
+                &SnapshotRecord::meta_context(&legacy.id),
+                &rmp_serde::to_vec_named(&legacy_meta).expect("encodes"),
+            )
+            .expect("seals");
+        let old = merge(
+            vec![(h("nas"), Ok(vec![legacy, a.clone(), b.clone(), c.clone()]))],
+            &key,
+        );
+        assert!(old.doubtful.is_empty(), "{:?}", old.doubtful);
+        assert_eq!(verdicts(&old, &key, &policy, None).len(), 3);
 
         // A clean listing is acted on.
         let clean = merge(vec![(h("nas"), Ok(vec![a, b, c]))], &key);

@@ -126,18 +126,19 @@ impl Nats {
     /// it. Returns how many queued tasks were dropped. Idempotent: what is
     /// already gone is not an error.
     pub async fn remove_host(&self, host: &HostName) -> Result<u64, CliError> {
-        if let Some(store) = self.health().await? {
-            store
-                .purge(subject::health_key(host))
-                .await
-                .map_err(request_err(&format!("remove {host}'s health record")))?;
-        }
+        use async_nats::jetstream::context::GetStreamErrorKind;
+        use async_nats::jetstream::stream::ConsumerErrorKind;
+        use async_nats::jetstream::ErrorCode;
+        // The health record last: until it is gone the host is still
+        // listed, so a removal cut short can be run again.
         let mut dropped = 0;
         match self.js.get_stream(subject::TASK_STREAM).await {
             Ok(stream) => {
                 match stream.delete_consumer(&subject::task_consumer(host)).await {
                     Ok(_) => {}
-                    Err(e) if e.to_string().contains("not found") => {}
+                    Err(e)
+                        if matches!(e.kind(), ConsumerErrorKind::JetStream(j)
+                            if j.error_code() == ErrorCode::CONSUMER_NOT_FOUND) => {}
                     Err(e) => {
                         return Err(request_err(&format!("delete {host}'s task consumer"))(e))
                     }
@@ -150,8 +151,16 @@ impl Nats {
                 dropped = purged.purged;
             }
             // No task was ever sent: nothing queued.
-            Err(e) if e.to_string().contains("not found") => {}
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) => {}
             Err(e) => return Err(request_err("open the task stream")(e)),
+        }
+        if let Some(store) = self.health().await? {
+            store
+                .purge(subject::health_key(host))
+                .await
+                .map_err(request_err(&format!("remove {host}'s health record")))?;
         }
         Ok(dropped)
     }
@@ -177,6 +186,15 @@ async fn read_record(store: &kv::Store, key: &str) -> Result<Option<HostRecord>,
         return Ok(None);
     }
     match Heartbeat::decode(&entry.value) {
+        // A heartbeat stored under another host's key is not that host's:
+        // believed, it would list one host twice or hide another.
+        Ok(heartbeat) if subject::health_key(&heartbeat.host) != key => {
+            eprintln!(
+                "warning: ignoring the health record under {key}: it claims to be {}'s",
+                heartbeat.host
+            );
+            Ok(None)
+        }
         Ok(heartbeat) => Ok(Some(HostRecord {
             heartbeat,
             stored_at: stored_at(&entry),

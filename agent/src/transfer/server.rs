@@ -97,6 +97,14 @@ pub(crate) async fn serve(
             async move {
                 let conn = match incoming.establish().await {
                     Ok(c) => c,
+                    // A handshake that never completed proves nothing about
+                    // who sent it (one spoofed packet is enough): not a
+                    // security event, or anyone could fill the history with
+                    // refusals naming innocent addresses.
+                    Err(e @ TransferError::TimedOut { .. }) => {
+                        debug!(error = %e, "QUIC handshake did not complete");
+                        return;
+                    }
                     Err(e) => {
                         // A peer without a fleet certificate ends here
                         // (logged with the event, coalesced in a flood).

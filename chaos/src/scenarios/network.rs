@@ -9,8 +9,10 @@
 //!   here has no netem), which nas advertises with `--advertise`.
 //!
 //! Passes when the backup succeeds without a retry within the data bound,
-//! the fault provably bit (datagrams went through the proxy; the capped
-//! backup ran no faster than the cap allows), and the world's checks hold.
+//! the fault bit (nftables counted dropped packets; tbf counted packets it
+//! held back, and the backup ran no faster than the cap; datagrams went
+//! through the proxy), and the world's checks hold. A fault that did not
+//! bite makes the trial missed, not passed.
 //! The throughput of each backup is noted, for the report.
 
 use std::time::Duration;
@@ -40,11 +42,15 @@ pub(super) fn packet_loss(t: &mut Trial) -> Result<Outcome> {
         "{LOSS_PERCENT}% of {HOST}'s packets dropped each way"
     ));
     let took = timed_backup(t, &w, bytes)?;
+    let dropped = w.net(HOST)?.dropped()?;
     w.net(HOST)?.heal()?;
     t.note(format!(
-        "backup took {:.1} s through the lossy link",
+        "backup took {:.1} s through the lossy link; {dropped} packets dropped",
         took.as_secs_f64()
     ));
+    if dropped == 0 {
+        t.missed("no packet was dropped");
+    }
     w.verify(t)?;
     Ok(Outcome::Passed)
 }
@@ -71,9 +77,13 @@ pub(super) fn bandwidth_cap(t: &mut Trial) -> Result<Outcome> {
              the cap did not hold, so the trial tested nothing"
         );
     }
+    let throttled = w.net(HOST)?.throttled()?;
     t.note(format!(
-        "{mbit:.1} Mbit/s of data under the {cap:.0} Mbit/s cap"
+        "{mbit:.1} Mbit/s of data under the {cap:.0} Mbit/s cap; tbf held back {throttled} packets"
     ));
+    if throttled == 0 {
+        t.missed("the cap never throttled the backup");
+    }
     w.net(HOST)?.uncap()?;
     w.verify(t)?;
     Ok(Outcome::Passed)

@@ -61,8 +61,12 @@ fn trial(t: &mut Trial, hold_ms: Range<u64>, may_fail: bool) -> Result<Outcome> 
         t.missed(format!("the backup ended before {moment:?}"));
     }
     std::thread::sleep(hold);
+    let dropped = w.net(HOST)?.dropped()?;
     w.net(HOST)?.heal()?;
-    t.note("partition lifted");
+    t.note(format!("partition lifted; it dropped {dropped} datagrams"));
+    if dropped == 0 && landed {
+        t.missed("no datagram hit the partition");
+    }
 
     let task = w.wait_new_task(HOST, "backup", &BTreeSet::new(), STARTUP_TIMEOUT)?;
     let ended = task_end(&w, HOST, &task, &fault)?;

@@ -178,6 +178,7 @@ pub(super) async fn run(
             failed: failed.iter().map(|(h, _)| h.clone()).collect(),
             total: expected,
             code: first.exit_code(),
+            retryable: failed.iter().all(|(_, e)| e.is_retryable()),
         });
     }
     if cancelled {
