@@ -2,7 +2,7 @@
 # Installs what the tests need (nats-server) and runs every test: unit tests,
 # property tests and the end-to-end suite against a real nats-server and real
 # agent processes, a seconds-long smoke run of the benchmark harness, the fuzz
-# targets over their seeds, and a quick chaos run (about 3 minutes).
+# targets over their seeds, and a quick chaos run (about 4 minutes).
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -321,3 +321,16 @@ pub(crate) fn complete(
         }
     }
 }
+
+/// The retry of a failed backup of `host`, for [`complete`]: what the
+/// daemon's retries, or an operator, would run; it must succeed.
+pub(crate) fn retry_backup<'a>(
+    w: &'a World,
+    host: &'a str,
+) -> impl FnOnce(&mut Trial) -> Result<()> + 'a {
+    move |t| {
+        let snapshot = w.backup_ok(host)?;
+        t.note(format!("retried backup committed {snapshot}"));
+        Ok(())
+    }
+}

@@ -438,14 +438,7 @@ fn a_dead_storage_host_is_named_and_the_others_still_serve() {
         "{out}"
     );
 
-    let target = fleet.restore_root("nas").join("older");
-    restore_ok(&fleet, &older, &target, &[]);
-    assert_same_tree(
-        &fleet,
-        &root,
-        &restored_path(&target, &root),
-        Compare::Contents,
-    );
+    assert_restores(&fleet, &fleet.restore_root("nas"), &older, "older", &root);
 
     let out = fleet
         .cli(["forget", "--keep-last", "1", "--json"])

@@ -123,11 +123,7 @@ pub(super) fn trial(t: &mut Trial, stop: Stop) -> Result<Outcome> {
         WAIT_CLI_TIMEOUT
     };
     let waited = note_cli_end(t, proc, Some(HOST), &fault, bound);
-    complete(t, ended, &fault, |t| {
-        let snapshot = w.backup_ok(HOST)?;
-        t.note(format!("retried backup committed {snapshot}"));
-        Ok(())
-    })?;
+    complete(t, ended, &fault, super::retry_backup(&w, HOST))?;
     w.verify(t)?;
     if let Err(e) = waited {
         return Err(e.context(

@@ -72,11 +72,7 @@ fn during_backup(t: &mut Trial) -> Result<()> {
     let task = w.wait_new_task(HOST, "backup", &BTreeSet::new(), STARTUP_TIMEOUT)?;
     let ended = task_end(&w, HOST, &task, &fault)?;
     note_cli_end(t, proc, Some(HOST), &fault, WAIT_CLI_TIMEOUT)?;
-    complete(t, ended, &fault, |t| {
-        let snapshot = w.backup_ok(HOST)?;
-        t.note(format!("retried backup committed {snapshot}"));
-        Ok(())
-    })?;
+    complete(t, ended, &fault, super::retry_backup(&w, HOST))?;
     w.verify(t)
 }
 

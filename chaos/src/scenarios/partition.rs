@@ -78,11 +78,7 @@ fn trial(t: &mut Trial, hold_ms: Range<u64>, may_fail: bool) -> Result<Outcome> 
         );
     }
     note_cli_end(t, proc, Some(HOST), &fault, WAIT_CLI_TIMEOUT + hold)?;
-    complete(t, ended, &fault, |t| {
-        let snapshot = w.backup_ok(HOST)?;
-        t.note(format!("retried backup committed {snapshot}"));
-        Ok(())
-    })?;
+    complete(t, ended, &fault, super::retry_backup(&w, HOST))?;
     w.verify(t)?;
     Ok(Outcome::Passed)
 }
