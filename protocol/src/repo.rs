@@ -564,6 +564,10 @@ pub struct Stripped {
     pub setid: u64,
     /// Files restored without their `security.capability` attribute.
     pub capabilities: u64,
+    /// Files restored without other privileged attributes (SELinux and
+    /// Smack labels, `trusted.*`): only `user.*` and POSIX ACLs are kept.
+    #[serde(default)]
+    pub labels: u64,
     /// Character and block devices not created.
     pub devices: u64,
     /// The first few paths, each with what was left out.
@@ -573,7 +577,7 @@ pub struct Stripped {
 impl Stripped {
     /// Nothing was left out.
     pub fn is_empty(&self) -> bool {
-        self.setid == 0 && self.capabilities == 0 && self.devices == 0
+        self.setid == 0 && self.capabilities == 0 && self.labels == 0 && self.devices == 0
     }
 }
 

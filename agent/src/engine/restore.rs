@@ -89,7 +89,8 @@ pub struct RestoreOptions {
     /// when running as root; ignored otherwise.
     pub restore_owner: bool,
     /// Leave out what could raise privileges on this host: setuid/setgid
-    /// bits of regular files, `security.capability` attributes and device
+    /// bits of regular files, `security.capability` and every other
+    /// attribute but `user.*` and POSIX ACLs (security labels), and device
     /// nodes (set for another host's snapshot, unless the task says
     /// `preserve_special`). Each is counted in [`Stripped`].
     pub strip_special: bool,
@@ -416,11 +417,24 @@ fn strip(node: &mut Node, path: &Path, stripped: &mut Stripped) -> bool {
         stripped.setid += 1;
         left_out.push("setuid/setgid bits");
     }
-    let before = node.xattrs.len();
-    node.xattrs.retain(|x| x.name != CAPABILITY_XATTR);
-    if node.xattrs.len() < before {
+    // Only attributes that grant nothing are kept: capabilities, and the
+    // security labels of SELinux or Smack (an exec label can move a program
+    // into a privileged domain), and `trusted.*` stay with the host they
+    // were taken on.
+    let had_caps = node.xattrs.iter().any(|x| x.name == CAPABILITY_XATTR);
+    let labels = node
+        .xattrs
+        .iter()
+        .filter(|x| x.name != CAPABILITY_XATTR && !harmless_xattr(&x.name))
+        .count();
+    node.xattrs.retain(|x| harmless_xattr(&x.name));
+    if had_caps {
         stripped.capabilities += 1;
         left_out.push("file capabilities");
+    }
+    if labels > 0 {
+        stripped.labels += 1;
+        left_out.push("security labels");
     }
     if !left_out.is_empty() {
         sample(
@@ -430,6 +444,12 @@ fn strip(node: &mut Node, path: &Path, stripped: &mut Stripped) -> bool {
         );
     }
     true
+}
+
+/// Extended attributes another host's snapshot may bring: the user's own
+/// and POSIX ACLs (which grant nothing the owner could not).
+fn harmless_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.") || name.starts_with(b"system.posix_acl_")
 }
 
 fn sample(stripped: &mut Stripped, path: &Path, what: &str) {

@@ -105,10 +105,11 @@ pub(super) async fn run(
         );
         if !r.stripped.is_empty() {
             outln!(
-                "  left out, as the snapshot is {}'s (--preserve-special keeps them): {} setuid/setgid file(s), {} file capabilit(ies), {} device node(s)",
+                "  left out, as the snapshot is {}'s (--preserve-special keeps them): {} setuid/setgid file(s), {} file capabilit(ies), {} file(s) with security labels, {} device node(s)",
                 found.record.host,
                 r.stripped.setid,
                 r.stripped.capabilities,
+                r.stripped.labels,
                 r.stripped.devices
             );
             for s in &r.stripped.samples {

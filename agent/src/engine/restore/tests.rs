@@ -599,15 +599,34 @@ fn privileged_snapshot(repo: &mut Repo) -> Vec<Node> {
 #[test]
 fn another_hosts_privileges_are_left_out_and_counted() {
     let mut repo = Repo::new();
-    let roots = privileged_snapshot(&mut repo);
+    let mut roots = privileged_snapshot(&mut repo);
+    // An SELinux label on a plain file: left out too.
+    let labelled = Node {
+        xattrs: vec![Xattr {
+            name: b"security.selinux".to_vec(),
+            value: b"system_u:object_r:sudo_exec_t:s0".to_vec(),
+        }],
+        ..repo.file(b"label", b"x\n", 64)
+    };
+    roots.push(repo.dir(b"/opt", vec![labelled]));
     let (_tmp, target) = target();
     let summary = repo
         .run_stripping(roots, &target, &[], true)
         .expect("restores");
     assert_eq!(summary.errors, 0, "{summary:?}");
     let s = &summary.stripped;
-    assert_eq!((s.setid, s.capabilities, s.devices), (1, 1, 1), "{s:?}");
-    assert_eq!(s.samples.len(), 3, "{s:?}");
+    assert_eq!(
+        (s.setid, s.capabilities, s.labels, s.devices),
+        (1, 1, 1, 1),
+        "{s:?}"
+    );
+    assert_eq!(s.samples.len(), 4, "{s:?}");
+    assert!(
+        s.samples
+            .iter()
+            .any(|x| x.contains("opt/label") && x.contains("security labels")),
+        "{s:?}"
+    );
     assert!(
         s.samples
             .iter()
