@@ -17,7 +17,7 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::throttle::RateLimit;
+use super::throttle::{DropReport, RateLimit};
 use super::Bus;
 use crate::repository::Repository;
 
@@ -49,8 +49,15 @@ pub(crate) async fn serve(
     let trees = client.subscribe(subject::repo_tree(host)).await?;
     let stats = client.subscribe(subject::repo_stats(host)).await?;
     let mut limit = RateLimit::new(QUERY_RATE, QUERY_BURST);
-    let mut dropped: u64 = 0;
-    let mut last_said: Option<Instant> = None;
+    let mut report = DropReport::new(SAY_DROPPED_EVERY);
+    let mut tick = tokio::time::interval(SAY_DROPPED_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let say = |dropped: u64| {
+        warn!(
+            dropped,
+            "repository queries are coming faster than {QUERY_RATE}/s; the excess is not answered"
+        )
+    };
     let mut requests = futures::stream::select_all([
         snaps.map(|m| (Query::Snapshots, m)).boxed(),
         trees.map(|m| (Query::Tree, m)).boxed(),
@@ -59,6 +66,12 @@ pub(crate) async fn serve(
     loop {
         let (query, msg) = tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                if let Some(n) = report.on_tick(Instant::now()) {
+                    say(n);
+                }
+                continue;
+            }
             next = requests.next() => match next {
                 Some(m) => m,
                 None => return Ok(()),
@@ -72,14 +85,8 @@ pub(crate) async fn serve(
         };
         let now = Instant::now();
         if !limit.allow(now) {
-            dropped += 1;
-            if last_said.is_none_or(|at| now.saturating_duration_since(at) >= SAY_DROPPED_EVERY) {
-                warn!(
-                    dropped,
-                    "repository queries are coming faster than {QUERY_RATE}/s; the excess is not answered"
-                );
-                dropped = 0;
-                last_said = Some(now);
+            if let Some(n) = report.on_drop(now) {
+                say(n);
             }
             continue;
         }

@@ -168,9 +168,80 @@ impl RateLimit {
     }
 }
 
+/// Counts what a flood made us drop and says so at most once per `every`:
+/// the first drop at once, then the count of each period that had drops,
+/// when the period is over (on the next drop, or on a timer tick). Pure:
+/// the caller gives the time.
+#[derive(Debug, Clone)]
+pub struct DropReport {
+    every: Duration,
+    /// Drops not yet said, and since when they are counted.
+    pending: u64,
+    since: Option<Instant>,
+}
+
+impl DropReport {
+    /// Says at most once per `every`.
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every,
+            pending: 0,
+            since: None,
+        }
+    }
+
+    /// One more drop at `now`; the number to say now, if it is time.
+    pub fn on_drop(&mut self, now: Instant) -> Option<u64> {
+        self.pending += 1;
+        match self.since {
+            // The first of a storm is said at once.
+            None => self.say(now),
+            Some(since) if now.saturating_duration_since(since) >= self.every => self.say(now),
+            Some(_) => None,
+        }
+    }
+
+    /// A tick at `now`: the drops of a period that is over, if any.
+    pub fn on_tick(&mut self, now: Instant) -> Option<u64> {
+        let since = self.since?;
+        if now.saturating_duration_since(since) < self.every {
+            return None;
+        }
+        if self.pending == 0 {
+            // A quiet period ends the storm: the next drop is said at once.
+            self.since = None;
+            return None;
+        }
+        self.say(now)
+    }
+
+    fn say(&mut self, now: Instant) -> Option<u64> {
+        let n = std::mem::take(&mut self.pending);
+        self.since = Some(now);
+        Some(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_storm_of_drops_is_said_once_per_period_and_its_tail_on_the_tick() {
+        let t0 = Instant::now();
+        let mut r = DropReport::new(Duration::from_secs(10));
+        assert_eq!(r.on_drop(t0), Some(1), "the first at once");
+        // 9 s of drops, every 10 ms: held.
+        for i in 1..900u64 {
+            assert_eq!(r.on_drop(t0 + Duration::from_millis(i * 10)), None);
+        }
+        assert_eq!(r.on_tick(t0 + Duration::from_secs(5)), None);
+        // The storm ended at 9 s; the tick after the period says its tail.
+        assert_eq!(r.on_tick(t0 + Duration::from_secs(10)), Some(899));
+        // A quiet period ends it, and the next drop is said at once.
+        assert_eq!(r.on_tick(t0 + Duration::from_secs(20)), None);
+        assert_eq!(r.on_drop(t0 + Duration::from_secs(21)), Some(1));
+    }
 
     #[test]
     fn the_rate_limit_lets_a_burst_through_then_the_rate() {
