@@ -1258,12 +1258,21 @@ class Flotilla(Tool):
         self.snapshots = {}
         where = Where(self.name, ds.name, "setup")
         port = free_port(socket.SOCK_STREAM)
-        url = f"nats://127.0.0.1:{port}"
+        url = f"tls://127.0.0.1:{port}"
         self.env = {**os.environ, "FLOTILLA_FLEET": str(layout.run / "fleet"), "FLOTILLA_NATS_URL": url}
-        self.start_nats(port, layout, where)
+        # As the README sets a fleet up: init, the server's configuration
+        # (TLS, the fleet's NATS identities), the server, then doctor.
+        self.cli_setup(["init"], where, "init")
+        conf = layout.run / "nats.conf"
+        self.cli_setup(
+            ["nats-config", "--listen", f"127.0.0.1:{port}", "--store", str(layout.run / "nats"), "--out", str(conf)],
+            where,
+            "nats-config",
+        )
+        self.start_nats(port, conf, where)
+        self.cli_setup(["doctor"], where, "doctor")
         bundles = layout.run / "bundles"
         bundles.mkdir()
-        self.cli_setup(["init"], where, "init")
         self.cli_setup(["enroll", self.SOURCE, "--out", str(bundles / "src.toml")], where, "enroll-src")
         self.cli_setup(
             ["enroll", self.STORAGE, "--out", str(bundles / "store.toml"), "--no-repo-key"], where, "enroll-store"
@@ -1288,9 +1297,9 @@ class Flotilla(Tool):
         )
         self.wait_online(where, timeout=30)
 
-    def start_nats(self, port: int, layout: Layout, where: Where) -> None:
-        """nats-server with JetStream on loopback; wait until it accepts connections."""
-        cmd = [str(self.nats_server), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(layout.run / "nats")]
+    def start_nats(self, port: int, conf: Path, where: Where) -> None:
+        """nats-server with the fleet's configuration; wait until it accepts connections."""
+        cmd = [str(self.nats_server), "-c", str(conf)]
         proc = spawn_daemon(cmd, env=dict(os.environ), log=self.log("nats-server"))
         self.procs["nats"] = proc
         deadline = time.monotonic() + 15

@@ -90,19 +90,30 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# Starts a nats-server with JetStream in $1 on a free port; sets NATS_URL.
-start_nats() {
-    local dir="$1" port
+# Makes a fleet in $1/fleet and starts its nats-server in $1/nats on a free
+# port, as the README does: `flotilla init`, `flotilla nats-config` (TLS,
+# the fleet's NATS identities, anonymous connections refused), `nats-server
+# -c`, `flotilla doctor` (the streams and buckets). Exports FLOTILLA_FLEET
+# and FLOTILLA_NATS_URL; sets NATS_URL.
+start_fleet() {
+    local run="$1" port
     port="$(free_port)"
-    mkdir -p "$dir"
-    "$NATS_SERVER_BIN" -a 127.0.0.1 -p "$port" -js -sd "$dir/js" >"$dir/nats.log" 2>&1 &
+    mkdir -p "$run/nats"
+    NATS_URL="tls://127.0.0.1:$port"
+    export FLOTILLA_FLEET="$run/fleet" FLOTILLA_NATS_URL="$NATS_URL"
+    "$BIN/flotilla" init >/dev/null
+    "$BIN/flotilla" nats-config --listen "127.0.0.1:$port" --store "$run/nats/server" \
+        --out "$run/nats/nats.conf" >/dev/null
+    "$NATS_SERVER_BIN" -c "$run/nats/nats.conf" >"$run/nats/nats.log" 2>&1 &
     PIDS+=($!)
-    NATS_URL="nats://127.0.0.1:$port"
     for _ in $(seq 50); do
-        (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null && return
+        if (echo >/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then
+            "$BIN/flotilla" doctor >/dev/null || die "flotilla doctor failed (see $run/nats/nats.log)"
+            return
+        fi
         sleep 0.1
     done
-    die "nats-server did not start (see $dir/nats.log)"
+    die "nats-server did not start (see $run/nats/nats.log)"
 }
 
 if wants compare; then
@@ -132,7 +143,7 @@ if wants fleet; then
     log "fleet scale: $agents simulated agents against nats-server and flotilla serve"
     run="$WORK/fleet-run"
     rm -rf "$run" && mkdir -p "$run"
-    start_nats "$run/nats"
+    start_fleet "$run"
     metrics_port="$(free_port)"
     python3 - "$agents" "$metrics_port" >"$run/flotilla.toml" <<'EOF'
 import sys
@@ -141,8 +152,6 @@ hosts = ", ".join(f'"sim-{i:04d}"' for i in range(1, n + 1))
 print(f'[[plan]]\nname = "fleet"\nhosts = [{hosts}]\nto = "sim-store"\n')
 print(f'[metrics]\nlisten = "127.0.0.1:{port}"')
 EOF
-    export FLOTILLA_FLEET="$run/fleet" FLOTILLA_NATS_URL="$NATS_URL"
-    "$BIN/flotilla" init >/dev/null
     "$BIN/flotilla" serve --config "$run/flotilla.toml" --state-dir "$run/serve" >"$run/serve.log" 2>&1 &
     serve_pid=$!
     PIDS+=("$serve_pid")
@@ -160,9 +169,7 @@ if wants footprint; then
     log "agent footprint: RSS after ${idle} s idle, binary sizes"
     run="$WORK/footprint-run"
     rm -rf "$run" && mkdir -p "$run/data" "$run/restore"
-    start_nats "$run/nats"
-    export FLOTILLA_FLEET="$run/fleet" FLOTILLA_NATS_URL="$NATS_URL"
-    "$BIN/flotilla" init >/dev/null
+    start_fleet "$run"
     "$BIN/flotilla" enroll idle --out "$run/idle.toml" >/dev/null
     "$BIN/flotilla-agent" run --bundle "$run/idle.toml" --state-dir "$run/state" \
         --backup-root "$run/data" --restore-root "$run/restore" >"$run/agent.log" 2>&1 &

@@ -20,7 +20,7 @@ DEMO="$PWD/.flotilla-demo"
 rm -rf "$DEMO"
 mkdir -p "$DEMO"/{logs,bundles,state,data}
 PORT="${FLOTILLA_DEMO_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
-export FLOTILLA_FLEET="$DEMO/fleet" FLOTILLA_NATS_URL="nats://127.0.0.1:$PORT"
+export FLOTILLA_FLEET="$DEMO/fleet" FLOTILLA_NATS_URL="tls://127.0.0.1:$PORT"
 
 PIDS=()
 cleanup() {
@@ -29,14 +29,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log "starting nats-server (JetStream) on 127.0.0.1:$PORT"
-"$NATS_SERVER_BIN" -a 127.0.0.1 -p "$PORT" -js -sd "$DEMO/jetstream" >"$DEMO/logs/nats-server.log" 2>&1 &
+log "creating the fleet: CA, signing key, repository key, NATS operator and account"
+"$BIN/flotilla" init
+
+log "writing the nats-server configuration (TLS from the fleet CA, the fleet's NATS identities)"
+"$BIN/flotilla" nats-config --listen "127.0.0.1:$PORT" --store "$DEMO/nats" --out "$DEMO/nats.conf"
+
+log "starting nats-server on 127.0.0.1:$PORT (TLS, JetStream, anonymous connections refused)"
+"$NATS_SERVER_BIN" -c "$DEMO/nats.conf" >"$DEMO/logs/nats-server.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
 kill -0 "${PIDS[0]}" 2>/dev/null || die "nats-server did not start: $(tail -5 "$DEMO/logs/nats-server.log")"
 
-log "creating the fleet and enrolling laptop, desktop and nas"
-"$BIN/flotilla" init
+log "creating the fleet's streams and buckets"
+"$BIN/flotilla" doctor
+
+log "enrolling laptop, desktop and nas (each bundle holds the host's own NATS user)"
 for host in laptop desktop nas; do
     "$BIN/flotilla" enroll "$host" --out "$DEMO/bundles/$host.toml"
 done

@@ -13,9 +13,10 @@ pub(crate) mod throttle;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::jetstream::{self, consumer, kv};
+use flotilla_protocol::permissions::{inbox_prefix, Role as PermRole};
 use flotilla_protocol::{
-    encode, subject, Event, EventBody, Heartbeat, HostName, Severity, EVENT_VERSION,
+    encode, subject, Bundle, Event, EventBody, Heartbeat, HostName, Severity, EVENT_VERSION,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -52,12 +53,15 @@ pub enum BusError {
     /// Shutdown was requested while connecting.
     #[error("shutdown requested while connecting to NATS")]
     Cancelled,
+    /// The bundle's NATS credentials or CA cannot be used.
+    #[error("the bundle's NATS credentials cannot be used: {0}; enroll the host again (`flotilla enroll HOST --force`)")]
+    Credentials(String),
 }
 
 impl BusError {
     /// Connection and JetStream failures are usually passing (server restarting).
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, BusError::Cancelled)
+        !matches!(self, BusError::Cancelled | BusError::Credentials(_))
     }
 }
 
@@ -87,13 +91,14 @@ impl Bus {
     /// exist.
     pub async fn connect(
         url: &str,
-        host: &HostName,
+        bundle: &Bundle,
         cancel: &CancellationToken,
     ) -> Result<Bus, BusError> {
         let mut delay = Duration::from_millis(250);
         loop {
-            match Self::try_connect(url, host).await {
+            match Self::try_connect(url, bundle).await {
                 Ok(bus) => return Ok(bus),
+                Err(e @ BusError::Credentials(_)) => return Err(e),
                 Err(e) => {
                     warn!(error = %e, retry_in = ?delay, "NATS not ready; retrying");
                     tokio::select! {
@@ -106,8 +111,22 @@ impl Bus {
         }
     }
 
-    async fn try_connect(url: &str, host: &HostName) -> Result<Bus, BusError> {
-        let client = async_nats::ConnectOptions::new()
+    async fn try_connect(url: &str, bundle: &Bundle) -> Result<Bus, BusError> {
+        let host = &bundle.host;
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(creds) = &bundle.nats_creds {
+            // The fleet's bus: this host's own user, and TLS with a server
+            // certificate from the fleet CA (no other CA is trusted).
+            let tls = crate::transfer::nats_tls_config(bundle)
+                .map_err(|e| BusError::Credentials(e.to_string()))?;
+            options = options
+                .credentials(creds)
+                .map_err(|e| BusError::Credentials(e.to_string()))?
+                .tls_client_config(tls)
+                .require_tls(true)
+                .custom_inbox_prefix(inbox_prefix(&PermRole::Host(host.clone())));
+        }
+        let client = options
             .name(format!("flotilla-agent/{host}"))
             .connection_timeout(Duration::from_secs(5))
             .event_callback(|event| async move {
@@ -126,20 +145,23 @@ impl Bus {
                 source,
             })?;
         let js = jetstream::new(client.clone());
-        ensure_streams(&js).await?;
-        let health = match js.get_key_value(subject::HEALTH_BUCKET).await {
-            Ok(store) => store,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: subject::HEALTH_BUCKET.into(),
-                    description: "latest heartbeat of every Flotilla agent".into(),
-                    history: 1,
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| js_err("create health bucket")(e.to_string()))?,
-        };
+        // Only the coordinator administers JetStream (a host's user may not):
+        // until it has created the fleet's streams and bucket, wait.
+        for stream in [subject::TASK_STREAM, subject::EVENT_STREAM] {
+            js.get_stream(stream).await.map_err(|e| {
+                js_err("find a stream")(format!(
+                    "{stream}: {e}; the coordinator creates it: run `flotilla doctor` (or start `flotilla serve`)"
+                ))
+            })?;
+        }
+        let health = js
+            .get_key_value(subject::HEALTH_BUCKET)
+            .await
+            .map_err(|e| {
+                js_err("open the health bucket")(format!(
+                "{e}; the coordinator creates it: run `flotilla doctor` (or start `flotilla serve`)"
+            ))
+            })?;
         Ok(Bus {
             client,
             js,
@@ -177,6 +199,20 @@ impl Bus {
             )
             .await
             .map_err(|e| js_err("create task consumer")(e.to_string()))
+    }
+
+    /// The signed revocation list from the fleet bucket, if the coordinator
+    /// has stored one.
+    pub async fn revocation_list(&self) -> Result<Option<bytes::Bytes>, BusError> {
+        let store = self
+            .js
+            .get_key_value(subject::FLEET_BUCKET)
+            .await
+            .map_err(|e| js_err("open the fleet bucket")(e.to_string()))?;
+        store
+            .get(subject::REVOKED_KEY)
+            .await
+            .map_err(|e| js_err("read the revocation list")(e.to_string()))
     }
 
     /// Stores `hb` as this host's latest health.
@@ -327,38 +363,4 @@ impl Bus {
             warn!(error = %e, "cannot flush NATS connection");
         }
     }
-}
-
-/// Creates the task and event streams if they do not exist. Existing streams
-/// are left as they are, so an operator's tuning survives agent restarts.
-async fn ensure_streams(js: &jetstream::Context) -> Result<(), BusError> {
-    if js.get_stream(subject::TASK_STREAM).await.is_err() {
-        js.get_or_create_stream(stream::Config {
-            name: subject::TASK_STREAM.into(),
-            description: Some("signed Flotilla tasks, until their agent journals them".into()),
-            subjects: vec![subject::task_all()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            max_age: Duration::from_secs(7 * 24 * 3600),
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| js_err("create task stream")(e.to_string()))?;
-    }
-    if js.get_stream(subject::EVENT_STREAM).await.is_err() {
-        js.get_or_create_stream(stream::Config {
-            name: subject::EVENT_STREAM.into(),
-            description: Some("every Flotilla event, for alerting and replay".into()),
-            subjects: vec![subject::event_all()],
-            retention: stream::RetentionPolicy::Limits,
-            max_age: Duration::from_secs(30 * 24 * 3600),
-            max_bytes: 1024 * 1024 * 1024,
-            max_messages: 1_000_000,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| js_err("create event stream")(e.to_string()))?;
-    }
-    Ok(())
 }

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use flotilla_protocol::repo::RepoKey;
 use flotilla_protocol::{
-    encode, AgentState, EventBody, Heartbeat, OfflineReason, RootKind, Severity, HEARTBEAT_VERSION,
+    encode, subject, AgentState, EventBody, Heartbeat, OfflineReason, RejectReason, RootKind,
+    Severity, HEARTBEAT_VERSION,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,7 @@ use crate::bus::{queries, Bus, BusError};
 use crate::config::Settings;
 use crate::jobs::{self, Agent};
 use crate::repository::{RepoError, Repository};
+use crate::revocation::Revocations;
 use crate::state::{State, StateError};
 use crate::transfer::server::{self, ServerContext};
 use crate::transfer::{
@@ -76,7 +78,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         Err(e) => warn!(error = %e, "cannot prune task journal"),
     }
     info!(host = %settings.host, nats = %settings.nats_url, "connecting to NATS");
-    let bus = match Bus::connect(&settings.nats_url, &settings.host, &shutdown).await {
+    let bus = match Bus::connect(&settings.nats_url, &settings.bundle, &shutdown).await {
         Ok(bus) => bus,
         Err(BusError::Cancelled) => return Ok(()),
         Err(e) => return Err(e.into()),
@@ -87,7 +89,27 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .as_deref()
         .and_then(RepoKey::from_hex)
         .map(Arc::new);
-    let identity = Identity::from_bundle(&settings.bundle)?;
+    let revocations = Arc::new(Revocations::new(
+        settings
+            .bundle
+            .coordinator_public_key()
+            .map_err(|e| TransferError::Bundle {
+                host: settings.host.clone(),
+                what: "coordinator key",
+                detail: e.to_string(),
+            })?,
+        settings.bundle.fleet.clone(),
+    ));
+    match state.revocations() {
+        Ok(Some(signed)) => match revocations.apply(&signed) {
+            Ok(Some(list)) => info!(refused = list.revoked.len(), "revocation list from state"),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "stored revocation list not believed"),
+        },
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "cannot read the stored revocation list"),
+    }
+    let identity = Identity::with_revocations(&settings.bundle, revocations.certs())?;
     let bind: SocketAddr = settings
         .listen
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -134,6 +156,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     loops.spawn(heartbeat_loop(
         agent.clone(),
         latest.clone(),
+        loops_cancel.clone(),
+    ));
+    loops.spawn(revocation_loop(
+        agent.clone(),
+        revocations,
         loops_cancel.clone(),
     ));
     loops.spawn({
@@ -272,6 +299,65 @@ async fn heartbeat_loop(agent: Arc<Agent>, latest: LatestHealth, cancel: Cancell
         }
         if let Err(e) = agent.bus.put_health(&hb).await {
             warn!(error = %e, "cannot publish heartbeat");
+        }
+    }
+}
+
+/// Reads the fleet's signed revocation list at every heartbeat interval and
+/// applies (and keeps) a newer one: from then on no handshake with a revoked
+/// certificate succeeds, in either direction.
+async fn revocation_loop(
+    agent: Arc<Agent>,
+    revocations: Arc<Revocations>,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(agent.settings.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut said_missing = false;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let signed = match agent.bus.revocation_list().await {
+            Ok(Some(signed)) => signed,
+            Ok(None) => continue,
+            Err(e) => {
+                if !said_missing {
+                    warn!(error = %e, "cannot read the fleet's revocation list; keeping the one in force");
+                    said_missing = true;
+                }
+                continue;
+            }
+        };
+        said_missing = false;
+        match revocations.apply(&signed) {
+            Ok(Some(list)) => {
+                info!(refused = list.revoked.len(), "revocation list applied");
+                if let Err(e) = agent.state.store_revocations(&signed) {
+                    warn!(error = %e, "cannot keep the revocation list in the state");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                agent
+                    .bus
+                    .security_event(
+                        "revocation-list",
+                        format!("revocation list in the fleet bucket not believed: {e}"),
+                        EventBody::TaskRejected {
+                            task_id: None,
+                            reason: RejectReason::BadSignature,
+                            detail: e.to_string(),
+                            subject: format!(
+                                "$KV.{}.{}",
+                                subject::FLEET_BUCKET,
+                                subject::REVOKED_KEY
+                            ),
+                        },
+                    )
+                    .await
+            }
         }
     }
 }

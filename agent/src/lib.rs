@@ -55,6 +55,7 @@ mod engine;
 mod health;
 mod jobs;
 pub mod repository;
+mod revocation;
 mod state;
 mod transfer;
 

@@ -29,6 +29,13 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Print this host's NATS credentials from its bundle in the standard
+    /// `.creds` format (to debug as this host with the `nats` CLI).
+    NatsCreds {
+        /// The host's enrollment bundle.
+        #[arg(long, value_name = "FILE")]
+        bundle: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +73,35 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && !no_color)
         .init();
     match cli.command {
+        Command::NatsCreds { bundle } => {
+            let text = match std::fs::read_to_string(&bundle) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("flotilla-agent: cannot read {}: {e}", bundle.display());
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match flotilla_protocol::Bundle::parse(&text) {
+                Ok(b) => match b.nats_creds {
+                    Some(creds) => {
+                        print!("{creds}");
+                        ExitCode::SUCCESS
+                    }
+                    None => {
+                        eprintln!(
+                            "flotilla-agent: {} holds no NATS credentials (made before the bus had authentication): enroll the host again with `flotilla enroll {} --force`",
+                            bundle.display(),
+                            b.host
+                        );
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                },
+                Err(e) => {
+                    eprintln!("flotilla-agent: {}: {e}", bundle.display());
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
         Command::Config {
             command: ConfigCommand::Check(config),
         } => match Settings::load(config) {

@@ -35,6 +35,8 @@ pub const STATE_FORMAT: u16 = 1;
 pub const JOURNAL_VERSION: u16 = 1;
 /// Version of the [`Epoch`] value.
 pub const EPOCH_VERSION: u16 = 1;
+/// Key of the newest signed revocation list in the `meta` tree.
+const REVOKED_KEY: &str = "revoked";
 /// Key of the [`Epoch`] in the `meta` tree.
 const EPOCH_KEY: &str = "epoch";
 
@@ -214,6 +216,24 @@ impl State {
     /// This state's epoch.
     pub fn epoch(&self) -> Epoch {
         self.epoch
+    }
+
+    /// The newest signed revocation list this agent has believed, as
+    /// received (verified again by whoever reads it).
+    pub fn revocations(&self) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self
+            .db
+            .open_tree("meta")?
+            .get(REVOKED_KEY)?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Keeps `signed` as the newest revocation list, durably: an agent
+    /// restarted without the bus still refuses revoked peers.
+    pub fn store_revocations(&self, signed: &[u8]) -> Result<(), StateError> {
+        self.db.open_tree("meta")?.insert(REVOKED_KEY, signed)?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Journals a newly received task, unless its id is known, and makes it

@@ -64,4 +64,4 @@ pub use endpoint::{
 };
 pub use error::TransferError;
 pub use frame::{read_frame, write_frame};
-pub use tls::{peer_host, Identity};
+pub use tls::{nats_tls_config, peer_host, Identity, RevokedCerts};

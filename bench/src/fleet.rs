@@ -2,9 +2,10 @@
 //! the real coordinator daemon, then one fleet-wide backup.
 //!
 //! Order: enroll one identity per simulated host with the coordinator's own
-//! `Fleet::enroll` (bundles in `FLEET/sim-bundles/`) → make sure the streams and
-//! the health bucket exist with the agent's own `Bus::connect` → connect the
-//! agents in batches ([`sim`]) → wait until each has stored a heartbeat →
+//! `Fleet::enroll` (bundles in `FLEET/sim-bundles/`, each with its host's own
+//! NATS user) → connect the agents in batches ([`sim`]), each as its host,
+//! over TLS, to a server `bench/run.sh` set up with `flotilla nats-config` and
+//! `flotilla doctor` → wait until each has stored a heartbeat →
 //! settle, sampling `flotilla serve` → run `flotilla backup --plan P --wait
 //! --json` → wait until every source has its task → stop the agents → report.
 //!
@@ -34,14 +35,10 @@ use sim::{Receipt, Shared, SimAgent, SimIdentity};
 
 /// The simulated storage host every plan host backs up to.
 const STORAGE_HOST: &str = "sim-store";
-/// Host name of the one connection that sets up streams and bucket.
-const SETUP_HOST: &str = "sim-setup";
 /// Enrollments at once (each makes a key pair and writes two files).
 const ENROLL_CONCURRENCY: usize = 2;
 /// Agents connecting at once.
 const CONNECT_BATCH: usize = 50;
-/// How long the setup connection may take to answer.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often waits look at the counters.
 const POLL: Duration = Duration::from_millis(100);
 /// How often the CLI's peak memory is read while it runs.
@@ -222,7 +219,6 @@ pub async fn run(args: &FleetArgs) -> Result<FleetReport> {
     eprintln!("{} identities ready in {enroll_s:.1} s", ids.len());
     let total = ids.len() as u64;
 
-    prepare_nats(&args.nats).await?;
     let cancel = CancellationToken::new();
     let mut loops = JoinSet::new();
     let t = Instant::now();
@@ -348,39 +344,19 @@ async fn enroll_all(fleet_dir: &Path, hosts: Vec<HostName>) -> Result<Vec<SimIde
 /// `host` again, as `flotilla enroll HOST --out OUT --no-repo-key` would.
 fn load_or_enroll(fleet: &Fleet, host: &HostName, out: &Path) -> Result<SimIdentity> {
     let storage = host.as_str() == STORAGE_HOST;
+    let ca = fleet.ca_cert_path();
     if let Ok(text) = std::fs::read_to_string(out) {
         let bundle = Bundle::parse(&text)
             .with_context(|| format!("{} is not a bundle; delete it", out.display()))?;
         if bundle.fleet == fleet.file.id && &bundle.host == host {
-            return SimIdentity::from_bundle(&bundle, storage);
+            return SimIdentity::from_bundle(&bundle, storage, &ca);
         }
     }
     // Missing, or left over from another fleet: a bundle of this one replaces it.
     let bundle = fleet
         .enroll(host, out, None, false, true)
         .with_context(|| format!("cannot enroll {host}"))?;
-    SimIdentity::from_bundle(&bundle, storage)
-}
-
-/// Creates the task and event streams and the health bucket if missing, with
-/// the agent's own code, as the first agent of a fleet does.
-async fn prepare_nats(url: &str) -> Result<()> {
-    let host = HostName::new(SETUP_HOST).context("setup host name")?;
-    let cancel = CancellationToken::new();
-    let bus = tokio::time::timeout(
-        SETUP_TIMEOUT,
-        flotilla_agent::Bus::connect(url, &host, &cancel),
-    )
-    .await
-    .with_context(|| {
-        format!(
-            "NATS at {url} did not answer within {} s: is nats-server running with JetStream (-js)?",
-            SETUP_TIMEOUT.as_secs()
-        )
-    })?
-    .with_context(|| format!("cannot set up the streams and the health bucket on {url}"))?;
-    bus.flush().await;
-    Ok(())
+    SimIdentity::from_bundle(&bundle, storage, &ca)
 }
 
 /// Connects every agent, [`CONNECT_BATCH`] at a time, and starts its two loops.

@@ -145,11 +145,20 @@ impl World {
         } else {
             NatsServer::start()?
         };
-        let fleet = Fleet::init(&nats)?;
+        // The namespaces first: the bus's TLS certificate must name the
+        // address their agents dial it on.
+        let mut nets = BTreeMap::new();
+        if spec.netns {
+            for source in &spec.sources {
+                nets.insert(source.host.clone(), Netns::create()?);
+            }
+        }
+        let names: Vec<String> = nets.values().map(Netns::root_ip).collect();
+        let fleet = Fleet::init_with_names(&nats, &names)?;
         let mut world = Self {
             serve: None,
             agents: BTreeMap::new(),
-            nets: BTreeMap::new(),
+            nets,
             tmpfs: None,
             fleet,
             nats,
@@ -167,10 +176,6 @@ impl World {
         }
         let mut nas_listen = spec.nas_listen.clone();
         if spec.netns {
-            for source in &spec.sources {
-                let ns = Netns::create()?;
-                world.nets.insert(source.host.clone(), ns);
-            }
             if let (None, Some(first)) = (&nas_listen, spec.sources.first()) {
                 let port = free_udp_port()?;
                 let root_ip = world.nets[&first.host].root_ip();
@@ -209,7 +214,7 @@ impl World {
                 builder = builder.env(key, value);
             }
             if let Some(ns) = world.nets.get(&source.host) {
-                let url = format!("nats://{}:{}", ns.root_ip(), world.nats.port());
+                let url = format!("tls://{}:{}", ns.root_ip(), world.nats.port());
                 builder = builder.netns(ns.name()).nats(&url);
             }
             let agent = builder.start()?;

@@ -1,6 +1,7 @@
 //! The `flotilla` command line: flags, subcommands, and their dispatch.
 
 mod backup;
+mod bus;
 mod check;
 mod estimate;
 mod events;
@@ -23,7 +24,7 @@ use flotilla_protocol::HostName;
 
 use crate::error::CliError;
 use crate::fleet::Fleet;
-use crate::nats::Nats;
+use crate::nats::{ClientAuth, Nats};
 
 /// Default NATS URL when neither a flag, the environment nor a fleet names one.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -95,13 +96,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Issue a host's bundle: certificate, keys and NATS URL, in one file (mode 0600).
+    /// Issue a host's bundle: certificate, keys, NATS credentials and URL, in one file (mode 0600).
+    ///
+    /// With --alerting, write instead a standard NATS `.creds` file for a
+    /// read-only subscriber (events and health, nothing else) that any NATS
+    /// client can use (`nats --creds FILE --tlsca ca.crt sub 'flotilla.events.>'`).
     Enroll {
         #[arg(help = HOST_NAME_HELP)]
         host: HostName,
-        /// Where to write the bundle.
+        /// Where to write the bundle (or the `.creds` file with --alerting).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// A read-only events-and-health subscriber, not a host.
+        #[arg(long)]
+        alerting: bool,
         /// Leave the repository key out: the host can take part but never read backups.
         #[arg(long)]
         no_repo_key: bool,
@@ -125,6 +133,49 @@ pub enum Command {
         #[arg(long)]
         force: bool,
         /// Print {"host", "removed", "tasks_dropped"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a complete nats-server configuration for this fleet: JetStream,
+    /// TLS with a certificate from the fleet CA, and the fleet's operator and
+    /// accounts (anonymous connections refused).
+    NatsConfig {
+        /// Address the server listens on, HOST:PORT (0.0.0.0:4222 for every interface).
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: String,
+        /// The server's state directory: JetStream store, account JWTs, its TLS key.
+        #[arg(long, value_name = "DIR")]
+        store: PathBuf,
+        /// Where to write the configuration.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Another name or address clients dial the server by (repeatable); the
+        /// fleet's NATS URL and the listen address are included.
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+        /// Overwrite an existing configuration file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check the fleet's streams, buckets and task consumers and repair them;
+    /// push the fleet account (revocations) and the signed revocation list.
+    Doctor {
+        /// Only report; exit 2 when something needs repair.
+        #[arg(long)]
+        check: bool,
+        /// Also delete and recreate a stream whose retention or storage is wrong (its messages are lost).
+        #[arg(long)]
+        recreate: bool,
+        /// Print {"findings", "notes", "unrepaired"}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a host (or an alerting subscriber) for good: its NATS users are
+    /// refused by the server and its certificate by every agent.
+    Revoke {
+        #[arg(help = HOST_NAME_HELP)]
+        host: HostName,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -406,6 +457,8 @@ impl Command {
             | Command::Enroll { json, .. }
             | Command::Hosts { json }
             | Command::Remove { json, .. }
+            | Command::Doctor { json, .. }
+            | Command::Revoke { json, .. }
             | Command::Status { json }
             | Command::Jobs { json, .. }
             | Command::Watch { json }
@@ -422,7 +475,10 @@ impl Command {
             | Command::Config {
                 command: ConfigCommand::Check { json, .. },
             } => *json,
-            Command::Serve { .. } | Command::Completions { .. } | Command::Man { .. } => false,
+            Command::Serve { .. }
+            | Command::NatsConfig { .. }
+            | Command::Completions { .. }
+            | Command::Man { .. } => false,
         }
     }
 }
@@ -452,9 +508,15 @@ impl Global {
             .unwrap_or_else(|| DEFAULT_NATS_URL.to_owned())
     }
 
-    /// Connects to NATS.
+    /// Connects to NATS as the coordinator (with the fleet's credentials
+    /// when it has them).
     pub async fn connect(&self) -> Result<Nats, CliError> {
-        Nats::connect(&self.nats_url()).await
+        let auth = self
+            .fleet
+            .as_ref()
+            .and_then(|dir| Fleet::load(dir).ok())
+            .and_then(|f| ClientAuth::coordinator(&f));
+        Nats::connect(&self.nats_url(), auth.as_ref()).await
     }
 }
 
@@ -521,9 +583,37 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Enroll {
             host,
             out,
+            alerting: true,
+            force,
+            json,
+            ..
+        } => {
+            let fleet = g.fleet()?;
+            fleet.enroll_alerting(&host, &out, force)?;
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::json!({"alerting": host.as_str(), "out": out, "fleet": fleet.file.id})
+                );
+            } else {
+                outln!(
+                    "wrote NATS credentials for read-only subscriber {host} to {} (mode 0600); \
+                     with the fleet CA ({}), e.g.: nats --creds {} --tlsca {} --inbox-prefix _INBOX.alert.{host} sub 'flotilla.events.>'",
+                    out.display(),
+                    fleet.ca_cert_path().display(),
+                    out.display(),
+                    fleet.ca_cert_path().display(),
+                );
+            }
+            Ok(())
+        }
+        Command::Enroll {
+            host,
+            out,
             no_repo_key,
             force,
             json,
+            ..
         } => {
             let fleet = g.fleet()?;
             fleet.enroll(&host, &out, g.nats.as_deref(), !no_repo_key, force)?;
@@ -549,6 +639,19 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Hosts { json } => hosts::run(g, json).await,
+        Command::NatsConfig {
+            listen,
+            store,
+            out,
+            names,
+            force,
+        } => bus::nats_config(g, &listen, &store, &out, &names, force),
+        Command::Doctor {
+            check,
+            recreate,
+            json,
+        } => bus::doctor(g, check, recreate, json).await,
+        Command::Revoke { host, json } => bus::revoke(g, &host, json).await,
         Command::Remove { host, force, json } => hosts::remove(g, &host, force, json).await,
         Command::Status { json } => status::status(g, json).await,
         Command::Jobs { json, limit } => status::jobs(g, json, limit).await,

@@ -8,10 +8,12 @@
 //! DIR/coordinator.pub   its public key (hex)
 //! DIR/repo.key          repository master key (hex, 0600)
 //! DIR/hosts/HOST.crt    certificate issued to each enrolled host
+//! DIR/nats/             the fleet's NATS operator, accounts and users (`natsauth.rs`)
 //! ```
 //!
 //! Neither `init` nor `enroll` overwrites anything without `force`.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -22,10 +24,14 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose,
 };
+use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 
-/// Version of the fleet directory layout.
-pub const FLEET_VERSION: u16 = 1;
+use crate::natsauth::{NatsAuth, Revoked};
+use flotilla_protocol::permissions::Role;
+
+/// Version of the fleet directory layout: 2 added `nats/` (NATS identities).
+pub const FLEET_VERSION: u16 = 2;
 
 /// A fleet directory that cannot be created or used.
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +203,7 @@ impl Fleet {
             0o600,
             force,
         )?;
+        NatsAuth::new(dir, &id).init(force)?;
         let file = FleetFile {
             version: FLEET_VERSION,
             id,
@@ -249,6 +256,126 @@ impl Fleet {
         fs::read_to_string(&path).map_err(io_err(&path))
     }
 
+    /// The fleet's NATS identities.
+    pub fn nats_auth(&self) -> NatsAuth {
+        NatsAuth::new(&self.dir, &self.file.id)
+    }
+
+    /// The CA certificate's path.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// Issues a TLS server certificate for the fleet's nats-server, valid for
+    /// `names` (DNS names or IP addresses); returns (certificate, key) PEM.
+    pub fn server_cert(&self, names: &[String]) -> Result<(String, String), FleetError> {
+        let issuer = self.issuer()?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        for name in names {
+            params
+                .subject_alt_names
+                .push(match name.parse::<std::net::IpAddr>() {
+                    Ok(ip) => rcgen::SanType::IpAddress(ip),
+                    Err(_) => rcgen::SanType::DnsName(name.clone().try_into()?),
+                });
+        }
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            names.first().map_or("nats-server", String::as_str),
+        );
+        dn.push(
+            DnType::OrganizationName,
+            format!("Flotilla fleet {}", self.file.id),
+        );
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        validity(&mut params, 5);
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, FleetError> {
+        let ca_key_path = self.dir.join("ca.key");
+        let ca_key = KeyPair::from_pem(&self.read("ca.key")?).map_err(|e| FleetError::Invalid {
+            path: ca_key_path,
+            why: e.to_string(),
+        })?;
+        Ok(Issuer::new(ca_params(&self.file.id)?, ca_key))
+    }
+
+    /// SHA-256 (hex) of the certificate last issued to `host`, if any.
+    pub fn host_cert_sha256(&self, host: &HostName) -> Option<String> {
+        let pem = fs::read_to_string(self.dir.join("hosts").join(format!("{host}.crt"))).ok()?;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+        Some(hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            &der,
+        )))
+    }
+
+    /// Revokes `name`'s NATS users (every one it was ever given) and, for a
+    /// host, its certificate, from `at` (unix seconds). Returns what was recorded.
+    pub fn revoke(&self, name: &HostName, at: u64) -> Result<Revoked, FleetError> {
+        let auth = self.nats_auth();
+        let host_users = auth.users_of("host", name.as_str());
+        let (role, users) = if host_users.is_empty() {
+            ("alerting", auth.users_of("alerting", name.as_str()))
+        } else {
+            ("host", host_users)
+        };
+        let cert = self.host_cert_sha256(name);
+        if users.is_empty() && cert.is_none() {
+            return Err(FleetError::Invalid {
+                path: self.dir.join("hosts"),
+                why: format!("{name} was never enrolled in this fleet"),
+            });
+        }
+        let entry = Revoked {
+            name: name.to_string(),
+            role: role.into(),
+            at,
+            users,
+            cert_sha256: if role == "host" { cert } else { None },
+        };
+        auth.record_revocation(entry.clone())?;
+        Ok(entry)
+    }
+
+    /// The hosts whose current certificate is revoked (a host enrolled
+    /// again with `--force` after its revocation has a new certificate and
+    /// is not in it).
+    pub fn revoked_hosts(&self) -> Result<BTreeSet<HostName>, FleetError> {
+        let file = self.nats_auth().revoked()?;
+        let mut out = BTreeSet::new();
+        for entry in file.revoked.iter().filter(|r| r.role == "host") {
+            let Ok(host) = HostName::new(entry.name.clone()) else {
+                continue;
+            };
+            if entry.cert_sha256.is_some() && self.host_cert_sha256(&host) == entry.cert_sha256 {
+                out.insert(host);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes a `.creds` file for a read-only subscriber `name` (events and
+    /// health) to `out`.
+    pub fn enroll_alerting(
+        &self,
+        name: &HostName,
+        out: &Path,
+        force: bool,
+    ) -> Result<(), FleetError> {
+        if out.exists() && !force {
+            return Err(FleetError::Exists(out.to_path_buf()));
+        }
+        let creds = self.nats_auth().mint(&Role::Alerting(name.clone()))?;
+        write_file(out, creds.as_bytes(), 0o600, force)
+    }
+
     /// The coordinator's task-signing key.
     pub fn signing_seed(&self) -> Result<SigningSeed, FleetError> {
         SigningSeed::from_hex(&self.read("coordinator.key")?).ok_or_else(|| FleetError::Invalid {
@@ -274,12 +401,13 @@ impl Fleet {
         if out.exists() && !force {
             return Err(FleetError::Exists(out.to_path_buf()));
         }
-        let ca_key_path = self.dir.join("ca.key");
-        let ca_key = KeyPair::from_pem(&self.read("ca.key")?).map_err(|e| FleetError::Invalid {
-            path: ca_key_path,
-            why: e.to_string(),
-        })?;
-        let issuer = Issuer::new(ca_params(&self.file.id)?, ca_key);
+        let issuer = self.issuer()?;
+        let auth = self.nats_auth();
+        let nats_creds = if auth.exists() {
+            Some(auth.mint(&Role::Host(host.clone()))?)
+        } else {
+            None
+        };
 
         let host_key = KeyPair::generate()?;
         let mut params = CertificateParams::new(vec![host.to_string()])?;
@@ -312,6 +440,7 @@ impl Fleet {
             } else {
                 None
             },
+            nats_creds,
         };
         write_file(out, bundle.to_toml().as_bytes(), 0o600, force)?;
         write_file(

@@ -44,10 +44,12 @@ macro_rules! outln {
 mod cli;
 mod config;
 mod dispatch;
+mod doctor;
 mod error;
 mod fleet;
 mod fleetops;
 mod nats;
+mod natsauth;
 mod registry;
 mod retention;
 mod scheduler;

@@ -8,7 +8,12 @@ use async_nats::jetstream::{self, kv};
 use flotilla_protocol::{subject, AgentState, Heartbeat, HostName, OfflineReason, UnixMillis};
 use futures::StreamExt;
 
+use std::path::PathBuf;
+
+use flotilla_protocol::permissions::{inbox_prefix, Role};
+
 use crate::error::{request_err, CliError};
+use crate::fleet::Fleet;
 
 /// A connection to the fleet's NATS server.
 #[derive(Debug, Clone)]
@@ -47,10 +52,61 @@ impl HostRecord {
     }
 }
 
+/// How a coordinator proves who it is to the bus and knows the bus is the
+/// fleet's: its user's `.creds` and the fleet CA that signed the server's
+/// TLS certificate.
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    /// The NATS user credentials file.
+    pub creds: PathBuf,
+    /// The fleet CA certificate (PEM).
+    pub ca: PathBuf,
+    /// The inbox prefix this user may subscribe under.
+    pub inbox_prefix: String,
+}
+
+impl ClientAuth {
+    /// The coordinator's own identity in `fleet`, if the fleet has NATS
+    /// identities (fleets made before them connect anonymously).
+    pub fn coordinator(fleet: &Fleet) -> Option<ClientAuth> {
+        // Only the creds file: `serve` runs with it and not the keys.
+        let auth = fleet.nats_auth();
+        auth.coordinator_creds_path().is_file().then(|| ClientAuth {
+            creds: auth.coordinator_creds_path(),
+            ca: fleet.ca_cert_path(),
+            inbox_prefix: inbox_prefix(&Role::Coordinator),
+        })
+    }
+
+    /// The system-account user that pushes account updates (revocations).
+    pub fn system(fleet: &Fleet) -> Option<ClientAuth> {
+        let auth = fleet.nats_auth();
+        auth.system_creds_path().is_file().then(|| ClientAuth {
+            creds: auth.system_creds_path(),
+            ca: fleet.ca_cert_path(),
+            inbox_prefix: "_INBOX._system".into(),
+        })
+    }
+}
+
 impl Nats {
-    /// Connects, failing fast when the server is not there.
-    pub async fn connect(url: &str) -> Result<Nats, CliError> {
-        let client = async_nats::ConnectOptions::new()
+    /// Connects, failing fast when the server is not there. With `auth`, the
+    /// connection must be TLS with a server certificate from the fleet CA.
+    pub async fn connect(url: &str, auth: Option<&ClientAuth>) -> Result<Nats, CliError> {
+        let mut options = async_nats::ConnectOptions::new();
+        if let Some(auth) = auth {
+            options = options
+                .credentials_file(&auth.creds)
+                .await
+                .map_err(|e| CliError::Nats {
+                    url: url.to_owned(),
+                    why: format!("cannot read credentials {}: {e}", auth.creds.display()),
+                })?
+                .add_root_certificates(auth.ca.clone())
+                .require_tls(true)
+                .custom_inbox_prefix(&auth.inbox_prefix);
+        }
+        let client = options
             .name("flotilla")
             .connection_timeout(Duration::from_secs(5))
             .connect(url)

@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{HostName, PublicKey};
 
-/// Version of the bundle file format.
-pub const BUNDLE_VERSION: u16 = 1;
+/// Version of the bundle file format: 2 added `nats_creds`.
+pub const BUNDLE_VERSION: u16 = 2;
 
 /// Everything a host needs to join the fleet.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +32,24 @@ pub struct Bundle {
     pub key: String,
     /// The repository master key, hex; absent for hosts that must not read backups.
     pub repo_key: Option<String>,
+    /// The host's NATS user credentials (a user JWT and its nkey seed, in the
+    /// standard `.creds` format, see [`format_creds`]); absent in bundles made
+    /// before the bus had authentication (version 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_creds: Option<String>,
+}
+
+/// A NATS user JWT and its nkey seed in the `.creds` file format every NATS
+/// client reads (`nats --creds`, nats-py `user_credentials`, Go `nats.UserCredentials`).
+pub fn format_creds(jwt: &str, seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\
+         NKEYs are sensitive and should be treated as secrets.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n\
+         *************************************************************\n"
+    )
 }
 
 impl std::fmt::Debug for Bundle {

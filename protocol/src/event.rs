@@ -181,6 +181,17 @@ pub enum EventBody {
         /// read, snapshots that do not read), for people; the first 100.
         problems: Vec<String>,
     },
+    /// The coordinator found the fleet's streams, buckets or task
+    /// consumers changed from what Flotilla needs (deleted, a limit
+    /// changed, a consumer that could take a host's tasks) and repaired
+    /// what it could: someone with the rights did it, or the server lost
+    /// its data.
+    #[serde(rename = "bus.repaired")]
+    BusRepaired {
+        /// One line per finding: the resource, what was wrong, what was
+        /// done (the first 100).
+        findings: Vec<String>,
+    },
 }
 
 crate::open_enum::open_enum! {
@@ -367,6 +378,7 @@ impl EventBody {
         "storage.low_space",
         "agent.version_mismatch",
         "coordinator.standby",
+        "bus.repaired",
     ];
 
     /// The dotted kind name, as on the wire and in the subject.
@@ -388,6 +400,7 @@ impl EventBody {
             EventBody::StorageLowSpace { .. } => "storage.low_space",
             EventBody::AgentVersionMismatch { .. } => "agent.version_mismatch",
             EventBody::CoordinatorStandby { .. } => "coordinator.standby",
+            EventBody::BusRepaired { .. } => "bus.repaired",
         }
     }
 
@@ -410,7 +423,8 @@ impl EventBody {
             | EventBody::BackupOverdue { .. }
             | EventBody::StorageLowSpace { .. }
             | EventBody::AgentVersionMismatch { .. }
-            | EventBody::CoordinatorStandby { .. } => None,
+            | EventBody::CoordinatorStandby { .. }
+            | EventBody::BusRepaired { .. } => None,
         }
     }
 }
@@ -505,7 +519,8 @@ mod tests {
                 | EventBody::BackupOverdue { .. }
                 | EventBody::StorageLowSpace { .. }
                 | EventBody::AgentVersionMismatch { .. }
-                | EventBody::CoordinatorStandby { .. } => {}
+                | EventBody::CoordinatorStandby { .. }
+                | EventBody::BusRepaired { .. } => {}
             }
         }
         let ended = JobEnded {
@@ -591,6 +606,9 @@ mod tests {
             EventBody::AgentVersionMismatch {
                 agent_version: "1".into(),
                 coordinator_version: "2".into(),
+            },
+            EventBody::BusRepaired {
+                findings: vec!["stream FLOTILLA_TASKS: missing -> created".into()],
             },
         ];
         bodies.iter().for_each(covered);

@@ -32,13 +32,15 @@ mod heartbeat;
 mod host;
 mod id;
 pub mod limits;
+pub mod permissions;
 pub mod repo;
+mod revocation;
 pub mod status;
 pub mod subject;
 mod task;
 pub mod transfer;
 
-pub use bundle::{Bundle, BundleError, BUNDLE_VERSION};
+pub use bundle::{format_creds, Bundle, BundleError, BUNDLE_VERSION};
 pub use codec::{decode, encode, DecodeError, EncodeError};
 pub use event::{
     Event, EventBody, JobEnded, OfflineReason, RejectReason, Severity, TaskFinished, TaskOutcome,
@@ -49,6 +51,9 @@ pub use heartbeat::{
 };
 pub use host::{HostName, HostNameError};
 pub use id::{IdError, SnapshotId, TaskId};
+pub use revocation::{
+    RevocationError, RevocationList, RevokedCert, REVOCATION_BYTES, REVOCATION_VERSION,
+};
 pub use task::{
     check_epoch, sign_task, verify_task, verify_task_for_peer, BackupReport, CancelReport,
     DirUsage, EstimateReport, PublicKey, SigningSeed, TaskBody, TaskEnvelope, TaskKind, TaskResult,

@@ -8,6 +8,7 @@
 //! | `flotilla.task.<host>` | [`crate::TaskEnvelope`] for that host (stream [`TASK_STREAM`]) |
 //! | `flotilla.events.<kind>.<host>` | [`crate::Event`]s; `<kind>` is dotted, e.g. `agent.offline` (stream [`EVENT_STREAM`]) |
 //! | `$KV.flotilla-health.<host>` | the host's latest [`crate::Heartbeat`] (bucket [`HEALTH_BUCKET`]) |
+//! | `$KV.flotilla-fleet.revoked` | the signed [`crate::RevocationList`] (bucket [`FLEET_BUCKET`]) |
 //! | `$SRV.PING.flotilla-agent[.<host>]` | NATS micro service discovery |
 
 use crate::HostName;
@@ -20,6 +21,11 @@ pub const TASK_STREAM: &str = "FLOTILLA_TASKS";
 pub const EVENT_STREAM: &str = "FLOTILLA_EVENTS";
 /// JetStream key-value bucket with every host's latest heartbeat.
 pub const HEALTH_BUCKET: &str = "flotilla-health";
+/// JetStream key-value bucket with fleet-wide facts the coordinator signs
+/// (today: the revocation list under [`REVOKED_KEY`]).
+pub const FLEET_BUCKET: &str = "flotilla-fleet";
+/// Key of the signed [`crate::RevocationList`] in [`FLEET_BUCKET`].
+pub const REVOKED_KEY: &str = "revoked";
 /// NATS micro service name every agent registers under.
 pub const AGENT_SERVICE: &str = "flotilla-agent";
 
@@ -165,20 +171,7 @@ mod tests {
         assert_eq!(kv_stream(HEALTH_BUCKET), "KV_flotilla-health");
     }
 
-    /// NATS subject matching: `*` is one token, `>` one or more at the end.
-    fn matches(pattern: &str, subject: &str) -> bool {
-        let mut subject = subject.split('.');
-        for p in pattern.split('.') {
-            if p == ">" {
-                return subject.next().is_some();
-            }
-            match subject.next() {
-                Some(s) if p == "*" || p == s => {}
-                _ => return false,
-            }
-        }
-        subject.next().is_none()
-    }
+    use crate::permissions::subject_matches as matches;
 
     /// Each kind's wildcard catches that kind's events about every host, and
     /// no other kind's.

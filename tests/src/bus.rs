@@ -1,6 +1,7 @@
 //! Talking to the agents over NATS directly, as an attacker or a monitoring
 //! tool would, bypassing the CLI.
 
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -17,10 +18,37 @@ pub async fn connect(url: &str) -> Result<Client> {
         .with_context(|| format!("cannot connect to NATS at {url}"))
 }
 
+/// Connects to `url` as the user in the `.creds` file `creds`, checking the
+/// server's certificate against `ca`, with replies under `inbox_prefix`
+/// (the only inboxes a fleet user may read).
+pub async fn connect_as(url: &str, creds: &Path, ca: &Path, inbox_prefix: &str) -> Result<Client> {
+    async_nats::ConnectOptions::with_credentials_file(creds)
+        .await
+        .with_context(|| format!("cannot read {}", creds.display()))?
+        .add_root_certificates(ca.to_path_buf())
+        .require_tls(true)
+        .custom_inbox_prefix(inbox_prefix)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url} as {}", creds.display()))
+}
+
+/// Connects to `url` with no credentials, over TLS checked against `ca`.
+pub async fn connect_anonymous(url: &str, ca: &Path) -> Result<Client> {
+    async_nats::ConnectOptions::new()
+        .add_root_certificates(ca.to_path_buf())
+        .require_tls(true)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {url} anonymously"))
+}
+
 /// Publishes `payload` to `host`'s task subject through JetStream and waits for
 /// the stream's acknowledgement, exactly as the coordinator sends tasks.
 ///
-/// The task stream is created by the agents, so start one first.
+/// The task stream is created by `flotilla doctor` (`Fleet::init` runs it).
 pub async fn publish_task(client: &Client, host: &str, payload: impl Into<Bytes>) -> Result<()> {
     let host = HostName::new(host)?;
     let subject = subject::task(&host);

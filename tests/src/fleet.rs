@@ -66,8 +66,19 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Runs `flotilla init --fleet <dir>/fleet --nats <url>`.
+    /// Runs `flotilla init --fleet <dir>/fleet --nats <url>`, then
+    /// `flotilla nats-config` and restarts `nats` with that configuration
+    /// (TLS, the fleet's NATS identities, anonymous connections refused),
+    /// then `flotilla doctor` (the streams and buckets): the bus as the
+    /// README sets it up.
     pub fn init(nats: &NatsServer) -> Result<Self> {
+        Self::init_with_names(nats, &[])
+    }
+
+    /// [`Fleet::init`] with more names or addresses the server's TLS
+    /// certificate must be valid for (agents in network namespaces dial it
+    /// on another address than loopback).
+    pub fn init_with_names(nats: &NatsServer, names: &[String]) -> Result<Self> {
         let tmp = tempfile::Builder::new()
             .prefix("flotilla-e2e-")
             .tempdir()
@@ -83,7 +94,7 @@ impl Fleet {
         let fleet = Self {
             tmp: Some(tmp),
             dir,
-            nats_url: nats.url(),
+            nats_url: format!("tls://127.0.0.1:{}", nats.port()),
             nats_log: nats.log_path().to_path_buf(),
             logs_shown: AtomicBool::new(false),
         };
@@ -99,6 +110,32 @@ impl Fleet {
             ])?
             .ensure_success()
             .context("flotilla init")?;
+        let config = nats.dir().join("nats.conf");
+        let listen = format!("{}:{}", nats.listen_host(), nats.port());
+        let store = nats.dir().join("server");
+        let mut args: Vec<OsString> = vec![
+            "nats-config".into(),
+            "--listen".into(),
+            listen.into(),
+            "--store".into(),
+            store.into(),
+            "--out".into(),
+            config.clone().into(),
+        ];
+        for name in names {
+            args.push("--name".into());
+            args.push(name.into());
+        }
+        fleet
+            .cli(args)?
+            .ensure_success()
+            .context("flotilla nats-config")?;
+        nats.reconfigure(&config)
+            .context("restart nats-server with the fleet's configuration")?;
+        fleet
+            .cli(["doctor"])?
+            .ensure_success()
+            .context("flotilla doctor")?;
         Ok(fleet)
     }
 
@@ -483,9 +520,48 @@ impl Fleet {
         Ok(encode(&envelope)?)
     }
 
-    /// A NATS client connected to this fleet's server.
+    /// A NATS client connected to this fleet's server as the coordinator
+    /// (its user may do anything).
     pub async fn nats_client(&self) -> Result<async_nats::Client> {
-        bus::connect(&self.nats_url).await
+        let creds = self.fleet_dir().join("nats").join("coordinator.creds");
+        bus::connect_as(
+            &self.nats_url,
+            &creds,
+            &self.ca_path(),
+            "_INBOX._coordinator",
+        )
+        .await
+    }
+
+    /// A NATS client connected as `host`'s own user (from its bundle), with
+    /// exactly the rights `host`'s agent has: what a compromised host holds.
+    pub async fn nats_client_as_host(&self, host: &str) -> Result<async_nats::Client> {
+        let text = fs::read_to_string(self.bundle_path(host))
+            .with_context(|| format!("read {host}'s bundle (enroll it first)"))?;
+        let bundle = flotilla_protocol::Bundle::parse(&text)?;
+        let creds = bundle
+            .nats_creds
+            .with_context(|| format!("{host}'s bundle holds no NATS credentials"))?;
+        let path = self.dir.join("bundles").join(format!("{host}.creds"));
+        fs::write(&path, creds)?;
+        bus::connect_as(
+            &self.nats_url,
+            &path,
+            &self.ca_path(),
+            &format!("_INBOX.host.{host}"),
+        )
+        .await
+    }
+
+    /// Tries to connect with no credentials (TLS with the fleet CA, so a
+    /// refusal is about authentication): what anyone on the LAN can try.
+    pub async fn nats_client_anonymous(&self) -> Result<async_nats::Client> {
+        bus::connect_anonymous(&self.nats_url, &self.ca_path()).await
+    }
+
+    /// The fleet CA certificate.
+    pub fn ca_path(&self) -> PathBuf {
+        self.fleet_dir().join("ca.crt")
     }
 
     /// How many messages the task stream has ever stored (its last

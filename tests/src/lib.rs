@@ -50,7 +50,7 @@ mod serve;
 mod tree;
 
 pub use agent::{Agent, AgentBuilder};
-pub use bus::{connect, now_ms, ping_agents, ping_ids, publish_task, random_seed};
+pub use bus::{connect, connect_as, now_ms, ping_agents, ping_ids, publish_task, random_seed};
 pub use dataplane::{check_report, json_values, summaries, summary_of, DATA_TIMEOUT};
 pub use files::{read_lossy, write_bytes, write_file, DirStats};
 pub use fleet::{

@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -30,9 +31,15 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// with the same store, as an operator's restart would: file-backed streams
 /// and buckets survive, memory-backed ones (the `flotilla serve` lease) do
 /// not, and clients reconnect by themselves.
+///
+/// A fleet made on it ([`crate::Fleet::init`]) restarts it once with the
+/// configuration `flotilla nats-config` writes ([`NatsServer::reconfigure`]):
+/// TLS, the fleet's operator and accounts, anonymous connections refused.
+/// Restarts keep that configuration.
 #[derive(Debug)]
 pub struct NatsServer {
-    child: Child,
+    child: Mutex<Child>,
+    config: Mutex<Option<PathBuf>>,
     bin: PathBuf,
     host: String,
     port: u16,
@@ -72,9 +79,10 @@ impl NatsServer {
         let port = free_port()?;
         let log = dir.path().join("nats-server.log");
         File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let child = spawn(bin, host, port, dir.path(), &log)?;
+        let child = spawn(bin, host, port, dir.path(), &log, None)?;
         let mut server = Self {
-            child,
+            child: Mutex::new(child),
+            config: Mutex::new(None),
             bin: bin.to_path_buf(),
             host: host.to_owned(),
             port,
@@ -94,17 +102,46 @@ impl NatsServer {
         thread::sleep(down);
         // The port was ours a moment ago; another process taking it in
         // between is possible but rare, and reported with the log.
-        self.child = spawn(&self.bin, &self.host, self.port, self.dir.path(), &self.log)?;
+        self.respawn()?;
         self.wait_ready()
+    }
+
+    /// The host the server listens on (`127.0.0.1`, or `0.0.0.0`).
+    pub fn listen_host(&self) -> &str {
+        &self.host
+    }
+
+    /// Stops the server and starts it again on the same port with the
+    /// configuration file `config` (which must listen on that port), for
+    /// good: later restarts use it too.
+    pub fn reconfigure(&self, config: &Path) -> Result<()> {
+        self.stop_child()?;
+        *lock(&self.config) = Some(config.to_path_buf());
+        self.respawn()?;
+        self.wait_child_ready()
+    }
+
+    fn respawn(&self) -> Result<()> {
+        let config = lock(&self.config).clone();
+        *lock(&self.child) = spawn(
+            &self.bin,
+            &self.host,
+            self.port,
+            self.dir.path(),
+            &self.log,
+            config.as_deref(),
+        )?;
+        Ok(())
     }
 
     /// Kills the server with SIGKILL, as a crash or an OOM kill would, and
     /// reaps it. The store stays; [`NatsServer::start_again`] brings the
     /// server back on the same port.
     pub fn kill9(&mut self) -> Result<()> {
+        let mut child = lock(&self.child);
         // Already gone is fine: the wait below reaps it.
-        let _ = self.child.kill();
-        self.child.wait()?;
+        let _ = child.kill();
+        child.wait()?;
         Ok(())
     }
 
@@ -112,27 +149,32 @@ impl NatsServer {
     /// store (after [`NatsServer::kill9`]), appending to the same log, and
     /// returns once it accepts connections. Fails if it is still running.
     pub fn start_again(&mut self) -> Result<()> {
-        if self.child.try_wait()?.is_none() {
+        if lock(&self.child).try_wait()?.is_none() {
             bail!("nats-server on port {} is still running", self.port);
         }
-        self.child = spawn(&self.bin, &self.host, self.port, self.dir.path(), &self.log)?;
+        self.respawn()?;
         self.wait_ready()
     }
 
     /// The server's process id (of its current run).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        lock(&self.child).id()
     }
 
     fn stop(&mut self) -> Result<()> {
-        let pid = Pid::from_raw(i32::try_from(self.child.id()).context("pid out of range")?);
+        self.stop_child()
+    }
+
+    fn stop_child(&self) -> Result<()> {
+        let mut child = lock(&self.child);
+        let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
         // Already gone is fine: the wait below reaps it.
         let _ = kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + STOP_TIMEOUT;
-        while self.child.try_wait()?.is_none() {
+        while child.try_wait()?.is_none() {
             if Instant::now() >= deadline {
-                self.child.kill()?;
-                self.child.wait()?;
+                child.kill()?;
+                child.wait()?;
                 break;
             }
             thread::sleep(Duration::from_millis(50));
@@ -141,10 +183,14 @@ impl NatsServer {
     }
 
     fn wait_ready(&mut self) -> Result<()> {
+        self.wait_child_ready()
+    }
+
+    fn wait_child_ready(&self) -> Result<()> {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = lock(&self.child).try_wait()? {
                 bail!(
                     "nats-server on port {} exited ({status}) before accepting connections; its log:\n{}",
                     self.port,
@@ -155,7 +201,7 @@ impl NatsServer {
                 // Someone answered; make sure it is our server and not a
                 // neighbour that took the port while ours failed to bind.
                 thread::sleep(Duration::from_millis(50));
-                if self.child.try_wait()?.is_none() {
+                if lock(&self.child).try_wait()?.is_none() {
                     return Ok(());
                 }
                 continue;
@@ -200,23 +246,39 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         // Kill before the fields drop: the store directory must outlive the server.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut child = lock(&self.child);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
-/// Starts `bin` on `host:port` with JetStream stored under
-/// `dir/jetstream`, appending its output to `log`.
-fn spawn(bin: &Path, host: &str, port: u16, dir: &Path, log: &Path) -> Result<Child> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Starts `bin` with `config`, or else on `host:port` with JetStream stored
+/// under `dir/jetstream`, appending its output to `log`.
+fn spawn(
+    bin: &Path,
+    host: &str,
+    port: u16,
+    dir: &Path,
+    log: &Path,
+    config: Option<&Path>,
+) -> Result<Child> {
     let log_file = OpenOptions::new()
         .append(true)
         .open(log)
         .with_context(|| format!("cannot open {}", log.display()))?;
     let port_arg = port.to_string();
-    Command::new(bin)
-        .args(["-a", host, "-p", port_arg.as_str(), "-js", "-sd"])
-        .arg(dir.join("jetstream"))
-        .stdin(Stdio::null())
+    let mut cmd = Command::new(bin);
+    match config {
+        Some(config) => cmd.arg("-c").arg(config),
+        None => cmd
+            .args(["-a", host, "-p", port_arg.as_str(), "-js", "-sd"])
+            .arg(dir.join("jetstream")),
+    };
+    cmd.stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
         .spawn()

@@ -8,6 +8,7 @@ mod dataplane;
 mod operations;
 mod reading;
 mod retention;
+mod trust;
 
 use std::path::Path;
 use std::time::Duration;
@@ -482,8 +483,18 @@ async fn malformed_and_oversized_payloads_do_not_crash_agent() -> Result<()> {
     // MessagePack, but not a task envelope.
     let wrong_shape = rmp_serde::to_vec_named(&serde_json::json!({"hello": "world", "v": 1}))?;
     publish_task(&client, "alpha", wrong_shape).await?;
-    // Over the 64 KiB task limit (but under NATS's 1 MiB max_payload).
-    publish_task(&client, "alpha", vec![0xa5_u8; 200 * 1024]).await?;
+    // Over the 64 KiB task limit but within the task stream's per-message
+    // cap (which leaves room for headers): the agent refuses it.
+    publish_task(
+        &client,
+        "alpha",
+        vec![0xa5_u8; flotilla_protocol::limits::TASK_BYTES + 1024],
+    )
+    .await?;
+    // Far over it (under NATS's 1 MiB max_payload): the stream itself
+    // refuses it, so it never reaches an agent nor takes room in the stream.
+    let refused = publish_task(&client, "alpha", vec![0xa5_u8; 200 * 1024]).await;
+    assert!(refused.is_err(), "the task stream stored a 200 KiB message");
 
     // Garbage to the discovery and health endpoints, with and without a reply subject.
     for subject in [

@@ -154,7 +154,7 @@ mod tests {
 
     use super::*;
     use crate::transfer::testing::{bundle_for, endpoint, handshake, mixed_bundle, within, TestCa};
-    use crate::transfer::{peer_host, read_frame, write_frame};
+    use crate::transfer::{peer_host, read_frame, write_frame, Identity, RevokedCerts};
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Ping {
@@ -278,6 +278,104 @@ mod tests {
                 .expect_err("the connection was refused");
             assert!(!err.is_retryable(), "{err:?}");
         }
+    }
+
+    /// `host`'s certificate on a revocation list of `ca`'s fleet.
+    fn revocation_of(
+        ca: &TestCa,
+        bundle: &flotilla_protocol::Bundle,
+    ) -> flotilla_protocol::RevocationList {
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(bundle.cert.as_bytes())
+            .expect("certificate PEM");
+        let digest = ring::digest::digest(&ring::digest::SHA256, &der);
+        flotilla_protocol::RevocationList {
+            v: flotilla_protocol::REVOCATION_VERSION,
+            fleet: ca.fleet.clone(),
+            issued: 1,
+            revoked: vec![flotilla_protocol::RevokedCert {
+                host: bundle.host.clone(),
+                cert_sha256: digest.as_ref().iter().map(|b| format!("{b:02x}")).collect(),
+                revoked_at: 1,
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_revoked_client_is_refused_from_the_moment_the_list_arrives() {
+        let ca = TestCa::new("fleet");
+        let revoked = RevokedCerts::default();
+        let identity =
+            Identity::with_revocations(&bundle_for(&ca, "nas"), revoked.clone()).expect("identity");
+        let server =
+            TransferEndpoint::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &identity).expect("bind");
+        let server_addr = server.local_addr().expect("address");
+        let laptop = bundle_for(&ca, "laptop");
+        let (client, _) = endpoint(&laptop);
+
+        let (client_conn, server_conn) = handshake(&client, &server, server_addr, "nas").await;
+        client_conn.expect("before the revocation the client is accepted");
+        server_conn.expect("before the revocation the server accepts");
+
+        // The running endpoint's set is replaced: no restart, no rebind.
+        revoked.replace(&revocation_of(&ca, &laptop));
+        assert_eq!(revoked.len(), 1);
+        let (_, server_conn) = handshake(&client, &server, server_addr, "nas").await;
+        let err = server_conn.expect_err("a revoked client is refused");
+        assert!(matches!(err, TransferError::Untrusted { .. }), "{err:?}");
+        assert!(err.to_string().to_lowercase().contains("revoked"), "{err}");
+        assert!(!err.is_retryable());
+
+        // Another host of the fleet is still welcome.
+        let (desktop, _) = endpoint(&bundle_for(&ca, "desktop"));
+        let (c, s) = handshake(&desktop, &server, server_addr, "nas").await;
+        c.expect("desktop is not revoked");
+        s.expect("desktop is accepted");
+    }
+
+    #[tokio::test]
+    async fn a_client_refuses_a_revoked_server() {
+        let ca = TestCa::new("fleet");
+        let nas = bundle_for(&ca, "nas");
+        let (server, server_addr) = endpoint(&nas);
+        let revoked = RevokedCerts::default();
+        let identity = Identity::with_revocations(&bundle_for(&ca, "laptop"), revoked.clone())
+            .expect("identity");
+        let client =
+            TransferEndpoint::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &identity).expect("bind");
+
+        // A connection before the revocation, used for a stream, so that a
+        // server willing to hand out session tickets has done so.
+        let (client_conn, server_conn) = handshake(&client, &server, server_addr, "nas").await;
+        let (client_conn, server_conn) =
+            (client_conn.expect("client"), server_conn.expect("server"));
+        let echo = async {
+            let (mut send, mut recv) = server_conn.accept_bi().await.expect("accept");
+            let n: u32 = read_frame(&mut recv, 64)
+                .await
+                .expect("read")
+                .expect("frame");
+            write_frame(&mut send, &n).await.expect("write");
+            send.finish().expect("finish");
+            server_conn.closed().await;
+        };
+        let ask = async {
+            let (mut send, mut recv) = client_conn.open_bi().await.expect("open");
+            write_frame(&mut send, &7u32).await.expect("write");
+            let back: Option<u32> = read_frame(&mut recv, 64).await.expect("read");
+            client_conn.close(VarInt::from_u32(0), b"done");
+            back
+        };
+        let (_, back) = within("exchange", futures::future::join(echo, ask)).await;
+        assert_eq!(back, Some(7));
+
+        // Revoked now: a new connection must check the certificate again
+        // (no resumption from the earlier one's ticket).
+        revoked.replace(&revocation_of(&ca, &nas));
+        let (client_conn, _) = handshake(&client, &server, server_addr, "nas").await;
+        let err = client_conn.expect_err("a revoked storage host is refused");
+        assert!(err.to_string().to_lowercase().contains("revoked"), "{err}");
+        assert!(!err.is_retryable());
     }
 
     #[tokio::test]

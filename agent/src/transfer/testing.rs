@@ -30,7 +30,7 @@ pub(crate) async fn within<F: Future>(what: &str, future: F) -> F::Output {
 
 /// A fleet CA for tests.
 pub(crate) struct TestCa {
-    fleet: String,
+    pub(crate) fleet: String,
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
@@ -102,6 +102,7 @@ pub(crate) fn mixed_bundle(trusts: &TestCa, issuer: &TestCa, host: &str) -> Bund
         cert,
         key,
         repo_key: None,
+        nats_creds: None,
     }
 }
 

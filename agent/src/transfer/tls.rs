@@ -6,18 +6,24 @@
 //! configuration is built with the *ring* provider passed explicitly, so the
 //! agent does not depend on (or fight over) rustls's process-wide default.
 
+use std::collections::HashSet;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use flotilla_protocol::RevocationList;
 use flotilla_protocol::{transfer::ALPN, Bundle, HostName};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::RootCertStore;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 
 use super::TransferError;
 
@@ -62,12 +68,169 @@ impl fmt::Debug for Identity {
     }
 }
 
+/// The certificates this agent refuses although the fleet CA signed them
+/// (`flotilla revoke`), by SHA-256 of their DER. Shared by every handshake;
+/// replaced whole when a newer signed list arrives.
+#[derive(Debug, Clone, Default)]
+pub struct RevokedCerts(Arc<RwLock<HashSet<[u8; 32]>>>);
+
+impl RevokedCerts {
+    /// Refuses exactly the certificates on `list` from now on.
+    pub fn replace(&self, list: &RevocationList) {
+        let set = list
+            .revoked
+            .iter()
+            .filter_map(|r| {
+                let mut out = [0u8; 32];
+                hex_decode(&r.cert_sha256, &mut out).then_some(out)
+            })
+            .collect();
+        if let Ok(mut guard) = self.0.write() {
+            *guard = set;
+        }
+    }
+
+    /// Whether `der` is revoked.
+    pub fn contains(&self, der: &[u8]) -> bool {
+        let digest = ring::digest::digest(&ring::digest::SHA256, der);
+        let mut key = [0u8; 32];
+        key.copy_from_slice(digest.as_ref());
+        self.0.read().map(|s| s.contains(&key)).unwrap_or(true)
+    }
+
+    /// How many certificates are refused.
+    pub fn len(&self) -> usize {
+        self.0.read().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn hex_decode(text: &str, out: &mut [u8; 32]) -> bool {
+    if text.len() != 64 || !text.is_ascii() {
+        return false;
+    }
+    for (i, byte) in out.iter_mut().enumerate() {
+        match u8::from_str_radix(&text[2 * i..2 * i + 2], 16) {
+            Ok(b) => *byte = b,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// The fleet CA's client verifier, refusing revoked certificates.
+#[derive(Debug)]
+struct CheckRevokedClient {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: RevokedCerts,
+}
+
+impl ClientCertVerifier for CheckRevokedClient {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if self.revoked.contains(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The fleet CA's server verifier, refusing revoked certificates.
+#[derive(Debug)]
+struct CheckRevokedServer {
+    inner: Arc<WebPkiServerVerifier>,
+    revoked: RevokedCerts,
+}
+
+impl ServerCertVerifier for CheckRevokedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self.revoked.contains(end_entity) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+        }
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 impl Identity {
-    /// Reads the fleet CA, the host certificate and its key from `bundle`.
+    /// [`Identity::with_revocations`] with nothing revoked.
+    pub fn from_bundle(bundle: &Bundle) -> Result<Identity, TransferError> {
+        Self::with_revocations(bundle, RevokedCerts::default())
+    }
+
+    /// Reads the fleet CA, the host certificate and its key from `bundle`;
+    /// every handshake also refuses a peer certificate in `revoked`.
     ///
     /// Fails if a PEM is missing or unreadable, if the certificate does not
     /// name the bundle's host, or if the key does not match the certificate.
-    pub fn from_bundle(bundle: &Bundle) -> Result<Identity, TransferError> {
+    pub fn with_revocations(
+        bundle: &Bundle,
+        revoked: RevokedCerts,
+    ) -> Result<Identity, TransferError> {
         let host = &bundle.host;
         let bundle_err = |what: &'static str| {
             move |detail: String| TransferError::Bundle {
@@ -109,6 +272,10 @@ impl Identity {
                     host: host.clone(),
                     detail: e.to_string(),
                 })?;
+        let client_verifier = Arc::new(CheckRevokedClient {
+            inner: client_verifier,
+            revoked: revoked.clone(),
+        });
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?
@@ -116,6 +283,11 @@ impl Identity {
             .with_single_cert(chain.clone(), key.clone_key())
             .map_err(tls_err)?;
         server.alpn_protocols = vec![ALPN.to_vec()];
+        // No session resumption: a resumed handshake skips the certificate
+        // check, so a peer revoked since its last connection would be let
+        // in on its old ticket. One full handshake per job costs nothing.
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
         // 0-RTT stays off (max_early_data_size is 0): early data can be
         // replayed by an attacker, and transfer requests must not be.
 
@@ -127,13 +299,19 @@ impl Identity {
                 host: host.clone(),
                 detail: e.to_string(),
             })?;
+        let server_verifier = Arc::new(CheckRevokedServer {
+            inner: server_verifier,
+            revoked,
+        });
         let mut client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_err)?
-            .with_webpki_verifier(server_verifier)
+            .dangerous()
+            .with_custom_certificate_verifier(server_verifier)
             .with_client_auth_cert(chain, key)
             .map_err(tls_err)?;
         client.alpn_protocols = vec![ALPN.to_vec()];
+        client.resumption = rustls::client::Resumption::disabled();
 
         // quinn needs the AES-128-GCM suite for QUIC's initial packets; the
         // ring provider always has it, but say so if that ever changes.
@@ -166,6 +344,34 @@ impl Identity {
         config.transport_config(Arc::new(transport_config()));
         config
     }
+}
+
+/// The TLS client configuration for the fleet's NATS server: its certificate
+/// must chain to the fleet CA from `bundle` (no system roots).
+pub fn nats_tls_config(bundle: &Bundle) -> Result<rustls::ClientConfig, TransferError> {
+    let host = &bundle.host;
+    let ca = CertificateDer::from_pem_slice(bundle.ca_cert.as_bytes()).map_err(|e| {
+        TransferError::Bundle {
+            host: host.clone(),
+            what: "CA certificate",
+            detail: e.to_string(),
+        }
+    })?;
+    let mut roots = RootCertStore::empty();
+    roots.add(ca).map_err(|e| TransferError::Bundle {
+        host: host.clone(),
+        what: "CA certificate",
+        detail: e.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TransferError::Tls {
+            host: host.clone(),
+            detail: e.to_string(),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// QUIC transport settings for agents on a LAN, used on both sides.

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,19 +51,29 @@ pub struct SimIdentity {
     pub key: PublicKey,
     /// Plays the storage host (role `storage`, a QUIC address) rather than a source.
     pub storage: bool,
+    /// Its NATS user's credentials (`.creds` text), as its bundle holds them.
+    pub creds: String,
+    /// The fleet CA's certificate file, which signed the server's.
+    pub ca: PathBuf,
 }
 
 impl SimIdentity {
     /// The identity in `bundle`.
-    pub fn from_bundle(bundle: &Bundle, storage: bool) -> Result<SimIdentity> {
+    pub fn from_bundle(bundle: &Bundle, storage: bool, ca: &Path) -> Result<SimIdentity> {
         let key = bundle
             .coordinator_public_key()
             .with_context(|| format!("bundle of {} has no usable coordinator key", bundle.host))?;
+        let creds = bundle
+            .nats_creds
+            .clone()
+            .with_context(|| format!("bundle of {} has no NATS credentials", bundle.host))?;
         Ok(SimIdentity {
             host: bundle.host.clone(),
             fleet: bundle.fleet.clone(),
             key,
             storage,
+            creds,
+            ca: ca.to_path_buf(),
         })
     }
 }
@@ -204,9 +215,9 @@ impl SimAgent {
     ) -> Result<(SimAgent, consumer::PullConsumer)> {
         let mut clients = Vec::with_capacity(connections.max(1));
         for n in 0..connections.max(1) {
-            let host = &id.host;
-            let what = format!("connect {host} to NATS");
-            clients.push(retry(shared, &what, move || connect_nats(url, host, n)).await?);
+            let what = format!("connect {} to NATS", id.host);
+            let id = &id;
+            clients.push(retry(shared, &what, move || connect_nats(url, id, n)).await?);
         }
         let first = clients.first().cloned().context("no NATS connection")?;
         let tasks = clients.get(1).cloned().unwrap_or_else(|| first.clone());
@@ -536,12 +547,20 @@ pub async fn tasks(
 }
 
 /// One NATS connection named after the simulated host.
-async fn connect_nats(url: &str, host: &HostName, n: usize) -> Result<async_nats::Client> {
+/// Connects as the agent does: its own NATS user, TLS checked against the
+/// fleet CA, replies on its own inbox prefix.
+async fn connect_nats(url: &str, id: &SimIdentity, n: usize) -> Result<async_nats::Client> {
+    let host = &id.host;
     let name = match n {
         0 => format!("flotilla-agent-sim/{host}"),
         n => format!("flotilla-agent-sim/{host}/{n}"),
     };
     async_nats::ConnectOptions::new()
+        .credentials(&id.creds)
+        .context("the bundle's NATS credentials")?
+        .add_root_certificates(id.ca.clone())
+        .require_tls(true)
+        .custom_inbox_prefix(format!("_INBOX.host.{host}"))
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .connect(url)

@@ -49,12 +49,14 @@ impl<'a> RunningView<'a> {
     }
 }
 
-fn view(r: &HostRecord, now: u64) -> HostView<'_> {
+fn view(r: &HostRecord, now: u64, revoked: bool) -> HostView<'_> {
     let hb = &r.heartbeat;
     let reason = r.offline_reason(now);
     HostView {
         host: hb.host.as_str(),
-        status: if reason.is_some() {
+        status: if revoked {
+            "revoked"
+        } else if reason.is_some() {
             "offline"
         } else {
             "online"
@@ -77,8 +79,14 @@ fn view(r: &HostRecord, now: u64) -> HostView<'_> {
 pub(super) async fn run(g: &Global, json: bool) -> Result<(), CliError> {
     let nats = g.connect().await?;
     let records = nats.hosts().await?;
+    // `flotilla revoke` records revocations in the fleet directory; a
+    // revoked host's last heartbeat stays in the bucket until it expires.
+    let revoked = g.fleet()?.revoked_hosts()?;
     let now = crate::now_ms();
-    let views: Vec<HostView<'_>> = records.iter().map(|r| view(r, now)).collect();
+    let views: Vec<HostView<'_>> = records
+        .iter()
+        .map(|r| view(r, now, revoked.contains(&r.heartbeat.host)))
+        .collect();
     if json {
         let text = serde_json::to_string_pretty(&views).unwrap_or_else(|_| "[]".into());
         outln!("{text}");
@@ -114,6 +122,7 @@ pub(super) async fn run(g: &Global, json: bool) -> Result<(), CliError> {
                     .join(",")
             };
             let status = match v.offline_reason {
+                _ if v.status == "revoked" => "REVOKED",
                 Some(OfflineReason::Shutdown) => "stopped",
                 Some(_) => "OFFLINE",
                 None => "online",

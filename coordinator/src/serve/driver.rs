@@ -37,6 +37,11 @@ use crate::fleetops;
 use crate::nats::{HostRecord, Nats};
 use crate::registry::Registry;
 
+/// How often the leading daemon checks the fleet's streams, buckets and
+/// task consumers (as `flotilla doctor` does) and repairs them; also after
+/// every reconnect (a restarted server may have lost its data).
+const DOCTOR_EVERY: Duration = Duration::from_secs(300);
+
 /// The coordinator's own version, compared with agents'.
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -53,6 +58,8 @@ struct Driver {
     read_back: ReadBack,
     /// This daemon's instance name (the lease's value when it leads).
     instance: String,
+    /// When the streams were last examined, and the connection count then.
+    doctor: Option<(tokio::time::Instant, u64)>,
 }
 
 /// The subscriptions hear nothing while the daemon is disconnected: a job's
@@ -75,6 +82,25 @@ const READ_BACK_EVERY: Duration = Duration::from_secs(60);
 const READ_BACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Subscribes to `subject`; failing means the bus is gone.
+/// The coordinator's machine, as events about it name it.
+fn coordinator_host() -> HostName {
+    HostName::new(hostname())
+        .or_else(|_| HostName::new("coordinator"))
+        .expect("\"coordinator\" is a valid host name")
+}
+
+/// `flotilla doctor`'s examination with repair; a failure to examine is
+/// logged (the bus may be down) and tried again later.
+async fn examine_bus(nats: &Nats) -> Vec<crate::doctor::Finding> {
+    match crate::doctor::examine(nats, true, false).await {
+        Ok(findings) => findings,
+        Err(e) => {
+            warn!(error = %e, "cannot examine the fleet's streams and buckets; trying again later");
+            Vec::new()
+        }
+    }
+}
+
 async fn subscribe(nats: &Nats, subject: String) -> Result<async_nats::Subscriber, ServeError> {
     nats.client
         .subscribe(subject.clone())
@@ -106,6 +132,9 @@ pub async fn run(
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| ServeError::Signal { source })?;
     let instance = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
+    // The streams and buckets first: the subscriptions below are plain, but
+    // a task sent into a missing or crippled stream would be lost.
+    let at_start = examine_bus(&nats).await;
     let mut lease = Lease::open(&nats.js, instance.clone()).await?;
 
     let listener = match &config.metrics {
@@ -155,7 +184,9 @@ pub async fn run(
         metrics,
         registry,
         instance: instance.clone(),
+        doctor: None,
     };
+    driver.bus_findings(at_start).await;
     info!(instance = %instance, plans, "flotilla serve started");
 
     let mut tick = tokio::time::interval(tick_every);
@@ -168,6 +199,7 @@ pub async fn run(
                 let seen = driver.status_of_holder(lease.refresh().await).await;
                 let actions = driver.core.on_lease(crate::now_ms(), seen);
                 driver.perform(actions).await;
+                driver.doctor().instrument(info_span!("doctor")).await;
                 driver.tick().instrument(info_span!("tick")).await;
                 driver.read_back().instrument(info_span!("read_back")).await;
             }
@@ -257,11 +289,65 @@ impl Driver {
         }
     }
 
+    /// Examines and repairs the bus while leading, every [`DOCTOR_EVERY`]
+    /// and after every reconnect.
+    async fn doctor(&mut self) {
+        if !self.core.is_leader() {
+            return;
+        }
+        let connects = self
+            .nats
+            .client
+            .statistics()
+            .connects
+            .load(Ordering::Relaxed);
+        let due = match self.doctor {
+            None => true,
+            Some((at, seen)) => seen != connects || at.elapsed() >= DOCTOR_EVERY,
+        };
+        if !due {
+            return;
+        }
+        self.doctor = Some((tokio::time::Instant::now(), connects));
+        let found = examine_bus(&self.nats).await;
+        self.bus_findings(found).await;
+    }
+
+    /// Logs what examining the bus found and publishes `bus.repaired`.
+    async fn bus_findings(&self, findings: Vec<crate::doctor::Finding>) {
+        if findings.is_empty() {
+            return;
+        }
+        for f in &findings {
+            warn!(finding = %f, "the fleet's streams were not as they must be");
+        }
+        let lines: Vec<String> = findings.iter().take(100).map(ToString::to_string).collect();
+        let unrepaired = findings.iter().filter(|f| f.repaired.is_none()).count();
+        let message = format!(
+            "{} problem(s) with the fleet's streams, buckets or task consumers, {} repaired{}: {}",
+            findings.len(),
+            findings.len() - unrepaired,
+            if unrepaired > 0 {
+                "; run `flotilla doctor --recreate` for the rest"
+            } else {
+                ""
+            },
+            lines.join("; ")
+        );
+        let host = coordinator_host();
+        let body = flotilla_protocol::EventBody::BusRepaired { findings: lines };
+        if let Err(e) = self
+            .nats
+            .publish_event(&host, flotilla_protocol::Severity::Error, message, body)
+            .await
+        {
+            warn!(error = %e, "cannot publish bus.repaired");
+        }
+    }
+
     /// Publishes `coordinator.standby` (about the coordinator's machine).
     async fn standby_event(&self, for_ms: u64, holder: Option<String>, why: String) {
-        let host = HostName::new(hostname())
-            .or_else(|_| HostName::new("coordinator"))
-            .expect("\"coordinator\" is a valid host name");
+        let host = coordinator_host();
         let message = format!(
             "flotilla serve {} has stood by for {} s with no daemon seen leading: {why}; schedules and alerts may not be running",
             self.instance,
