@@ -331,7 +331,7 @@ impl Follower {
             }
             tokio::select! {
                 msg = self.subscriptions.next(), if self.subscribed => match msg {
-                    Some(msg) => self.take(&msg.payload),
+                    Some(msg) => self.take(&msg.subject, &msg.payload),
                     None => {
                         self.subscribed = false;
                         let ended = self.waiting.lost("event subscription closed");
@@ -350,8 +350,8 @@ impl Follower {
     }
 
     /// An event from a subscription.
-    fn take(&mut self, payload: &[u8]) {
-        let Ok(ev) = Event::decode(payload) else {
+    fn take(&mut self, subject: &str, payload: &[u8]) {
+        let Ok(ev) = Event::decode_on(subject, payload) else {
             return;
         };
         if !self.waiting.concerns(&ev) {
@@ -525,7 +525,7 @@ pub(crate) async fn read_back(
         let msg = msg.map_err(request_err("read event stream"))?;
         let Ok(info) = msg.info() else { continue };
         let (seq, caught_up) = (info.stream_sequence, info.pending == 0);
-        if let Ok(ev) = Event::decode(&msg.payload) {
+        if let Ok(ev) = Event::decode_on(&msg.subject, &msg.payload) {
             out.push((seq, ev));
         }
         if caught_up {

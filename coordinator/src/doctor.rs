@@ -309,40 +309,90 @@ pub fn is_host_consumer(name: &str, filter: &str, filters: &[String]) -> bool {
     }
 }
 
+/// What is wrong with consumer `name` on `stream`, if anything: on the
+/// task stream only each host's own pull consumer belongs; anywhere, a
+/// push consumer that delivers outside every reply inbox republishes
+/// messages on a subject of its creator's choosing (nats-server does not
+/// check the creator may publish there), so it could forge events.
+pub fn consumer_problem(
+    stream: &str,
+    name: &str,
+    filter: &str,
+    filters: &[String],
+    deliver: Option<&str>,
+) -> Option<String> {
+    let deliver = deliver.filter(|d| !d.is_empty());
+    if stream == subject::TASK_STREAM {
+        if !is_host_consumer(name, filter, filters) {
+            let filter = if filter.is_empty() {
+                filters.join(",")
+            } else {
+                filter.to_owned()
+            };
+            return Some(format!(
+                "not a host's own task consumer (filter {filter:?}): it could take tasks meant for a host"
+            ));
+        }
+        if let Some(d) = deliver {
+            return Some(format!(
+                "a push consumer delivering to {d:?}: a host's tasks go only to its own pull requests"
+            ));
+        }
+        return None;
+    }
+    match deliver {
+        Some(d) if !d.starts_with("_INBOX.") => Some(format!(
+            "delivers to {d:?}, outside every reply inbox: it could republish messages on subjects its creator may not publish on"
+        )),
+        _ => None,
+    }
+}
+
 async fn examine_consumers(
     js: &jetstream::Context,
     repair: bool,
 ) -> Result<Vec<Finding>, CliError> {
     let mut findings = Vec::new();
-    let Ok(stream) = js.get_stream(subject::TASK_STREAM).await else {
-        return Ok(findings);
-    };
-    let infos: Vec<_> = stream
-        .consumers()
-        .try_collect()
-        .await
-        .map_err(request_err("list task consumers"))?;
-    for info in infos {
-        let c = &info.config;
-        if is_host_consumer(&info.name, &c.filter_subject, &c.filter_subjects) {
+    let streams = [
+        subject::TASK_STREAM.to_owned(),
+        subject::EVENT_STREAM.to_owned(),
+        subject::kv_stream(subject::HEALTH_BUCKET),
+        subject::kv_stream(subject::FLEET_BUCKET),
+    ];
+    for name in streams {
+        let Ok(stream) = js.get_stream(&name).await else {
             continue;
+        };
+        let infos: Vec<_> = stream
+            .consumers()
+            .try_collect()
+            .await
+            .map_err(request_err("list consumers"))?;
+        for info in infos {
+            let c = &info.config;
+            let Some(problem) = consumer_problem(
+                &name,
+                &info.name,
+                &c.filter_subject,
+                &c.filter_subjects,
+                c.deliver_subject.as_deref(),
+            ) else {
+                continue;
+            };
+            let mut fixed = None;
+            if repair {
+                stream
+                    .delete_consumer(&info.name)
+                    .await
+                    .map_err(request_err("delete consumer"))?;
+                fixed = Some("deleted".into());
+            }
+            findings.push(Finding {
+                resource: format!("consumer {} on {name}", info.name),
+                problem,
+                repaired: fixed,
+            });
         }
-        let mut fixed = None;
-        if repair {
-            stream
-                .delete_consumer(&info.name)
-                .await
-                .map_err(request_err("delete consumer"))?;
-            fixed = Some("deleted".into());
-        }
-        findings.push(Finding {
-            resource: format!("consumer {} on {}", info.name, subject::TASK_STREAM),
-            problem: format!(
-                "not a host's own task consumer (filter {:?}): it could take tasks meant for a host",
-                if c.filter_subject.is_empty() { c.filter_subjects.join(",") } else { c.filter_subject.clone() }
-            ),
-            repaired: fixed,
-        });
     }
     Ok(findings)
 }
@@ -367,6 +417,36 @@ mod tests {
             "",
             &["flotilla.task.nas".into(), "flotilla.task.web".into()]
         ));
+    }
+
+    #[test]
+    fn push_consumers_that_deliver_outside_an_inbox_are_problems() {
+        let tasks = subject::TASK_STREAM;
+        let own = "flotilla.task.nas";
+        assert_eq!(consumer_problem(tasks, "agent-nas", own, &[], None), None);
+        assert_eq!(
+            consumer_problem(tasks, "agent-nas", own, &[], Some("")),
+            None
+        );
+        let push = consumer_problem(tasks, "agent-nas", own, &[], Some("_INBOX.host.nas.x"));
+        assert!(push.is_some_and(|p| p.contains("push consumer")));
+        let thief = consumer_problem(tasks, "thief", own, &[], None);
+        assert!(thief.is_some_and(|p| p.contains("not a host's own")));
+
+        let events = subject::EVENT_STREAM;
+        assert_eq!(consumer_problem(events, "x", "", &[], None), None);
+        assert_eq!(
+            consumer_problem(events, "x", "", &[], Some("_INBOX.alert.pager.1")),
+            None
+        );
+        let forging = consumer_problem(
+            events,
+            "x",
+            "",
+            &[],
+            Some("flotilla.events.job.succeeded.nas"),
+        );
+        assert!(forging.is_some_and(|p| p.contains("outside every reply inbox")));
     }
 
     #[test]

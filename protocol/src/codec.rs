@@ -30,6 +30,15 @@ pub enum DecodeError {
         /// Newest version this build reads.
         supported: u16,
     },
+    /// The message arrived on another subject than the one its content
+    /// belongs on (a host speaking for another host).
+    #[error("message on {subject} claims to belong on {claimed}")]
+    WrongSubject {
+        /// Where it arrived.
+        subject: String,
+        /// Where its content says it belongs.
+        claimed: String,
+    },
 }
 
 /// Encodes `value` as MessagePack with named fields (a map per struct), so that

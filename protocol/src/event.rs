@@ -441,6 +441,23 @@ impl Event {
         codec::check_version(ev.v, EVENT_VERSION)?;
         Ok(ev)
     }
+
+    /// [`Event::decode`] for an event read from `subject`, which must be
+    /// the event's own ([`Event::subject`]). The bus lets a host publish
+    /// only on its own hosts' subjects, so the subject, not the payload's
+    /// `host`, says whom an event came from: one whose payload claims
+    /// another host or kind is refused.
+    pub fn decode_on(subject: &str, bytes: &[u8]) -> Result<Self, DecodeError> {
+        let ev = Self::decode(bytes)?;
+        let own = ev.subject();
+        if own != subject {
+            return Err(DecodeError::WrongSubject {
+                subject: subject.to_owned(),
+                claimed: own,
+            });
+        }
+        Ok(ev)
+    }
 }
 
 #[cfg(test)]
@@ -613,6 +630,37 @@ mod tests {
         ];
         bodies.iter().for_each(covered);
         bodies
+    }
+
+    #[test]
+    fn an_event_is_believed_only_on_its_own_subject() {
+        let ev = Event {
+            v: EVENT_VERSION,
+            id: "e1".into(),
+            time: 1,
+            host: HostName::new("web").expect("valid"),
+            severity: Severity::Info,
+            message: "m".into(),
+            body: EventBody::BackupOverdue {
+                plan: "p".into(),
+                last_success: None,
+                rpo_secs: 1,
+            },
+        };
+        let bytes = encode(&ev).expect("encodes");
+        let own = "flotilla.events.backup.overdue.web";
+        assert_eq!(Event::decode_on(own, &bytes).expect("its own subject"), ev);
+        for other in [
+            "flotilla.events.backup.overdue.nas",
+            "flotilla.events.job.succeeded.web",
+            "flotilla.events.backup.overdue.web.x",
+        ] {
+            let err = Event::decode_on(other, &bytes).expect_err(other);
+            assert!(
+                err.to_string().contains(own) && err.to_string().contains(other),
+                "{err}"
+            );
+        }
     }
 
     #[test]

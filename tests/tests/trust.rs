@@ -355,6 +355,17 @@ async fn doctor_repairs_a_crippled_task_stream_and_removes_a_thief() -> Result<(
         })
         .await?;
     js.delete_key_value(subject::FLEET_BUCKET).await?;
+    // A push consumer that would republish every heartbeat onto nas's
+    // event subjects (nats-server does not check that its creator may
+    // publish there; it refuses only a cycle into the same stream).
+    js.get_stream(subject::kv_stream(subject::HEALTH_BUCKET))
+        .await?
+        .create_consumer(consumer::push::Config {
+            durable_name: Some("echo".into()),
+            deliver_subject: "flotilla.events.job.succeeded.nas".into(),
+            ..Default::default()
+        })
+        .await?;
     let refused = fleet.backup("alpha", "nas", &[])?;
     assert_ne!(refused.code, Some(0), "a task got through: {refused}");
 
@@ -369,7 +380,12 @@ async fn doctor_repairs_a_crippled_task_stream_and_removes_a_thief() -> Result<(
         .iter()
         .map(|f| format!("{} {}", f["resource"], f["problem"]))
         .collect();
-    for needle in ["max_msg_size 1", "thief", subject::FLEET_BUCKET] {
+    for needle in [
+        "max_msg_size 1",
+        "thief",
+        subject::FLEET_BUCKET,
+        "outside every reply inbox",
+    ] {
         assert!(
             problems.iter().any(|p| p.contains(needle)),
             "{needle} not found: {problems:#?}"

@@ -341,8 +341,8 @@ pub async fn revoke(g: &Global, name: &HostName, json: bool) -> Result<(), CliEr
         .into());
     }
     let entry = fleet.revoke(name, crate::now_ms() / 1000)?;
-    // Recorded first: if the bus is down now, `flotilla doctor` (and
-    // `serve` at its next check) pushes it later.
+    // Recorded first: if the bus is down now, `flotilla doctor` pushes it
+    // later (the error says so).
     let nats = g.connect().await?;
     let pushed = push_account(g, &fleet).await?;
     let certs = publish_revocations(&nats, &fleet).await?;

@@ -48,7 +48,7 @@ pub(super) async fn run(
     while let Some(msg) = messages.next().await {
         let msg = msg.map_err(request_err("read event stream"))?;
         let caught_up = msg.info().map(|i| i.pending == 0).unwrap_or(false);
-        match Event::decode(&msg.payload) {
+        match Event::decode_on(&msg.subject, &msg.payload) {
             Ok(ev) if json => outln!("{}", serde_json::to_string(&ev).unwrap_or_default()),
             Ok(ev) => outln!("{}", line(&ev, g.utc)),
             Err(e) if json => outln!(

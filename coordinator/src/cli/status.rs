@@ -223,7 +223,7 @@ pub(super) async fn jobs(g: &Global, json: bool, limit: usize) -> Result<(), Cli
         while let Some(msg) = messages.next().await {
             let msg = msg.map_err(request_err("read event stream"))?;
             let done = msg.info().map(|i| i.pending == 0).unwrap_or(true);
-            if let Ok(ev) = Event::decode(&msg.payload) {
+            if let Ok(ev) = Event::decode_on(&msg.subject, &msg.payload) {
                 match &ev.body {
                     EventBody::TaskStarted { task_id, task_kind } => {
                         order.push(task_id.clone());
@@ -332,7 +332,7 @@ pub(super) async fn watch(g: &Global, json: bool) -> Result<(), CliError> {
             _ = tokio::signal::ctrl_c() => break,
             m = sub.next() => match m { Some(m) => m, None => break },
         };
-        let Ok(ev) = Event::decode(&msg.payload) else {
+        let Ok(ev) = Event::decode_on(&msg.subject, &msg.payload) else {
             continue;
         };
         let Some(live) = live.as_mut() else {

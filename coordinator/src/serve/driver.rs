@@ -81,7 +81,6 @@ const READ_BACK_EVERY: Duration = Duration::from_secs(60);
 /// Longest a read-back may take before it is left to the next one.
 const READ_BACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Subscribes to `subject`; failing means the bus is gone.
 /// The coordinator's machine, as events about it name it.
 fn coordinator_host() -> HostName {
     HostName::new(hostname())
@@ -101,6 +100,7 @@ async fn examine_bus(nats: &Nats) -> Vec<crate::doctor::Finding> {
     }
 }
 
+/// Subscribes to `subject`; failing means the bus is gone.
 async fn subscribe(nats: &Nats, subject: String) -> Result<async_nats::Subscriber, ServeError> {
     nats.client
         .subscribe(subject.clone())
@@ -186,6 +186,15 @@ pub async fn run(
         instance: instance.clone(),
         doctor: None,
     };
+    driver.doctor = Some((
+        tokio::time::Instant::now(),
+        driver
+            .nats
+            .client
+            .statistics()
+            .connects
+            .load(Ordering::Relaxed),
+    ));
     driver.bus_findings(at_start).await;
     info!(instance = %instance, plans, "flotilla serve started");
 
@@ -204,20 +213,20 @@ pub async fn run(
                 driver.read_back().instrument(info_span!("read_back")).await;
             }
             Some(msg) = finished.next() => {
-                if let Ok(ev) = Event::decode(&msg.payload) {
+                if let Ok(ev) = Event::decode_on(&msg.subject, &msg.payload) {
                     let actions = driver.core.on_finished(crate::now_ms(), &ev);
                     driver.perform(actions).await;
                 }
             }
             Some(msg) = rejected.next() => {
-                if let Ok(ev) = Event::decode(&msg.payload) {
+                if let Ok(ev) = Event::decode_on(&msg.subject, &msg.payload) {
                     let actions = driver.core.on_rejected(&ev);
                     driver.perform(actions).await;
                 }
             }
             Some(msg) = everything.next() => {
                 if driver.core.is_leader() {
-                    if let Ok(ev) = Event::decode(&msg.payload) {
+                    if let Ok(ev) = Event::decode_on(&msg.subject, &msg.payload) {
                         driver.notifier.route(&ev);
                     }
                 }
@@ -328,7 +337,7 @@ impl Driver {
             findings.len(),
             findings.len() - unrepaired,
             if unrepaired > 0 {
-                "; run `flotilla doctor --recreate` for the rest"
+                "; run `flotilla doctor` to see what is left"
             } else {
                 ""
             },
