@@ -39,7 +39,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-const EXIT_CODES: &str = "Exit codes: 0 ok, 1 error, 2 usage, 3 host unknown or offline \
+const EXIT_CODES: &str = "Exit codes: 0 ok, 1 error, 2 usage (also: doctor found what it could not repair, or --check found something), 3 host unknown or offline \
 (also: --timeout ran out while it was offline), 4 task rejected, failed or timed out \
 (--timeout; also: check found problems, repair left data lost), \
 5 cannot reach NATS, \
@@ -574,7 +574,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             } else {
                 outln!("created fleet {} in {}", fleet.file.id, dir.display());
                 outln!(
-                    "next: `flotilla enroll HOST --fleet {} --out HOST.toml` for each host",
+                    "next: `flotilla nats-config --listen HOST:PORT --store DIR --out nats.conf`, \
+                     `nats-server -c nats.conf`, `flotilla doctor`, then \
+                     `flotilla enroll HOST --fleet {} --out HOST.toml` for each host",
                     dir.display()
                 );
             }

@@ -1,12 +1,14 @@
 //! The fleet's JetStream layout, as it must be, and `flotilla doctor`.
 //!
 //! Only the coordinator administers JetStream (hosts' NATS users may not
-//! create, change, purge or delete anything). [`expected`] is the one
-//! definition of every stream and bucket; [`examine`] compares the server's
-//! with it and, when asked, repairs: creates what is missing, updates what
-//! differs, deletes consumers on the task stream that are not a host's own.
-//! `flotilla doctor` prints the findings; `flotilla serve` runs it at start
-//! and every few minutes; the test harness runs it after starting a fleet.
+//! create, change, purge or delete anything). `streams()` and `buckets()`
+//! are the one definition of every stream and bucket; [`examine`] compares
+//! the server's with them and, when asked, repairs: creates what is
+//! missing, updates what differs, deletes consumers that are not a host's
+//! own on the task stream and push consumers that deliver outside every
+//! reply inbox ([`consumer_problem`]). `flotilla doctor` prints the
+//! findings; `flotilla serve` runs it at start, every few minutes and after
+//! reconnecting; the test harness runs it after starting a fleet.
 
 use std::time::Duration;
 

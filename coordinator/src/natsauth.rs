@@ -302,9 +302,21 @@ impl NatsAuth {
     pub fn record_revocation(&self, entry: Revoked) -> Result<(), FleetError> {
         let mut file = self.revoked()?;
         file.version = REVOKED_VERSION;
-        file.revoked
-            .retain(|r| r.name != entry.name || r.role != entry.role);
-        file.revoked.push(entry);
+        // Every certificate a name ever lost stays revoked: a host revoked,
+        // enrolled again and revoked again has two (the first bundle may
+        // still be in a thief's hands).
+        match file.revoked.iter_mut().find(|r| {
+            r.name == entry.name && r.role == entry.role && r.cert_sha256 == entry.cert_sha256
+        }) {
+            Some(old) => {
+                for user in entry.users {
+                    if !old.users.contains(&user) {
+                        old.users.push(user);
+                    }
+                }
+            }
+            None => file.revoked.push(entry),
+        }
         let text = toml::to_string(&file).map_err(|e| invalid(&self.revoked_path(), e))?;
         write_file(&self.revoked_path(), text.as_bytes(), 0o644, true)
     }
@@ -454,5 +466,30 @@ mod tests {
         for u in &users {
             assert_eq!(acc["nats"]["revocations"][u], 1000);
         }
+    }
+
+    #[test]
+    fn a_second_revocation_keeps_the_first_certificate_revoked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let auth = NatsAuth::new(dir.path(), "f1");
+        auth.init(false).expect("init");
+        for (cert, at) in [("c1", 1000), ("c2", 2000), ("c2", 3000)] {
+            auth.record_revocation(Revoked {
+                name: "web".into(),
+                role: "host".into(),
+                at,
+                users: vec![format!("U{at}")],
+                cert_sha256: Some(cert.into()),
+            })
+            .expect("record");
+        }
+        let file = auth.revoked().expect("read");
+        let certs: Vec<_> = file
+            .revoked
+            .iter()
+            .filter_map(|r| r.cert_sha256.as_deref())
+            .collect();
+        assert_eq!(certs, ["c1", "c2"]);
+        assert_eq!(file.revoked[1].users, ["U2000", "U3000"]);
     }
 }

@@ -25,8 +25,9 @@ pub enum ServeError {
         /// What sled (or the format check) said.
         source: StateError,
     },
-    /// JetStream refused the lease bucket (is nats-server running with `-js`?).
-    #[error("{source}; is nats-server running with JetStream (-js)?")]
+    /// JetStream refused the lease bucket (is nats-server running with the
+    /// configuration `flotilla nats-config` wrote?).
+    #[error("{source}; is nats-server running with the fleet's configuration (`flotilla nats-config`), and has `flotilla doctor` run?")]
     Lease {
         /// What went wrong.
         #[from]
