@@ -28,13 +28,14 @@
 //! Codemap: `scenarios.rs` the list and what the kill scenarios share,
 //! one file per scenario under `scenarios/`; `world.rs` the fleet of a
 //! trial and the checks; `trial.rs` seeds, notes, results; `tmpfs.rs` the
-//! full disk; `net.rs` network namespaces, nftables drops and tbf caps;
+//! full disk; network namespaces, nftables drops and tbf caps come from
+//! `flotilla_tests::netns` (the end-to-end tests use them too);
 //! `delay.rs` the UDP delay proxy; `eio.rs` and `shim/eio.c` EIO on the
 //! repository; `runner.rs` the loop; `report.rs` the table.
 
 mod delay;
 mod eio;
-mod net;
+use flotilla_tests::netns as net;
 mod report;
 mod runner;
 mod scenarios;

@@ -45,6 +45,7 @@ mod dataplane;
 mod files;
 mod fleet;
 mod nats;
+pub mod netns;
 mod process;
 mod serve;
 mod tree;

@@ -1,9 +1,9 @@
 //! The bus as an attacker finds it: anonymous connections are refused, a
 //! host's own credentials (what a compromised host holds) reach only that
 //! host's subjects, an alerting subscriber reads and nothing else, `revoke`
-//! cuts a host off the bus and the data plane, and `doctor` undoes what an
+//! cuts a host off the bus and the data plane, `doctor` undoes what an
 //! administrator's mistake (or the coordinator's stolen credentials) did to
-//! the streams.
+//! the streams, and hosts on networks of their own work together over it.
 
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use anyhow::Result;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use flotilla_protocol::{subject, HostName, TaskKind};
+use flotilla_tests::netns::{self, Netns};
 use flotilla_tests::{publish_task, Fleet, NatsServer, EVENT_TIMEOUT, STARTUP_TIMEOUT};
 use futures::StreamExt;
 use serde_json::Value;
@@ -395,6 +396,69 @@ async fn doctor_repairs_a_crippled_task_stream_and_removes_a_thief() -> Result<(
     assert_eq!(check.code, Some(0), "{check}");
     // Tasks flow again.
     backup_ok(&fleet, &["alpha"]);
+    Ok(())
+}
+
+#[test]
+fn hosts_on_networks_of_their_own_back_up_and_restore_over_the_authenticated_bus() -> Result<()> {
+    if let Some(why) = netns::unavailable() {
+        eprintln!("skipped: hosts in network namespaces {why}");
+        return Ok(());
+    }
+    // nas, alpha and beta each on a network of its own, joined to the root
+    // namespace by a link; the root namespace routes between them and runs
+    // the bus on every interface.
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+    let nats = NatsServer::start_on("0.0.0.0")?;
+    let nets = [Netns::create()?, Netns::create()?, Netns::create()?];
+    let names: Vec<String> = nets.iter().map(Netns::root_ip).collect();
+    let fleet = Fleet::init_with_names(&nats, &names)?;
+    let url = |n: &Netns| format!("tls://{}:{}", n.root_ip(), nats.port());
+    let port = std::net::UdpSocket::bind("0.0.0.0:0")?.local_addr()?.port();
+
+    // nas listens on every interface and is told nothing about its address.
+    let _nas = fleet
+        .agent("nas")
+        .without_backup_root()
+        .storage()
+        .netns(nets[0].name())
+        .nats(&url(&nets[0]))
+        .listen_on(&format!("0.0.0.0:{port}"))
+        .start()?;
+    let alpha = fleet
+        .agent("alpha")
+        .netns(nets[1].name())
+        .nats(&url(&nets[1]))
+        .start()?;
+    let beta = fleet
+        .agent("beta")
+        .without_backup_root()
+        .restore_root()
+        .netns(nets[2].name())
+        .nats(&url(&nets[2]))
+        .start()?;
+    fleet.wait_online(&["nas", "alpha", "beta"], STARTUP_TIMEOUT);
+    // It advertises the address of the interface it reaches the bus through.
+    let advertised = fleet.wait_quic_addr("nas", STARTUP_TIMEOUT);
+    assert_eq!(
+        advertised,
+        std::net::SocketAddr::new(nets[0].ns_ip().parse()?, port),
+        "nas advertised another address"
+    );
+
+    let big = alpha.backup_root().join("big.bin");
+    flotilla_tests::write_file(&big, 3 * 1024 * 1024)?;
+    let snapshot = super::dataplane::snapshot_of(&backup_ok(&fleet, &["alpha"])[0]);
+    let target = beta.restore_root().join("from-alpha");
+    let out = fleet.restore(&snapshot, &format!("beta:{}", path_str(&target)), &[])?;
+    assert_eq!(out.code, Some(0), "{out}");
+    let restored = flotilla_tests::restored_path(&target, &big);
+    assert!(
+        flotilla_tests::same_contents(&big, &restored)?,
+        "{} differs from {}",
+        restored.display(),
+        big.display()
+    );
     Ok(())
 }
 

@@ -6,8 +6,11 @@
 //! `10.231.N.2/30` with its default route through the root side, so a
 //! process in the namespace reaches every address of the root namespace
 //! (the bus, the storage agent) through the link, and every fault on the
-//! link hits it. The kernel here has no netem: latency is added by
-//! [`crate::delay`] instead.
+//! link hits it. The kernel here has no netem: the chaos suite adds
+//! latency with a UDP relay instead.
+//!
+//! Used by the end-to-end tests (hosts on networks of their own) and by
+//! the chaos suite (the faults).
 //!
 //! Needs root (`ip netns`, `nft`, `tc`). Dropping a [`Netns`] deletes the
 //! namespace, and with it the link, its rules and its qdisc.
