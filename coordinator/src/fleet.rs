@@ -372,6 +372,15 @@ impl Fleet {
         if out.exists() && !force {
             return Err(FleetError::Exists(out.to_path_buf()));
         }
+        // One name, one role: `revoke NAME` must know whom it cuts off.
+        if self.dir.join("hosts").join(format!("{name}.crt")).exists() {
+            return Err(FleetError::Invalid {
+                path: self.dir.join("hosts"),
+                why: format!(
+                    "{name} is an enrolled host: give the alerting subscriber another name"
+                ),
+            });
+        }
         let creds = self.nats_auth().mint(&Role::Alerting(name.clone()))?;
         write_file(out, creds.as_bytes(), 0o600, force)
     }
@@ -401,8 +410,14 @@ impl Fleet {
         if out.exists() && !force {
             return Err(FleetError::Exists(out.to_path_buf()));
         }
-        let issuer = self.issuer()?;
         let auth = self.nats_auth();
+        if !auth.users_of("alerting", host.as_str()).is_empty() {
+            return Err(FleetError::Invalid {
+                path: self.dir.join("nats").join("users"),
+                why: format!("{host} is an alerting subscriber's name: give the host another name"),
+            });
+        }
+        let issuer = self.issuer()?;
         let nats_creds = if auth.exists() {
             Some(auth.mint(&Role::Host(host.clone()))?)
         } else {
@@ -456,6 +471,31 @@ impl Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_is_a_host_or_an_alerting_subscriber_never_both() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fleet =
+            Fleet::init(&dir.path().join("fleet"), "tls://127.0.0.1:4222", false).expect("init");
+        let (web, pager) = (
+            HostName::new("web").expect("valid"),
+            HostName::new("pager").expect("valid"),
+        );
+        fleet
+            .enroll(&web, &dir.path().join("web.toml"), None, true, false)
+            .expect("enroll web");
+        fleet
+            .enroll_alerting(&pager, &dir.path().join("pager.creds"), false)
+            .expect("an alerting subscriber");
+        let err = fleet
+            .enroll_alerting(&web, &dir.path().join("web.creds"), false)
+            .expect_err("web is a host");
+        assert!(err.to_string().contains("enrolled host"), "{err}");
+        let err = fleet
+            .enroll(&pager, &dir.path().join("pager.toml"), None, true, false)
+            .expect_err("pager is an alerting subscriber");
+        assert!(err.to_string().contains("alerting"), "{err}");
+    }
 
     #[test]
     fn init_and_enroll_write_secrets_0600_and_refuse_to_overwrite() {
