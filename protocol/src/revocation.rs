@@ -122,6 +122,37 @@ fn signed(body: &[u8]) -> Vec<u8> {
     m
 }
 
+impl RevocationList {
+    /// The list to sign next: every certificate in `local` (the fleet
+    /// directory's record) and in `in_force` (the list agents hold now), so
+    /// that publishing from an older copy of the fleet directory never lifts
+    /// a revocation; issued after `in_force` even when this machine's clock
+    /// is behind the one that signed it (agents take only newer lists).
+    pub fn next(
+        fleet: &str,
+        local: Vec<RevokedCert>,
+        in_force: Option<&RevocationList>,
+        now: UnixMillis,
+    ) -> RevocationList {
+        let mut revoked = local;
+        let mut issued = now;
+        if let Some(old) = in_force {
+            for cert in &old.revoked {
+                if !revoked.iter().any(|r| r.cert_sha256 == cert.cert_sha256) {
+                    revoked.push(cert.clone());
+                }
+            }
+            issued = issued.max(old.issued.saturating_add(1));
+        }
+        RevocationList {
+            v: REVOCATION_VERSION,
+            fleet: fleet.to_owned(),
+            issued,
+            revoked,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +198,26 @@ mod tests {
         flipped[last] ^= 1;
         assert!(RevocationList::verify(&flipped, &seed.public_key(), "f1").is_err());
         assert!(RevocationList::verify(b"\xff\x00", &seed.public_key(), "f1").is_err());
+    }
+
+    #[test]
+    fn the_next_list_keeps_what_is_in_force_and_is_newer() {
+        let in_force = list();
+        let mine = RevokedCert {
+            host: HostName::new("db").expect("valid"),
+            cert_sha256: "cd".repeat(32),
+            revoked_at: 3,
+        };
+        // Signed on a machine whose clock is behind, from a directory that
+        // does not know of web's revocation.
+        let next = RevocationList::next("f1", vec![mine.clone()], Some(&in_force), 2);
+        assert_eq!(next.issued, in_force.issued + 1);
+        assert_eq!(next.revoked, vec![mine, in_force.revoked[0].clone()]);
+        // Nothing in force: the clock, as it is.
+        assert_eq!(RevocationList::next("f1", Vec::new(), None, 2).issued, 2);
+        // Known both places: listed once.
+        let again = RevocationList::next("f1", in_force.revoked.clone(), Some(&in_force), 9);
+        assert_eq!(again.revoked.len(), 1);
+        assert_eq!(again.issued, 9);
     }
 }

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::fs;
 use std::path::Path;
 
-use flotilla_protocol::{subject, HostName, RevocationList, RevokedCert, REVOCATION_VERSION};
+use flotilla_protocol::{subject, HostName, RevocationList, RevokedCert};
 use serde_json::json;
 
 use super::Global;
@@ -259,21 +259,30 @@ pub async fn publish_revocations(nats: &Nats, fleet: &Fleet) -> Result<usize, Cl
             })
         })
         .collect();
-    let count = revoked.len();
-    let list = RevocationList {
-        v: REVOCATION_VERSION,
-        fleet: fleet.file.id.clone(),
-        issued: crate::now_ms(),
-        revoked,
-    };
-    let bytes = list
-        .sign(&fleet.signing_seed()?)
-        .map_err(|e| request("sign the revocation list")(e.to_string()))?;
     let store = nats
         .js
         .get_key_value(subject::FLEET_BUCKET)
         .await
         .map_err(|e| request("open the fleet bucket (run `flotilla doctor`)")(e.to_string()))?;
+    // What agents hold now, if it is genuine: nothing in it is lifted.
+    let in_force = match store.get(subject::REVOKED_KEY).await {
+        Ok(Some(bytes)) => {
+            match RevocationList::verify(&bytes, &fleet.public_key()?, &fleet.file.id) {
+                Ok(list) => Some(list),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the revocation list in the fleet bucket is not genuine; replacing it");
+                    None
+                }
+            }
+        }
+        Ok(None) => None,
+        Err(e) => return Err(request("read the revocation list")(e.to_string())),
+    };
+    let list = RevocationList::next(&fleet.file.id, revoked, in_force.as_ref(), crate::now_ms());
+    let count = list.revoked.len();
+    let bytes = list
+        .sign(&fleet.signing_seed()?)
+        .map_err(|e| request("sign the revocation list")(e.to_string()))?;
     store
         .put(subject::REVOKED_KEY, bytes.into())
         .await
