@@ -105,55 +105,52 @@ impl std::fmt::Display for Finding {
 /// Differences between a stream's configuration and the expected one, in
 /// the settings Flotilla relies on.
 pub fn differences(found: &stream::Config, want: &stream::Config) -> Vec<String> {
-    let mut out = Vec::new();
-    if found.subjects != want.subjects {
-        out.push(format!(
-            "subjects {:?} (want {:?})",
-            found.subjects, want.subjects
-        ));
-    }
-    if found.retention != want.retention {
-        out.push(format!(
-            "retention {:?} (want {:?})",
-            found.retention, want.retention
-        ));
-    }
-    if found.storage != want.storage {
-        out.push(format!(
-            "storage {:?} (want {:?})",
-            found.storage, want.storage
-        ));
-    }
-    if unlimited(found.max_message_size.into()) != unlimited(want.max_message_size.into()) {
-        out.push(format!(
-            "max_msg_size {} (want {})",
-            found.max_message_size, want.max_message_size
-        ));
-    }
-    if unlimited(found.max_bytes) != unlimited(want.max_bytes) {
-        out.push(format!(
-            "max_bytes {} (want {})",
-            found.max_bytes, want.max_bytes
-        ));
-    }
-    if found.max_age != want.max_age {
-        out.push(format!(
-            "max_age {:?} (want {:?})",
-            found.max_age, want.max_age
-        ));
-    }
-    if unlimited(found.max_messages) != unlimited(want.max_messages) {
-        out.push(format!(
-            "max_msgs {} (want {})",
-            found.max_messages, want.max_messages
-        ));
-    }
-    if found.discard != want.discard {
-        out.push(format!(
-            "discard {:?} (want {:?})",
-            found.discard, want.discard
-        ));
-    }
+    // Each setting as (name, what the server has, what Flotilla needs),
+    // limits with "none" spelt one way.
+    let limit = |v: i64| unlimited(v).to_string();
+    let settings = [
+        (
+            "subjects",
+            format!("{:?}", found.subjects),
+            format!("{:?}", want.subjects),
+        ),
+        (
+            "retention",
+            format!("{:?}", found.retention),
+            format!("{:?}", want.retention),
+        ),
+        (
+            "storage",
+            format!("{:?}", found.storage),
+            format!("{:?}", want.storage),
+        ),
+        (
+            "max_msg_size",
+            limit(found.max_message_size.into()),
+            limit(want.max_message_size.into()),
+        ),
+        ("max_bytes", limit(found.max_bytes), limit(want.max_bytes)),
+        (
+            "max_age",
+            format!("{:?}", found.max_age),
+            format!("{:?}", want.max_age),
+        ),
+        (
+            "max_msgs",
+            limit(found.max_messages),
+            limit(want.max_messages),
+        ),
+        (
+            "discard",
+            format!("{:?}", found.discard),
+            format!("{:?}", want.discard),
+        ),
+    ];
+    let mut out: Vec<String> = settings
+        .into_iter()
+        .filter(|(_, f, w)| f != w)
+        .map(|(name, f, w)| format!("{name} {f} (want {w})"))
+        .collect();
     if found.sealed || found.deny_purge != want.deny_purge || found.deny_delete != want.deny_delete
     {
         out.push("sealed or purge/delete settings changed".into());

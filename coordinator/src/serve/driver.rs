@@ -81,6 +81,11 @@ const READ_BACK_EVERY: Duration = Duration::from_secs(60);
 /// Longest a read-back may take before it is left to the next one.
 const READ_BACK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How many times the client has connected (1 until the first reconnect).
+fn connects(nats: &Nats) -> u64 {
+    nats.client.statistics().connects.load(Ordering::Relaxed)
+}
+
 /// The coordinator's machine, as events about it name it.
 fn coordinator_host() -> HostName {
     HostName::new(hostname())
@@ -175,7 +180,7 @@ pub async fn run(
         core: Core::new(config, state, Local, VERSION, crate::now_ms()),
         status: open_status_bucket(&nats).await,
         read_back: ReadBack {
-            connects: nats.client.statistics().connects.load(Ordering::Relaxed),
+            connects: connects(&nats),
             at: tokio::time::Instant::now(),
             since: Since::Time(crate::now_ms().saturating_sub(CLOCK_MARGIN_MS)),
         },
@@ -186,15 +191,7 @@ pub async fn run(
         instance: instance.clone(),
         doctor: None,
     };
-    driver.doctor = Some((
-        tokio::time::Instant::now(),
-        driver
-            .nats
-            .client
-            .statistics()
-            .connects
-            .load(Ordering::Relaxed),
-    ));
+    driver.doctor = Some((tokio::time::Instant::now(), connects(&driver.nats)));
     driver.bus_findings(at_start).await;
     info!(instance = %instance, plans, "flotilla serve started");
 
@@ -304,12 +301,7 @@ impl Driver {
         if !self.core.is_leader() {
             return;
         }
-        let connects = self
-            .nats
-            .client
-            .statistics()
-            .connects
-            .load(Ordering::Relaxed);
+        let connects = connects(&self.nats);
         let due = match self.doctor {
             None => true,
             Some((at, seen)) => seen != connects || at.elapsed() >= DOCTOR_EVERY,
@@ -382,12 +374,7 @@ impl Driver {
     /// those it has not had yet (a job the live subscription already ended
     /// is no longer running, so nothing is taken twice).
     async fn read_back(&mut self) {
-        let connects = self
-            .nats
-            .client
-            .statistics()
-            .connects
-            .load(Ordering::Relaxed);
+        let connects = connects(&self.nats);
         let reconnected = connects != self.read_back.connects;
         self.read_back.connects = connects;
         if !reconnected && self.read_back.at.elapsed() < READ_BACK_EVERY {
