@@ -77,6 +77,9 @@ pub struct Bus {
     health: kv::Store,
     host: HostName,
     security: Arc<Mutex<Throttle<(String, EventBody)>>>,
+    /// The fleet bucket, opened on first use (the revocation list is read
+    /// every heartbeat interval: one request, not two).
+    fleet: tokio::sync::OnceCell<kv::Store>,
 }
 
 /// One security event per source and reason per this long; the rest are
@@ -168,6 +171,7 @@ impl Bus {
             health,
             host: host.clone(),
             security: Arc::new(Mutex::new(Throttle::new(SECURITY_WINDOW, SECURITY_KEYS))),
+            fleet: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -205,10 +209,14 @@ impl Bus {
     /// has stored one.
     pub async fn revocation_list(&self) -> Result<Option<bytes::Bytes>, BusError> {
         let store = self
-            .js
-            .get_key_value(subject::FLEET_BUCKET)
-            .await
-            .map_err(|e| js_err("open the fleet bucket")(e.to_string()))?;
+            .fleet
+            .get_or_try_init(|| async {
+                self.js
+                    .get_key_value(subject::FLEET_BUCKET)
+                    .await
+                    .map_err(|e| js_err("open the fleet bucket")(e.to_string()))
+            })
+            .await?;
         store
             .get(subject::REVOKED_KEY)
             .await

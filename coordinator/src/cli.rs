@@ -600,11 +600,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             } else {
                 outln!(
                     "wrote NATS credentials for read-only subscriber {host} to {} (mode 0600); \
-                     with the fleet CA ({}), e.g.: nats --creds {} --tlsca {} --inbox-prefix _INBOX.alert.{host} sub 'flotilla.events.>'",
+                     with the fleet CA ({}), e.g.: nats --creds {} --tlsca {} --inbox-prefix {} sub 'flotilla.events.>'",
                     out.display(),
                     fleet.ca_cert_path().display(),
                     out.display(),
                     fleet.ca_cert_path().display(),
+                    flotilla_protocol::permissions::inbox_prefix(
+                        &flotilla_protocol::permissions::Role::Alerting(host.clone())
+                    ),
                 );
             }
             Ok(())

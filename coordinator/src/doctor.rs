@@ -294,12 +294,16 @@ pub async fn examine(nats: &Nats, repair: bool, recreate: bool) -> Result<Vec<Fi
 
 /// Whether `name` with `filter` is a host's own task consumer.
 pub fn is_host_consumer(name: &str, filter: &str, filters: &[String]) -> bool {
+    // The inverse of `subject::task_consumer`, checked against it below.
     let Some(host) = name.strip_prefix("agent-") else {
         return false;
     };
     let Ok(host) = HostName::new(host) else {
         return false;
     };
+    if subject::task_consumer(&host) != name {
+        return false;
+    }
     let own = subject::task(&host);
     if filters.is_empty() {
         filter == own

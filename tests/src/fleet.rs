@@ -1,6 +1,7 @@
 //! A fleet directory made by the real `flotilla init`, the CLI run against it,
 //! and polling helpers that explain themselves when they give up.
 
+use flotilla_protocol::permissions::{inbox_prefix, Role};
 use std::ffi::{OsStr, OsString};
 use std::fmt::{self, Display, Write as _};
 use std::fs;
@@ -528,7 +529,7 @@ impl Fleet {
             &self.nats_url,
             &creds,
             &self.ca_path(),
-            "_INBOX._coordinator",
+            &inbox_prefix(&Role::Coordinator),
         )
         .await
     }
@@ -548,7 +549,7 @@ impl Fleet {
             &self.nats_url,
             &path,
             &self.ca_path(),
-            &format!("_INBOX.host.{host}"),
+            &inbox_prefix(&Role::Host(flotilla_protocol::HostName::new(host)?)),
         )
         .await
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Result;
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
+use flotilla_protocol::permissions::{inbox_prefix, Role as PermRole};
 use flotilla_protocol::{subject, HostName, TaskKind};
 use flotilla_tests::netns::{self, Netns};
 use flotilla_tests::{publish_task, Fleet, NatsServer, EVENT_TIMEOUT, STARTUP_TIMEOUT};
@@ -69,8 +70,14 @@ async fn strangers_are_refused_and_a_host_reaches_only_its_own_subjects() -> Res
     let js = attacker_js(&alpha);
 
     // Eavesdrop on nas's tasks and repository queries: not even subscribed.
+    // The coordinator's subscriptions to the same subjects prove that
+    // traffic did flow there.
     let mut tasks_of_nas = alpha.subscribe(subject::task(&host("nas"))).await?;
     let mut queries_of_nas = alpha.subscribe("flotilla.repo.nas.>").await?;
+    let coordinator = fleet.nats_client().await?;
+    let mut control_tasks = coordinator.subscribe(subject::task(&host("nas"))).await?;
+    let mut control_queries = coordinator.subscribe("flotilla.repo.nas.>").await?;
+    coordinator.flush().await?;
 
     // Forge nas's events and heartbeat.
     let forged_event = "flotilla.events.job.succeeded.nas";
@@ -153,11 +160,21 @@ async fn strangers_are_refused_and_a_host_reaches_only_its_own_subjects() -> Res
     let info = events.info().await?;
     assert!(info.state.messages > 0, "the event history is gone");
 
-    // Meanwhile the fleet keeps working: a real backup of alpha into nas,
-    // whose task and queries alpha's eavesdropping never saw.
+    // Meanwhile the fleet keeps working: a real backup of alpha into nas
+    // and a listing (queries to nas), and a task for nas (refused by nas as
+    // malformed, but sent on nas's subject).
     backup_ok(&fleet, &["alpha"]);
     let listed = fleet.snapshots(&[])?;
     assert_eq!(listed.len(), 1, "{listed:#?}");
+    publish_task(&coordinator, "nas", &b"not a task"[..]).await?;
+    assert!(
+        !hears_nothing(&mut control_tasks).await,
+        "no task went to nas: the eavesdropping check below proves nothing"
+    );
+    assert!(
+        !hears_nothing(&mut control_queries).await,
+        "no query went to nas: the eavesdropping check below proves nothing"
+    );
     assert!(
         hears_nothing(&mut tasks_of_nas).await,
         "alpha read nas's tasks"
@@ -201,7 +218,7 @@ async fn an_alerting_subscriber_reads_events_and_health_and_nothing_else() -> Re
         fleet.nats_url(),
         &creds,
         &fleet.ca_path(),
-        "_INBOX.alert.watcher",
+        &inbox_prefix(&PermRole::Alerting(host("watcher"))),
     )
     .await?;
     let js = attacker_js(&watcher);
@@ -236,10 +253,18 @@ async fn an_alerting_subscriber_reads_events_and_health_and_nothing_else() -> Re
         )
         .await?;
     watcher.flush().await?;
-    assert!(
-        hears_nothing(&mut live).await,
-        "the watcher published an event"
-    );
+    // Genuine events may pass by; only the forged one must not.
+    let forged_arrived = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(msg) = live.next().await {
+            if msg.payload.as_ref() == b"forged" {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(!forged_arrived, "the watcher published an event");
     denied(
         &fleet,
         "the watcher writing a heartbeat",

@@ -560,7 +560,9 @@ async fn connect_nats(url: &str, id: &SimIdentity, n: usize) -> Result<async_nat
         .context("the bundle's NATS credentials")?
         .add_root_certificates(id.ca.clone())
         .require_tls(true)
-        .custom_inbox_prefix(format!("_INBOX.host.{host}"))
+        .custom_inbox_prefix(flotilla_protocol::permissions::inbox_prefix(
+            &flotilla_protocol::permissions::Role::Host(host.clone()),
+        ))
         .name(name)
         .connection_timeout(Duration::from_secs(5))
         .connect(url)

@@ -81,7 +81,12 @@ pub(super) async fn run(g: &Global, json: bool) -> Result<(), CliError> {
     let records = nats.hosts().await?;
     // `flotilla revoke` records revocations in the fleet directory; a
     // revoked host's last heartbeat stays in the bucket until it expires.
-    let revoked = g.fleet()?.revoked_hosts()?;
+    // Without a fleet directory (a bus without authentication) there are
+    // no revocations to show.
+    let revoked = match g.fleet {
+        Some(_) => g.fleet()?.revoked_hosts()?,
+        None => Default::default(),
+    };
     let now = crate::now_ms();
     let views: Vec<HostView<'_>> = records
         .iter()

@@ -81,6 +81,15 @@ const READ_BACK_EVERY: Duration = Duration::from_secs(60);
 /// Longest a read-back may take before it is left to the next one.
 const READ_BACK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Whether the bus is to be examined again, given how long ago it last was
+/// and the connection count then (`None`: never), and the count now.
+fn doctor_due(last: Option<(Duration, u64)>, connects: u64) -> bool {
+    match last {
+        None => true,
+        Some((ago, seen)) => seen != connects || ago >= DOCTOR_EVERY,
+    }
+}
+
 /// How many times the client has connected (1 until the first reconnect).
 fn connects(nats: &Nats) -> u64 {
     nats.client.statistics().connects.load(Ordering::Relaxed)
@@ -302,11 +311,8 @@ impl Driver {
             return;
         }
         let connects = connects(&self.nats);
-        let due = match self.doctor {
-            None => true,
-            Some((at, seen)) => seen != connects || at.elapsed() >= DOCTOR_EVERY,
-        };
-        if !due {
+        let last = self.doctor.map(|(at, seen)| (at.elapsed(), seen));
+        if !doctor_due(last, connects) {
             return;
         }
         self.doctor = Some((tokio::time::Instant::now(), connects));
@@ -676,5 +682,21 @@ fn log_leadership(change: &LeaderChange) {
             "standby for {} s: no daemon can be seen leading",
             for_ms / 1000
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bus_is_examined_first_after_a_reconnect_and_then_every_few_minutes() {
+        assert!(doctor_due(None, 1));
+        assert!(!doctor_due(Some((Duration::from_secs(10), 1)), 1));
+        assert!(
+            doctor_due(Some((Duration::from_secs(10), 1)), 2),
+            "reconnected"
+        );
+        assert!(doctor_due(Some((DOCTOR_EVERY, 1)), 1));
     }
 }
