@@ -176,6 +176,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         }
     });
     loops.spawn(jobs::task_loop(agent.clone(), loops_cancel.clone()));
+    loops.spawn(crate::memory::trim_loop(loops_cancel.clone()));
     loops.spawn(security_loop(agent.clone(), loops_cancel.clone()));
     if agent.settings.listen.is_some() {
         // The server gets what it checks and serves, not the agent: no

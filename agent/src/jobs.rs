@@ -266,6 +266,9 @@ impl Agent {
                 if let Ok(mut running) = agent.running.lock() {
                     running.remove(&body.id);
                 }
+                // What the task freed goes back to the system now, not at
+                // the next timer tick.
+                crate::memory::trim_soon();
             }
             .instrument(span),
         );

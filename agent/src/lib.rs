@@ -41,7 +41,8 @@
 //!   check, prune, the record of damaged copies and repair. Never sees a
 //!   repository key.
 //! - `state`: sled: the task journal, and the file cache beside it.
-//! - `config` ([`AgentConfig`], [`Settings`]), `health` (host readings).
+//! - `config` ([`AgentConfig`], [`Settings`]), `health` (host readings),
+//!   `memory` (freed heap given back after tasks and on a timer).
 //!
 //! Exported: what `main.rs` and other crates use (the benchmarks dial with
 //! [`TransferEndpoint`] and simulate agents with [`Bus`]), with the error
@@ -54,6 +55,7 @@ mod daemon;
 mod engine;
 mod health;
 mod jobs;
+mod memory;
 pub mod repository;
 mod revocation;
 mod state;

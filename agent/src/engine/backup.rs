@@ -15,6 +15,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use fastcdc::v2020::{FastCDC, StreamCDC};
@@ -209,12 +210,12 @@ struct Pending {
 
 struct Walker<'a> {
     key: &'a RepoKey,
-    store: &'a mut dyn Store,
+    /// Batches for the sealer.
+    sealer: SyncSender<Vec<Pending>>,
     cache: &'a dyn FileCache,
     progress: &'a mut dyn Progress,
     cancel: &'a Cancel,
     excludes: Excludes,
-    zstd_level: i32,
     referenced: HashSet<BlobId>,
     /// Ids known to be in the repository, sent, or batched in this session.
     present: HashSet<BlobId>,
@@ -229,23 +230,96 @@ struct Walker<'a> {
 }
 
 /// Backs up `opts.paths` into `store`.
+///
+/// The walk (reading, chunking, hashing) runs on the calling thread; asking
+/// the repository which chunks it lacks, sealing them and handing them to
+/// the store run on a sealer thread meanwhile, so reading the next files
+/// overlaps the compression and encryption of the last ones.
 pub fn backup(
     opts: &BackupOptions,
     key: &RepoKey,
-    store: &mut dyn Store,
+    store: &mut (dyn Store + Send),
     cache: &dyn FileCache,
     progress: &mut dyn Progress,
     cancel: &Cancel,
 ) -> Result<BackupOutcome, BackupError> {
     let started = Instant::now();
+    let excludes = Excludes::new(&opts.excludes)?;
+    // A rendezvous: the walk fills the next batch while the sealer works on
+    // the last, and waits for it rather than queueing a third.
+    let (to_sealer, batches) = std::sync::mpsc::sync_channel(0);
+    let level = opts.zstd_level;
+    std::thread::scope(|scope| {
+        let sealer = scope.spawn(move || seal_batches(&batches, key, level, store));
+        let walked = walk(opts, key, to_sealer, excludes, cache, progress, cancel);
+        // The walk dropped its sender: the sealer finishes what is queued
+        // and says how it went. Its failure explains the walk's.
+        let sealed = match sealer.join() {
+            Ok(sealed) => sealed,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        match (walked, sealed) {
+            (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+            (Ok(mut outcome), Ok(sealed)) => {
+                outcome.summary.blobs_new = sealed.blobs_new;
+                outcome.summary.bytes_added = sealed.bytes_added;
+                outcome.summary.duration_ms = started.elapsed().as_millis() as u64;
+                Ok(outcome)
+            }
+        }
+    })
+}
+
+/// What the sealer sent.
+#[derive(Debug, Default)]
+struct Sealed {
+    blobs_new: u64,
+    bytes_added: u64,
+}
+
+/// The sealer: for each batch, asks which blobs the repository lacks, seals
+/// those and stores them, until the walk hangs up or the store fails.
+fn seal_batches(
+    batches: &Receiver<Vec<Pending>>,
+    key: &RepoKey,
+    level: i32,
+    store: &mut (dyn Store + Send),
+) -> Result<Sealed, BackupError> {
+    let mut sealed_total = Sealed::default();
+    for batch in batches {
+        let ids: Vec<BlobId> = batch.iter().map(|p| p.id).collect();
+        let missing: HashSet<BlobId> = store.missing(&ids)?.into_iter().collect();
+        let todo: Vec<Pending> = batch
+            .into_iter()
+            .filter(|p| missing.contains(&p.id))
+            .collect();
+        let sealed = seal_all(key, &todo, level)?;
+        for (p, sealed) in todo.into_iter().zip(sealed) {
+            sealed_total.blobs_new += 1;
+            sealed_total.bytes_added += sealed.len() as u64;
+            store.put(p.id, p.kind, sealed)?;
+        }
+    }
+    Ok(sealed_total)
+}
+
+/// The walk of [`backup`], handing batches to the sealer.
+fn walk(
+    opts: &BackupOptions,
+    key: &RepoKey,
+    sealer: SyncSender<Vec<Pending>>,
+    excludes: Excludes,
+    cache: &dyn FileCache,
+    progress: &mut dyn Progress,
+    cancel: &Cancel,
+) -> Result<BackupOutcome, BackupError> {
     let mut w = Walker {
         key,
-        store,
+        sealer,
         cache,
         progress,
         cancel,
-        excludes: Excludes::new(&opts.excludes)?,
-        zstd_level: opts.zstd_level,
+        excludes,
         referenced: HashSet::new(),
         present: HashSet::new(),
         batch: Vec::new(),
@@ -283,7 +357,6 @@ pub fn backup(
     w.flush()?;
     let mut blobs: Vec<BlobId> = w.referenced.into_iter().collect();
     blobs.sort();
-    w.summary.duration_ms = started.elapsed().as_millis() as u64;
     w.summary.errors = w.unreadable.len() as u64;
     Ok(BackupOutcome {
         tree,
@@ -541,26 +614,21 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// Asks which batched blobs are missing, seals and sends those.
+    /// Hands the batch to the sealer (waiting while it seals the last one).
     fn flush(&mut self) -> Result<(), BackupError> {
         if self.batch.is_empty() {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        let ids: Vec<BlobId> = batch.iter().map(|p| p.id).collect();
-        let missing: HashSet<BlobId> = self.store.missing(&ids)?.into_iter().collect();
-        let todo: Vec<Pending> = batch
-            .into_iter()
-            .filter(|p| missing.contains(&p.id))
-            .collect();
-        let sealed = seal_all(self.key, &todo, self.zstd_level)?;
-        for (p, sealed) in todo.into_iter().zip(sealed) {
-            self.summary.blobs_new += 1;
-            self.summary.bytes_added += sealed.len() as u64;
-            self.store.put(p.id, p.kind, sealed)?;
-        }
-        Ok(())
+        // The sealer hung up only because the store failed; `backup`
+        // reports that failure, not this one.
+        self.sealer.send(batch).map_err(|_| {
+            BackupError::Store(StoreError {
+                message: "the sealer stopped".into(),
+                retryable: true,
+            })
+        })
     }
 
     fn node_from(&mut self, path: &Path, meta: &Metadata) -> Node {

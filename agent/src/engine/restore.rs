@@ -27,6 +27,7 @@
 //! writes into it.
 
 mod fsmeta;
+mod pool;
 #[cfg(test)]
 mod tests;
 mod write;
@@ -38,6 +39,8 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver};
 
 use flotilla_protocol::repo::{
     BlobId, Node, NodeKind, RepoKey, RestoreSummary, Stripped, Tree, MAX_TREE, REPO_FORMAT,
@@ -47,6 +50,7 @@ use tracing::{debug, warn};
 
 use super::{Cancel, Counters, Progress};
 use fsmeta::Meta;
+use pool::{Done, Queue, Shared};
 use write::{check_dir, ensure_dir};
 
 /// Errors kept verbatim in the summary; later ones are only counted.
@@ -168,6 +172,10 @@ impl RestoreError {
 
 /// Files up to this size have their content prefetched with their directory.
 const PREFETCH_FILE_MAX: u64 = 1024 * 1024;
+/// Directories whose trees and small files are fetched ahead of the walk:
+/// the next ones after the directory being restored, so their content is on
+/// its way while this one's files are written.
+const LOOKAHEAD_DIRS: usize = 2;
 
 /// Restores the snapshot whose root tree is `root` under `opts.target`.
 ///
@@ -202,69 +210,111 @@ pub fn restore(
     }
     let includes = Includes::parse(&opts.includes)?;
     let is_root = nix::unistd::geteuid().is_root();
-    let mut r = Restorer {
+    let owner = opts.restore_owner && is_root;
+    let seq = AtomicU64::new(0);
+    let shared = Shared {
         key,
-        fetch,
-        progress,
         cancel,
-        target,
-        is_root,
-        meta: Meta::new(opts.restore_owner && is_root),
-        includes,
-        strip_special: opts.strip_special,
-        summary: RestoreSummary::default(),
-        counters: Counters::default(),
-        links: HashMap::new(),
-        symlinks: Vec::new(),
-        dirs: Vec::new(),
-        seq: 0,
+        owner,
+        seq: &seq,
+        queue: Queue::default(),
+        stopped: AtomicBool::new(false),
     };
-
-    let tree = r.load_tree(root).map_err(|f| match f {
-        Fail::Abort(e) => e,
-        Fail::Entry(why) => RestoreError::RootTree { id: *root, why },
-    })?;
-    // Check every root name before writing anything: a hostile root name
-    // refuses the whole snapshot rather than leaving half of it restored.
-    let roots = tree
-        .nodes
-        .into_iter()
-        .map(|node| match components(&node.name) {
-            Some(comps) => Ok((comps, node)),
-            None => Err(RestoreError::Escape {
-                path: String::from_utf8_lossy(&node.name).into_owned(),
-            }),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-
-    for (comps, node) in roots {
-        if r.cancel.is_cancelled() {
-            return Err(RestoreError::Cancelled);
+    let (done_tx, done) = mpsc::channel();
+    std::thread::scope(|scope| {
+        for _ in 0..pool::writer_threads() {
+            let (shared, done_tx) = (&shared, done_tx.clone());
+            scope.spawn(move || shared.work(&done_tx));
         }
-        match r.includes.pick(&comps) {
-            Pick::Skip => {}
-            pick => r.root(comps, node, pick)?,
-        }
+        drop(done_tx);
+        // However the walk ends, the writers are told to stop, so the scope
+        // can join them.
+        let _stop = StopWriters(&shared);
+        let r = Restorer {
+            key,
+            fetch,
+            progress,
+            cancel,
+            target,
+            is_root,
+            meta: Meta::new(owner),
+            includes,
+            strip_special: opts.strip_special,
+            summary: RestoreSummary::default(),
+            counters: Counters::default(),
+            links: HashMap::new(),
+            hardlinks: Vec::new(),
+            symlinks: Vec::new(),
+            dirs: Vec::new(),
+            trees: HashMap::new(),
+            pool: &shared,
+            done,
+        };
+        r.run(root)
+    })
+}
+
+/// Stops the writers when the walk is over: queued work is dropped (after a
+/// normal end there is none) and each writer exits.
+struct StopWriters<'s, 'a>(&'s Shared<'a>);
+
+impl Drop for StopWriters<'_, '_> {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Relaxed);
+        self.0.queue.close();
     }
-    r.finish()?;
+}
 
-    let missing = r.includes.unmatched();
-    if !missing.is_empty() {
-        if missing.len() == r.includes.paths.len() {
-            return Err(RestoreError::NotInSnapshot { paths: missing });
+impl Restorer<'_, '_> {
+    /// The walk, from the root tree to the last directory's metadata.
+    fn run(self, root: &BlobId) -> Result<RestoreSummary, RestoreError> {
+        let mut r = self;
+        let tree = r.load_tree(root).map_err(|f| match f {
+            Fail::Abort(e) => e,
+            Fail::Entry(why) => RestoreError::RootTree { id: *root, why },
+        })?;
+        // Check every root name before writing anything: a hostile root name
+        // refuses the whole snapshot rather than leaving half of it restored.
+        let roots = tree
+            .nodes
+            .into_iter()
+            .map(|node| match components(&node.name) {
+                Some(comps) => Ok((comps, node)),
+                None => Err(RestoreError::Escape {
+                    path: String::from_utf8_lossy(&node.name).into_owned(),
+                }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        for (comps, node) in roots {
+            if r.cancel.is_cancelled() {
+                return Err(RestoreError::Cancelled);
+            }
+            match r.includes.pick(&comps) {
+                Pick::Skip => {}
+                pick => r.root(comps, node, pick)?,
+            }
         }
-        for path in missing {
-            r.record(format!("{path}: not in the snapshot"));
+        r.finish()?;
+
+        let missing = r.includes.unmatched();
+        if !missing.is_empty() {
+            if missing.len() == r.includes.paths.len() {
+                return Err(RestoreError::NotInSnapshot { paths: missing });
+            }
+            for path in missing {
+                r.record(format!("{path}: not in the snapshot"));
+            }
         }
+        debug!(
+            files = r.summary.files,
+            dirs = r.summary.dirs,
+            bytes = r.summary.bytes,
+            errors = r.summary.errors,
+            "restore finished"
+        );
+        Ok(r.summary)
     }
-    debug!(
-        files = r.summary.files,
-        dirs = r.summary.dirs,
-        bytes = r.summary.bytes,
-        errors = r.summary.errors,
-        "restore finished"
-    );
-    Ok(r.summary)
 }
 
 /// Why one entry was not restored, or why the whole restore stops.
@@ -374,8 +424,8 @@ struct Frame {
     meta: Option<Node>,
 }
 
-/// One restore's state.
-struct Restorer<'a> {
+/// One restore's state, kept by the walker.
+struct Restorer<'a, 'p> {
     key: &'a RepoKey,
     fetch: &'a mut dyn Fetch,
     progress: &'a mut dyn Progress,
@@ -393,12 +443,19 @@ struct Restorer<'a> {
     /// First restored path of each multiply-linked file, by (device, inode)
     /// on the source.
     links: HashMap<(u64, u64), PathBuf>,
+    /// Further names of multiply-linked files, linked once every file is
+    /// written.
+    hardlinks: Vec<(PathBuf, Node)>,
     /// The snapshot's symlinks, created after everything else.
     symlinks: Vec<(PathBuf, Node)>,
     /// Restored directories, children before parents, for their metadata.
     dirs: Vec<(PathBuf, Node)>,
-    /// Numbers temporary names.
-    seq: u64,
+    /// Entries of directories read ahead of the walk, by tree id.
+    trees: HashMap<BlobId, Vec<Node>>,
+    /// The writers.
+    pool: &'p Shared<'p>,
+    /// Files the writers have finished.
+    done: Receiver<Done>,
 }
 
 /// Takes out of `node` what could raise privileges on this host, counting
@@ -458,7 +515,7 @@ fn sample(stripped: &mut Stripped, path: &Path, what: &str) {
     }
 }
 
-impl Restorer<'_> {
+impl Restorer<'_, '_> {
     /// Counts and logs an entry that was not (fully) restored.
     fn record(&mut self, why: String) {
         // Past the samples, the log would drown in one repeated cause.
@@ -536,6 +593,9 @@ impl Restorer<'_> {
         let Some(id) = subtree else {
             return Ok(Vec::new());
         };
+        if let Some(nodes) = self.trees.remove(&id) {
+            return Ok(nodes);
+        }
         let loaded = self.load_tree(&id).map_err(|f| match f {
             Fail::Entry(why) => {
                 Fail::Entry(format!("{}: content not restored: {why}", dir.display()))
@@ -626,8 +686,14 @@ impl Restorer<'_> {
                 }
             };
             let path = top.dir.join(OsStr::from_bytes(&node.name));
+            let read_ahead = top.within.is_none() && node.kind == NodeKind::Dir;
             if let Some(frame) = self.visit(path, node, within)? {
                 stack.push(frame);
+                if read_ahead {
+                    if let Some(parent) = stack.len().checked_sub(2).and_then(|i| stack.get(i)) {
+                        self.read_ahead(parent.nodes.as_slice());
+                    }
+                }
             }
         }
         Ok(())
@@ -651,7 +717,7 @@ impl Restorer<'_> {
         }
         let outcome = match node.kind {
             NodeKind::Dir => self.dir(path, node, within).map(Some),
-            NodeKind::File => self.file(&path, &node).map(|()| None),
+            NodeKind::File => self.file(path, node).map(|()| None),
             NodeKind::Symlink => {
                 self.symlinks.push((path, node));
                 Ok(None)
@@ -681,8 +747,19 @@ impl Restorer<'_> {
         let nodes = self
             .children(node.subtree.take(), &path)
             .map_err(Fail::Abort)?;
-        // What this directory will need next: its subtrees and the content of
-        // its small files (large files are fetched in big batches anyway).
+        self.prefetch_for(&nodes);
+        Ok(Frame {
+            dir: path,
+            nodes: nodes.into_iter(),
+            within,
+            meta: Some(node),
+        })
+    }
+
+    /// Asks for what a directory with these entries will need: their
+    /// subtrees and the content of their small files (larger files fetch
+    /// ahead on their own).
+    fn prefetch_for(&mut self, nodes: &[Node]) {
         let soon: Vec<(BlobId, u32)> = nodes
             .iter()
             .flat_map(|n| {
@@ -698,16 +775,33 @@ impl Restorer<'_> {
         if !soon.is_empty() {
             self.fetch.prefetch(&soon);
         }
-        Ok(Frame {
-            dir: path,
-            nodes: nodes.into_iter(),
-            within,
-            meta: Some(node),
-        })
     }
 
-    /// Creates the symlinks, then applies directory metadata, deepest first.
+    /// Reads the trees of the next directories of `upcoming` (a directory's
+    /// entries still to walk) and asks for what they will need, so their
+    /// content is on its way before the walk gets there. A tree that cannot
+    /// be read here is read again, and reported, when the walk gets there.
+    fn read_ahead(&mut self, upcoming: &[Node]) {
+        let ids: Vec<BlobId> = upcoming
+            .iter()
+            .filter(|n| n.kind == NodeKind::Dir)
+            .filter_map(|n| n.subtree)
+            .take(LOOKAHEAD_DIRS)
+            .filter(|id| !self.trees.contains_key(id))
+            .collect();
+        for id in ids {
+            if let Ok(tree) = self.load_tree(&id) {
+                self.prefetch_for(&tree.nodes);
+                self.trees.insert(id, tree.nodes);
+            }
+        }
+    }
+
+    /// Waits for the files, links the other names of multiply-linked files,
+    /// creates the symlinks, then applies directory metadata, deepest first.
     fn finish(&mut self) -> Result<(), RestoreError> {
+        self.drain();
+        self.hard_links()?;
         let mut checked: Option<PathBuf> = None;
         for (path, node) in std::mem::take(&mut self.symlinks) {
             if self.cancel.is_cancelled() {

@@ -671,3 +671,156 @@ fn the_same_hosts_privileges_are_restored() {
         assert_eq!(cap, Some(cap_setuid().value));
     }
 }
+
+/// Deterministic bytes that do not compress, so chunks keep their size.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn large_files_are_written_in_parallel_parts_and_a_damaged_part_fails_only_its_file() {
+    let (_tmp, target) = target();
+    let mut repo = Repo::new();
+    // 20 MiB in 64 KiB chunks: three parts of at most 8 MiB, written by
+    // different writers, beside many small files queued between them.
+    let big = noise(20 * MIB, 1);
+    let good = repo.file(b"good", &big, 64 * 1024);
+    let other = noise(20 * MIB, 2);
+    let bad = repo.file(b"bad", &other, 64 * 1024);
+    // A chunk of the middle part.
+    let sealed = repo.blobs.get_mut(&bad.content[150].id).expect("stored");
+    let last = sealed.len() - 1;
+    sealed[last] ^= 1;
+    let mut nodes = vec![good, bad];
+    let small: Vec<Vec<u8>> = (0..300)
+        .map(|i| noise(100 + i * 7, i as u64 + 10))
+        .collect();
+    for (i, data) in small.iter().enumerate() {
+        nodes.push(repo.file(format!("s{i:03}").as_bytes(), data, 512));
+    }
+    let srv = repo.dir(b"/srv", nodes);
+
+    let summary = repo
+        .run(vec![srv], &target, &[])
+        .expect("restores the rest");
+    assert_eq!((summary.files, summary.errors), (301, 1), "{summary:?}");
+    assert!(
+        summary.error_samples[0].contains("srv/bad: not restored"),
+        "{:?}",
+        summary.error_samples
+    );
+    assert!(fs::read(target.join("srv/good")).expect("reads") == big);
+    for (i, data) in small.iter().enumerate() {
+        let path = target.join(format!("srv/s{i:03}"));
+        assert!(&fs::read(&path).expect("reads") == data, "{path:?}");
+        let meta = fs::metadata(&path).expect("stat");
+        assert_eq!(
+            (meta.mode() & 0o7777, meta.mtime_nsec()),
+            (0o644, 123_456_789)
+        );
+    }
+    assert!(
+        !target.join("srv/bad").exists(),
+        "no partial file of the damaged one"
+    );
+    assert_eq!(names(&target.join("srv")).len(), 301, "no temporary left");
+}
+
+/// Storage that answers `left` requests, then is lost.
+struct LostAfter {
+    inner: MapFetch,
+    left: usize,
+}
+
+impl Fetch for LostAfter {
+    fn get(&mut self, ids: &[BlobId]) -> Result<Vec<Vec<u8>>, FetchError> {
+        if self.left == 0 {
+            return Err(FetchError {
+                message: "connection lost".into(),
+                retryable: true,
+            });
+        }
+        self.left -= 1;
+        self.inner.get(ids)
+    }
+}
+
+#[test]
+fn storage_lost_in_the_middle_of_a_large_file_stops_and_leaves_no_partial_file() {
+    let (_tmp, target) = target();
+    let mut repo = Repo::new();
+    let big = noise(20 * MIB, 3);
+    let file = repo.file(b"big", &big, 64 * 1024);
+    let srv = repo.dir(b"/srv", vec![file]);
+    let root = repo.tree(vec![srv]);
+    // The root tree, /srv's tree, and the first part of the file.
+    let mut fetch = LostAfter {
+        inner: MapFetch {
+            blobs: repo.blobs.clone(),
+            largest: 0,
+        },
+        left: 3,
+    };
+    let opts = RestoreOptions {
+        target: target.clone(),
+        ..Default::default()
+    };
+    let err = restore(
+        &root,
+        &repo.key,
+        &mut fetch,
+        &opts,
+        &mut NoProgress,
+        &Cancel::default(),
+    )
+    .expect_err("storage lost");
+    assert!(err.is_retryable(), "{err}");
+    assert_eq!(fetch.left, 0, "the loss came after a part was sent");
+    assert_eq!(
+        names(&target.join("srv")),
+        Vec::<String>::new(),
+        "no partial file, no temporary left"
+    );
+}
+
+#[test]
+fn a_large_file_with_several_names_is_linked_once_written() {
+    let (_tmp, target) = target();
+    let mut repo = Repo::new();
+    let big = noise(10 * MIB, 4);
+    let mut one = repo.file(b"one", &big, 64 * 1024);
+    (one.nlink, one.dev, one.inode) = (3, 5, 43);
+    let two = Node {
+        name: b"two".to_vec(),
+        ..one.clone()
+    };
+    let three = Node {
+        name: b"three".to_vec(),
+        ..one.clone()
+    };
+    let sub = repo.dir(b"sub", vec![three]);
+    let srv = repo.dir(b"/srv", vec![one, two, sub]);
+
+    let summary = repo.run(vec![srv], &target, &[]).expect("restores");
+    assert_eq!(
+        (summary.files, summary.hardlinks, summary.errors),
+        (1, 2, 0)
+    );
+    let one = fs::metadata(target.join("srv/one")).expect("exists");
+    assert_eq!(one.nlink(), 3);
+    assert_eq!(
+        fs::metadata(target.join("srv/sub/three"))
+            .expect("exists")
+            .ino(),
+        one.ino()
+    );
+    assert!(fs::read(target.join("srv/two")).expect("reads") == big);
+}

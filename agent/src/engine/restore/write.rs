@@ -3,23 +3,30 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use flotilla_protocol::repo::{BlobId, CryptoError, Node, NodeKind};
-use nix::fcntl::OFlag;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use flotilla_protocol::repo::{BlobId, ChunkRef, Node, NodeKind};
 use nix::sys::stat::{mknod, Mode, SFlag};
 use tracing::debug;
 
+use super::pool::{self, link_key, Done, Job, Piece, Restoring};
 use super::{io_fail, Fail, RestoreError, Restorer};
 
 /// Most ids in one fetch.
 const BATCH_BLOBS: usize = 256;
-/// Most chunk plaintext in one fetch, so a batch's sealed bytes stay small.
-const BATCH_BYTES: u64 = 32 * 1024 * 1024;
+/// Most chunk plaintext in one fetch: one writer's job, so a large file is
+/// written by several writers at once.
+const BATCH_BYTES: u64 = 8 * 1024 * 1024;
+/// Batches of a large file asked for ahead of the one being fetched.
+const FETCH_AHEAD: usize = 3;
 /// Temporary names tried before giving up (each collision means a leftover
 /// or a hostile entry of the same name; a hundred means something is wrong).
 const TEMP_ATTEMPTS: usize = 100;
@@ -56,14 +63,14 @@ pub(super) fn check_dir(dir: &Path) -> Result<(), Fail> {
 }
 
 /// Runs `create` on fresh temporary names in `dir` until one did not exist.
-fn temp_name<T>(
+pub(super) fn temp_name<T>(
     dir: &Path,
-    seq: &mut u64,
+    seq: &AtomicU64,
     mut create: impl FnMut(&Path) -> io::Result<T>,
 ) -> io::Result<(PathBuf, T)> {
     for _ in 0..TEMP_ATTEMPTS {
-        *seq += 1;
-        let tmp = dir.join(format!(".flotilla-restore.{}.{}", std::process::id(), seq));
+        let n = seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let tmp = dir.join(format!(".flotilla-restore.{}.{n}", std::process::id()));
         match create(&tmp) {
             Ok(v) => return Ok((tmp, v)),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -77,7 +84,7 @@ fn temp_name<T>(
 }
 
 /// Renames `tmp` over `path`; removes `tmp` if that fails.
-fn rename_into_place(tmp: &Path, path: &Path) -> io::Result<()> {
+pub(super) fn rename_into_place(tmp: &Path, path: &Path) -> io::Result<()> {
     let renamed = fs::rename(tmp, path);
     // rename(2) does nothing when both names are links to one inode (a hard
     // link restored again), leaving the temporary name behind: remove it.
@@ -88,120 +95,73 @@ fn rename_into_place(tmp: &Path, path: &Path) -> io::Result<()> {
     renamed
 }
 
+/// Splits a file's chunks into fetches: at least one chunk each, at most
+/// [`BATCH_BLOBS`] and, beyond the first chunk, [`BATCH_BYTES`].
+fn batches(content: &[ChunkRef]) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < content.len() {
+        let mut end = start;
+        let mut bytes = 0u64;
+        while end < content.len()
+            && end - start < BATCH_BLOBS
+            && (end == start || bytes + u64::from(content[end].len) <= BATCH_BYTES)
+        {
+            bytes += u64::from(content[end].len);
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    if out.is_empty() {
+        // An empty file is still one job: it is created and given metadata.
+        out.push(0..0);
+    }
+    out
+}
+
+/// The chunks of `range` placed from `offset` on, and the ids to fetch for
+/// them: a chunk repeated in the range (zeros, say) is fetched once.
+fn pieces(content: &[ChunkRef], range: Range<usize>, mut offset: u64) -> (Vec<BlobId>, Vec<Piece>) {
+    let mut index: HashMap<BlobId, usize> = HashMap::new();
+    let mut ids = Vec::new();
+    let mut pieces = Vec::with_capacity(range.len());
+    for c in &content[range] {
+        let blob = *index.entry(c.id).or_insert_with(|| {
+            ids.push(c.id);
+            ids.len() - 1
+        });
+        pieces.push(Piece {
+            id: c.id,
+            len: c.len,
+            at: offset,
+            blob: Some(blob),
+        });
+        offset += u64::from(c.len);
+    }
+    (ids, pieces)
+}
+
 fn parent(path: &Path) -> Result<&Path, Fail> {
     path.parent()
         .ok_or_else(|| Fail::Entry(format!("{}: has no parent directory", path.display())))
 }
 
-/// Why one chunk of a file could not be written.
-#[derive(Debug, thiserror::Error)]
-enum ChunkFailed {
-    /// The storage host's answer lacked it.
-    #[error("chunk {id:?} was not fetched")]
-    NotFetched {
-        /// The chunk.
-        id: BlobId,
-    },
-    /// It does not decrypt, decompress or match its id.
-    #[error(transparent)]
-    Open(#[from] CryptoError),
-    /// It opens, but to another length than the tree records.
-    #[error("chunk {id:?} holds {holds} bytes, the tree says {tree} (damaged snapshot)")]
-    WrongLength {
-        /// The chunk.
-        id: BlobId,
-        /// Its plaintext's length.
-        holds: usize,
-        /// The length the tree records.
-        tree: u32,
-    },
-    /// The file being restored refused the bytes.
-    #[error("cannot write: {0}")]
-    Write(#[source] io::Error),
-}
-
-impl Restorer<'_> {
-    /// Restores a regular file, or links it to an earlier restored name of
-    /// the same source inode.
-    pub(super) fn file(&mut self, path: &Path, node: &Node) -> Result<(), Fail> {
-        let link_key = (node.nlink > 1).then_some((node.dev, node.inode));
-        if let Some(first) = link_key.and_then(|k| self.links.get(&k)).cloned() {
-            match self.hard_link(&first, path) {
-                Ok(()) => {
-                    self.summary.hardlinks += 1;
-                    self.progress.update(&self.counters, path);
-                    return Ok(());
-                }
-                // The first name may have been replaced since (a hostile
-                // snapshot can name an entry twice): restore this one in full.
-                Err(e) => {
-                    debug!(path = %path.display(), first = %first.display(), error = %e, "hard link failed; restoring a copy")
-                }
-            }
+impl Restorer<'_, '_> {
+    /// Restores a regular file, or, when it is another name of a source
+    /// inode already being restored, remembers to link it once that is done.
+    pub(super) fn file(&mut self, path: PathBuf, node: Node) -> Result<(), Fail> {
+        if link_key(&node).is_some_and(|k| self.links.contains_key(&k)) {
+            self.hardlinks.push((path, node));
+            return Ok(());
         }
-        let dir = parent(path)?;
-        // create_new is O_CREAT|O_EXCL: never opens an existing entry, symlink
-        // or not. Owner-only until the metadata is applied.
-        let create = |p: &Path| {
-            OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(OFlag::O_NOFOLLOW.bits())
-                .open(p)
-        };
-        // Into an empty place (the usual restore) the file is created under
-        // its own name; only an existing entry is replaced through a
-        // temporary name and a rename, so it is never seen half-written.
-        let filled = match create(path) {
-            Ok(file) => {
-                let filled = self.fill(&file, path, node);
-                if filled.is_err() {
-                    // Best effort: the failure itself is what gets reported.
-                    let _ = fs::remove_file(path);
-                }
-                filled
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let (tmp, file) = temp_name(dir, &mut self.seq, create)
-                    .map_err(io_fail(path, "cannot create file"))?;
-                let filled = self.fill(&file, path, node).and_then(|()| {
-                    rename_into_place(&tmp, path)
-                        .map_err(io_fail(path, "cannot move file into place"))
-                });
-                if filled.is_err() {
-                    let _ = fs::remove_file(&tmp);
-                }
-                filled
-            }
-            Err(e) => return Err(io_fail(path, "cannot create file")(e)),
-        };
-        filled?;
-        if let Some(k) = link_key {
-            self.links.insert(k, path.to_path_buf());
-        }
-        self.summary.files += 1;
-        self.summary.bytes += node.size;
-        self.counters.files += 1;
-        self.progress.update(&self.counters, path);
-        Ok(())
+        self.file_content(path, node)
     }
 
-    /// Writes the content and metadata of the newly created `file`.
-    fn fill(&mut self, file: &File, path: &Path, node: &Node) -> Result<(), Fail> {
-        self.write_content(file, path, node)?;
-        if let Err(why) = self.meta.apply_fd(file, node, path) {
-            // The content is right; keep it and report the metadata.
-            self.record(why.to_string());
-        }
-        // No fsync per file: one syncfs at the end of the restore makes
-        // everything durable at a fraction of the cost for many small files.
-        Ok(())
-    }
-
-    /// Fetches the chunks in batches and writes them at their offsets;
-    /// all-zero chunks of a sparse file are skipped, leaving holes.
-    fn write_content(&mut self, file: &File, path: &Path, node: &Node) -> Result<(), Fail> {
+    /// Creates a file and hands its chunks to the writers: a file that fits
+    /// one fetch as one job, a larger one in parts, fetching ahead while
+    /// earlier parts are written.
+    pub(super) fn file_content(&mut self, path: PathBuf, node: Node) -> Result<(), Fail> {
         let total: u64 = node.content.iter().map(|c| u64::from(c.len)).sum();
         if total != node.size {
             return Err(Fail::Entry(format!(
@@ -210,82 +170,122 @@ impl Restorer<'_> {
                 node.size
             )));
         }
-        let mut offset = 0u64;
-        let mut rest = node.content.as_slice();
-        while !rest.is_empty() {
+        let batches = batches(&node.content);
+        let created =
+            pool::create(&path, self.pool.seq).map_err(io_fail(&path, "cannot create file"))?;
+        if let Some(k) = link_key(&node) {
+            self.links.insert(k, path.clone());
+        }
+        let parts = batches.len();
+        let file = Arc::new(Restoring::new(path, node, created, parts));
+        let mut offset = 0;
+        for (i, range) in batches.iter().enumerate() {
+            let fetched = if self.cancel.is_cancelled() {
+                Err(Fail::Abort(RestoreError::Cancelled))
+            } else {
+                // The next parts travel while this one is written.
+                let ahead: Vec<(BlobId, u32)> = batches[i..]
+                    .iter()
+                    .take(FETCH_AHEAD)
+                    .flat_map(|r| file.node.content[r.clone()].iter().map(|c| (c.id, c.len)))
+                    .collect();
+                self.fetch.prefetch(&ahead);
+                let (ids, pieces) = pieces(&file.node.content, range.clone(), offset);
+                self.fetch_blobs(&ids).map(|sealed| (pieces, sealed))
+            };
+            match fetched {
+                Ok((pieces, sealed)) => {
+                    let bytes: u64 = pieces.iter().map(|p| u64::from(p.len)).sum();
+                    offset += bytes;
+                    self.counters.bytes += bytes;
+                    self.pool.queue.push(Job {
+                        file: Arc::clone(&file),
+                        pieces,
+                        sealed,
+                    });
+                    self.collect();
+                }
+                Err(fail) => {
+                    let why = match &fail {
+                        Fail::Entry(why) => why.clone(),
+                        Fail::Abort(e) => e.to_string(),
+                    };
+                    file.fail(format!("{}: not restored: {why}", file.path.display()));
+                    // The parts never sent are finished here.
+                    if let Some(done) = file.parts_done(parts - i, &mut self.meta) {
+                        self.settle_done(done);
+                    }
+                    return match fail {
+                        // Reported through the file's outcome.
+                        Fail::Entry(_) => Ok(()),
+                        abort => Err(abort),
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes in the files the writers have finished so far.
+    pub(super) fn collect(&mut self) {
+        while let Ok(done) = self.done.try_recv() {
+            self.settle_done(done);
+        }
+    }
+
+    /// Waits for the writers to finish everything queued and takes it in.
+    pub(super) fn drain(&mut self) {
+        self.pool.queue.wait_idle();
+        self.collect();
+    }
+
+    /// Counts a finished file, or records why it is not restored.
+    pub(super) fn settle_done(&mut self, done: Done) {
+        if let Some(why) = done.failed {
+            // Its other names are restored as copies of their own.
+            if let Some(k) = done.link_key {
+                if self.links.get(&k) == Some(&done.path) {
+                    self.links.remove(&k);
+                }
+            }
+            self.record(why);
+            return;
+        }
+        if let Some(why) = done.warning {
+            self.record(why);
+        }
+        self.summary.files += 1;
+        self.summary.bytes += done.size;
+        self.counters.files += 1;
+        self.progress.update(&self.counters, &done.path);
+    }
+
+    /// Links the other names of multiply-linked files to their first,
+    /// restored name, or restores them as copies where that failed.
+    pub(super) fn hard_links(&mut self) -> Result<(), RestoreError> {
+        for (path, node) in std::mem::take(&mut self.hardlinks) {
             if self.cancel.is_cancelled() {
-                return Err(Fail::Abort(RestoreError::Cancelled));
+                return Err(RestoreError::Cancelled);
             }
-            // At least one chunk per batch, whatever its size.
-            let mut take = 0;
-            let mut bytes = 0u64;
-            while take < rest.len()
-                && take < BATCH_BLOBS
-                && (take == 0 || bytes + u64::from(rest[take].len) <= BATCH_BYTES)
-            {
-                bytes += u64::from(rest[take].len);
-                take += 1;
-            }
-            let (batch, later) = rest.split_at(take);
-            rest = later;
-            // A chunk repeated in the batch (zeros, say) is fetched once.
-            let mut index: HashMap<BlobId, usize> = HashMap::new();
-            let mut ids = Vec::new();
-            for c in batch {
-                index.entry(c.id).or_insert_with(|| {
-                    ids.push(c.id);
-                    ids.len() - 1
-                });
-            }
-            let sealed = self.fetch_blobs(&ids).map_err(|f| match f {
-                Fail::Entry(why) => Fail::Entry(format!("{}: not restored: {why}", path.display())),
-                abort => abort,
-            })?;
-            // Each chunk is decrypted, decompressed and written at its offset
-            // on one of two threads: both the CPU work and the kernel's copy
-            // into the page cache then use both cores.
-            let mut work = Vec::with_capacity(batch.len());
-            for c in batch {
-                let blob = index.get(&c.id).and_then(|&i| sealed.get(i));
-                work.push((c, offset, blob));
-                offset += u64::from(c.len);
-            }
-            let key = self.key;
-            let sparse = node.sparse;
-            let results = super::super::on_two_threads(
-                &work,
-                |(c, _, _)| c.len as usize,
-                |&(c, at, blob)| -> Result<(), ChunkFailed> {
-                    let blob = blob.ok_or(ChunkFailed::NotFetched { id: c.id })?;
-                    let plain = key.open(&c.id, blob)?;
-                    if plain.len() != c.len as usize {
-                        return Err(ChunkFailed::WrongLength {
-                            id: c.id,
-                            holds: plain.len(),
-                            tree: c.len,
-                        });
+            let first = link_key(&node).and_then(|k| self.links.get(&k)).cloned();
+            if let Some(first) = first {
+                match self.hard_link(&first, &path) {
+                    Ok(()) => {
+                        self.summary.hardlinks += 1;
+                        self.progress.update(&self.counters, &path);
+                        continue;
                     }
-                    if sparse && plain.iter().all(|&b| b == 0) {
-                        return Ok(());
+                    // The first name may have been replaced since (a hostile
+                    // snapshot can name an entry twice): restore this one in full.
+                    Err(e) => {
+                        debug!(path = %path.display(), first = %first.display(), error = %e, "hard link failed; restoring a copy")
                     }
-                    file.write_all_at(&plain, at).map_err(ChunkFailed::Write)
-                },
-            );
-            if let Some(Err(why)) = results.into_iter().find(Result::is_err) {
-                return Err(Fail::Entry(format!(
-                    "{}: not restored: {why}",
-                    path.display()
-                )));
+                }
             }
-            self.counters.bytes += bytes;
-            self.progress.update(&self.counters, path);
+            let copied = self.file_content(path, node);
+            self.settle(copied)?;
         }
-        // Extends over trailing holes (a sparse file ending in zeros); a file
-        // written to its end needs no extra call.
-        if node.sparse {
-            file.set_len(node.size)
-                .map_err(io_fail(path, "cannot set size"))?;
-        }
+        self.drain();
         Ok(())
     }
 
@@ -296,7 +296,7 @@ impl Restorer<'_> {
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no parent directory"))?;
         // link(2) does not follow a symlink at `first`; the temporary name
         // lets the rename replace whatever is at `path`.
-        let (tmp, ()) = temp_name(dir, &mut self.seq, |tmp| fs::hard_link(first, tmp))?;
+        let (tmp, ()) = temp_name(dir, self.pool.seq, |tmp| fs::hard_link(first, tmp))?;
         rename_into_place(&tmp, path)
     }
 
@@ -315,7 +315,7 @@ impl Restorer<'_> {
         }
         let dir = parent(path)?;
         // mknod(2) never follows a symlink and makes fifos without privileges.
-        let (tmp, ()) = temp_name(dir, &mut self.seq, |tmp| {
+        let (tmp, ()) = temp_name(dir, self.pool.seq, |tmp| {
             mknod(tmp, kind, Mode::S_IRUSR | Mode::S_IWUSR, node.rdev).map_err(io::Error::from)
         })
         .map_err(io_fail(path, "cannot create"))?;
@@ -346,7 +346,7 @@ impl Restorer<'_> {
             check_dir(dir)?;
             *checked = Some(dir.to_path_buf());
         }
-        let (tmp, ()) = temp_name(dir, &mut self.seq, |tmp| {
+        let (tmp, ()) = temp_name(dir, self.pool.seq, |tmp| {
             std::os::unix::fs::symlink(OsStr::from_bytes(target), tmp)
         })
         .map_err(io_fail(path, "cannot create symlink"))?;
