@@ -2,15 +2,17 @@
 # Flotilla's benchmarks, in one command (docs/benchmarks.md explains the method):
 #
 #   bench/run.sh            # the full run: ~4 GiB of datasets, 3 repetitions, 1,000 simulated agents
-#   bench/run.sh --quick    # seconds-long smoke run (what CI runs): tiny datasets, 20 agents
+#   bench/run.sh --quick    # smoke run of a few minutes (what CI runs): tiny datasets, 20 agents
 #
 # Options:
-#   --quick             tiny datasets, one repetition, 20 simulated agents, 5 s idle wait
+#   --quick             tiny datasets, one repetition, 20 simulated agents, 5 s idle and settle waits
 #   --debug             use the debug build (target/debug) instead of building release
 #   --only LIST         any of compare,transport,fleet,footprint (comma-separated)
 #   --reps N            repetitions of each backup/restore sequence (default 3)
-#   --datasets LIST     any of small,large,usr (default all)
-#   --tools LIST        any of flotilla,restic,borg,rsync (default all)
+#   --datasets LIST     any of small,large,usr,million (default small,large,usr; million,
+#                       1,000,000 files of 0-8 KiB, takes minutes to create the first time)
+#   --tools LIST        any of flotilla,flotilla-cold,restic,borg,rsync (default all;
+#                       flotilla-cold restarts both agents for every operation)
 #   --agents N          simulated agents in the fleet run (default 1000)
 #   --results DIR       where results go (default bench/results/<UTC time>)
 #   --work DIR          datasets and scratch space (default bench/work; datasets are reused)
@@ -39,7 +41,7 @@ while [ $# -gt 0 ]; do
         --agents) AGENTS="$2"; shift ;;
         --results) RESULTS="$2"; shift ;;
         --work) WORK="$2"; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) die "unknown option $1 (see bench/run.sh --help)" ;;
     esac
     shift
@@ -117,7 +119,7 @@ start_fleet() {
 }
 
 if wants compare; then
-    log "backup, unchanged backup, 1% changed, restore: Flotilla vs restic, borg, rsync"
+    log "backup, unchanged backup, 1% changed, restore of both: Flotilla (warm and cold) vs restic, borg, rsync"
     args=(--flotilla "$BIN/flotilla" --agent "$BIN/flotilla-agent" --nats-server "$NATS_SERVER_BIN"
           --work "$WORK" --results "$RESULTS")
     [ "$QUICK" -eq 1 ] && args+=(--quick)

@@ -64,6 +64,7 @@ mod transfer;
 pub use bus::{Bus, BusError};
 pub use config::{AgentConfig, ConfigError, HumanDuration, Settings};
 pub use daemon::{run, AgentError};
+pub use memory::limit_arenas;
 pub use transfer::{Identity, IncomingConnection, TransferEndpoint, TransferError};
 
 /// This agent's version.

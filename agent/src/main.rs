@@ -61,6 +61,7 @@ fn log_filter(quiet: bool, verbose: u8, rust_log: Option<&str>) -> String {
 }
 
 fn main() -> ExitCode {
+    flotilla_agent::limit_arenas();
     let cli = Cli::parse();
     let rust_log = std::env::var("RUST_LOG").ok();
     let filter = log_filter(cli.quiet, cli.verbose, rust_log.as_deref());

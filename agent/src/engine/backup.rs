@@ -32,8 +32,9 @@ use super::{Cancel, Counters, Progress};
 const CHUNK_MIN: u32 = 512 * 1024;
 const CHUNK_AVG: u32 = 1024 * 1024;
 const CHUNK_MAX: u32 = 8 * 1024 * 1024;
-/// Plaintext held before asking the repository which chunks it lacks.
-const BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Plaintext held before asking the repository which chunks it lacks. The
+/// walk fills one batch while the sealer works on the last.
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// Chunks held before asking, whatever their size (many small files).
 const BATCH_BLOBS: usize = 2048;
 /// Unreadable paths listed in the snapshot.

@@ -339,7 +339,7 @@ const PREFETCH_BATCH_IDS: usize = 128;
 const PREFETCH_BATCH_BYTES: u64 = 8 * 1024 * 1024;
 /// Most bytes prefetched and not yet used: memory stays bounded however
 /// large the directory.
-const PREFETCH_BUDGET: u64 = 48 * 1024 * 1024;
+const PREFETCH_BUDGET: u64 = 64 * 1024 * 1024;
 
 type BatchResult = (Vec<BlobId>, Result<Vec<Vec<u8>>, SessionError>);
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use flotilla_protocol::RevocationList;
 use flotilla_protocol::{transfer::ALPN, Bundle, HostName};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
@@ -38,11 +38,6 @@ const SEND_WINDOW: u64 = 32 << 20;
 /// Streams a peer may have open towards us at once.
 const MAX_BIDI_STREAMS: u32 = 64;
 const MAX_UNI_STREAMS: u32 = 16;
-/// Largest UDP payload path MTU discovery tries: a 9000-byte jumbo frame
-/// (less the IPv6 and UDP headers). quinn's default stops at 1452, right for
-/// a 1500-byte Ethernet LAN, which discovery still finds there; on jumbo
-/// frames and loopback, fewer, larger packets cost far less CPU per byte.
-const MAX_UDP_PAYLOAD: u16 = 8952;
 /// Pings keep NAT and firewall state alive and notice a dead peer quickly.
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// A peer silent this long (4 missed keep-alives) is gone: a LAN that drops
@@ -399,9 +394,6 @@ pub fn transport_config() -> TransportConfig {
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_UNI_STREAMS))
         .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(IDLE_TIMEOUT_MS))));
-    let mut mtu = MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    config.mtu_discovery_config(Some(mtu));
     config
 }
 

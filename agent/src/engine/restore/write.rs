@@ -26,7 +26,7 @@ const BATCH_BLOBS: usize = 256;
 /// written by several writers at once.
 const BATCH_BYTES: u64 = 8 * 1024 * 1024;
 /// Batches of a large file asked for ahead of the one being fetched.
-const FETCH_AHEAD: usize = 3;
+const FETCH_AHEAD: usize = 4;
 /// Temporary names tried before giving up (each collision means a leftover
 /// or a hostile entry of the same name; a hundred means something is wrong).
 const TEMP_ATTEMPTS: usize = 100;
