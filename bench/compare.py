@@ -579,11 +579,12 @@ def remove_tree(path: Path) -> None:
 # file created then scans past every recently freed inode. Deleting a
 # restored tree of 100,000 files made the next tool's restore two to three
 # times slower, by however long ago that was: noise that depended on the
-# order of the tools. So trees are not deleted between timed operations:
-# they are moved aside, and deleted before each dataset's block of sequences,
-# then synced, and the next timed operation waits until they are no longer
-# recent. Every tool's restore then starts from the same state.
-RECENT_DELETE_SECONDS = 61.0
+# order of the tools (and a restore dirties the inode table blocks it
+# allocates in, which stretches the window to 360 s around it). So nothing
+# is deleted while tools are timed: trees are moved aside into a trash,
+# emptied between repetitions, synced, and followed by a wait past the
+# longest window. Every tool's restore then starts from the same state.
+RECENT_DELETE_SECONDS = 361.0
 
 
 class Trash:
@@ -602,7 +603,7 @@ class Trash:
             self.count += 1
             os.rename(path, self.dir / str(self.count))
 
-    def empty(self) -> None:
+    def empty(self, wait: bool = True) -> None:
         """Delete what was put aside, sync, and wait until its inodes are reusable."""
         if not any(self.dir.iterdir()):
             return
@@ -610,7 +611,7 @@ class Trash:
         remove_tree(self.dir)
         self.dir.mkdir()
         os.sync()
-        if not self.quick:
+        if wait and not self.quick:
             time.sleep(RECENT_DELETE_SECONDS)
         say(f"emptied the trash in {time.monotonic() - started:.0f} s (untimed)")
 
@@ -2101,9 +2102,9 @@ def run_all(
     rows: list[dict[str, Any]] = []
     names = list(tools)
     for rep in range(reps):
+        if TRASH is not None and rep > 0:
+            TRASH.empty()
         for ds in datasets:
-            if TRASH is not None:
-                TRASH.empty()
             for name in rotated(names, rep):
                 say(f"== rep {rep + 1}/{reps}, dataset {ds.name}, tool {name}")
                 rows.extend(run_sequence(tools[name], ds, rep, work, timeout, settle_window))
@@ -2862,7 +2863,7 @@ def main(argv: list[str]) -> int:
         global TRASH
         TRASH = Trash(work, args.quick)
         rows = run_all(tools, datasets, args.reps, work, timeout, args.settle_window)
-        TRASH.empty()
+        TRASH.empty(wait=False)  # nothing is timed after this
         meta = metadata(args, tools, datasets, work, args.reps, rows)
         meta["rss_floor_bytes"] = floor
         meta["settle_window_seconds"] = args.settle_window
