@@ -595,13 +595,13 @@ class Trash:
         self.quick = quick
         # What an earlier run left in it is deleted by the first empty().
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.count = len(list(self.dir.iterdir()))
+        self.count = 0
 
     def put(self, path: Path) -> None:
         """Move a tree aside (a rename: nothing is freed yet)."""
         if path.exists() or path.is_symlink():
             self.count += 1
-            os.rename(path, self.dir / str(self.count))
+            os.rename(path, self.dir / f"{os.getpid()}-{self.count}")
 
     def empty(self, wait: bool = True) -> None:
         """Delete what was put aside, sync, and wait until its inodes are reusable."""
