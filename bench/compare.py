@@ -513,24 +513,31 @@ def free_port(kind: socket.SocketKind) -> int:
 Listing = dict[str, tuple[str, Any]]
 
 
-def scan_tree(root: Path) -> Listing:
-    """Every entry under root (not following symlinks), keyed by relative path."""
-    listing: Listing = {}
+def walk_tree(root: Path) -> Iterator[tuple[str, os.DirEntry]]:
+    """Every entry under root with its relative path, depth first, never following symlinks."""
     stack = [""]
     while stack:
         rel_dir = stack.pop()
         with os.scandir(os.path.join(root, rel_dir)) as it:
             for entry in it:
                 rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
-                if entry.is_symlink():
-                    listing[rel] = ("l", os.readlink(entry.path))
-                elif entry.is_dir(follow_symlinks=False):
-                    listing[rel] = ("d", 0)
+                if entry.is_dir(follow_symlinks=False):
                     stack.append(rel)
-                elif entry.is_file(follow_symlinks=False):
-                    listing[rel] = ("f", entry.stat(follow_symlinks=False).st_size)
-                else:
-                    listing[rel] = ("o", 0)
+                yield rel, entry
+
+
+def scan_tree(root: Path) -> Listing:
+    """Every entry under root (not following symlinks), keyed by relative path."""
+    listing: Listing = {}
+    for rel, entry in walk_tree(root):
+        if entry.is_symlink():
+            listing[rel] = ("l", os.readlink(entry.path))
+        elif entry.is_dir(follow_symlinks=False):
+            listing[rel] = ("d", 0)
+        elif entry.is_file(follow_symlinks=False):
+            listing[rel] = ("f", entry.stat(follow_symlinks=False).st_size)
+        else:
+            listing[rel] = ("o", 0)
     return listing
 
 
@@ -1248,33 +1255,26 @@ def verify_restore(
     bad = 0
     found = Mismatches()
     seen: set[str] = set()
-    stack = [""]
-    while stack:
-        rel_dir = stack.pop()
-        with os.scandir(os.path.join(restored, rel_dir)) as it:
-            for entry in it:
-                rel = os.path.join(rel_dir, entry.name) if rel_dir else entry.name
-                got = entry.stat(follow_symlinks=False)
-                kind = kind_of(got)
-                want = ds.listing.get(rel)
-                if want is None:
-                    bad += 1
-                    if len(problems) < 10:
-                        problems.append(f"unexpected: {rel}")
-                    continue
-                seen.add(rel)
-                if kind == "d":
-                    stack.append(rel)
-                shape = (kind, os.readlink(entry.path) if kind == "l" else got.st_size if kind == "f" else 0)
-                if shape != want:
-                    bad += 1
-                    if len(problems) < 10:
-                        problems.append(f"differs: {rel}: expected {want}, restored {shape}")
-                    continue
-                source = os.path.join(ds.root, rel)
-                patch = overlay.get(rel)
-                mtime = patch[2] if patch is not None else None
-                compare_metadata(rel, kind, os.lstat(source), got, source, entry.path, mtime, found)
+    for rel, entry in walk_tree(restored):
+        got = entry.stat(follow_symlinks=False)
+        kind = kind_of(got)
+        want = ds.listing.get(rel)
+        if want is None:
+            bad += 1
+            if len(problems) < 10:
+                problems.append(f"unexpected: {rel}")
+            continue
+        seen.add(rel)
+        shape = (kind, os.readlink(entry.path) if kind == "l" else got.st_size if kind == "f" else 0)
+        if shape != want:
+            bad += 1
+            if len(problems) < 10:
+                problems.append(f"differs: {rel}: expected {want}, restored {shape}")
+            continue
+        source = os.path.join(ds.root, rel)
+        patch = overlay.get(rel)
+        mtime = patch[2] if patch is not None else None
+        compare_metadata(rel, kind, os.lstat(source), got, source, entry.path, mtime, found)
     if len(seen) != len(ds.listing):
         missing = sorted(ds.listing.keys() - seen)
         bad += len(missing)

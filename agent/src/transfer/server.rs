@@ -512,20 +512,22 @@ async fn data_stream(
             // files asks for hundreds of thousands), and each group is sent
             // before the next is read, so a stream holds at most about
             // READ_GROUP_BYTES however large the blobs asked for.
-            let mut rest = ids;
-            while !rest.is_empty() {
-                let group: Vec<BlobId> = rest.drain(..rest.len().min(READ_GROUP)).collect();
-                let (repo, allowed) = (repo.clone(), allowed.clone());
-                let read = tokio::task::spawn_blocking(move || read_group(&repo, allowed, group));
-                let (answers, unread) = match read.await {
-                    Ok(read) => read,
+            let ids: Arc<[BlobId]> = ids.into();
+            let mut next = 0;
+            while next < ids.len() {
+                let (repo, allowed, group) = (repo.clone(), allowed.clone(), ids.clone());
+                let read =
+                    tokio::task::spawn_blocking(move || read_group(&repo, allowed, &group[next..]));
+                let answers = match read.await {
+                    Ok(answers) => answers,
                     Err(e) => {
                         let resp = error(ErrorCode::Io, format!("read crashed: {e}"), true);
                         write_frame(&mut send, &resp).await?;
                         return Ok(());
                     }
                 };
-                rest.splice(0..0, unread);
+                // One answer per id, in order, at least one per group.
+                next += answers.len();
                 for resp in answers {
                     write_frame(&mut send, &resp).await?;
                 }
@@ -541,18 +543,18 @@ const READ_GROUP: usize = 64;
 /// A group stops growing once it holds this many sealed bytes.
 const READ_GROUP_BYTES: usize = 4 * 1024 * 1024;
 
-/// Reads blobs of `group` in order until about [`READ_GROUP_BYTES`] are
-/// read; returns the answers and the ids left for the next group. A blob
-/// outside the session's snapshot is refused, not read.
+/// Answers the first ids of `ids` in order: at most [`READ_GROUP`] of them,
+/// stopping once about [`READ_GROUP_BYTES`] are read, and always at least one
+/// when there is one. A blob outside the session's snapshot is refused, not
+/// read.
 fn read_group(
     repo: &Repository,
     allowed: Option<Arc<HashSet<BlobId>>>,
-    group: Vec<BlobId>,
-) -> (Vec<Response>, Vec<BlobId>) {
-    let mut answers = Vec::with_capacity(group.len());
+    ids: &[BlobId],
+) -> Vec<Response> {
+    let mut answers = Vec::with_capacity(ids.len().min(READ_GROUP));
     let mut bytes = 0;
-    let mut ids = group.into_iter();
-    for id in ids.by_ref() {
+    for &id in ids.iter().take(READ_GROUP) {
         let permitted = allowed.as_ref().is_some_and(|a| a.contains(&id));
         answers.push(if !permitted {
             error(
@@ -573,7 +575,7 @@ fn read_group(
             break;
         }
     }
-    (answers, ids.collect())
+    answers
 }
 
 impl ServerContext {

@@ -183,13 +183,17 @@ impl Restorer<'_, '_> {
             let fetched = if self.cancel.is_cancelled() {
                 Err(Fail::Abort(RestoreError::Cancelled))
             } else {
-                // The next parts travel while this one is written.
-                let ahead: Vec<(BlobId, u32)> = batches[i..]
-                    .iter()
-                    .take(FETCH_AHEAD)
-                    .flat_map(|r| file.node.content[r.clone()].iter().map(|c| (c.id, c.len)))
-                    .collect();
-                self.fetch.prefetch(&ahead);
+                // The next parts travel while this one is written. A file of
+                // one part needs no hint: a small one was asked for with its
+                // directory, a larger one is fetched right now anyway.
+                if parts > 1 {
+                    let ahead: Vec<(BlobId, u32)> = batches[i..]
+                        .iter()
+                        .take(FETCH_AHEAD)
+                        .flat_map(|r| file.node.content[r.clone()].iter().map(|c| (c.id, c.len)))
+                        .collect();
+                    self.fetch.prefetch(&ahead);
+                }
                 let (ids, pieces) = pieces(&file.node.content, range.clone(), offset);
                 self.fetch_blobs(&ids).map(|sealed| (pieces, sealed))
             };
