@@ -375,6 +375,13 @@ def run_measured(
     out_path, err_path = logs.pair(name)
     report = out_path.with_suffix(".rusage")
     sync_arg = str(sync_fs) if sync_fs is not None else ""
+    perf = None
+    if os.environ.get("BENCH_PERF_DIR") and os.environ.get("BENCH_PERF_MATCH", "") in name:
+        perf = subprocess.Popen(
+            ["perf", "record", "-a", "-g", "-e", "cpu-clock", "-o",
+             os.path.join(os.environ["BENCH_PERF_DIR"], name + ".data")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         start = time.monotonic()
         proc = subprocess.Popen(
@@ -401,6 +408,9 @@ def run_measured(
         seconds = time.monotonic() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         unregister(proc)
+    if perf is not None:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
     inner = read_launcher_report(report)
     sync_seconds = None
     if inner is not None:

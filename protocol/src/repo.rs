@@ -12,6 +12,7 @@
 //! another id. `codec` is 0 for raw, 1 for zstd.
 
 use std::fmt;
+use std::ops::Range;
 
 use ring::aead::{self, LessSafeKey, UnboundKey, AES_256_GCM};
 use ring::rand::{SecureRandom, SystemRandom};
@@ -179,19 +180,59 @@ impl RepoKey {
 
     /// Decrypts, decompresses and verifies a sealed blob.
     pub fn open(&self, id: &BlobId, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
-        let body = self
-            .open_raw(&id.0, sealed)
-            .ok_or(CryptoError::Unauthentic(*id))?;
-        let (codec, payload) = body.split_first().ok_or(CryptoError::Unauthentic(*id))?;
-        let plain = match *codec {
-            CODEC_RAW => payload.to_vec(),
-            CODEC_ZSTD => decompress(payload).ok_or(CryptoError::Decompress(*id))?,
-            _ => return Err(CryptoError::Decompress(*id)),
+        let mut buf = sealed.to_vec();
+        let (codec, payload) = self.open_body(id, &mut buf)?;
+        let plain = if codec == CODEC_RAW {
+            // The plaintext is already in `buf`: move it to the front.
+            buf.truncate(payload.end);
+            buf.drain(..payload.start);
+            buf
+        } else {
+            decompress(&buf[payload]).ok_or(CryptoError::Decompress(*id))?
         };
         if self.blob_id(&plain) != *id {
             return Err(CryptoError::IdMismatch(*id));
         }
         Ok(plain)
+    }
+
+    /// Like [`open`](Self::open), but decrypts in `sealed`'s own buffer
+    /// (which it overwrites) and lends the verified plaintext to `use_plain`:
+    /// no copy of a stored-raw blob is made. For restores, which open every
+    /// byte once.
+    pub fn open_in_place<R>(
+        &self,
+        id: &BlobId,
+        sealed: &mut [u8],
+        use_plain: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, CryptoError> {
+        let (codec, payload) = self.open_body(id, sealed)?;
+        let decompressed;
+        let plain = if codec == CODEC_RAW {
+            &sealed[payload]
+        } else {
+            decompressed = decompress(&sealed[payload]).ok_or(CryptoError::Decompress(*id))?;
+            &decompressed[..]
+        };
+        if self.blob_id(plain) != *id {
+            return Err(CryptoError::IdMismatch(*id));
+        }
+        Ok(use_plain(plain))
+    }
+
+    /// Decrypts a sealed blob in place: its codec and where in `sealed` its
+    /// payload now is.
+    fn open_body(&self, id: &BlobId, sealed: &mut [u8]) -> Result<(u8, Range<usize>), CryptoError> {
+        let body = self
+            .open_raw_in_place(&id.0, sealed)
+            .ok_or(CryptoError::Unauthentic(*id))?;
+        match body {
+            Range { start, end } if start < end => match sealed[start] {
+                codec @ (CODEC_RAW | CODEC_ZSTD) => Ok((codec, start + 1..end)),
+                _ => Err(CryptoError::Decompress(*id)),
+            },
+            _ => Err(CryptoError::Unauthentic(*id)),
+        }
     }
 
     /// Encrypts metadata that is not content-addressed (a snapshot's
@@ -228,20 +269,30 @@ impl RepoKey {
     }
 
     fn open_raw(&self, aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        let mut buf = sealed.to_vec();
+        let body = self.open_raw_in_place(aad, &mut buf)?;
+        buf.truncate(body.end);
+        buf.drain(..body.start);
+        Some(buf)
+    }
+
+    /// Authenticates and decrypts `sealed` in place: where the plaintext
+    /// body now is.
+    fn open_raw_in_place(&self, aad: &[u8], sealed: &mut [u8]) -> Option<Range<usize>> {
         if sealed.len() < 1 + NONCE_LEN + AES_256_GCM.tag_len() || sealed[0] != SEAL_VERSION {
             return None;
         }
         let nonce: [u8; NONCE_LEN] = sealed[1..1 + NONCE_LEN].try_into().ok()?;
-        let mut body = sealed[1 + NONCE_LEN..].to_vec();
+        let start = 1 + NONCE_LEN;
         let plain = self
             .aead
             .open_in_place(
                 aead::Nonce::assume_unique_for_key(nonce),
                 aead::Aad::from(aad),
-                &mut body,
+                &mut sealed[start..],
             )
             .ok()?;
-        Some(plain.to_vec())
+        Some(start..start + plain.len())
     }
 }
 
@@ -836,6 +887,47 @@ mod tests {
         sealed[last] ^= 1;
         assert_eq!(k.open(&id, &sealed), Err(CryptoError::Unauthentic(id)));
         assert!(k.open(&id, &[]).is_err());
+    }
+
+    #[test]
+    fn open_in_place_lends_the_same_plaintext_open_returns() {
+        let k = key(1);
+        let mut noise = vec![0u8; 100_000];
+        blake3::Hasher::new()
+            .update(b"in place")
+            .finalize_xof()
+            .fill(&mut noise);
+        let text = b"restore me in place; ".repeat(5_000);
+        for plain in [&noise[..], &text[..], &[][..]] {
+            let id = k.blob_id(plain);
+            let sealed = k.seal(&id, plain, 3).expect("seals");
+            let mut buf = sealed.clone();
+            let got = k
+                .open_in_place(&id, &mut buf, |p| p.to_vec())
+                .expect("opens in place");
+            assert_eq!(got, plain);
+            assert_eq!(got, k.open(&id, &sealed).expect("opens"));
+        }
+        // A wrong id, a flipped byte, a wrong key and a short buffer are
+        // refused before the closure sees anything.
+        let id = k.blob_id(&text);
+        let sealed = k.seal(&id, &text, 3).expect("seals");
+        let other = k.blob_id(b"other");
+        let never = |_: &[u8]| panic!("unverified plaintext was lent");
+        assert_eq!(
+            k.open_in_place(&other, &mut sealed.clone(), never),
+            Err(CryptoError::Unauthentic(other))
+        );
+        let mut flipped = sealed.clone();
+        flipped[1 + NONCE_LEN + 3] ^= 1;
+        assert_eq!(
+            k.open_in_place(&id, &mut flipped, never),
+            Err(CryptoError::Unauthentic(id))
+        );
+        assert!(key(2)
+            .open_in_place(&id, &mut sealed.clone(), never)
+            .is_err());
+        assert!(k.open_in_place(&id, &mut [0u8; 4], never).is_err());
     }
 
     #[test]

@@ -32,7 +32,7 @@ mod pool;
 mod tests;
 mod write;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
 use std::io;
@@ -51,7 +51,7 @@ use tracing::{debug, warn};
 use super::{Cancel, Counters, Progress};
 use fsmeta::Meta;
 use pool::{Done, Queue, Shared};
-use write::{check_dir, ensure_dir};
+use write::{check_dir, ensure_dir, Large};
 
 /// Errors kept verbatim in the summary; later ones are only counted.
 const ERROR_SAMPLES: usize = 10;
@@ -247,6 +247,7 @@ pub fn restore(
             symlinks: Vec::new(),
             dirs: Vec::new(),
             trees: HashMap::new(),
+            large: VecDeque::new(),
             pool: &shared,
             done,
         };
@@ -267,8 +268,17 @@ impl Drop for StopWriters<'_, '_> {
 
 impl Restorer<'_, '_> {
     /// The walk, from the root tree to the last directory's metadata.
-    fn run(self, root: &BlobId) -> Result<RestoreSummary, RestoreError> {
-        let mut r = self;
+    fn run(mut self, root: &BlobId) -> Result<RestoreSummary, RestoreError> {
+        let walked = self.walk_all(root);
+        if walked.is_err() {
+            self.abandon_large();
+        }
+        walked?;
+        Ok(self.summary)
+    }
+
+    fn walk_all(&mut self, root: &BlobId) -> Result<(), RestoreError> {
+        let r = self;
         let tree = r.load_tree(root).map_err(|f| match f {
             Fail::Abort(e) => e,
             Fail::Entry(why) => RestoreError::RootTree { id: *root, why },
@@ -313,7 +323,7 @@ impl Restorer<'_, '_> {
             errors = r.summary.errors,
             "restore finished"
         );
-        Ok(r.summary)
+        Ok(())
     }
 }
 
@@ -452,6 +462,8 @@ struct Restorer<'a, 'p> {
     dirs: Vec<(PathBuf, Node)>,
     /// Entries of directories read ahead of the walk, by tree id.
     trees: HashMap<BlobId, Vec<Node>>,
+    /// Files larger than one fetch whose parts are still being sent.
+    large: VecDeque<Large>,
     /// The writers.
     pool: &'p Shared<'p>,
     /// Files the writers have finished.
@@ -800,7 +812,7 @@ impl Restorer<'_, '_> {
     /// Waits for the files, links the other names of multiply-linked files,
     /// creates the symlinks, then applies directory metadata, deepest first.
     fn finish(&mut self) -> Result<(), RestoreError> {
-        self.drain();
+        self.drain()?;
         self.hard_links()?;
         let mut checked: Option<PathBuf> = None;
         for (path, node) in std::mem::take(&mut self.symlinks) {

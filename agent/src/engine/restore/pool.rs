@@ -273,35 +273,48 @@ pub(super) struct Shared<'a> {
 }
 
 impl Shared<'_> {
-    /// Decrypts, checks and writes `pieces`; the first failure stops.
+    /// Decrypts, checks and writes `pieces`; the first failure stops. A blob
+    /// only one piece needs is decrypted in its own buffer (no copy); one
+    /// that several need (a run of zeros, say) is opened into a copy each time.
     fn write(
         &self,
         file: &File,
         pieces: &[Piece],
-        sealed: &[Vec<u8>],
+        sealed: &mut [Vec<u8>],
         sparse: bool,
     ) -> Result<(), ChunkFailed> {
+        let mut uses = vec![0u32; sealed.len()];
+        for i in pieces.iter().filter_map(|p| p.blob) {
+            if let Some(n) = uses.get_mut(i) {
+                *n += 1;
+            }
+        }
         for p in pieces {
             if self.cancel.is_cancelled() || self.stopped.load(Ordering::Relaxed) {
                 return Err(ChunkFailed::Stopped);
             }
-            let blob = p
+            let i = p
                 .blob
-                .and_then(|i| sealed.get(i))
+                .filter(|&i| i < sealed.len())
                 .ok_or(ChunkFailed::NotFetched { id: p.id })?;
-            let plain = self.key.open(&p.id, blob)?;
-            if plain.len() != p.len as usize {
-                return Err(ChunkFailed::WrongLength {
-                    id: p.id,
-                    holds: plain.len(),
-                    tree: p.len,
-                });
+            let put = |plain: &[u8]| -> Result<(), ChunkFailed> {
+                if plain.len() != p.len as usize {
+                    return Err(ChunkFailed::WrongLength {
+                        id: p.id,
+                        holds: plain.len(),
+                        tree: p.len,
+                    });
+                }
+                if sparse && plain.iter().all(|&b| b == 0) {
+                    return Ok(());
+                }
+                file.write_all_at(plain, p.at).map_err(ChunkFailed::Write)
+            };
+            if uses[i] == 1 {
+                self.key.open_in_place(&p.id, &mut sealed[i], put)??;
+            } else {
+                put(&self.key.open(&p.id, &sealed[i])?)?;
             }
-            if sparse && plain.iter().all(|&b| b == 0) {
-                continue;
-            }
-            file.write_all_at(&plain, p.at)
-                .map_err(ChunkFailed::Write)?;
         }
         Ok(())
     }
@@ -314,9 +327,9 @@ impl Shared<'_> {
             let Job {
                 file,
                 pieces,
-                sealed,
+                mut sealed,
             } = job;
-            if let Err(e) = self.write(&file.file, &pieces, &sealed, file.node.sparse) {
+            if let Err(e) = self.write(&file.file, &pieces, &mut sealed, file.node.sparse) {
                 file.fail(format!("{}: not restored: {e}", file.path.display()));
             }
             let finished = file.parts_done(1, &mut meta);

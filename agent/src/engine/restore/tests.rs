@@ -824,3 +824,129 @@ fn a_large_file_with_several_names_is_linked_once_written() {
     );
     assert!(fs::read(target.join("srv/two")).expect("reads") == big);
 }
+
+/// Storage that logs every request and, after `left` of them, is lost or
+/// has the restore cancelled.
+struct Scripted {
+    inner: MapFetch,
+    log: Vec<Vec<BlobId>>,
+    left: usize,
+    cancel: Option<Cancel>,
+}
+
+impl Fetch for Scripted {
+    fn get(&mut self, ids: &[BlobId]) -> Result<Vec<Vec<u8>>, FetchError> {
+        if self.left == 0 {
+            match &self.cancel {
+                Some(c) => c.cancel(),
+                None => {
+                    return Err(FetchError {
+                        message: "connection lost".into(),
+                        retryable: true,
+                    })
+                }
+            }
+        }
+        self.left = self.left.saturating_sub(1);
+        self.log.push(ids.to_vec());
+        self.inner.get(ids)
+    }
+}
+
+/// Six 20 MiB files of three parts each, under /srv.
+fn six_large_files(repo: &mut Repo) -> (Vec<Vec<u8>>, Vec<Node>, BlobId) {
+    let datas: Vec<Vec<u8>> = (0..6).map(|i| noise(20 * MIB, 100 + i)).collect();
+    let files: Vec<Node> = datas
+        .iter()
+        .enumerate()
+        .map(|(i, d)| repo.file(format!("f{i}").as_bytes(), d, 64 * 1024))
+        .collect();
+    let srv = repo.dir(b"/srv", files.clone());
+    let root = repo.tree(vec![srv]);
+    (datas, files, root)
+}
+
+fn run_scripted(
+    repo: &Repo,
+    root: &BlobId,
+    target: &Path,
+    left: usize,
+    cancel: Option<Cancel>,
+) -> (Result<RestoreSummary, RestoreError>, Vec<Vec<BlobId>>) {
+    let mut fetch = Scripted {
+        inner: MapFetch {
+            blobs: repo.blobs.clone(),
+            largest: 0,
+        },
+        log: Vec::new(),
+        left,
+        cancel: cancel.clone(),
+    };
+    let opts = RestoreOptions {
+        target: target.to_path_buf(),
+        ..Default::default()
+    };
+    let result = restore(
+        root,
+        &repo.key,
+        &mut fetch,
+        &opts,
+        &mut NoProgress,
+        &cancel.unwrap_or_default(),
+    );
+    (result, fetch.log)
+}
+
+#[test]
+fn several_large_files_are_sent_in_turns_and_all_arrive_whole() {
+    let (_tmp, target) = target();
+    let mut repo = Repo::new();
+    let (datas, files, root) = six_large_files(&mut repo);
+    let (summary, log) = run_scripted(&repo, &root, &target, usize::MAX, None);
+    let summary = summary.expect("restores");
+    assert_eq!((summary.files, summary.errors), (6, 0), "{summary:?}");
+    for (i, data) in datas.iter().enumerate() {
+        assert!(fs::read(target.join(format!("srv/f{i}"))).expect("reads") == *data);
+    }
+    // Which file each content request was for, in the order asked.
+    let owner: HashMap<BlobId, usize> = files
+        .iter()
+        .enumerate()
+        .flat_map(|(i, f)| f.content.iter().map(move |c| (c.id, i)))
+        .collect();
+    let order: Vec<usize> = log
+        .iter()
+        .filter_map(|ids| ids.first().and_then(|id| owner.get(id)).copied())
+        .collect();
+    assert_eq!(order.len(), 18, "three parts per file: {order:?}");
+    // f1's first part is asked for before f0's last: the files take turns
+    // rather than one being sent whole before the next starts.
+    let first_of = |f| order.iter().position(|&o| o == f).expect("asked");
+    let last_of = |f| order.iter().rposition(|&o| o == f).expect("asked");
+    assert!(first_of(1) < last_of(0), "{order:?}");
+    assert!(first_of(4) < last_of(3), "{order:?}");
+}
+
+#[test]
+fn storage_lost_or_cancel_while_large_files_take_turns_leaves_no_partial_file() {
+    for cancelled in [false, true] {
+        let (_tmp, target) = target();
+        let mut repo = Repo::new();
+        let (_, _, root) = six_large_files(&mut repo);
+        let cancel = cancelled.then(Cancel::default);
+        // The two trees and seven parts: several files are half sent.
+        let (result, log) = run_scripted(&repo, &root, &target, 9, cancel);
+        let err = result.expect_err("the restore stops");
+        if cancelled {
+            assert!(matches!(err, RestoreError::Cancelled), "{err}");
+        } else {
+            assert!(err.is_retryable(), "{err}");
+        }
+        assert!(log.len() >= 9, "the stop came after parts were sent");
+        assert_eq!(
+            names(&target.join("srv")),
+            Vec::<String>::new(),
+            "no partial file, no temporary left (cancelled: {cancelled})"
+        );
+    }
+}

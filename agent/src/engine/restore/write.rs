@@ -26,7 +26,11 @@ const BATCH_BLOBS: usize = 256;
 /// written by several writers at once.
 const BATCH_BYTES: u64 = 8 * 1024 * 1024;
 /// Batches of a large file asked for ahead of the one being fetched.
-const FETCH_AHEAD: usize = 4;
+const FETCH_AHEAD: usize = 2;
+/// Files sent in parts at once, taking turns part by part: each writer then
+/// mostly has a file of its own. The kernel lets one writer at a time into a
+/// file, so parts of a single file written at once wait for each other.
+const LARGE_FILES: usize = 4;
 /// Temporary names tried before giving up (each collision means a leftover
 /// or a hostile entry of the same name; a hundred means something is wrong).
 const TEMP_ATTEMPTS: usize = 100;
@@ -142,6 +146,18 @@ fn pieces(content: &[ChunkRef], range: Range<usize>, mut offset: u64) -> (Vec<Bl
     (ids, pieces)
 }
 
+/// A file being sent to the writers part by part.
+#[derive(Debug)]
+pub(super) struct Large {
+    file: Arc<Restoring>,
+    /// Its parts, as ranges of its chunks.
+    batches: Vec<Range<usize>>,
+    /// The next part to send.
+    next: usize,
+    /// Where the next part starts in the file.
+    offset: u64,
+}
+
 fn parent(path: &Path) -> Result<&Path, Fail> {
     path.parent()
         .ok_or_else(|| Fail::Entry(format!("{}: has no parent directory", path.display())))
@@ -159,8 +175,8 @@ impl Restorer<'_, '_> {
     }
 
     /// Creates a file and hands its chunks to the writers: a file that fits
-    /// one fetch as one job, a larger one in parts, fetching ahead while
-    /// earlier parts are written.
+    /// one fetch as one job right away; a larger one joins the files being
+    /// sent in parts (see [`Large`]).
     pub(super) fn file_content(&mut self, path: PathBuf, node: Node) -> Result<(), Fail> {
         let total: u64 = node.content.iter().map(|c| u64::from(c.len)).sum();
         if total != node.size {
@@ -177,57 +193,118 @@ impl Restorer<'_, '_> {
             self.links.insert(k, path.clone());
         }
         let parts = batches.len();
-        let file = Arc::new(Restoring::new(path, node, created, parts));
-        let mut offset = 0;
-        for (i, range) in batches.iter().enumerate() {
-            let fetched = if self.cancel.is_cancelled() {
-                Err(Fail::Abort(RestoreError::Cancelled))
-            } else {
-                // The next parts travel while this one is written. A file of
-                // one part needs no hint: a small one was asked for with its
-                // directory, a larger one is fetched right now anyway.
-                if parts > 1 {
-                    let ahead: Vec<(BlobId, u32)> = batches[i..]
-                        .iter()
-                        .take(FETCH_AHEAD)
-                        .flat_map(|r| file.node.content[r.clone()].iter().map(|c| (c.id, c.len)))
-                        .collect();
-                    self.fetch.prefetch(&ahead);
-                }
-                let (ids, pieces) = pieces(&file.node.content, range.clone(), offset);
-                self.fetch_blobs(&ids).map(|sealed| (pieces, sealed))
-            };
-            match fetched {
-                Ok((pieces, sealed)) => {
-                    let bytes: u64 = pieces.iter().map(|p| u64::from(p.len)).sum();
-                    offset += bytes;
-                    self.counters.bytes += bytes;
-                    self.pool.queue.push(Job {
-                        file: Arc::clone(&file),
-                        pieces,
-                        sealed,
-                    });
-                    self.collect();
-                }
-                Err(fail) => {
-                    let why = match &fail {
-                        Fail::Entry(why) => why.clone(),
-                        Fail::Abort(e) => e.to_string(),
-                    };
-                    file.fail(format!("{}: not restored: {why}", file.path.display()));
-                    // The parts never sent are finished here.
-                    if let Some(done) = file.parts_done(parts - i, &mut self.meta) {
-                        self.settle_done(done);
-                    }
-                    return match fail {
-                        // Reported through the file's outcome.
-                        Fail::Entry(_) => Ok(()),
-                        abort => Err(abort),
-                    };
+        let mut file = Large {
+            file: Arc::new(Restoring::new(path, node, created, parts)),
+            batches,
+            next: 0,
+            offset: 0,
+        };
+        if parts == 1 {
+            self.send_part(&mut file).map_err(Fail::Abort)?;
+            return Ok(());
+        }
+        self.large.push_back(file);
+        while self.large.len() > LARGE_FILES {
+            self.advance_large().map_err(Fail::Abort)?;
+        }
+        Ok(())
+    }
+
+    /// Sends the next part of the first file in [`Large`]'s rotation and
+    /// puts it back at the end if it has more.
+    fn advance_large(&mut self) -> Result<(), RestoreError> {
+        let Some(mut file) = self.large.pop_front() else {
+            return Ok(());
+        };
+        let more = self.send_part(&mut file)?;
+        if more {
+            self.large.push_back(file);
+        }
+        Ok(())
+    }
+
+    /// Fetches the next part of `file` and queues it for the writers: true
+    /// while parts are left. A failed fetch fails the file (reported through
+    /// its outcome, its other parts finished here); a storage outage or a
+    /// cancel stops the restore.
+    fn send_part(&mut self, file: &mut Large) -> Result<bool, RestoreError> {
+        let i = file.next;
+        let parts = file.batches.len();
+        let fetched = if self.cancel.is_cancelled() {
+            Err(Fail::Abort(RestoreError::Cancelled))
+        } else {
+            // The next parts travel while this one is written. A file of
+            // one part needs no hint: a small one was asked for with its
+            // directory, a larger one is fetched right now anyway.
+            if parts > 1 {
+                let ahead: Vec<(BlobId, u32)> = file.batches[i..]
+                    .iter()
+                    .take(FETCH_AHEAD)
+                    .flat_map(|r| {
+                        file.file.node.content[r.clone()]
+                            .iter()
+                            .map(|c| (c.id, c.len))
+                    })
+                    .collect();
+                self.fetch.prefetch(&ahead);
+            }
+            let (ids, pieces) = pieces(
+                &file.file.node.content,
+                file.batches[i].clone(),
+                file.offset,
+            );
+            self.fetch_blobs(&ids).map(|sealed| (pieces, sealed))
+        };
+        match fetched {
+            Ok((pieces, sealed)) => {
+                let bytes: u64 = pieces.iter().map(|p| u64::from(p.len)).sum();
+                file.offset += bytes;
+                file.next += 1;
+                self.counters.bytes += bytes;
+                self.pool.queue.push(Job {
+                    file: Arc::clone(&file.file),
+                    pieces,
+                    sealed,
+                });
+                self.collect();
+                Ok(file.next < parts)
+            }
+            Err(fail) => {
+                let why = match &fail {
+                    Fail::Entry(why) => why.clone(),
+                    Fail::Abort(e) => e.to_string(),
+                };
+                file.file
+                    .fail(format!("{}: not restored: {why}", file.file.path.display()));
+                self.abandon(file);
+                match fail {
+                    // Reported through the file's outcome.
+                    Fail::Entry(_) => Ok(false),
+                    Fail::Abort(e) => Err(e),
                 }
             }
         }
-        Ok(())
+    }
+
+    /// Finishes the parts of `file` never sent (the file has failed).
+    fn abandon(&mut self, file: &mut Large) {
+        let left = file.batches.len() - file.next;
+        file.next = file.batches.len();
+        if let Some(done) = file.file.parts_done(left, &mut self.meta) {
+            self.settle_done(done);
+        }
+    }
+
+    /// The restore stops: files still being sent in parts are failed, so
+    /// that the writers remove them once their queued parts are dropped.
+    pub(super) fn abandon_large(&mut self) {
+        while let Some(mut file) = self.large.pop_front() {
+            file.file.fail(format!(
+                "{}: not restored: the restore stopped",
+                file.file.path.display()
+            ));
+            self.abandon(&mut file);
+        }
     }
 
     /// Takes in the files the writers have finished so far.
@@ -237,10 +314,15 @@ impl Restorer<'_, '_> {
         }
     }
 
-    /// Waits for the writers to finish everything queued and takes it in.
-    pub(super) fn drain(&mut self) {
+    /// Sends what is left of the large files, waits for the writers to
+    /// finish everything queued and takes it in.
+    pub(super) fn drain(&mut self) -> Result<(), RestoreError> {
+        while !self.large.is_empty() {
+            self.advance_large()?;
+        }
         self.pool.queue.wait_idle();
         self.collect();
+        Ok(())
     }
 
     /// Counts a finished file, or records why it is not restored.
@@ -289,8 +371,7 @@ impl Restorer<'_, '_> {
             let copied = self.file_content(path, node);
             self.settle(copied)?;
         }
-        self.drain();
-        Ok(())
+        self.drain()
     }
 
     /// Makes `path` another name of the already restored `first`.
