@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests need (nats-server) and runs every test: unit tests,
 # property tests and the end-to-end suite against a real nats-server and real
-# agent processes, a seconds-long smoke run of the benchmark harness, the fuzz
-# targets over their seeds, and a quick chaos run (about 4 minutes).
+# agent processes, the .deb packages installed and purged (as root), a
+# seconds-long smoke run of the benchmark harness, the fuzz targets over their
+# seeds, and a quick chaos run (about 4 minutes).
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,9 @@ cargo fmt --all --check
 
 log "building binaries (the end-to-end tests run them)"
 cargo build --workspace --bins --locked
+
+log "packages: package the debug build, then install, configure, remove and purge it (as root; tests/packaging.sh)"
+tests/packaging.sh
 
 log "benchmark harness smoke run (tiny datasets; proves bench/run.sh works, numbers mean nothing)"
 smoke="$(mktemp -d)"

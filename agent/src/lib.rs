@@ -41,6 +41,10 @@
 //!   check, prune, the record of damaged copies and repair. Never sees a
 //!   repository key.
 //! - `state`: sled: the task journal, and the file cache beside it.
+//! - `recover`: `flotilla-agent recover`, listing and restoring a
+//!   repository's snapshots straight from its directory, with no bus,
+//!   coordinator or other agent (a [`repository::RepositoryReader`], the
+//!   restore engine, the key from a key file, a bundle or `repo.key`).
 //! - `config` ([`AgentConfig`], [`Settings`]), `health` (host readings),
 //!   `memory` (freed heap given back after tasks and on a timer).
 //!
@@ -56,6 +60,7 @@ mod engine;
 mod health;
 mod jobs;
 mod memory;
+mod recover;
 pub mod repository;
 mod revocation;
 mod state;
@@ -65,6 +70,7 @@ pub use bus::{Bus, BusError};
 pub use config::{AgentConfig, ConfigError, HumanDuration, Settings};
 pub use daemon::{run, AgentError};
 pub use memory::limit_arenas;
+pub use recover::{recover, RecoverArgs, RecoverError};
 pub use transfer::{Identity, IncomingConnection, TransferEndpoint, TransferError};
 
 /// This agent's version.

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use flotilla_agent::{AgentConfig, Settings};
+use flotilla_agent::{AgentConfig, RecoverArgs, Settings};
 use tokio_util::sync::CancellationToken;
 
 /// The Flotilla agent: runs on every host, takes signed tasks over NATS.
@@ -36,6 +36,16 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         bundle: std::path::PathBuf,
     },
+    /// List or restore the snapshots of a repository directory with nothing
+    /// else running (no NATS, no coordinator, no other agent): for when the
+    /// coordinator or the storage host is lost. The repository is only read.
+    ///
+    /// The key is the file `flotilla key export` wrote (its passphrase from
+    /// FLOTILLA_PASSPHRASE, else asked on the terminal), a host's bundle
+    /// that carries the repository key, or a fleet directory's repo.key.
+    /// Exit codes: 0 ok, 1 error, 2 usage (no such snapshot, ambiguous
+    /// prefix), 6 some files could not be restored, 130 cancelled (Ctrl-C).
+    Recover(RecoverArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -64,7 +74,12 @@ fn main() -> ExitCode {
     flotilla_agent::limit_arenas();
     let cli = Cli::parse();
     let rust_log = std::env::var("RUST_LOG").ok();
-    let filter = log_filter(cli.quiet, cli.verbose, rust_log.as_deref());
+    let mut filter = log_filter(cli.quiet, cli.verbose, rust_log.as_deref());
+    // `recover` is a command a person reads, not a daemon's log: warnings
+    // (damaged packs, unreadable snapshots) and errors only, unless asked.
+    if matches!(cli.command, Command::Recover(_)) && filter == "info" {
+        filter = "warn".into();
+    }
     let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -74,6 +89,17 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && !no_color)
         .init();
     match cli.command {
+        Command::Recover(args) => match flotilla_agent::recover(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                if args.json {
+                    eprintln!("{}", e.to_json());
+                } else {
+                    eprintln!("flotilla-agent: {e}");
+                }
+                ExitCode::from(e.exit_code())
+            }
+        },
         Command::NatsCreds { bundle } => {
             let text = match std::fs::read_to_string(&bundle) {
                 Ok(t) => t,
@@ -197,5 +223,49 @@ mod tests {
             .expect("parse");
         assert!(cli.quiet);
         assert!(Cli::try_parse_from(["flotilla-agent", "-q", "-v", "config", "check"]).is_err());
+    }
+
+    #[test]
+    fn recover_takes_a_list_or_a_snapshot_with_a_target() {
+        fn parse(more: &[&str]) -> Result<Cli, clap::Error> {
+            let base = [
+                "flotilla-agent",
+                "recover",
+                "--repo",
+                "/r",
+                "--key-file",
+                "/k",
+            ];
+            Cli::try_parse_from(base.iter().chain(more))
+        }
+        let Command::Recover(args) = parse(&["--list", "--json"]).expect("list").command else {
+            panic!("not recover");
+        };
+        assert!(args.list && args.json);
+        let Command::Recover(args) = parse(&[
+            "--snapshot",
+            "5f0c",
+            "--to",
+            "/srv/r",
+            "--include",
+            "/home",
+            "--include",
+            "/etc",
+        ])
+        .expect("restore")
+        .command
+        else {
+            panic!("not recover");
+        };
+        assert_eq!(args.snapshot.as_deref(), Some("5f0c"));
+        assert_eq!(args.includes, ["/home", "/etc"]);
+        assert!(parse(&[]).is_err(), "neither --list nor --snapshot");
+        assert!(parse(&["--list", "--snapshot", "5f"]).is_err(), "both");
+        assert!(parse(&["--snapshot", "5f"]).is_err(), "no --to");
+        assert!(
+            parse(&["--list", "--to", "/x"]).is_err(),
+            "--to without --snapshot"
+        );
+        assert!(parse(&["--list", "--preserve-special"]).is_err());
     }
 }

@@ -10,6 +10,7 @@
 //! ```text
 //! DIR/config                        TOML: version, repository id, created (ms)
 //! DIR/lock                          flock'ed while a process has the repository open
+//!                                   (exclusively; shared by a [`RepositoryReader`])
 //! DIR/packs/<2 hex>/<pack id>.pack  packs; id = BLAKE3 of the whole file
 //! DIR/index/<pack id>.idx           index of one pack (MessagePack)
 //! DIR/snapshots/<id>.snap           one SnapshotRecord each (MessagePack)
@@ -24,6 +25,10 @@
 //! read) leaves the in-memory index at once and is recorded in `damaged/`, so
 //! no backup dedups against it, even after a restart; `repair` moves the good
 //! blobs out of damaged packs and drops them. See `docs/repository.md`.
+//!
+//! [`RepositoryReader`] opens a repository only to read it (`flotilla-agent
+//! recover`, on a storage host's disk or a copy): it creates, locks
+//! exclusively, repairs and writes nothing, and offers no method that could.
 //!
 //! ```no_run
 //! # fn demo(sealed: &[u8], id: flotilla_protocol::repo::BlobId) -> Result<(), flotilla_agent::repository::RepoError> {
@@ -59,7 +64,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use flotilla_protocol::repo::{BlobId, BlobKind, RepoStats};
+use flotilla_protocol::repo::{BlobId, BlobKind, RepoStats, SnapshotRecord};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
@@ -111,8 +116,13 @@ struct Shared {
     /// each other's record. Taken before the index lock, never after.
     records: Mutex<()>,
     /// Held for the process's lifetime: two agents writing one repository
-    /// would delete each other's files in tmp/ at open.
-    _lock: Flock<File>,
+    /// would delete each other's files in tmp/ at open. Exclusive for a
+    /// repository opened to write; shared, or none where the lock file is
+    /// missing or cannot be locked, for a [`RepositoryReader`].
+    _lock: Option<Flock<File>>,
+    /// Opened by a [`RepositoryReader`]: nothing may be written, so damage
+    /// found by a read leaves this process's index only and is not recorded.
+    read_only: bool,
 }
 
 /// The config file, written once at init.
@@ -319,7 +329,49 @@ impl Repository {
                 snapshots: AtomicU64::new(snapshots),
                 maintenance: Mutex::new(()),
                 records: Mutex::new(()),
+                _lock: Some(lock),
+                read_only: false,
+            }),
+        })
+    }
+
+    /// Opens the repository in `dir` without changing anything in it, for a
+    /// [`RepositoryReader`]: what [`open_or_init`](Self::open_or_init) does,
+    /// less every write. No directory or lock file is created; the lock is
+    /// taken shared (refused while an agent holds the repository, which
+    /// could be pruning under the reader); `tmp/` is left as it is; a pack
+    /// without a usable index is scanned in memory instead of re-indexed;
+    /// damage is not recorded.
+    fn open_read_only(dir: &Path) -> Result<Repository, RepoError> {
+        let config_path = dir.join("config");
+        if !config_path.is_file() {
+            return Err(RepoError::NotARepository {
+                path: dir.to_path_buf(),
+            });
+        }
+        let lock = share_lock(dir)?;
+        let config = read_config(&config_path)?;
+        let index = load_all_read_only(dir)?;
+        let snapshots = snapshots::count(dir)?;
+        info!(
+            repo = %config.id,
+            dir = %dir.display(),
+            packs = index.slots.len(),
+            blobs = index.blobs.len(),
+            damaged_packs = index.damaged.len(),
+            snapshots,
+            "repository open, read-only"
+        );
+        Ok(Repository {
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                id: config.id,
+                index: RwLock::new(index),
+                snapshots: AtomicU64::new(snapshots),
+                maintenance: Mutex::new(()),
+                records: Mutex::new(()),
                 _lock: lock,
+                read_only: true,
             }),
         })
     }
@@ -394,6 +446,19 @@ impl Repository {
                     self.shared.write_index().remove_packs(&[pack]);
                     return Err(e);
                 }
+                CopyFault::Damaged(e) if self.shared.read_only => {
+                    // Nothing is written in a repository opened to read: the
+                    // copy leaves this process's index, and the record is
+                    // left to the next `check` of the storage agent.
+                    self.shared.write_index().add_damage(
+                        pack,
+                        Recorded::Blobs {
+                            ids: HashSet::from([*id]),
+                            fault: None,
+                        },
+                    );
+                    return Err(e);
+                }
                 CopyFault::Damaged(e) => {
                     if let Err(record) = self.mark_damaged(&pack, &[(*id, loc.offset)], None) {
                         warn!(error = %record, "could not record a damaged blob; it is out of the index until the agent restarts");
@@ -414,6 +479,95 @@ impl Repository {
             stored_bytes: index.bytes,
             snapshots: self.shared.snapshots.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// A repository opened only to read it: `flotilla-agent recover` reads a
+/// storage host's repository (or a copy of it, a USB disk) with no agent,
+/// bus or coordinator running.
+///
+/// Opening creates, locks exclusively, repairs and writes nothing, and the
+/// reader has no method that writes: no pack writer, no commit, no check,
+/// prune or repair. It takes the repository's lock shared, so an agent that
+/// holds it (and could prune or repair under the reader) makes the open
+/// fail with [`RepoError::Locked`], and an agent started while the reader is
+/// open refuses to start. A pack found gone or damaged leaves the reader's
+/// own index only; the repository keeps no trace of the reader.
+///
+/// ```no_run
+/// # fn demo() -> Result<(), flotilla_agent::repository::RepoError> {
+/// use flotilla_agent::repository::RepositoryReader;
+///
+/// let repo = RepositoryReader::open("/mnt/usb/flotilla-repo".as_ref())?;
+/// for id in repo.snapshot_ids()? {
+///     let record = repo.snapshot(&id)?;
+///     let (_kind, _sealed) = repo.read_blob(&record.tree)?;
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RepositoryReader {
+    repo: Repository,
+}
+
+impl RepositoryReader {
+    /// Opens the repository in `dir` to read it, changing nothing there.
+    ///
+    /// Refuses a directory without a repository `config`
+    /// ([`RepoError::NotARepository`]), a newer format, and a repository an
+    /// agent holds ([`RepoError::Locked`]). Leftovers in `tmp/` are left
+    /// alone; a pack without a usable index is read whole and used if it is
+    /// intact (its index is not written); indexes whose pack is missing or of
+    /// the wrong size are warned about and their blobs treated as absent.
+    pub fn open(dir: &Path) -> Result<RepositoryReader, RepoError> {
+        Ok(RepositoryReader {
+            repo: Repository::open_read_only(dir)?,
+        })
+    }
+
+    /// The repository's id (32 hex digits).
+    pub fn repo_id(&self) -> &str {
+        self.repo.repo_id()
+    }
+
+    /// The repository's directory.
+    pub fn dir(&self) -> &Path {
+        self.repo.dir()
+    }
+
+    /// Counts from the reader's in-memory index.
+    pub fn stats(&self) -> RepoStats {
+        self.repo.stats()
+    }
+
+    /// Reads one sealed blob, verified against the hash stored beside it. A
+    /// damaged or missing copy is an error naming the pack and the blob (and
+    /// leaves the reader's index); nothing is recorded in the repository.
+    pub fn read_blob(&self, id: &BlobId) -> Result<(BlobKind, Vec<u8>), RepoError> {
+        self.repo.read_blob(id)
+    }
+
+    /// The id of every snapshot file, sorted. Files whose name is not a
+    /// snapshot id are ignored with a warning.
+    pub fn snapshot_ids(&self) -> Result<Vec<String>, RepoError> {
+        let mut ids = snapshots::list_ids(&self.repo.shared.dir)?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Every snapshot file, each read (size-checked) or the error that says
+    /// why it cannot be, in no particular order. The records are as stored:
+    /// only a key holder can tell whether one is genuine
+    /// (`SnapshotRecord::verify`).
+    pub fn snapshot_files(&self) -> Result<Vec<Result<SnapshotRecord, RepoError>>, RepoError> {
+        snapshots::read_all(&self.repo.shared.dir)
+    }
+
+    /// The snapshot with this id or unique id prefix (1 to 32 lowercase hex
+    /// digits); an ambiguous prefix is [`RepoError::Invalid`], an unknown one
+    /// [`RepoError::NotFound`].
+    pub fn snapshot(&self, id_or_prefix: &str) -> Result<SnapshotRecord, RepoError> {
+        self.repo.snapshot(id_or_prefix)
     }
 }
 
@@ -614,6 +768,95 @@ fn take_lock(dir: &Path) -> Result<Flock<File>, RepoError> {
     }
 }
 
+/// Takes the repository's lock shared, for a reader: fails if an agent holds
+/// it. Nothing is created: a repository without a lock file (a copy made
+/// without it) is read unlocked, and so is one whose lock file cannot be
+/// opened or locked (a read-only copy, a file system without `flock`), with a
+/// warning.
+fn share_lock(dir: &Path) -> Result<Option<Flock<File>>, RepoError> {
+    let path = dir.join("lock");
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            warn!(lock = %path.display(), error = %e, "cannot open the lock file; reading without it (make sure no agent uses this repository)");
+            return Ok(None);
+        }
+    };
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, Errno::EWOULDBLOCK)) => Err(RepoError::Locked { path }),
+        Err((_, errno)) => {
+            warn!(lock = %path.display(), error = %errno, "cannot lock the repository; reading without it (make sure no agent uses this repository)");
+            Ok(None)
+        }
+    }
+}
+
+/// The in-memory index of a repository opened to read: `index::load_all`
+/// without its one write. An index is used only when its pack exists with
+/// the size it states; a pack left without a usable index is read whole
+/// and, if intact, indexed in memory only (the agent writes its index at
+/// its next start). Copies recorded as damaged are left out.
+fn load_all_read_only(dir: &Path) -> Result<MemIndex, RepoError> {
+    let mut index = MemIndex {
+        damaged: damage::load_all(dir)?,
+        ..MemIndex::default()
+    };
+    let mut loaded = HashSet::new();
+    for (id, path) in index::list_idx(dir)? {
+        let idx = match index::read_idx(&path, &id) {
+            Ok(idx) => idx,
+            Err(e) => {
+                warn!(error = %e, "unusable pack index; the pack will be read whole if present");
+                continue;
+            }
+        };
+        let pack = pack_path(dir, &id);
+        match fs::metadata(&pack) {
+            Ok(m) if m.len() == idx.size => {
+                index.insert_pack(id, idx.size, &idx.entries);
+                loaded.insert(id);
+            }
+            Ok(m) => warn!(
+                pack = %pack.display(), size = m.len(), expected = idx.size,
+                "pack has the wrong size; its blobs are treated as absent"
+            ),
+            Err(e) => warn!(
+                pack = %pack.display(), error = %e,
+                "index names a pack that is missing; its blobs are treated as absent"
+            ),
+        }
+    }
+    for (id, path) in index::list_packs(dir)? {
+        if loaded.contains(&id) {
+            continue;
+        }
+        let size = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) => {
+                warn!(pack = %path.display(), error = %e, "cannot stat a pack without index; its blobs are treated as absent");
+                continue;
+            }
+        };
+        match format::scan_pack(&path) {
+            Ok(scan) if scan.is_intact(&id) => {
+                info!(pack = %path.display(), blobs = scan.entries.len(), "read a pack without index (indexed in memory only)");
+                index.insert_pack(id, size, &scan.entries);
+            }
+            Ok(_) => warn!(
+                pack = %path.display(),
+                "pack without a usable index is damaged; its blobs are treated as absent"
+            ),
+            Err(e) => warn!(
+                pack = %path.display(), error = %e,
+                "cannot read a pack without index; its blobs are treated as absent"
+            ),
+        }
+    }
+    Ok(index)
+}
+
 /// Reads and checks the config: a newer version is refused before anything
 /// else is parsed, so the message is about the version, not a field.
 fn read_config(path: &Path) -> Result<Config, RepoError> {
@@ -795,10 +1038,69 @@ mod tests {
         assert_eq!(repo.stats(), RepoStats::default());
     }
 
+    /// Every path below `dir` with its size, sorted.
+    fn tree(dir: &Path) -> Vec<(PathBuf, u64)> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for entry in fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                if meta.is_dir() {
+                    stack.push(path.clone());
+                }
+                out.push((path, meta.len()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_reader_changes_nothing_and_reads_a_pack_without_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (id, data) = blob(1, 5000);
+        {
+            let repo = Repository::open_or_init(dir.path()).unwrap();
+            let mut w = repo.pack_writer();
+            w.add(id, BlobKind::Data, &data).unwrap();
+            w.finish().unwrap();
+        }
+        // A copy made without the lock file, whose index was lost, with a
+        // leftover in tmp/: an agent would re-index and clean; a reader
+        // reads and leaves it all as it is.
+        fs::remove_file(dir.path().join("lock")).unwrap();
+        for entry in fs::read_dir(dir.path().join("index")).unwrap() {
+            fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        fs::write(dir.path().join("tmp/half.pack"), b"FLOTPACK").unwrap();
+        let before = tree(dir.path());
+        let reader = RepositoryReader::open(dir.path()).unwrap();
+        assert_eq!(reader.read_blob(&id).unwrap(), (BlobKind::Data, data));
+        assert_eq!(reader.stats().packs, 1);
+        assert!(reader.snapshot_ids().unwrap().is_empty());
+        drop(reader);
+        assert_eq!(
+            tree(dir.path()),
+            before,
+            "the reader changed the repository"
+        );
+
+        let _agent = Repository::open_or_init(dir.path()).unwrap();
+        let err = RepositoryReader::open(dir.path()).unwrap_err();
+        assert!(matches!(err, RepoError::Locked { .. }), "{err}");
+
+        let empty = tempfile::tempdir().unwrap();
+        let err = RepositoryReader::open(empty.path()).unwrap_err();
+        assert!(matches!(err, RepoError::NotARepository { .. }), "{err}");
+        assert_eq!(fs::read_dir(empty.path()).unwrap().count(), 0);
+    }
+
     #[test]
     fn repository_is_send_and_sync() {
         fn check<T: Send + Sync + 'static>() {}
         check::<Repository>();
+        check::<RepositoryReader>();
         check::<PackWriter>();
     }
 }

@@ -3,11 +3,13 @@
 mod backup;
 mod bus;
 mod check;
+mod deploy;
 mod estimate;
 mod events;
 mod follow;
 mod forget;
 mod hosts;
+mod key;
 mod manual;
 mod output;
 mod repair;
@@ -179,6 +181,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Install flotilla-agent on a host over ssh (or upgrade it in place): enroll it
+    /// if needed, copy this version's agent, its bundle and unit, start it, and wait
+    /// until it is online.
+    ///
+    /// Uses the system's ssh (your ~/.ssh/config, agent and keys) and needs root on
+    /// the host (sudo without a password when USER is not root). The settings are
+    /// saved in FLEET/deploy/HOST.toml: `flotilla deploy HOST` alone, and
+    /// `flotilla upgrade`, reuse them.
+    Deploy(deploy::DeployArgs),
+    /// Upgrade deployed hosts to this version, one at a time, never in the middle
+    /// of a task; stops at the first failure and says how to roll that host back.
+    Upgrade(deploy::UpgradeArgs),
     /// Show every host ever seen: online or offline, last seen, version, roles, space.
     Hosts {
         /// Print one JSON array instead of a table.
@@ -248,6 +262,12 @@ pub enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Keep the fleet's keys safe: export them into one passphrase-protected file, or
+    /// rebuild the fleet directory from it after the coordinator's disk is lost.
+    Key {
+        #[command(subcommand)]
+        command: key::KeyCommand,
     },
     /// Back up hosts into a storage host's repository (hosts run concurrently).
     Backup {
@@ -475,10 +495,13 @@ impl Command {
             | Command::Config {
                 command: ConfigCommand::Check { json, .. },
             } => *json,
+            Command::Key { command } => command.json(),
             Command::Serve { .. }
             | Command::NatsConfig { .. }
             | Command::Completions { .. }
             | Command::Man { .. } => false,
+            Command::Deploy(args) => args.json,
+            Command::Upgrade(args) => args.json,
         }
     }
 }
@@ -579,6 +602,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                      `flotilla enroll HOST --fleet {} --out HOST.toml` for each host",
                     dir.display()
                 );
+                outln!(
+                    "keep safe: ca.key, coordinator.key, repo.key and nats/ in {} are the fleet \
+                     (without repo.key no backup can be read); run `flotilla key export --out FILE` \
+                     and keep FILE and its passphrase away from this machine",
+                    dir.display()
+                );
             }
             Ok(())
         }
@@ -657,6 +686,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             json,
         } => bus::doctor(g, check, recreate, json).await,
         Command::Revoke { host, json } => bus::revoke(g, &host, json).await,
+        Command::Deploy(args) => deploy::deploy(g, args).await,
+        Command::Upgrade(args) => deploy::upgrade(g, args).await,
         Command::Remove { host, force, json } => hosts::remove(g, &host, force, json).await,
         Command::Status { json } => status::status(g, json).await,
         Command::Jobs { json, limit } => status::jobs(g, json, limit).await,
@@ -678,6 +709,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             crate::serve::run(config, g.fleet()?, g.connect().await?, state_dir.as_deref()).await?;
             Ok(())
         }
+        Command::Key { command } => key::run(g, command),
         Command::Config {
             command: ConfigCommand::Check { file, json },
         } => {

@@ -31,6 +31,7 @@ pub fn all() -> Vec<(&'static str, fn(&[u8]))> {
         ("tree", targets::tree as fn(&[u8])),
         ("sealed_blob", targets::sealed_blob as fn(&[u8])),
         ("bundle", targets::bundle as fn(&[u8])),
+        ("keyfile", targets::keyfile as fn(&[u8])),
         ("repo_files", targets::repo_files as fn(&[u8])),
     ];
     #[cfg(feature = "agent-internals")]

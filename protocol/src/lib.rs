@@ -31,6 +31,7 @@ pub mod frame;
 mod heartbeat;
 mod host;
 mod id;
+pub mod keyfile;
 pub mod limits;
 pub mod permissions;
 pub mod repo;

@@ -36,8 +36,9 @@
 //! them with a deadline; `bus.rs` speaking NATS directly (pings, forged tasks);
 //! `files.rs` test data on disk; `dataplane.rs` backup, restore, snapshots and
 //! check through the CLI; `serve.rs` the `flotilla serve` daemon, a webhook
-//! receiver and `/metrics` scraping; `tree.rs` pseudo-random data and comparing
-//! restored trees with their originals.
+//! receiver and `/metrics` scraping; `sshd.rs` a real OpenSSH server in a
+//! private mount namespace to deploy agents through; `tree.rs` pseudo-random
+//! data and comparing restored trees with their originals.
 
 mod agent;
 mod bus;
@@ -48,6 +49,7 @@ mod nats;
 pub mod netns;
 mod process;
 mod serve;
+mod sshd;
 mod tree;
 
 pub use agent::{Agent, AgentBuilder};
@@ -60,6 +62,7 @@ pub use fleet::{
 pub use nats::{free_port, NatsServer};
 pub use process::{binaries, Binaries, CliOutput, CliProcess};
 pub use serve::{flotilla_cli, parse_prometheus, scrape_metrics, Sample, Serve, Webhook};
+pub use sshd::Sshd;
 pub use tree::{
     allocated_bytes, flip_byte, largest_file, pack_entries, pack_files, random_bytes,
     restored_path, same_contents, tree_differences, write_random, Compare, PackEntry, XorShift,

@@ -4,9 +4,12 @@
 //! Each test owns its server and fleet, so they run in parallel. A failing test
 //! prints every agent log; `FLOTILLA_E2E_KEEP=1` also keeps its directory.
 
+mod ansible;
 mod dataplane;
+mod deploy;
 mod operations;
 mod reading;
+mod recovery;
 mod retention;
 mod trust;
 

@@ -13,6 +13,9 @@ use super::hosts::RunningView;
 use super::{output, Global};
 use crate::error::{request_err, CliError};
 
+/// This coordinator's version: `status` names the hosts whose agent runs another.
+const COORDINATOR_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 async fn fleet_status(nats: &crate::nats::Nats) -> Option<FleetStatus> {
     let store = nats.js.get_key_value(STATUS_BUCKET).await.ok()?;
     let bytes = store.get(STATUS_KEY).await.ok()??;
@@ -66,6 +69,14 @@ pub(super) async fn status(g: &Global, json: bool) -> Result<(), CliError> {
                 "{} nearly full ({} free)",
                 r.path,
                 output::bytes(r.free_bytes)
+            ));
+        }
+        // Skew between agent and coordinator is allowed but worth fixing:
+        // `flotilla upgrade` installs the coordinator's version.
+        if hb.version != COORDINATOR_VERSION {
+            problems.push(format!(
+                "runs flotilla-agent {} (this flotilla is {COORDINATOR_VERSION}: `flotilla upgrade {host}`)",
+                hb.version
             ));
         }
         let plans: Vec<&PlanHostStatus> = entries.iter().filter(|e| e.host == host).collect();

@@ -4,7 +4,7 @@
 //! `fleet_status`, `repo_reply`. Peer input (QUIC frames): `frame_request`,
 //! `frame_response`, `snapshot_record`. Sealed data a key holder opens:
 //! `tree`, `sealed_blob` (and the meta half of `snapshot_record`). Files:
-//! `bundle`, `repo_files` (a repository directory through the agent's public
+//! `bundle`, `keyfile`, `repo_files` (a repository directory through the agent's public
 //! API), `pack_format` and `index_file` (the agent's parsers directly; need
 //! the `agent-internals` feature and the facade in fuzz/agent-facade.patch).
 
@@ -15,6 +15,7 @@ mod frames;
 mod heartbeat;
 #[cfg(feature = "agent-internals")]
 mod index_file;
+mod keyfile;
 #[cfg(feature = "agent-internals")]
 mod pack_format;
 mod repo_files;
@@ -29,6 +30,7 @@ pub use frames::{frame_request, frame_response, repo_reply};
 pub use heartbeat::heartbeat;
 #[cfg(feature = "agent-internals")]
 pub use index_file::index_file;
+pub use keyfile::keyfile;
 #[cfg(feature = "agent-internals")]
 pub use pack_format::pack_format;
 pub use repo_files::repo_files;
