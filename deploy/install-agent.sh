@@ -203,8 +203,11 @@ if [ -z "$destdir" ]; then
   [ -n "$version" ] || die "$binary does not run on this machine ($(uname -m)): is it built for another architecture? Nothing was changed"
 fi
 
-# The bundle holds the host's private key and maybe the repository key: root only.
-install -d -m 0750 "$destdir$etc_dir"
+# The bundle holds the host's private key and maybe the repository key: it is
+# 0600 (root only). The directory is made 0755 when missing and never changed
+# when present: on the coordinator's own machine `flotilla serve` (user
+# flotilla) reads /etc/flotilla/fleet, as the .deb sets it up.
+[ -d "$destdir$etc_dir" ] || install -d -m 0755 "$destdir$etc_dir"
 bundle_to_check=$destdir$bundle_path
 if [ ! "$bundle" -ef "$destdir$bundle_path" ]; then
   bundle_to_check=$destdir$bundle_path.new

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the tests need (nats-server) and runs every test: unit tests,
+# Installs what the tests need (nats-server; openssh-server and ansible-core
+# for the deploy tests) and runs every test: unit tests,
 # property tests and the end-to-end suite against a real nats-server and real
 # agent processes, the .deb packages installed and purged (as root), a
 # seconds-long smoke run of the benchmark harness, the fuzz targets over their
@@ -11,6 +12,7 @@ cd "$(dirname "$0")/.."
 
 ensure_rust
 ensure_nats_server
+ensure_deploy_test_tools   # sshd (Debian) and ansible-core (PyPI) for the deploy tests
 
 log "checking formatting"
 cargo fmt --all --check

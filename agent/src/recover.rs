@@ -87,11 +87,21 @@ pub struct RecoverArgs {
     pub snapshot: Option<String>,
     /// Restore into this directory (absolute; created if missing). Each
     /// backed-up path lands below it, e.g. /home/me in DIR/home/me.
-    #[arg(long, value_name = "DIR", requires = "snapshot")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        requires = "snapshot",
+        conflicts_with = "list"
+    )]
     pub to: Option<PathBuf>,
     /// Restore only this path of the snapshot (absolute, as it was backed
     /// up; repeatable).
-    #[arg(long = "include", value_name = "PATH", requires = "snapshot")]
+    #[arg(
+        long = "include",
+        value_name = "PATH",
+        requires = "snapshot",
+        conflicts_with = "list"
+    )]
     pub includes: Vec<String>,
     /// Print JSON: the listing as one array, a restore's outcome as one
     /// summary line; errors as one JSON object on stderr.
@@ -100,7 +110,7 @@ pub struct RecoverArgs {
     /// Restoring another host's snapshot, keep what could raise privileges
     /// here (setuid/setgid bits, file capabilities, security labels, device
     /// nodes), which is otherwise left out and listed.
-    #[arg(long, requires = "snapshot")]
+    #[arg(long, requires = "snapshot", conflicts_with = "list")]
     pub preserve_special: bool,
 }
 
@@ -117,8 +127,10 @@ pub enum RecoverError {
         /// The path as given.
         path: PathBuf,
     },
-    /// `--to` lies inside the repository, which recover never writes into.
-    #[error("--to {path} is inside the repository {repo}, which recover only reads: restore somewhere else")]
+    /// `--to` lies inside the repository, or holds it (a restore of the
+    /// storage host's own paths could then land on it): recover never
+    /// writes into the repository.
+    #[error("--to {path} and the repository {repo} overlap (one holds the other), and recover only reads the repository: restore into a directory outside it")]
     TargetInRepository {
         /// The target.
         path: PathBuf,
@@ -894,12 +906,12 @@ fn prepare_target(to: &Path, repo: &Path) -> Result<PathBuf, RecoverError> {
     }
     let mut planned = fs::canonicalize(&existing).map_err(target_error)?;
     planned.extend(rest.iter().rev());
-    if planned.starts_with(&repo) {
+    if planned.starts_with(&repo) || repo.starts_with(&planned) {
         return Err(inside(to));
     }
     fs::create_dir_all(to).map_err(target_error)?;
     let target = fs::canonicalize(to).map_err(target_error)?;
-    if target.starts_with(&repo) {
+    if target.starts_with(&repo) || repo.starts_with(&target) {
         return Err(inside(to));
     }
     if !fs::symlink_metadata(&target)

@@ -223,8 +223,8 @@ impl KdfParams {
     };
     /// Least memory accepted, KiB.
     pub const MIN_M_KIB: u32 = 8192;
-    /// Most memory accepted, KiB (1 GiB).
-    pub const MAX_M_KIB: u32 = 1024 * 1024;
+    /// Most memory accepted, KiB (256 MiB: a Raspberry Pi opens any file this accepts).
+    pub const MAX_M_KIB: u32 = 256 * 1024;
     /// Most passes accepted (at least 1).
     pub const MAX_T: u32 = 10;
     /// Most lanes accepted (at least 1).

@@ -66,6 +66,17 @@ fn make_dist(dir: &Path, agent: &[u8]) -> (PathBuf, PathBuf) {
         .status()
         .expect("run tar");
     assert!(status.success(), "tar failed making {}", dist.display());
+    let sums = Command::new("sha256sum")
+        .arg(format!("{name}.tar.gz"))
+        .current_dir(&dist)
+        .output()
+        .expect("run sha256sum");
+    assert!(
+        sums.status.success(),
+        "sha256sum failed in {}",
+        dist.display()
+    );
+    fs::write(dist.join("SHA256SUMS"), sums.stdout).expect("write SHA256SUMS");
     (dist, binary)
 }
 
@@ -279,6 +290,28 @@ fn deploy_installs_over_ssh_and_again_upgrades_in_place() {
         "a dry run restarted the agent"
     );
 
+    assert!(out.stdout.contains("SHA256SUMS verified"), "{out}");
+
+    // A tarball that is not the one SHA256SUMS lists is refused.
+    let sums = Path::new(&old_dist).join("SHA256SUMS");
+    let listed = fs::read_to_string(&sums).expect("read SHA256SUMS");
+    fs::write(&sums, format!("{}{}", "0".repeat(64), &listed[64..])).expect("forge SHA256SUMS");
+    let out = fleet
+        .cli_with_timeout(
+            ["deploy", "alpha", "--dist", old_dist.as_str(), "--dry-run"],
+            DEPLOY_TIMEOUT,
+        )
+        .expect("run flotilla deploy with a wrong checksum");
+    expect_exit(
+        &fleet,
+        &sshd,
+        &out,
+        1,
+        "a tarball SHA256SUMS does not vouch for",
+    );
+    assert!(out.stderr.contains("SHA256SUMS"), "{out}");
+    assert!(out.stderr.contains("says 000000"), "{out}");
+
     // No agent of this version for the host: say how to make one.
     let empty = fleet.dir().join("empty-dist");
     fs::create_dir_all(&empty).expect("create an empty dist");
@@ -369,7 +402,6 @@ fn upgrade_refuses_a_busy_host_and_goes_once_its_task_is_done() {
             DEPLOY_TIMEOUT,
         )
         .expect("run flotilla upgrade --no-wait");
-    nas.resume().expect("SIGCONT nas");
     expect_exit(
         &fleet,
         &sshd,
@@ -387,25 +419,62 @@ fn upgrade_refuses_a_busy_host_and_goes_once_its_task_is_done() {
     );
 
     // Without --no-wait: it waits for the backup, then upgrades.
-    let out = fleet
-        .cli_with_timeout(
-            [
-                "upgrade",
-                "alpha",
-                "--dist",
-                dist.as_str(),
-                "--timeout",
-                "5m",
-            ],
-            DATA_TIMEOUT,
-        )
-        .expect("run flotilla upgrade");
-    expect_exit(&fleet, &sshd, &out, 0, "an upgrade once the backup is done");
-    assert!(
-        out.stdout
-            .contains("install-agent: installed flotilla-agent"),
-        "{out}"
+    // Without --no-wait, nas still frozen: it finds the backup running and
+    // says it waits (read live from its output); only then does nas go on,
+    // and the upgrade follows the backup's end.
+    let log = fleet.dir().join("upgrade.out");
+    let mut upgrade = Command::new(&binaries().flotilla)
+        .args([
+            "upgrade",
+            "alpha",
+            "--dist",
+            dist.as_str(),
+            "--timeout",
+            "5m",
+        ])
+        .env("FLOTILLA_FLEET", fleet.fleet_dir())
+        .env("FLOTILLA_NATS_URL", fleet.nats_url())
+        .env("NO_COLOR", "1")
+        .stdout(fs::File::create(&log).expect("create the upgrade's log"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start flotilla upgrade");
+    let deadline = Instant::now() + DATA_TIMEOUT;
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("waiting until it is done")
+    {
+        if Instant::now() > deadline || upgrade.try_wait().ok().flatten().is_some() {
+            let _ = upgrade.kill();
+            let _ = nas.resume();
+            fleet.fail(format!(
+                "the upgrade never said it waits for the running backup:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        remote_pid(&sshd),
+        pid_before,
+        "the waiting upgrade restarted the agent"
     );
+    nas.resume().expect("SIGCONT nas");
+    let waited = upgrade
+        .wait_with_output()
+        .expect("wait for flotilla upgrade");
+    let stdout = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        waited.status.success(),
+        "an upgrade once the backup is done: {:?}\n{stdout}\n{}",
+        waited.status,
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    assert!(
+        stdout.contains("install-agent: installed flotilla-agent"),
+        "{stdout}"
+    );
+    let out = stdout;
     let finished = fleet
         .events_of("task.finished", "alpha")
         .expect("flotilla events");

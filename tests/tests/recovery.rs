@@ -12,6 +12,12 @@
 //! - A fleet directory imported on "a new coordinator", with a new NATS
 //!   store, takes its hosts back: the agents reconnect with the bundles they
 //!   have, the old snapshot is listed and restored, and backups go on.
+//! - A stolen laptop is revoked (its NATS user refused, `hosts` says so, a
+//!   key file exported again knows it), its snapshot restores onto another
+//!   host, and a new machine enrolled under its name takes its place.
+//! - A new storage host, enrolled again under the dead one's name, takes
+//!   over its disk: the old snapshot is listed, checked and restored, and
+//!   the next backup into it is incremental.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -21,14 +27,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
+use flotilla_protocol::permissions::{inbox_prefix, Role};
+use flotilla_protocol::{Bundle, HostName};
 use flotilla_tests::{
-    binaries, restored_path, write_bytes, write_random, Agent, CliOutput, Compare, DirStats, Fleet,
-    NatsServer, STARTUP_TIMEOUT,
+    binaries, check_report, connect_as, restored_path, summary_of, write_bytes, write_random,
+    Agent, CliOutput, Compare, DirStats, Fleet, NatsServer, STARTUP_TIMEOUT,
 };
 use serde_json::Value;
 
 use super::dataplane::{
-    assert_exit, assert_same_tree, backup_ok, restore_ok, snapshot_of, start_world,
+    assert_exit, assert_same_tree, backup_ok, pack_bytes, restore_ok, snapshot_of, start_world,
 };
 use super::path_str;
 
@@ -40,6 +48,7 @@ const PASSPHRASE_ENV: &str = "FLOTILLA_PASSPHRASE";
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// An mtime with nanoseconds: 2001-09-09T01:46:40.123456789Z.
 const MTIME: Duration = Duration::new(1_000_000_000, 123_456_789);
+const MIB: u64 = 1 << 20;
 
 // ---- helpers ---------------------------------------------------------------
 
@@ -101,6 +110,91 @@ fn recover(repo: &Path, key: &Path, args: &[&str], passphrase: Option<&str>) -> 
         .into_iter()
         .collect();
     run_with_env(&binaries().agent, all, &envs)
+}
+
+/// `flotilla key export --out KEY_FILE [--force]` of `fleet`'s directory,
+/// with the passphrase in the environment.
+fn export_key(fleet: &Fleet, key_file: &Path, force: bool) -> CliOutput {
+    let fleet_dir = fleet.fleet_dir();
+    let mut args: Vec<&OsStr> = vec![
+        OsStr::new("key"),
+        OsStr::new("export"),
+        OsStr::new("--out"),
+        key_file.as_os_str(),
+        OsStr::new("--fleet"),
+        fleet_dir.as_os_str(),
+    ];
+    if force {
+        args.push(OsStr::new("--force"));
+    }
+    flotilla(args)
+}
+
+/// Connects to `fleet`'s bus as the NATS user inside `bundle` (a bundle file
+/// of `host`), as whoever holds a copy of that file can: `Ok` when the
+/// server lets it in.
+fn connect_with_bundle(fleet: &Fleet, host: &str, bundle: &Path) -> anyhow::Result<()> {
+    let text = fs::read_to_string(bundle).expect("read the bundle");
+    let creds = Bundle::parse(&text)
+        .expect("parse the bundle")
+        .nats_creds
+        .expect("the bundle holds NATS credentials");
+    let creds_path = bundle.with_extension("creds");
+    fs::write(&creds_path, creds).expect("write the .creds file");
+    let prefix = inbox_prefix(&Role::Host(HostName::new(host).expect("a host name")));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("start a runtime for a NATS connection");
+    // The client is dropped inside the runtime that drives it.
+    runtime.block_on(async {
+        connect_as(fleet.nats_url(), &creds_path, &fleet.ca_path(), &prefix)
+            .await
+            .map(drop)
+    })
+}
+
+/// Fails the test unless the bus refuses the NATS user in `bundle` as not
+/// authorized (`whose` says whose it is, for the message).
+fn assert_refused(fleet: &Fleet, host: &str, bundle: &Path, whose: &str) {
+    match connect_with_bundle(fleet, host, bundle) {
+        Ok(()) => fleet.fail(format!("{whose} still connects to the bus")),
+        Err(e) => {
+            let why = format!("{e:#}").to_lowercase();
+            assert!(
+                why.contains("authorization"),
+                "{whose} was refused for another reason: {why}"
+            );
+        }
+    }
+}
+
+/// Waits until `host` is listed offline (for any reason): its agent is
+/// gone, so that the next time it is listed online, a new agent is.
+fn wait_listed_offline(fleet: &Fleet, host: &str) {
+    let what = format!("{host} to be listed offline");
+    fleet.wait_for(&what, STARTUP_TIMEOUT, || match fleet.host(host)? {
+        Some(entry) if entry["status"] == "offline" => Ok(Some(())),
+        Some(entry) => anyhow::bail!("{host}: {entry}"),
+        None => anyhow::bail!("{host} is not listed"),
+    });
+}
+
+/// `flotilla enroll HOST --force --out` the bundle the harness starts
+/// `host`'s agent with (a new certificate and NATS user under the same
+/// name), and checks that the bundle changed.
+fn enroll_again(fleet: &Fleet, host: &str) {
+    let bundle = fleet.bundle_path(host);
+    let before = fs::read(&bundle).expect("the old bundle");
+    let out = fleet
+        .cli(["enroll", host, "--force", "--out", &path_str(&bundle)])
+        .expect("run flotilla enroll");
+    assert_exit(fleet, &out, 0, "flotilla enroll --force");
+    assert_ne!(
+        fs::read(&bundle).expect("the new bundle"),
+        before,
+        "enroll --force left {host}'s bundle as it was"
+    );
 }
 
 /// A tree worth restoring: nested directories with their own modes, an
@@ -200,14 +294,7 @@ fn lose_the_fleet(fleet: &Fleet, nats: &mut NatsServer) -> Lost {
     fs::create_dir_all(&vault).expect("create the vault");
     let key_file = vault.join("fleet.flotilla-key");
     let fleet_dir = fleet.fleet_dir();
-    let out = flotilla([
-        OsStr::new("key"),
-        OsStr::new("export"),
-        OsStr::new("--out"),
-        key_file.as_os_str(),
-        OsStr::new("--fleet"),
-        fleet_dir.as_os_str(),
-    ]);
+    let out = export_key(fleet, &key_file, false);
     assert_exit(fleet, &out, 0, "flotilla key export");
     let mode = fs::metadata(&key_file).expect("the key file").mode() & 0o777;
     assert_eq!(mode, 0o600, "the key file is a secret: {mode:o}");
@@ -450,4 +537,243 @@ fn a_fleet_rebuilt_from_its_key_file_takes_its_hosts_back() {
     );
     let again = snapshot_of(&backup_ok(&fleet, &["laptop"])[0]);
     assert_ne!(again, lost.snapshot);
+}
+
+/// `docs/disaster-recovery.md`, "A laptop was stolen", steps 1, 2, 3 and 5
+/// (step 4, a replacement under a new name, is an ordinary enrollment).
+#[test]
+fn a_stolen_laptop_is_revoked_and_its_snapshots_restored_elsewhere() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let mut agents = start_world(&fleet, &["laptop"]);
+    // Another host with a restore root, where the laptop's files go back.
+    let desktop = fleet
+        .agent("desktop")
+        .without_backup_root()
+        .restore_root()
+        .start()
+        .expect("start the desktop agent");
+    fleet.wait_online(&["desktop"], STARTUP_TIMEOUT);
+    let root = agents[1].backup_root().to_path_buf();
+    build_tree(&root.join("home"));
+    let snapshot = snapshot_of(&backup_ok(&fleet, &["laptop"])[0]);
+
+    // Prepared once, before anything is stolen.
+    let vault = fleet.dir().join("vault");
+    fs::create_dir_all(&vault).expect("create the vault");
+    let key_file = vault.join("fleet.flotilla-key");
+    let out = export_key(&fleet, &key_file, false);
+    assert_exit(&fleet, &out, 0, "flotilla key export");
+    let bundle = fleet.bundle_path("laptop");
+    if let Err(e) = connect_with_bundle(&fleet, "laptop", &bundle) {
+        fleet.fail(format!(
+            "laptop's own NATS user does not connect even before the revocation: {e:#}"
+        ));
+    }
+
+    // Step 1: revoked. The server refuses the laptop's NATS user at once,
+    // so the agent on the stolen laptop (and whoever copies its bundle) can
+    // no longer take a task: no backup, no restore. That nas and every other
+    // agent also refuse its certificate on the data plane is
+    // `revoke_cuts_a_host_off_the_bus_and_the_data_plane` in trust.rs.
+    let out = fleet
+        .cli(["revoke", "laptop"])
+        .expect("run flotilla revoke");
+    assert_exit(&fleet, &out, 0, "flotilla revoke laptop");
+    assert_refused(&fleet, "laptop", &bundle, "the stolen laptop's NATS user");
+
+    // Step 2: `hosts` says so, in JSON and in the table.
+    let entry = fleet
+        .host("laptop")
+        .expect("flotilla hosts --json")
+        .unwrap_or_else(|| fleet.fail("laptop is no longer listed after its revocation"));
+    assert_eq!(entry["status"], "revoked", "{entry}");
+    let out = fleet.cli(["hosts"]).expect("run flotilla hosts");
+    assert_exit(&fleet, &out, 0, "flotilla hosts");
+    assert!(
+        out.stdout.lines().any(|line| {
+            let mut columns = line.split_whitespace();
+            columns.next() == Some("laptop") && columns.next() == Some("REVOKED")
+        }),
+        "laptop is not shown as REVOKED:\n{out}"
+    );
+    // The key file exported again knows the revocation: a fleet rebuilt
+    // from it keeps the laptop out.
+    let out = export_key(&fleet, &key_file, true);
+    assert_exit(&fleet, &out, 0, "flotilla key export --force");
+    let rebuilt = fleet.dir().join("fleet-from-the-new-key-file");
+    let out = flotilla([
+        OsStr::new("key"),
+        OsStr::new("import"),
+        key_file.as_os_str(),
+        OsStr::new("--fleet"),
+        rebuilt.as_os_str(),
+    ]);
+    assert_exit(&fleet, &out, 0, "flotilla key import of the new key file");
+    let revocations = Path::new("nats").join("revoked.toml");
+    let recorded = fs::read_to_string(fleet.fleet_dir().join(&revocations))
+        .expect("read the fleet's revocations");
+    assert!(recorded.contains("laptop"), "{recorded}");
+    assert_eq!(
+        fs::read_to_string(rebuilt.join(&revocations)).expect("the key file's revocations"),
+        recorded,
+        "the key file exported again does not hold the revocation"
+    );
+
+    // Step 3: revocation deleted nothing; the snapshot is listed and
+    // restores, byte for byte, onto another host.
+    let listed = fleet
+        .snapshots(&["--host", "laptop"])
+        .expect("flotilla snapshots --host laptop");
+    assert!(
+        listed
+            .iter()
+            .any(|s| s["id"] == snapshot.as_str() && s["host"] == "laptop"),
+        "the stolen laptop's snapshot is not listed: {listed:#?}"
+    );
+    let target = desktop.restore_root().join("laptop");
+    let out = fleet
+        .restore(&snapshot, &format!("desktop:{}", path_str(&target)), &[])
+        .expect("run flotilla restore");
+    assert_exit(&fleet, &out, 0, "a restore of the stolen laptop's snapshot");
+    let summary = summary_of(&out, "desktop").expect("a restore summary for desktop");
+    assert_eq!(summary["outcome"], "succeeded", "{out}");
+    assert_eq!(summary["restore"]["errors"], 0, "{out}");
+    assert_same_tree(
+        &fleet,
+        &root,
+        &restored_path(&target, &root),
+        Compare::Everything,
+    );
+
+    // Step 5: the same name on a new machine. The stolen one keeps its
+    // bundle and its state directory, and its agent is gone for good.
+    let thief = fleet.dir().join("stolen");
+    fs::create_dir_all(&thief).expect("create the thief's directory");
+    let stolen_bundle = thief.join("laptop.toml");
+    fs::copy(&bundle, &stolen_bundle).expect("copy the stolen bundle");
+    if agents[1].is_running() {
+        agents[1].kill9().expect("stop the stolen laptop's agent");
+    }
+    fs::rename(fleet.state_dir("laptop"), thief.join("state"))
+        .expect("move the stolen laptop's state directory away");
+    enroll_again(&fleet, "laptop");
+    wait_listed_offline(&fleet, "laptop");
+    let _new_laptop = fleet
+        .start_agent("laptop")
+        .expect("start the new laptop's agent");
+    // Listed online, so no longer revoked (`hosts` shows one status).
+    fleet.wait_online(&["laptop"], STARTUP_TIMEOUT);
+    assert_refused(
+        &fleet,
+        "laptop",
+        &stolen_bundle,
+        "the stolen bundle, after the laptop was enrolled again,",
+    );
+    let again = snapshot_of(&backup_ok(&fleet, &["laptop"])[0]);
+    assert_ne!(again, snapshot);
+    let listed = fleet
+        .snapshots(&["--host", "laptop"])
+        .expect("flotilla snapshots --host laptop");
+    assert!(
+        listed.iter().any(|s| s["id"] == again.as_str()),
+        "the new laptop's snapshot is not listed: {listed:#?}"
+    );
+}
+
+/// `docs/disaster-recovery.md`, "The storage host died": its disk survives
+/// and is mounted on a new storage host (step 4 of the first list), which is
+/// enrolled under the old name after the old one is revoked (steps 1 to 3 of
+/// "A new storage host").
+#[test]
+fn a_new_storage_host_takes_over_the_old_disk() {
+    // What the first backup after the takeover brings that is new.
+    const NEW_BYTES: u64 = 256 << 10;
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("flotilla init");
+    let mut agents = start_world(&fleet, &["laptop"]);
+    let root = agents[1].backup_root().to_path_buf();
+    build_tree(&root.join("home"));
+    let first = snapshot_of(&backup_ok(&fleet, &["laptop"])[0]);
+    let storage = agents[0].storage_dir().to_path_buf();
+    let packs_before = pack_bytes(&storage);
+
+    // The storage host dies, and its agent with it.
+    agents[0].kill9().expect("kill nas's agent");
+    wait_listed_offline(&fleet, "nas");
+
+    // Step 1: the dead machine's own disk, with its bundle, might come back.
+    let out = fleet.cli(["revoke", "nas"]).expect("run flotilla revoke");
+    assert_exit(&fleet, &out, 0, "flotilla revoke nas");
+    // Step 2: the new machine under the old name: a new bundle, a state
+    // directory of its own, and the old disk as its --storage (the harness
+    // starts nas with bundles/nas.toml, state/nas and storage/nas).
+    enroll_again(&fleet, "nas");
+    fs::rename(
+        fleet.state_dir("nas"),
+        fleet.dir().join("state-of-the-dead-nas"),
+    )
+    .expect("move the dead nas's state directory away");
+    let new_nas = fleet
+        .agent("nas")
+        .without_backup_root()
+        .storage()
+        .restore_root()
+        .start()
+        .expect("start the new nas agent");
+    assert_eq!(new_nas.storage_dir(), storage.as_path());
+    // Step 3: online (so not revoked), with its new address.
+    fleet.wait_online(&["nas", "laptop"], STARTUP_TIMEOUT);
+    fleet.wait_quic_addr("nas", STARTUP_TIMEOUT);
+
+    // Step 4: every snapshot stays listed, and restores byte for byte.
+    let listed = fleet.snapshots(&[]).expect("flotilla snapshots");
+    assert!(
+        listed
+            .iter()
+            .any(|s| s["id"] == first.as_str() && s["storage"] == "nas"),
+        "the snapshot on the old disk is not listed: {listed:#?}"
+    );
+    let target = new_nas.restore_root().join("after-takeover");
+    restore_ok(&fleet, &first, &target, &[]);
+    assert_same_tree(
+        &fleet,
+        &root,
+        &restored_path(&target, &root),
+        Compare::Everything,
+    );
+
+    // Backups go on from where they were: only what is new is stored.
+    write_random(&root.join("home/since-the-takeover.bin"), 0x14, NEW_BYTES)
+        .expect("write new data");
+    let second = backup_ok(&fleet, &["laptop"]).remove(0);
+    let again = snapshot_of(&second);
+    assert_ne!(again, first);
+    let added = second["bytes_added"]
+        .as_u64()
+        .unwrap_or_else(|| fleet.fail(format!("no bytes_added in {second}")));
+    assert!(
+        (NEW_BYTES..MIB).contains(&added),
+        "expected the new file's {NEW_BYTES} bytes and a little metadata, not {added}: {second}"
+    );
+    let grown = pack_bytes(&storage).saturating_sub(packs_before);
+    assert!(
+        grown < MIB,
+        "the repository ({packs_before} bytes of packs) grew by {grown} for {NEW_BYTES} new bytes"
+    );
+    let target = new_nas.restore_root().join("second");
+    restore_ok(&fleet, &again, &target, &[]);
+    assert_same_tree(
+        &fleet,
+        &root,
+        &restored_path(&target, &root),
+        Compare::Everything,
+    );
+    // "Run `flotilla check nas --read-data` once it is online."
+    let out = fleet
+        .check("nas", true)
+        .expect("run flotilla check --read-data");
+    assert_exit(&fleet, &out, 0, "a check of the old disk on the new nas");
+    let report = check_report(&out).expect("a check report");
+    assert_eq!(report["ok"], true, "{out}");
 }

@@ -427,6 +427,15 @@ fn unknown_ambiguous_and_malformed_prefixes_fail_clearly() {
         RecoverError::TargetInRepository { .. }
     ));
     assert!(!w.repo.join("inside").exists());
+    // A target that holds the repository (`--to /` on the storage host) is
+    // refused too: the snapshot could hold the repository's own path.
+    let parent = w.repo.parent().expect("the repository has a parent");
+    restore.to = Some(parent.to_path_buf());
+    let (result, _) = run_captured(&restore, "laptop");
+    assert!(matches!(
+        result.expect_err("--to holding the repository"),
+        RecoverError::TargetInRepository { .. }
+    ));
 }
 
 #[test]

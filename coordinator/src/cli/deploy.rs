@@ -286,6 +286,14 @@ enum DeployError {
         /// The host.
         host: HostName,
     },
+    /// An upgrade found the host needing a new bundle: it only installs.
+    #[error("{host} would need to be enrolled again ({why}), and an upgrade never enrolls (a new certificate would leave the old one unrevoked): check the host, then `flotilla deploy {host}`")]
+    WouldEnroll {
+        /// The host.
+        host: HostName,
+        /// Why it would be enrolled.
+        why: String,
+    },
     /// The registry could not be read.
     #[error("cannot read the registry: {0}")]
     Registry(String),
@@ -313,7 +321,8 @@ impl DeployError {
             | DeployError::Installed { .. }
             | DeployError::Busy { .. }
             | DeployError::StillBusy { .. }
-            | DeployError::Revoked { .. } => EXIT_TASK,
+            | DeployError::Revoked { .. }
+            | DeployError::WouldEnroll { .. } => EXIT_TASK,
             DeployError::Registry(_) => EXIT_NATS,
             DeployError::NoBinary { .. }
             | DeployError::Local { .. }
@@ -699,7 +708,8 @@ async fn find_binary(
                     continue;
                 }
                 let member = plan::tarball_member(VERSION, arch);
-                let from = format!("{} ({member})", tarball.display());
+                let verified = verify_tarball(&tarball)?;
+                let from = format!("{} ({member}; {verified})", tarball.display());
                 let Some(scratch) = scratch else {
                     return Ok(Binary {
                         path: tarball,
@@ -768,6 +778,54 @@ async fn find_binary(
     })
 }
 
+/// Checks a release tarball against the `SHA256SUMS` beside it, when there
+/// is one: what was checked, for the step line. A mismatch, or a
+/// `SHA256SUMS` that does not list it, is an error (a binary installed as
+/// root on every host must be the one released).
+fn verify_tarball(tarball: &Path) -> Result<String, DeployError> {
+    let sums_path = tarball.with_file_name("SHA256SUMS");
+    let sums = match std::fs::read_to_string(&sums_path) {
+        Ok(sums) => sums,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok("no SHA256SUMS beside it: not verified".into())
+        }
+        Err(e) => {
+            return Err(DeployError::Local {
+                what: format!("read {}", sums_path.display()),
+                why: e.to_string(),
+            })
+        }
+    };
+    let bytes = std::fs::read(tarball).map_err(|e| DeployError::Local {
+        what: format!("read {}", tarball.display()),
+        why: e.to_string(),
+    })?;
+    let actual = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes));
+    let name = tarball
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match plan::listed_sum(&sums, &name) {
+        Some(listed) if listed.eq_ignore_ascii_case(&actual) => {
+            Ok("SHA256SUMS verified".into())
+        }
+        Some(listed) => Err(DeployError::Local {
+            what: format!("use {}", tarball.display()),
+            why: format!(
+                "its SHA-256 is {actual}, but {} says {listed}: download it again (or rebuild with scripts/package.sh)",
+                sums_path.display()
+            ),
+        }),
+        None => Err(DeployError::Local {
+            what: format!("use {}", tarball.display()),
+            why: format!(
+                "{} does not list {name}: download the release's SHA256SUMS with it, or remove the stale one",
+                sums_path.display()
+            ),
+        }),
+    }
+}
+
 /// Refuses a binary that is not a Linux executable for `arch` (a tarball
 /// named for one architecture and holding another).
 fn check_elf(path: &Path, arch: Arch) -> Result<(), DeployError> {
@@ -800,14 +858,26 @@ fn check_identity(s: &DeploySettings, host: &HostName) -> Result<(), CliError> {
 
 /// Deploys one host (see the module's steps); `s.service` learns how its
 /// agent runs.
+/// Whether a deploy may enroll the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Enrolling {
+    /// When the bundle decision says so (a first deploy, another fleet's bundle).
+    IfNeeded,
+    /// Always (`deploy --reenroll`).
+    Forced,
+    /// Never (`upgrade`: a host that would need it is an error).
+    Never,
+}
+
 async fn deploy_host(
     ctx: &Ctx<'_>,
     host: &HostName,
     s: &mut DeploySettings,
-    reenroll: bool,
+    enrolling: Enrolling,
     timeout: Duration,
     progress: &mut Progress,
 ) -> Result<Done, DeployError> {
+    let reenroll = enrolling == Enrolling::Forced;
     let out = ctx.out;
     let remote = Remote {
         settings: s.clone(),
@@ -913,6 +983,12 @@ async fn deploy_host(
             false
         }
         BundlePlan::Revoked => return Err(DeployError::Revoked { host: host.clone() }),
+        BundlePlan::Enroll(why) if enrolling == Enrolling::Never => {
+            return Err(DeployError::WouldEnroll {
+                host: host.clone(),
+                why,
+            })
+        }
         BundlePlan::Enroll(why) => {
             let path = match &scratch {
                 None => {
@@ -1301,7 +1377,11 @@ pub(super) async fn deploy(g: &Global, args: DeployArgs) -> Result<(), CliError>
         &ctx,
         &host,
         &mut s,
-        args.reenroll,
+        if args.reenroll {
+            Enrolling::Forced
+        } else {
+            Enrolling::IfNeeded
+        },
         args.timeout,
         &mut progress,
     )
@@ -1441,7 +1521,15 @@ async fn upgrade_host(
     progress: &mut Progress,
 ) -> Result<Done, DeployError> {
     wait_until_idle(ctx, host, force, no_wait, timeout).await?;
-    deploy_host(ctx, host, s, false, UPGRADE_ONLINE_TIMEOUT, progress).await
+    deploy_host(
+        ctx,
+        host,
+        s,
+        Enrolling::Never,
+        UPGRADE_ONLINE_TIMEOUT,
+        progress,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -269,12 +269,27 @@ pub(super) fn parse_machine(stdout: &str) -> Option<&str> {
     probe_value(stdout, "arch")
 }
 
+/// The checksum `SHA256SUMS` (as `sha256sum` writes it: `HEX  NAME`, or
+/// `HEX *NAME` in binary mode) lists for `name`.
+pub(super) fn listed_sum<'a>(sums: &'a str, name: &str) -> Option<&'a str> {
+    sums.lines().find_map(|line| {
+        let (sum, file) = line.trim_end().split_once(char::is_whitespace)?;
+        let file = file.trim_start();
+        let file = file.strip_prefix('*').unwrap_or(file);
+        (file == name && sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then_some(sum)
+    })
+}
+
 /// Prints the `fleet` and `host` lines of the installed bundle, and nothing
 /// else of it (the rest is the host's secret); nothing when there is none.
 pub(super) fn probe_bundle(sudo: bool) -> String {
     format!(
-        "{}grep -E '^(fleet|host) *= *\"' {REMOTE_BUNDLE} || true",
-        if sudo { "sudo -n " } else { "" }
+        // No file: no output, success. A file: its lines, success. A file
+        // without them, or sudo failing: failure, never "no bundle" (which
+        // would enroll the host again).
+        "{s}test -e {REMOTE_BUNDLE} && {s}grep -E '^(fleet|host) *= *\"' {REMOTE_BUNDLE} || {s}test ! -e {REMOTE_BUNDLE}",
+        s = if sudo { "sudo -n " } else { "" }
     )
 }
 
@@ -871,11 +886,57 @@ mod tests {
         assert_eq!(parse_machine("x86_64\n"), None);
         assert!(PROBE_USER.starts_with("echo \"flotilla-probe uid=$(id -u)"));
         assert!(PROBE_ARCH.contains("arch=$(uname -m)"));
+        let a = "a".repeat(64);
+        let b = "B".repeat(64);
+        let sums = format!("{a}  flotilla-agent-1.0-x86_64-linux.tar.gz\n{b} *flotilla_1.0_amd64.deb\nshort  x.tar.gz\n");
         assert_eq!(
-            probe_bundle(false),
-            "grep -E '^(fleet|host) *= *\"' /etc/flotilla/bundle.toml || true"
+            listed_sum(&sums, "flotilla-agent-1.0-x86_64-linux.tar.gz"),
+            Some(a.as_str())
         );
-        assert!(probe_bundle(true).starts_with("sudo -n grep "));
+        assert_eq!(
+            listed_sum(&sums, "flotilla_1.0_amd64.deb"),
+            Some(b.as_str())
+        );
+        assert_eq!(listed_sum(&sums, "x.tar.gz"), None, "not a SHA-256");
+        assert_eq!(
+            listed_sum(&sums, "flotilla-agent-1.0-aarch64-linux.tar.gz"),
+            None
+        );
+        assert!(probe_bundle(true).starts_with("sudo -n test -e "));
+        // The probe run by a shell, on a stand-in for the bundle: no file is
+        // "none" (success, no output), a bundle gives its two lines, and a
+        // file without them fails instead of reading as "none".
+        let dir = tempfile::tempdir().expect("tempdir");
+        let stand_in = dir.path().join("bundle.toml");
+        let probe = probe_bundle(false).replace(REMOTE_BUNDLE, &stand_in.display().to_string());
+        let run = || {
+            std::process::Command::new("bash")
+                .args(["-c", &probe])
+                .output()
+                .expect("bash runs")
+        };
+        let none = run();
+        assert!(none.status.success() && none.stdout.is_empty(), "{none:?}");
+        std::fs::write(
+            &stand_in,
+            "cert = \"x\"\nfleet = \"abc\"\nhost = \"nas\"\nkey = \"secret\"\n",
+        )
+        .expect("write");
+        let found = run();
+        assert!(found.status.success(), "{found:?}");
+        assert_eq!(
+            InstalledBundle::parse(&String::from_utf8_lossy(&found.stdout)),
+            InstalledBundle {
+                fleet: Some("abc".into()),
+                host: Some("nas".into())
+            }
+        );
+        assert!(!String::from_utf8_lossy(&found.stdout).contains("secret"));
+        std::fs::write(&stand_in, "garbage\n").expect("write");
+        assert!(
+            !run().status.success(),
+            "an unreadable bundle is not \"none\""
+        );
         let installed = InstalledBundle::parse("fleet = \"abc\"\nhost = \"nas\"\n");
         assert_eq!(installed.fleet.as_deref(), Some("abc"));
         assert_eq!(installed.host.as_deref(), Some("nas"));
