@@ -914,15 +914,7 @@ fn prepare_target(to: &Path, repo: &Path) -> Result<PathBuf, RecoverError> {
     if target.starts_with(&repo) || repo.starts_with(&target) {
         return Err(inside(to));
     }
-    if !fs::symlink_metadata(&target)
-        .map_err(target_error)?
-        .is_dir()
-    {
-        return Err(target_error(io::Error::new(
-            io::ErrorKind::NotADirectory,
-            "not a directory",
-        )));
-    }
+    // Whether it is a directory the restore engine checks first thing.
     Ok(target)
 }
 

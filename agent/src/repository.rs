@@ -311,26 +311,39 @@ impl Repository {
         }
         clear_tmp(&dir.join("tmp"))?;
         let index = index::load_all(dir)?;
+        Self::assemble(dir, config.id, index, Some(lock), false)
+    }
+
+    /// The open repository from what [`open_or_init`](Self::open_or_init)
+    /// or [`open_read_only`](Self::open_read_only) read.
+    fn assemble(
+        dir: &Path,
+        id: String,
+        index: MemIndex,
+        lock: Option<Flock<fs::File>>,
+        read_only: bool,
+    ) -> Result<Repository, RepoError> {
         let snapshots = snapshots::count(dir)?;
         info!(
-            repo = %config.id,
+            repo = %id,
             dir = %dir.display(),
             packs = index.slots.len(),
             blobs = index.blobs.len(),
             damaged_packs = index.damaged.len(),
             snapshots,
+            read_only,
             "repository open"
         );
         Ok(Repository {
             shared: Arc::new(Shared {
                 dir: dir.to_path_buf(),
-                id: config.id,
+                id,
                 index: RwLock::new(index),
                 snapshots: AtomicU64::new(snapshots),
                 maintenance: Mutex::new(()),
                 records: Mutex::new(()),
-                _lock: Some(lock),
-                read_only: false,
+                _lock: lock,
+                read_only,
             }),
         })
     }
@@ -352,28 +365,7 @@ impl Repository {
         let lock = share_lock(dir)?;
         let config = read_config(&config_path)?;
         let index = load_all_read_only(dir)?;
-        let snapshots = snapshots::count(dir)?;
-        info!(
-            repo = %config.id,
-            dir = %dir.display(),
-            packs = index.slots.len(),
-            blobs = index.blobs.len(),
-            damaged_packs = index.damaged.len(),
-            snapshots,
-            "repository open, read-only"
-        );
-        Ok(Repository {
-            shared: Arc::new(Shared {
-                dir: dir.to_path_buf(),
-                id: config.id,
-                index: RwLock::new(index),
-                snapshots: AtomicU64::new(snapshots),
-                maintenance: Mutex::new(()),
-                records: Mutex::new(()),
-                _lock: lock,
-                read_only: true,
-            }),
-        })
+        Self::assemble(dir, config.id, index, lock, true)
     }
 
     /// The repository's id (32 hex digits).
@@ -799,35 +791,7 @@ fn share_lock(dir: &Path) -> Result<Option<Flock<File>>, RepoError> {
 /// and, if intact, indexed in memory only (the agent writes its index at
 /// its next start). Copies recorded as damaged are left out.
 fn load_all_read_only(dir: &Path) -> Result<MemIndex, RepoError> {
-    let mut index = MemIndex {
-        damaged: damage::load_all(dir)?,
-        ..MemIndex::default()
-    };
-    let mut loaded = HashSet::new();
-    for (id, path) in index::list_idx(dir)? {
-        let idx = match index::read_idx(&path, &id) {
-            Ok(idx) => idx,
-            Err(e) => {
-                warn!(error = %e, "unusable pack index; the pack will be read whole if present");
-                continue;
-            }
-        };
-        let pack = pack_path(dir, &id);
-        match fs::metadata(&pack) {
-            Ok(m) if m.len() == idx.size => {
-                index.insert_pack(id, idx.size, &idx.entries);
-                loaded.insert(id);
-            }
-            Ok(m) => warn!(
-                pack = %pack.display(), size = m.len(), expected = idx.size,
-                "pack has the wrong size; its blobs are treated as absent"
-            ),
-            Err(e) => warn!(
-                pack = %pack.display(), error = %e,
-                "index names a pack that is missing; its blobs are treated as absent"
-            ),
-        }
-    }
+    let (mut index, loaded) = index::load_indexed(dir)?;
     for (id, path) in index::list_packs(dir)? {
         if loaded.contains(&id) {
             continue;

@@ -146,6 +146,31 @@ pub(super) fn list_idx(dir: &Path) -> Result<Vec<(PackId, PathBuf)>, RepoError> 
 /// the pack's rename, or a damaged index) are re-read and re-indexed.
 /// Copies recorded as damaged (`DIR/damaged/`) are left out.
 pub(super) fn load_all(dir: &Path) -> Result<MemIndex, RepoError> {
+    let (mut index, loaded) = load_indexed(dir)?;
+    for (id, path) in list_packs(dir)? {
+        if loaded.contains(&id) {
+            continue;
+        }
+        match rebuild(dir, &id) {
+            Ok(idx) => {
+                info!(pack = %path.display(), blobs = idx.entries.len(), "rebuilt missing pack index");
+                index.insert_pack(id, idx.size, &idx.entries);
+            }
+            Err(e) => {
+                warn!(error = %e, "pack without a usable index could not be re-indexed; run check")
+            }
+        }
+    }
+    Ok(index)
+}
+
+/// The in-memory index from the index files alone, and the packs it holds:
+/// an index counts only when its pack exists with the size it states (its
+/// blobs would otherwise look stored while they cannot be read). Copies
+/// recorded as damaged are left out. Writes nothing; what to do with packs
+/// not in the set is the caller's ([`load_all`] re-indexes them, a
+/// read-only open scans them in memory).
+pub(super) fn load_indexed(dir: &Path) -> Result<(MemIndex, HashSet<PackId>), RepoError> {
     let mut index = MemIndex {
         damaged: damage::load_all(dir)?,
         ..MemIndex::default()
@@ -155,7 +180,7 @@ pub(super) fn load_all(dir: &Path) -> Result<MemIndex, RepoError> {
         let idx = match read_idx(&path, &id) {
             Ok(idx) => idx,
             Err(e) => {
-                warn!(error = %e, "unusable pack index; the pack will be re-read if present");
+                warn!(error = %e, "unusable pack index; the pack will be read whole if present");
                 continue;
             }
         };
@@ -175,21 +200,7 @@ pub(super) fn load_all(dir: &Path) -> Result<MemIndex, RepoError> {
             ),
         }
     }
-    for (id, path) in list_packs(dir)? {
-        if loaded.contains(&id) {
-            continue;
-        }
-        match rebuild(dir, &id) {
-            Ok(idx) => {
-                info!(pack = %path.display(), blobs = idx.entries.len(), "rebuilt missing pack index");
-                index.insert_pack(id, idx.size, &idx.entries);
-            }
-            Err(e) => {
-                warn!(error = %e, "pack without a usable index could not be re-indexed; run check")
-            }
-        }
-    }
-    Ok(index)
+    Ok((index, loaded))
 }
 
 #[cfg(test)]
