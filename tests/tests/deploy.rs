@@ -324,6 +324,79 @@ fn deploy_installs_over_ssh_and_again_upgrades_in_place() {
         .expect("run flotilla deploy without a build");
     expect_exit(&fleet, &sshd, &out, 1, "no agent build");
     assert!(out.stderr.contains("scripts/package.sh --arch"), "{out}");
+
+    // Ctrl-C while files are copied (a new bundle among them): exit 130, and
+    // neither the scratch directory here nor the one on the host is left.
+    let agent = fs::read(&binaries().agent).expect("read the agent under test");
+    let (fresh, _) = make_dist(&fleet.dir().join("release-int"), &agent);
+    let scratch = fleet.dir().join("tmp-int");
+    fs::create_dir_all(&scratch).expect("create a TMPDIR");
+    let log = fleet.dir().join("deploy-int.out");
+    let mut deploy = Command::new(&binaries().flotilla)
+        .args(deploy_args(
+            &sshd,
+            "alpha",
+            &["--dist".into(), path_str(&fresh), "--reenroll".into()],
+        ))
+        .env("FLOTILLA_FLEET", fleet.fleet_dir())
+        .env("FLOTILLA_NATS_URL", fleet.nats_url())
+        .env("TMPDIR", &scratch)
+        .env("NO_COLOR", "1")
+        .stdout(fs::File::create(&log).expect("create the deploy's log"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start flotilla deploy");
+    let deadline = Instant::now() + DEPLOY_TIMEOUT;
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("copying ")
+    {
+        if Instant::now() > deadline || deploy.try_wait().ok().flatten().is_some() {
+            let _ = deploy.kill();
+            fleet.fail(format!(
+                "the deploy never reached its copy step:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sent = Command::new("kill")
+        .args(["-INT", &deploy.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -INT failed");
+    let ended = deploy.wait_with_output().expect("wait for flotilla deploy");
+    let stdout = fs::read_to_string(&log).unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert_eq!(
+        ended.status.code(),
+        Some(130),
+        "a deploy stopped with Ctrl-C:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("interrupted (Ctrl-C)"),
+        "{stdout}\n{stderr}"
+    );
+    assert_eq!(
+        fs::read_dir(&scratch).expect("list TMPDIR").count(),
+        0,
+        "a local scratch directory (with the new bundle) was left"
+    );
+    // The host's scratch directory, from the copy step's line ("copying X
+    // to /tmp/flotilla-deploy.XXXX/NAME"); /tmp is shared with the other
+    // tests, so only this one is looked for.
+    let remote_dir = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("/tmp/flotilla-deploy."))
+        .and_then(|p| Path::new(p).parent())
+        .map(path_str)
+        .unwrap_or_else(|| panic!("no remote scratch directory in:\n{stdout}"));
+    assert_eq!(
+        sshd.stdout_of(&format!("test -e {remote_dir} && echo left || echo gone"))
+            .trim(),
+        "gone",
+        "{remote_dir} was left on the host"
+    );
 }
 
 /// `upgrade --no-wait` refuses a host in the middle of a backup (exit 4)

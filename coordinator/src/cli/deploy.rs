@@ -30,6 +30,11 @@
 //! and never in the middle of a task, and stops at the first failure with
 //! the command that rolls that host back.
 //!
+//! Ctrl-C stops a deploy at once, but not before its secrets go: the local
+//! scratch directory (the new bundle) with the work dropped, the one on the
+//! host with one more `rm -rf`; then it says where it stopped and what to
+//! do, and exits 130.
+//!
 //! The decisions are pure, in `deploy/plan.rs` and `deploy/settings.rs`; this
 //! file is the driver: it runs ssh, tar and the agent binary, enrolls, reads
 //! the registry and prints.
@@ -51,7 +56,7 @@ use serde_json::json;
 use self::plan::{Arch, BundleFacts, BundlePlan, Candidate, Gate, InstalledBundle, Lookup, Upload};
 use self::settings::{DeploySettings, Overrides, Service};
 use super::Global;
-use crate::error::{CliError, EXIT_FAILURE, EXIT_HOST, EXIT_NATS, EXIT_TASK};
+use crate::error::{CliError, EXIT_CANCELLED, EXIT_FAILURE, EXIT_HOST, EXIT_NATS, EXIT_TASK};
 use crate::fleet::{Fleet, FleetError};
 use crate::nats::Nats;
 
@@ -72,6 +77,9 @@ const ONLINE_POLL: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_secs(2);
 /// How long `upgrade` waits for each host to come back online.
 const UPGRADE_ONLINE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the `rm -rf` of the host's scratch directory may take after
+/// Ctrl-C (the user is waiting to get the prompt back).
+const INTERRUPTED_CLEANUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// `flotilla deploy`'s flags.
 #[derive(Debug, Args)]
@@ -297,6 +305,15 @@ enum DeployError {
     /// The registry could not be read.
     #[error("cannot read the registry: {0}")]
     Registry(String),
+    /// Ctrl-C stopped the deploy (see [`interrupted`]).
+    #[error("interrupted (Ctrl-C){}: {left}", while_text(*doing))]
+    Interrupted {
+        /// What it was doing then, if known.
+        doing: Option<&'static str>,
+        /// What that leaves on the host, and what to do
+        /// ([`Progress::after_interrupt`]).
+        left: String,
+    },
 }
 
 /// ` (exit N)`, or how else the command ended.
@@ -307,12 +324,18 @@ fn exit_text(code: Option<i32>) -> String {
     }
 }
 
+/// ` while DOING`, when it is known.
+fn while_text(doing: Option<&str>) -> String {
+    doing.map_or_else(String::new, |doing| format!(" while {doing}"))
+}
+
 impl DeployError {
     /// The exit code it gives `flotilla` (EXIT_CODES): 3 the host cannot be
     /// reached or did not come back, 4 the host refused or the install failed,
-    /// 5 NATS, 1 anything on this machine.
+    /// 5 NATS, 130 Ctrl-C, 1 anything on this machine.
     fn exit_code(&self) -> u8 {
         match self {
+            DeployError::Interrupted { .. } => EXIT_CANCELLED,
             DeployError::Unreachable { .. } | DeployError::NotOnline { .. } => EXIT_HOST,
             DeployError::NoSudo { .. }
             | DeployError::Arch { .. }
@@ -340,6 +363,7 @@ impl DeployError {
                 | DeployError::Busy { .. }
                 | DeployError::StillBusy { .. }
                 | DeployError::Registry(_)
+                | DeployError::Interrupted { .. }
         )
     }
 }
@@ -481,13 +505,48 @@ struct Done {
     settings: PathBuf,
 }
 
-/// How far a deploy got, for the advice after a failure.
+/// How far a deploy got, for the advice after a failure or a Ctrl-C.
 #[derive(Debug, Default)]
 struct Progress {
     /// Whether the ssh user needs sudo, once known.
     sudo: Option<bool>,
     /// `install-agent.sh` was started: the host may have a new binary.
     changed: bool,
+    /// What it is doing now, for people ("running install-agent.sh").
+    doing: Option<&'static str>,
+    /// The host was enrolled: a new bundle is on its way to it.
+    enrolled: bool,
+    /// `install-agent.sh` said it installed this version.
+    installed: bool,
+    /// The scratch directory on the host, from `mktemp -d` until its
+    /// `rm -rf` ran: what a Ctrl-C in between has to remove (it may hold the
+    /// host's new bundle).
+    tmpdir: Option<String>,
+}
+
+impl Progress {
+    /// What a Ctrl-C at this point leaves on the host, and what to do;
+    /// `again` is the command that deploys it again.
+    fn after_interrupt(&self, again: &str) -> String {
+        if self.installed {
+            format!(
+                "flotilla-agent {VERSION} was installed, but not yet seen online; \
+                 `flotilla hosts` shows whether it came back"
+            )
+        } else if self.changed {
+            format!(
+                "install-agent.sh may have stopped half way (its agent may be stopped): \
+                 run {again} to install it again"
+            )
+        } else if self.enrolled {
+            format!(
+                "it was enrolled, but its new bundle never reached it: \
+                 run {again} to send it one"
+            )
+        } else {
+            "nothing was changed on it".into()
+        }
+    }
 }
 
 /// What every host's deploy shares.
@@ -888,6 +947,7 @@ async fn deploy_host(
     let target = s.ssh.clone();
 
     // 1. ssh, and root.
+    progress.doing = Some("connecting over ssh");
     out.step(host, "ssh", &format!("connecting to {target} over ssh"));
     let ids = remote.checked(plan::PROBE_USER, None, "`id`").await?;
     let (uid, user) = plan::parse_user(&text(&ids.stdout)).ok_or_else(|| DeployError::Remote {
@@ -909,6 +969,7 @@ async fn deploy_host(
     progress.sudo = Some(sudo);
 
     // 2. The architecture.
+    progress.doing = Some("asking its architecture (uname -m)");
     let said = text(
         &remote
             .checked(plan::PROBE_ARCH, None, "`uname -m`")
@@ -930,6 +991,7 @@ async fn deploy_host(
     );
 
     // 3. The binary.
+    progress.doing = Some("finding the agent binary");
     let scratch = if ctx.dry_run {
         None
     } else {
@@ -943,6 +1005,7 @@ async fn deploy_host(
     );
 
     // 4. The bundle.
+    progress.doing = Some("looking for the installed bundle");
     let probe = remote
         .checked(
             &plan::probe_bundle(sudo),
@@ -1007,6 +1070,7 @@ async fn deploy_host(
                             what: format!("enroll {host}"),
                             source,
                         })?;
+                    progress.enrolled = true;
                     out.step(
                         host,
                         "bundle",
@@ -1084,6 +1148,7 @@ async fn deploy_host(
     };
 
     // The agent running now, if any: the one to see replaced.
+    progress.doing = Some("reading the registry");
     let before = nats
         .host(host)
         .await
@@ -1091,6 +1156,7 @@ async fn deploy_host(
         .map(|r| r.heartbeat.started_at);
 
     // 5. and 6. Copy, install, clean up.
+    progress.doing = Some("making a scratch directory on the host (mktemp -d)");
     let made = remote
         .checked(plan::MKTEMP, None, "`mktemp -d` (a scratch directory)")
         .await?;
@@ -1103,6 +1169,8 @@ async fn deploy_host(
             text(&made.stdout)
         ),
     })?;
+    // From here until its `rm -rf` has run, a Ctrl-C has to remove it.
+    progress.tmpdir = Some(dir.clone());
     let installed = copy_and_install(
         ctx,
         host,
@@ -1118,6 +1186,7 @@ async fn deploy_host(
     )
     .await;
     // Whatever happened: the directory may hold the host's new bundle.
+    progress.doing = Some("removing the scratch directory on the host");
     match remote.run(&plan::cleanup_command(&dir), None).await {
         Ok(output) if output.status.success() => {}
         _ => out.note(
@@ -1125,6 +1194,7 @@ async fn deploy_host(
             &format!("could not remove {dir} on the host: remove it by hand (it may hold the host's bundle)"),
         ),
     }
+    progress.tmpdir = None;
     let report = installed?;
     s.service = report.service.or(s.service);
 
@@ -1141,6 +1211,7 @@ async fn deploy_host(
     );
 
     // 8. Online, on this version, from a new agent.
+    progress.doing = Some("waiting for it to come online");
     out.step(
         host,
         "wait",
@@ -1176,6 +1247,7 @@ async fn copy_and_install(
     progress: &mut Progress,
 ) -> Result<plan::InstallReport, DeployError> {
     let out = ctx.out;
+    progress.doing = Some("copying the files to the host");
     for file in files {
         out.step(
             host,
@@ -1195,6 +1267,7 @@ async fn copy_and_install(
             .await?;
     }
     out.step(host, "install", "running install-agent.sh");
+    progress.doing = Some("running install-agent.sh");
     progress.changed = true;
     let output = remote
         .run(
@@ -1212,6 +1285,7 @@ async fn copy_and_install(
     }
     let report = plan::parse_install_output(&text(&output.stdout));
     if report.version.as_deref() == Some(VERSION) {
+        progress.installed = true;
         return Ok(report);
     }
     Err(DeployError::Installed {
@@ -1330,6 +1404,70 @@ async fn wait_until_idle(
     }
 }
 
+/// Runs `work` to its end, or until Ctrl-C (then `None`). Either way `work`
+/// is dropped before this returns: after a Ctrl-C that removes the local
+/// [`Scratch`] (with the host's new bundle) and kills the ssh or tar it was
+/// running; the directory it made on the host is [`interrupted`]'s to remove.
+async fn until_ctrl_c<T>(work: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        // Ctrl-C first: the ssh it runs gets the same SIGINT and dies of it,
+        // and the interruption, not that error, is what to report.
+        biased;
+        // `Err`: no handler could be installed; then only `work` ends it.
+        Ok(()) = tokio::signal::ctrl_c() => None,
+        done = work => Some(done),
+    }
+}
+
+/// After Ctrl-C stopped `host`'s deploy ([`until_ctrl_c`]): removes the
+/// scratch directory it made on the host, if it was still there (once,
+/// within [`INTERRUPTED_CLEANUP_TIMEOUT`]; a second Ctrl-C leaves it), and
+/// returns the error that says where it stopped and what to do. `again` is
+/// the command that deploys the host again.
+async fn interrupted(
+    out: Out,
+    host: &HostName,
+    s: &DeploySettings,
+    progress: &mut Progress,
+    again: &str,
+) -> DeployError {
+    if let Some(dir) = progress.tmpdir.take() {
+        out.note(
+            host,
+            &format!("interrupted: removing {dir} on the host (Ctrl-C again to leave it there)"),
+        );
+        let remote = Remote {
+            settings: s.clone(),
+            host: host.clone(),
+            out,
+            show: false,
+        };
+        let cleanup = plan::cleanup_command(&dir);
+        let removed = tokio::select! {
+            biased;
+            Ok(()) = tokio::signal::ctrl_c() => false,
+            ran = tokio::time::timeout(
+                INTERRUPTED_CLEANUP_TIMEOUT,
+                remote.run(&cleanup, None),
+            ) => matches!(ran, Ok(Ok(output)) if output.status.success()),
+        };
+        if !removed {
+            out.note(
+                host,
+                &format!(
+                    "could not remove {dir} on the host ({}): remove it by hand \
+                     (it may hold the host's bundle)",
+                    s.ssh
+                ),
+            );
+        }
+    }
+    DeployError::Interrupted {
+        doing: progress.doing,
+        left: progress.after_interrupt(again),
+    }
+}
+
 /// `flotilla deploy HOST ...`.
 pub(super) async fn deploy(g: &Global, args: DeployArgs) -> Result<(), CliError> {
     let fleet = g.fleet()?;
@@ -1373,7 +1511,7 @@ pub(super) async fn deploy(g: &Global, args: DeployArgs) -> Result<(), CliError>
         );
     }
     let mut progress = Progress::default();
-    match deploy_host(
+    let deployed = until_ctrl_c(deploy_host(
         &ctx,
         &host,
         &mut s,
@@ -1384,9 +1522,18 @@ pub(super) async fn deploy(g: &Global, args: DeployArgs) -> Result<(), CliError>
         },
         args.timeout,
         &mut progress,
-    )
-    .await
-    {
+    ))
+    .await;
+    let deployed = match deployed {
+        Some(deployed) => deployed,
+        None => {
+            // The same flags: before step 7 nothing was saved, and
+            // --reenroll must be given again to replace the host's bundle.
+            let again = format!("the same `flotilla deploy {host}` command");
+            Err(interrupted(out, &host, &s, &mut progress, &again).await)
+        }
+    };
+    match deployed {
         Ok(done) => {
             out.done(&host, &done, ctx.dry_run);
             Ok(())
@@ -1467,14 +1614,21 @@ pub(super) async fn upgrade(g: &Global, args: UpgradeArgs) -> Result<(), CliErro
             ),
         );
         let mut progress = Progress::default();
-        let result = upgrade_host(
+        let result = until_ctrl_c(upgrade_host(
             &ctx,
             &host,
             &mut s,
             (args.force, args.no_wait, args.timeout),
             &mut progress,
-        )
+        ))
         .await;
+        let result = match result {
+            Some(result) => result,
+            None => {
+                let again = format!("`flotilla deploy {host}`");
+                Err(interrupted(out, &host, &s, &mut progress, &again).await)
+            }
+        };
         match result {
             Ok(done) => out.done(&host, &done, ctx.dry_run),
             Err(e) => {
@@ -1484,7 +1638,8 @@ pub(super) async fn upgrade(g: &Global, args: UpgradeArgs) -> Result<(), CliErro
                         &host,
                         &plan::rollback_command(&s, progress.sudo.unwrap_or(false)),
                     );
-                } else {
+                } else if !matches!(e, DeployError::Interrupted { .. }) {
+                    // (An interruption's own message says so.)
                     out.note(&host, "nothing was changed on it");
                 }
                 let rest = names.get(i + 1..).unwrap_or_default();
@@ -1520,6 +1675,7 @@ async fn upgrade_host(
     (force, no_wait, timeout): (bool, bool, Duration),
     progress: &mut Progress,
 ) -> Result<Done, DeployError> {
+    progress.doing = Some("waiting until it runs no task");
     wait_until_idle(ctx, host, force, no_wait, timeout).await?;
     deploy_host(
         ctx,
@@ -1705,5 +1861,82 @@ mod tests {
         assert_eq!(last_line(b""), "it printed no error");
         assert_eq!(first_words("umask 077 && cat > x"), "`umask 077 &&`");
         assert_eq!(exit_text(Some(2)), " (exit 2)");
+        assert_eq!(while_text(Some("copying")), " while copying");
+        assert_eq!(while_text(None), "");
+    }
+
+    /// Ctrl-C exits 130 with where it stopped and what that leaves, at
+    /// each point a deploy can be.
+    #[test]
+    fn an_interruption_says_where_it_stopped_and_what_to_do() {
+        let again = "the same `flotilla deploy nas` command";
+        let at = |enrolled: bool, changed: bool, installed: bool| Progress {
+            doing: Some("running install-agent.sh"),
+            enrolled,
+            changed,
+            installed,
+            ..Progress::default()
+        };
+        let cases = [
+            (at(false, false, false), "nothing was changed on it"),
+            (
+                at(true, false, false),
+                "never reached it: run the same `flotilla deploy nas` command to send it one",
+            ),
+            (
+                at(true, true, false),
+                "stopped half way (its agent may be stopped): run the same `flotilla deploy nas` \
+                 command to install it again",
+            ),
+            (
+                at(false, true, true),
+                "`flotilla hosts` shows whether it came back",
+            ),
+        ];
+        for (progress, says) in cases {
+            let e = DeployError::Interrupted {
+                doing: progress.doing,
+                left: progress.after_interrupt(again),
+            };
+            let text = e.to_string();
+            assert!(
+                text.starts_with("interrupted (Ctrl-C) while running install-agent.sh: "),
+                "{text}"
+            );
+            assert!(text.contains(says), "{text}");
+            assert!(!text.contains('\n'), "{text}");
+            assert_eq!(e.exit_code(), EXIT_CANCELLED);
+            assert!(e.is_retryable());
+        }
+        let e = DeployError::Interrupted {
+            doing: None,
+            left: Progress::default().after_interrupt(again),
+        };
+        assert_eq!(
+            e.to_string(),
+            "interrupted (Ctrl-C): nothing was changed on it"
+        );
+    }
+
+    /// The scratch directory holds the host's new bundle: only its owner
+    /// may enter it, and it goes with everything in it on drop (which is
+    /// what a Ctrl-C does to the deploy that owns it).
+    #[test]
+    fn the_scratch_directory_is_private_and_goes_on_drop() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let scratch = Scratch::new().expect("scratch");
+        let dir = scratch.path().to_path_buf();
+        let mode = std::fs::metadata(&dir)
+            .expect("exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{}", dir.display());
+        let file = scratch
+            .write(plan::UPLOAD_SCRIPT.name, "#!/bin/sh\n")
+            .expect("write");
+        assert!(file.starts_with(&dir));
+        drop(scratch);
+        assert!(!dir.exists(), "{} is left", dir.display());
     }
 }
