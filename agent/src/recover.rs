@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use flotilla_protocol::repo::{
     BlobId, RepoKey, RestoreSummary, SnapshotMeta, SnapshotRecord, SnapshotVerifyError,
 };
-use flotilla_protocol::{Bundle, BundleError, TaskId, UnixMillis};
+use flotilla_protocol::{text, Bundle, BundleError, TaskId, UnixMillis};
 use serde::Serialize;
 
 use crate::engine::{self, Cancel, Counters, Fetch, FetchError, Progress, RestoreOptions};
@@ -751,7 +751,7 @@ fn list(catalogue: &Catalogue, json: bool, out: &mut dyn Write) -> Result<(), Re
                 when(entry.record.time),
                 view.host.to_owned(),
                 view.files.map_or_else(unknown, |n| n.to_string()),
-                view.bytes_total.map_or_else(unknown, human_bytes),
+                view.bytes_total.map_or_else(unknown, text::bytes),
                 paths,
             ]
         })
@@ -1014,7 +1014,7 @@ impl Progress for Shown {
             "\r  {} files, {} dirs, {}   ",
             counters.files,
             counters.dirs,
-            human_bytes(counters.bytes)
+            text::bytes(counters.bytes)
         );
     }
 }
@@ -1049,7 +1049,7 @@ fn report(
             summary.dirs,
             summary.symlinks,
             summary.hardlinks,
-            human_bytes(summary.bytes),
+            text::bytes(summary.bytes),
             target.display(),
             took.as_secs_f64()
         ),
@@ -1148,22 +1148,6 @@ fn when(ms: UnixMillis) -> String {
     let text =
         humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string();
     format!("{} UTC", text.replacen('T', " ", 1).trim_end_matches('Z'))
-}
-
-/// `1.5 GiB`-style sizes.
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }
 
 /// Rows under a header, each column as wide as its widest cell, two spaces

@@ -39,6 +39,7 @@ mod revocation;
 pub mod status;
 pub mod subject;
 mod task;
+pub mod text;
 pub mod transfer;
 
 pub use bundle::{format_creds, Bundle, BundleError, BUNDLE_VERSION};

@@ -659,7 +659,7 @@ fn tables_and_times_read_as_flotilla_prints_them() {
     assert_eq!(when(1_772_377_200_250), "2026-03-01 15:00:00 UTC");
     assert_eq!(rfc3339(1_772_377_200_250), "2026-03-01T15:00:00.250Z");
     assert_eq!(rfc3339(u64::MAX), format!("@{}ms", u64::MAX));
-    assert_eq!(human_bytes(1536), "1.5 KiB");
+    assert_eq!(text::bytes(1536), "1.5 KiB");
     assert!(same_host("laptop.lan", "laptop"));
     assert!(same_host("LAPTOP", "laptop"));
     assert!(!same_host("desktop", "laptop"));

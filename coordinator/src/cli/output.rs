@@ -2,21 +2,8 @@
 
 use flotilla_protocol::UnixMillis;
 
-/// `1.5 GiB`-style sizes.
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+/// `1.5 GiB`-style sizes (the agent's `recover` prints the same).
+pub use flotilla_protocol::text::bytes;
 
 /// `3s ago`, `5m ago`, `2h ago`, `4d ago`.
 pub fn ago(now: UnixMillis, then: UnixMillis) -> String {
