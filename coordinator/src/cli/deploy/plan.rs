@@ -45,9 +45,12 @@ pub(super) const PROBE_ARCH: &str = "echo \"flotilla-probe arch=$(uname -m)\"";
 pub(super) const MKTEMP: &str = "mktemp -d /tmp/flotilla-deploy.XXXXXXXX";
 
 /// How a restart of the agent without systemd goes: a clean stop of the
-/// one in the pid file, then a new one in a session of its own.
+/// one in the pid file (only if that pid is still a flotilla-agent, as
+/// install-agent.sh's `stop_direct` checks: a stale file may name another
+/// process), then a new one in a session of its own.
 const DIRECT_RESTART: &str = "pid=$(cat /run/flotilla-agent.pid 2>/dev/null); \
-if [ -n \"$pid\" ]; then kill \"$pid\"; while kill -0 \"$pid\" 2>/dev/null; do sleep 1; done; fi; \
+if [ -n \"$pid\" ] && grep -qa flotilla-agent \"/proc/$pid/cmdline\" 2>/dev/null; then \
+kill \"$pid\"; while kill -0 \"$pid\" 2>/dev/null; do sleep 1; done; fi; \
 setsid nohup /usr/local/bin/flotilla-agent run --config /etc/flotilla/agent.toml \
 </dev/null >>/var/log/flotilla-agent.log 2>&1 & echo $! >/run/flotilla-agent.pid";
 
@@ -1075,6 +1078,8 @@ mod tests {
         assert!(
             rollback_command(&s, false).contains("setsid nohup /usr/local/bin/flotilla-agent run")
         );
+        // A stale pid file never gets another process killed.
+        assert!(rollback_command(&s, false).contains("flotilla-agent \"/proc/$pid/cmdline\""));
         s.service = None;
         let either = rollback_command(&s, false);
         assert!(either.contains("if [ -d /run/systemd/system ]"), "{either}");
