@@ -30,6 +30,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 mod backup;
 mod check;
 mod context;
+mod copy;
 mod lifecycle;
 mod prune;
 mod repair;
@@ -295,6 +296,7 @@ impl Agent {
                 grace_secs,
             } => self.prune(*dry_run, *grace_secs).await,
             TaskKind::Repair { read_data } => self.repair(body, *read_data).await,
+            TaskKind::Copy { .. } => self.copy(body, envelope, cancel).await,
             TaskKind::Cancel { task_id } => Ok(self.cancel_task(task_id)),
         };
         let duration_ms = started.elapsed().as_millis() as u64;

@@ -542,9 +542,7 @@ impl RepositoryReader {
     /// The id of every snapshot file, sorted. Files whose name is not a
     /// snapshot id are ignored with a warning.
     pub fn snapshot_ids(&self) -> Result<Vec<String>, RepoError> {
-        let mut ids = snapshots::list_ids(&self.repo.shared.dir)?;
-        ids.sort();
-        Ok(ids)
+        self.repo.snapshot_ids()
     }
 
     /// Every snapshot file, each read (size-checked) or the error that says

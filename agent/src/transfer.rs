@@ -42,7 +42,8 @@
 //! storage side: hello verification, per-session grants, upload and fetch
 //! streams, given a narrow [`server::ServerContext`]); `claims` ([`Claims`]:
 //! which live session uploads or relies on which blob, for dedup across
-//! sessions and for prune). `testing` is a test CA.
+//! sessions and for prune); `pace` (the smooth rate limit of a copy over a
+//! slow link). `testing` is a test CA.
 //!
 //! This module knows nothing of the task journal or the job runners (`jobs`
 //! uses it, never the other way round) and never holds a repository key.
@@ -52,6 +53,7 @@ pub(crate) mod client;
 mod endpoint;
 mod error;
 mod frame;
+pub(crate) mod pace;
 pub(crate) mod server;
 #[cfg(test)]
 mod testing;

@@ -3,6 +3,7 @@
 mod backup;
 mod bus;
 mod check;
+mod copy;
 mod deploy;
 mod estimate;
 mod events;
@@ -364,6 +365,37 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy snapshots from one storage host to another (an off-site copy): sealed
+    /// blobs go storage to storage over QUIC; the destination adds only what it
+    /// lacks, keeps each snapshot's id and deletes nothing. Run it again to resume.
+    Copy {
+        /// The storage host holding the snapshots.
+        #[arg(long, value_name = "STORAGE")]
+        from: HostName,
+        /// The storage host to copy them to.
+        #[arg(long, value_name = "STORAGE")]
+        to: HostName,
+        /// Only snapshots of this host (repeatable; default: every host).
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<HostName>,
+        /// Only this snapshot (id or unique prefix; repeatable; default: all).
+        #[arg(long = "snapshot", value_name = "ID")]
+        snapshots: Vec<String>,
+        /// Send at most this much per second, smoothly (`500K`, `10M`, `1.5MiB`;
+        /// K/M/G are KiB/MiB/GiB, KB/MB/GB powers of 1000).
+        #[arg(long, value_name = "RATE", value_parser = rate_arg)]
+        limit_upload: Option<u64>,
+        /// Wait and show progress until it ends.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this long (`90s`, `30m`, `2h`) and send the task a
+        /// cancel; exit 4 (3: host offline).
+        #[arg(long, value_name = "DURATION", value_parser = timeout_arg, requires = "wait")]
+        timeout: Option<Duration>,
+        /// JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Forget snapshots by a keep policy (per host and paths); data goes at the next prune.
     Forget {
         /// Only snapshots of this host.
@@ -488,6 +520,7 @@ impl Command {
             | Command::Snapshots { json, .. }
             | Command::Ls { json, .. }
             | Command::Restore { json, .. }
+            | Command::Copy { json, .. }
             | Command::Forget { json, .. }
             | Command::Prune { json, .. }
             | Command::Check { json, .. }
@@ -567,6 +600,13 @@ fn report(e: &CliError, json: bool) {
 
 /// `--timeout`: a duration such as `90s`, `30m` or `2h` (a bare number is
 /// seconds, as `estimate --timeout` takes), above zero.
+fn rate_arg(s: &str) -> Result<u64, String> {
+    match flotilla_protocol::text::parse_bytes(s)? {
+        0 => Err("a rate must be above zero (leave the flag out for no limit)".into()),
+        n => Ok(n),
+    }
+}
+
 fn timeout_arg(s: &str) -> Result<Duration, String> {
     let d = match s.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
@@ -877,6 +917,25 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             wait,
             json,
         } => repair::run(g, &storage, read_data, wait, json).await,
+        Command::Copy {
+            from,
+            to,
+            hosts,
+            snapshots,
+            limit_upload,
+            wait,
+            timeout,
+            json,
+        } => {
+            let what = copy::What {
+                from,
+                to,
+                hosts,
+                snapshots,
+                limit_bytes_per_sec: limit_upload.unwrap_or(0),
+            };
+            copy::run(g, what, wait, timeout, json).await
+        }
         Command::Forget {
             host,
             plan,

@@ -122,12 +122,34 @@ pub(crate) struct Listing {
     /// against their sealed metadata. Shown, but retention leaves these
     /// storage hosts alone.
     pub doubtful: Vec<(HostName, String)>,
-    /// Snapshot ids listed by more than one storage host (until copies
-    /// exist, one of them answers with records it does not hold). Retention
-    /// keeps them wherever they are listed and decides on the rest; the
-    /// storage hosts are not doubted for it, or one hostile host could stop
-    /// retention on every honest one by repeating its records.
+    /// Snapshot ids listed by more than one storage host with records that
+    /// differ (a copy, `flotilla copy`, is the same record: same tree, host,
+    /// time and sealed metadata; one of these is not). Retention keeps them
+    /// wherever they are listed and decides on the rest; the storage hosts
+    /// are not doubted for it, or one hostile host could stop retention on
+    /// every honest one by repeating its records.
     pub contested: BTreeSet<String>,
+}
+
+/// Whether two storage hosts' records of one id are the same snapshot (one
+/// a copy of the other): a copy moves the record unchanged.
+fn same_record(a: &SnapshotRecord, b: &SnapshotRecord) -> bool {
+    a.id == b.id
+        && a.host == b.host
+        && a.time == b.time
+        && a.tree == b.tree
+        && a.partial == b.partial
+        && a.meta == b.meta
+}
+
+/// One snapshot of a listing with every storage host that holds it.
+#[derive(Debug, Clone)]
+pub(crate) struct Held {
+    /// The first holder's record (by storage host name; the records are the
+    /// same, or the id would be contested).
+    pub found: Found,
+    /// Every storage host listing it, the first one's first.
+    pub storages: Vec<HostName>,
 }
 
 impl Listing {
@@ -154,6 +176,25 @@ impl Listing {
         }));
         out
     }
+
+    /// Each snapshot once, oldest first, with the storage hosts that hold it.
+    pub fn held(&self) -> Vec<Held> {
+        let mut out: Vec<Held> = Vec::new();
+        let mut at: BTreeMap<&str, usize> = BTreeMap::new();
+        for f in &self.found {
+            match at.get(f.record.id.as_str()) {
+                Some(&i) => out[i].storages.push(f.storage.clone()),
+                None => {
+                    at.insert(&f.record.id, out.len());
+                    out.push(Held {
+                        found: f.clone(),
+                        storages: vec![f.storage.clone()],
+                    });
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Merges what each storage host answered (its records, or why it did
@@ -164,7 +205,7 @@ pub(crate) fn merge(
     key: &RepoKey,
 ) -> Listing {
     let mut listing = Listing::default();
-    let mut owner: BTreeMap<String, HostName> = BTreeMap::new();
+    let mut owner: BTreeMap<String, (HostName, SnapshotRecord)> = BTreeMap::new();
     let mut doubts: BTreeMap<HostName, Vec<String>> = BTreeMap::new();
     for (storage, answer) in answers {
         let records = match answer {
@@ -201,12 +242,12 @@ pub(crate) fn merge(
                 }
             };
             match owner.get(&record.id) {
-                Some(other) if *other != storage => {
+                Some((other, first)) if *other != storage && !same_record(first, &record) => {
                     listing.contested.insert(record.id.clone());
                 }
                 Some(_) => {}
                 None => {
-                    owner.insert(record.id.clone(), storage.clone());
+                    owner.insert(record.id.clone(), (storage.clone(), record.clone()));
                 }
             }
             listing.found.push(Found {
@@ -708,6 +749,54 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_copy_is_one_snapshot_held_by_two_storage_hosts() {
+        let key = RepoKey::from_master(&[7; 32]);
+        let (a, b) = (genuine(&key, 1, "alpha", 10), genuine(&key, 2, "beta", 20));
+        let listing = merge(
+            vec![
+                (h("nas"), Ok(vec![a.clone(), b.clone()])),
+                (h("offsite"), Ok(vec![b.clone()])),
+            ],
+            &key,
+        );
+        assert!(listing.contested.is_empty(), "{:?}", listing.contested);
+        assert!(listing.doubtful.is_empty(), "{:?}", listing.doubtful);
+        let held = listing.held();
+        assert_eq!(held.len(), 2, "each snapshot once");
+        assert_eq!(held[0].found.record.id, a.id);
+        assert_eq!(held[0].storages, [h("nas")]);
+        assert_eq!(held[1].found.record.id, b.id);
+        assert_eq!(held[1].storages, [h("nas"), h("offsite")]);
+        // Retention decides at each storage host on its own: the copy at
+        // offsite is offsite's newest, kept by its keep-last 1.
+        let policy = KeepPolicy {
+            last: Some(1),
+            ..KeepPolicy::default()
+        };
+        let decided = verdicts(&listing, &key, &policy, None);
+        let at = |storage: &str, id: &str| {
+            decided
+                .iter()
+                .find(|(f, v)| f.storage == h(storage) && v.id == id)
+                .map(|(_, v)| v.keep)
+        };
+        assert_eq!(at("offsite", &b.id), Some(true));
+        assert_eq!(at("nas", &b.id), Some(true));
+        // Any field of the record differing makes it no copy.
+        for changed in [
+            SnapshotRecord { time: 21, ..b.clone() },
+            SnapshotRecord { partial: true, ..b.clone() },
+            SnapshotRecord { tree: a.tree, ..b.clone() },
+        ] {
+            let listing = merge(
+                vec![(h("nas"), Ok(vec![b.clone()])), (h("offsite"), Ok(vec![changed]))],
+                &key,
+            );
+            assert_eq!(listing.contested.iter().collect::<Vec<_>>(), [&b.id]);
+        }
+    }
+
+    #[test]
     fn retention_leaves_a_doubtful_listing_alone() {
         let key = RepoKey::from_master(&[7; 32]);
         let policy = KeepPolicy {
@@ -750,14 +839,17 @@ pub(crate) mod tests {
         );
         assert!(verdicts(&tampered, &key, &policy, None).is_empty());
 
-        // Another storage host's genuine records (nas2 repeats nas's
-        // newest): the contested id is kept wherever it is listed and takes
-        // no keep slot, and no storage host is doubted for it, so a hostile
-        // one cannot stop retention on the honest ones.
+        // Two records of one id that are not the same record (nas2 lists
+        // nas's newest id sealed anew: no copy looks like that): the
+        // contested id is kept wherever it is listed and takes no keep
+        // slot, and no storage host is doubted for it, so a hostile one
+        // cannot stop retention on the honest ones.
+        let resealed = genuine(&key, 2, "alpha", 20);
+        assert_ne!(resealed.meta, b.meta, "sealed with a fresh nonce");
         let stolen = merge(
             vec![
                 (h("nas"), Ok(vec![a.clone(), b.clone()])),
-                (h("nas2"), Ok(vec![b.clone()])),
+                (h("nas2"), Ok(vec![resealed])),
                 (
                     h("nas3"),
                     Ok(vec![

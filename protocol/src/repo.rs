@@ -296,6 +296,30 @@ impl RepoKey {
     }
 }
 
+/// What a holder of no key can check of a sealed blob: its version byte and
+/// that it is long enough to hold a nonce, a codec byte and a tag, and no
+/// longer than [`MAX_SEALED`]. A storage host receiving a copy checks this
+/// before storing; the bytes themselves only a key holder can verify.
+pub fn check_sealed_shape(sealed: &[u8]) -> Result<(), String> {
+    let least = 1 + NONCE_LEN + 1 + AES_256_GCM.tag_len();
+    if sealed.len() < least {
+        return Err(format!(
+            "{} bytes is shorter than any sealed blob ({least})",
+            sealed.len()
+        ));
+    }
+    if sealed.len() > MAX_SEALED {
+        return Err(format!(
+            "{} bytes is longer than any sealed blob ({MAX_SEALED})",
+            sealed.len()
+        ));
+    }
+    if sealed[0] != SEAL_VERSION {
+        return Err(format!("unknown seal version {}", sealed[0]));
+    }
+    Ok(())
+}
+
 /// One directory's entries, sorted by name. Stored as a [`BlobKind::Tree`] blob.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Tree {
@@ -810,6 +834,23 @@ mod tests {
 
     fn key(b: u8) -> RepoKey {
         RepoKey::from_master(&[b; 32])
+    }
+
+    #[test]
+    fn a_sealed_blob_has_the_shape_a_keyless_host_checks() {
+        let k = key(1);
+        for plain in [&b""[..], b"x", &[7u8; 70_000][..]] {
+            let id = k.blob_id(plain);
+            let sealed = k.seal(&id, plain, 3).expect("seals");
+            assert_eq!(check_sealed_shape(&sealed), Ok(()), "{} bytes", plain.len());
+            // One byte short of the empty blob's seal, or another version: refused.
+            let mut bad = sealed.clone();
+            bad[0] = SEAL_VERSION + 1;
+            assert!(check_sealed_shape(&bad).is_err());
+        }
+        let empty = k.seal(&k.blob_id(b""), b"", 3).expect("seals");
+        assert!(check_sealed_shape(&empty[..empty.len() - 1]).is_err());
+        assert!(check_sealed_shape(&vec![SEAL_VERSION; MAX_SEALED + 1]).is_err());
     }
 
     #[test]

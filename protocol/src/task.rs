@@ -146,6 +146,32 @@ pub enum TaskKind {
         /// found yet is repaired too.
         read_data: bool,
     },
+    /// Copy snapshots from this host's repository to the storage host `to`
+    /// (run on the storage host that holds them). Blobs move sealed, storage
+    /// to storage over QUIC; the destination adds what it lacks, keeps each
+    /// snapshot's id and deletes nothing.
+    Copy {
+        /// The destination storage host; its certificate must name it, and
+        /// it checks that this task names it and that the peer is the
+        /// task's host.
+        to: HostName,
+        /// Its QUIC address, from its heartbeat.
+        #[serde(with = "crate::addr")]
+        to_addr: SocketAddr,
+        /// Only snapshots of these hosts; empty means every host.
+        hosts: Vec<HostName>,
+        /// Only these snapshots (full ids); empty means every snapshot of
+        /// `hosts`. The destination commits no other.
+        snapshots: Vec<SnapshotId>,
+        /// Most bytes per second sent to `to` (a smooth pace, no bursts);
+        /// 0 means no limit. Not written when 0.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        limit_bytes_per_sec: u64,
+    },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl TaskKind {
@@ -159,6 +185,7 @@ impl TaskKind {
             TaskKind::Forget { .. } => "forget",
             TaskKind::Prune { .. } => "prune",
             TaskKind::Repair { .. } => "repair",
+            TaskKind::Copy { .. } => "copy",
             TaskKind::Cancel { .. } => "cancel",
         }
     }
@@ -184,6 +211,38 @@ pub enum TaskResult {
     Repair(crate::repo::RepairReport),
     /// Result of [`TaskKind::Cancel`].
     Cancel(CancelReport),
+    /// Result of [`TaskKind::Copy`].
+    Copy(CopyReport),
+}
+
+/// Most snapshot ids and failures a [`CopyReport`] lists (the counts are
+/// always complete): the report travels in an event.
+pub const COPY_REPORT_LISTED: usize = 200;
+
+/// What a copy moved.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyReport {
+    /// The destination storage host.
+    pub to: String,
+    /// Snapshots the task selected on this host.
+    pub snapshots_selected: u64,
+    /// Snapshots committed at the destination by this copy.
+    pub snapshots_copied: u64,
+    /// Snapshots the destination held already.
+    pub snapshots_present: u64,
+    /// The first copied snapshot ids.
+    pub copied: Vec<SnapshotId>,
+    /// Blobs sent (the destination lacked them).
+    pub blobs_sent: u64,
+    /// Sealed bytes sent.
+    pub bytes_sent: u64,
+    /// Blobs the selected snapshots reference that the destination held
+    /// already (deduplicated there, not sent).
+    pub blobs_present: u64,
+    /// Snapshots that could not be copied, each with why (the first ones).
+    pub failed: Vec<String>,
+    /// How many could not be copied.
+    pub snapshots_failed: u64,
 }
 
 /// What a cancel request found.

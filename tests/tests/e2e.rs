@@ -5,6 +5,7 @@
 //! prints every agent log; `FLOTILLA_E2E_KEEP=1` also keeps its directory.
 
 mod ansible;
+mod copies;
 mod dataplane;
 mod deploy;
 mod operations;

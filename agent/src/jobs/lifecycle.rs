@@ -401,6 +401,12 @@ fn failure_text(result: &TaskResult) -> String {
             }
             line
         }
+        TaskResult::Copy(r) => format!(
+            "copy to {} copied none of {} snapshot(s); first: {}",
+            r.to,
+            r.snapshots_selected.max(r.snapshots_failed),
+            r.failed.first().map_or("-", String::as_str)
+        ),
         _ => "failed".into(),
     }
 }

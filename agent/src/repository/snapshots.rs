@@ -182,6 +182,14 @@ impl Repository {
         Ok(())
     }
 
+    /// The id of every snapshot file, sorted. Files whose name is not a
+    /// snapshot id are ignored with a warning.
+    pub fn snapshot_ids(&self) -> Result<Vec<String>, RepoError> {
+        let mut ids = list_ids(&self.shared.dir)?;
+        ids.sort();
+        Ok(ids)
+    }
+
     /// Every snapshot, oldest first. Unreadable files are skipped with a
     /// warning (`check` reports them).
     pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>, RepoError> {

@@ -6,8 +6,10 @@
 //! host as its storage, and that the client's certificate names the task's
 //! host; anything else is refused with a `security.task_rejected` event before
 //! a byte of data moves. Backup sessions may only add blobs and commit a
-//! snapshot of their own host; restore sessions may only read the blobs of
-//! the snapshot their task names.
+//! snapshot of their own host; copy sessions (another storage host sending
+//! what it holds) may only add blobs, whose shape is checked, and commit the
+//! snapshots their task selects; restore sessions may only read the blobs of
+//! the snapshot their task names. No session deletes anything.
 //!
 //! The server sees only what [`ServerContext`] gives it (this host, its fleet
 //! and coordinator key, the repository, the claims, the bus for events): never
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_protocol::frame::{ErrorCode, Request, Response, MAX_FRAME, MAX_IDS};
-use flotilla_protocol::repo::BlobId;
+use flotilla_protocol::repo::{check_sealed_shape, BlobId, SnapshotRecord};
 use flotilla_protocol::{
     verify_task_for_peer, EventBody, HostName, PublicKey, RejectReason, TaskBody, TaskId, TaskKind,
 };
@@ -66,6 +68,13 @@ pub(crate) struct ServerContext {
 enum Grant {
     /// Add blobs and commit snapshots of `host`.
     Backup { host: HostName },
+    /// Add blobs and commit the snapshots a copy task selects, from the
+    /// storage host that holds them: of `hosts` (any when empty), and only
+    /// `snapshots` when the task names them.
+    Copy {
+        hosts: Arc<HashSet<HostName>>,
+        snapshots: Arc<HashSet<String>>,
+    },
     /// Read the blobs of one snapshot: the task's id (or prefix) until
     /// `get_snapshot` finds it, then the full id.
     Restore {
@@ -305,6 +314,12 @@ enum NoGrant {
         /// This host.
         me: HostName,
     },
+    /// A copy from this host to itself.
+    #[error("a copy task cannot copy {me}'s repository onto itself")]
+    CopyToItself {
+        /// This host.
+        me: HostName,
+    },
     /// A kind of task that never moves data between hosts.
     #[error("a {kind} task does not open a data-plane session")]
     NoDataPlane {
@@ -324,6 +339,16 @@ fn grant_for(body: &TaskBody, me: &HostName) -> Result<Grant, NoGrant> {
             snapshot: snapshot.to_string(),
             allowed: None,
         }),
+        TaskKind::Copy {
+            to,
+            hosts,
+            snapshots,
+            ..
+        } if to == me && &body.host != me => Ok(Grant::Copy {
+            hosts: Arc::new(hosts.iter().cloned().collect()),
+            snapshots: Arc::new(snapshots.iter().map(|s| s.to_string()).collect()),
+        }),
+        TaskKind::Copy { to, .. } if to == me => Err(NoGrant::CopyToItself { me: me.clone() }),
         TaskKind::Backup { storage, .. } | TaskKind::Restore { storage, .. } => {
             Err(NoGrant::OtherStorage {
                 task: body.id.clone(),
@@ -331,6 +356,11 @@ fn grant_for(body: &TaskBody, me: &HostName) -> Result<Grant, NoGrant> {
                 me: me.clone(),
             })
         }
+        TaskKind::Copy { to, .. } => Err(NoGrant::OtherStorage {
+            task: body.id.clone(),
+            storage: to.clone(),
+            me: me.clone(),
+        }),
         other => Err(NoGrant::NoDataPlane { kind: other.name() }),
     }
 }
@@ -343,7 +373,7 @@ async fn control(
     req: Request,
 ) -> Response {
     match (req, &mut *grant) {
-        (Request::Have { ids }, Grant::Backup { .. }) => {
+        (Request::Have { ids }, Grant::Backup { .. } | Grant::Copy { .. }) => {
             if ids.len() > MAX_IDS {
                 return error(
                     ErrorCode::Invalid,
@@ -355,16 +385,9 @@ async fn control(
                 ids: claims.claim_missing(repo, &ids, me),
             }
         }
-        (Request::Commit { snapshot }, Grant::Backup { host }) => {
-            if &snapshot.host != host {
-                return error(
-                    ErrorCode::Forbidden,
-                    format!(
-                        "a backup session of {host} cannot commit a snapshot of {}",
-                        snapshot.host
-                    ),
-                    false,
-                );
+        (Request::Commit { snapshot }, grant @ (Grant::Backup { .. } | Grant::Copy { .. })) => {
+            if let Err(why) = may_commit(grant, &snapshot) {
+                return error(ErrorCode::Forbidden, why, false);
             }
             // Checked here as the repository checks it (the same rule), so
             // that what `committed` answers is a typed id.
@@ -426,6 +449,40 @@ async fn control(
     }
 }
 
+/// Whether a session with `grant` may commit `snapshot`: a backup its own
+/// host's snapshots, a copy the snapshots its task selects.
+fn may_commit(grant: &Grant, snapshot: &SnapshotRecord) -> Result<(), String> {
+    match grant {
+        Grant::Backup { host } if &snapshot.host != host => Err(format!(
+            "a backup session of {host} cannot commit a snapshot of {}",
+            snapshot.host
+        )),
+        Grant::Copy { hosts, .. } if !hosts.is_empty() && !hosts.contains(&snapshot.host) => {
+            Err(format!(
+                "this copy session may commit snapshots of {} only, not of {}",
+                names(hosts.iter()),
+                snapshot.host
+            ))
+        }
+        Grant::Copy { snapshots, .. }
+            if !snapshots.is_empty() && !snapshots.contains(&snapshot.id) =>
+        {
+            Err(format!(
+                "snapshot {} is not one this copy session's task names",
+                snapshot.id
+            ))
+        }
+        Grant::Backup { .. } | Grant::Copy { .. } => Ok(()),
+        Grant::Restore { .. } => Err("a restore session commits nothing".into()),
+    }
+}
+
+fn names<'a>(hosts: impl Iterator<Item = &'a HostName>) -> String {
+    let mut v: Vec<&str> = hosts.map(HostName::as_str).collect();
+    v.sort_unstable();
+    v.join(", ")
+}
+
 fn request_name(r: &Request) -> &'static str {
     match r {
         Request::Hello { .. } => "hello",
@@ -446,12 +503,24 @@ async fn data_stream(
     mut recv: quinn::RecvStream,
 ) -> Result<(), TransferError> {
     match grant {
-        Grant::Backup { .. } => {
+        Grant::Backup { .. } | Grant::Copy { .. } => {
+            // A copy comes from another storage host, not from the source
+            // that sealed the blobs: what can be checked without the key is.
+            let copy = matches!(grant, Grant::Copy { .. });
             let mut writer = repo.pack_writer();
             let mut failure = None;
             loop {
                 match read_frame::<Request>(&mut recv, MAX_FRAME).await {
                     Ok(Some(Request::Put { id, kind, data })) => {
+                        if failure.is_none() && copy {
+                            if let Err(why) = check_sealed_shape(&data) {
+                                failure = Some(error(
+                                    ErrorCode::Corrupt,
+                                    format!("copied blob {id}: {why}"),
+                                    false,
+                                ));
+                            }
+                        }
                         if failure.is_none() {
                             if let Err(e) =
                                 tokio::task::block_in_place(|| writer.add(id, kind, &data))
@@ -664,6 +733,70 @@ mod tests {
         };
         assert_eq!(snapshot, "abc".repeat(10) + "ab");
         assert!(allowed.is_none(), "no blob is readable before get_snapshot");
+    }
+
+    fn copy(to: &str, hosts: &[&str], snapshots: &[&str]) -> TaskKind {
+        TaskKind::Copy {
+            to: host(to),
+            to_addr: "192.0.2.1:7443".parse().expect("address"),
+            hosts: hosts.iter().map(|h| host(h)).collect(),
+            snapshots: snapshots
+                .iter()
+                .map(|s| SnapshotId::new(s.to_string()).expect("valid"))
+                .collect(),
+            limit_bytes_per_sec: 0,
+        }
+    }
+
+    fn record(id: &str, of: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            v: 1,
+            id: id.into(),
+            host: host(of),
+            time: 1,
+            tree: BlobId([1; 32]),
+            partial: false,
+            blobs: vec![],
+            meta: vec![],
+        }
+    }
+
+    #[test]
+    fn a_copy_naming_this_storage_may_commit_the_snapshots_it_selects_only() {
+        let (a, b) = ("a".repeat(32), "b".repeat(32));
+        // The task runs on `alpha` (the host holding the snapshots).
+        let grant = grant_for(&task(copy("offsite", &[], &[])), &host("offsite")).expect("granted");
+        assert_eq!(may_commit(&grant, &record(&a, "web")), Ok(()));
+        assert_eq!(may_commit(&grant, &record(&b, "db")), Ok(()));
+
+        let grant = grant_for(&task(copy("offsite", &["web"], &[])), &host("offsite"))
+            .expect("granted");
+        assert_eq!(may_commit(&grant, &record(&a, "web")), Ok(()));
+        let why = may_commit(&grant, &record(&b, "db")).expect_err("another host's");
+        assert!(why.contains("of web only, not of db"), "{why}");
+
+        let grant = grant_for(&task(copy("offsite", &[], &[&a])), &host("offsite"))
+            .expect("granted");
+        assert_eq!(may_commit(&grant, &record(&a, "db")), Ok(()));
+        let why = may_commit(&grant, &record(&b, "db")).expect_err("not named");
+        assert!(why.contains("not one this copy session's task names"), "{why}");
+
+        // A backup grant still commits its own host's snapshots only.
+        let grant = grant_for(&task(backup("nas")), &host("nas")).expect("granted");
+        assert_eq!(may_commit(&grant, &record(&a, "alpha")), Ok(()));
+        assert!(may_commit(&grant, &record(&a, "web")).is_err());
+    }
+
+    #[test]
+    fn a_copy_to_another_storage_or_onto_itself_is_refused() {
+        let why = grant_for(&task(copy("elsewhere", &[], &[])), &host("offsite"))
+            .expect_err("refused");
+        assert_eq!(
+            why.to_string(),
+            "task t1 names storage host elsewhere, not offsite"
+        );
+        let why = grant_for(&task(copy("alpha", &[], &[])), &host("alpha")).expect_err("refused");
+        assert_eq!(why, NoGrant::CopyToItself { me: host("alpha") });
     }
 
     #[test]

@@ -39,54 +39,82 @@ pub(super) async fn run(
     let fleet = g.fleet()?;
     let key = repo_key(&fleet)?;
     let nats = g.connect().await?;
-    let found = find(&nats, &key, snapshot, from).await?;
+    let held = find(&nats, &key, snapshot, from).await?;
+    let found = &held.found;
     if nats.host(&host).await?.is_none() {
         return Err(CliError::HostUnknown(host.to_string()));
     }
-    let addr = storage_addr(&nats, &found.storage).await?;
     // The storage host listed it; only a well-formed id goes into a task.
     let snapshot = found.record.snapshot_id().map_err(|e| CliError::Request {
         what: format!("restore from {}", found.storage),
         why: e.to_string(),
     })?;
     let dispatch = Dispatch::new(&fleet, &nats)?;
-    let task = dispatch
-        .send(
-            &host,
-            TaskKind::Restore {
-                snapshot,
-                storage: found.storage.clone(),
-                storage_addr: addr,
-                target: dir.to_owned(),
-                includes,
-                preserve_special,
+    // Every storage host holding the snapshot (a copy, `flotilla copy`) is
+    // a place to restore from: the next is tried when one cannot be reached
+    // or its restore fails in a way trying again may mend.
+    let storages = &held.storages;
+    let mut tried = 0;
+    let (storage, done) = loop {
+        let storage = &storages[tried];
+        tried += 1;
+        let next = storages.get(tried);
+        let addr = match storage_addr(&nats, storage).await {
+            Ok(addr) => addr,
+            Err(e) => match next {
+                Some(next) => {
+                    eprintln!("cannot restore from {storage}: {e}; trying {next}, which holds it too");
+                    continue;
+                }
+                None => return Err(e),
             },
-        )
-        .await?;
-    if !json {
-        eprintln!(
-            "sent restore task {} to {host}: snapshot {} ({} from {}) into {dir}",
-            task.id,
-            output::short(&found.record.id),
-            found.record.host,
-            found.storage,
-        );
-    }
-    if !wait {
-        if json {
-            outln!(
-                "{}",
-                json!({"type": "queued", "host": host.as_str(), "task_id": task.id})
+        };
+        let task = dispatch
+            .send(
+                &host,
+                TaskKind::Restore {
+                    snapshot: snapshot.clone(),
+                    storage: storage.clone(),
+                    storage_addr: addr,
+                    target: dir.to_owned(),
+                    includes: includes.clone(),
+                    preserve_special,
+                },
+            )
+            .await?;
+        if !json {
+            eprintln!(
+                "sent restore task {} to {host}: snapshot {} ({} from {storage}) into {dir}",
+                task.id,
+                output::short(&found.record.id),
+                found.record.host,
             );
-        } else {
-            eprintln!("{}", output::follow_hint());
         }
-        return Ok(());
-    }
-    let wait = Wait::with_timeout(WAIT, timeout);
-    let done = follow_one(&host, task, "restore", wait, json, &dispatch).await?;
+        if !wait {
+            if json {
+                outln!(
+                    "{}",
+                    json!({"type": "queued", "host": host.as_str(), "task_id": task.id, "storage": storage.as_str()})
+                );
+            } else {
+                eprintln!("{}", output::follow_hint());
+            }
+            return Ok(());
+        }
+        let wait = Wait::with_timeout(WAIT, timeout);
+        let done = follow_one(&host, task, "restore", wait, json, &dispatch).await?;
+        match next {
+            Some(next) if done.outcome == TaskOutcome::Failed && done.retryable => {
+                eprintln!(
+                    "restore from {storage} failed: {}; trying {next}, which holds it too",
+                    done.error.as_deref().unwrap_or("no reason given")
+                );
+            }
+            _ => break (storage, done),
+        }
+    };
     if json {
-        let mut v = json!({"type": "summary", "host": host.as_str(), "task_id": done.task_id,
+        let mut v = json!({"type": "summary", "host": host.as_str(), "storage": storage.as_str(), "task_id": done.task_id,
             "outcome": done.outcome, "error": done.error, "retryable": done.retryable,
             "duration_ms": done.duration_ms});
         if let Some(TaskResult::Restore(r)) = &done.result {

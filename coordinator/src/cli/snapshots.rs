@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{output, Global};
 use crate::error::CliError;
-use crate::fleetops::{list, repo_key, Found, RemoteTrees, Trees};
+use crate::fleetops::{list, repo_key, Held, RemoteTrees, Trees};
 use crate::nats::Nats;
 
 #[derive(Debug, Serialize)]
@@ -19,7 +19,10 @@ struct SnapshotView<'a> {
     id: &'a str,
     time: String,
     host: &'a str,
+    /// The first storage host holding it (as before copies existed).
     storage: &'a str,
+    /// Every storage host holding it.
+    storages: Vec<&'a str>,
     partial: bool,
     paths: Vec<String>,
     files: Option<u64>,
@@ -28,23 +31,31 @@ struct SnapshotView<'a> {
     task_id: Option<TaskId>,
 }
 
-/// The one snapshot whose id starts with `prefix`.
+/// The one snapshot whose id starts with `prefix`, with every storage host
+/// that holds it (on `to` only, when given). A snapshot copied to several
+/// storage hosts is one snapshot, not an ambiguous prefix.
 pub(super) async fn find(
     nats: &Nats,
     key: &RepoKey,
     prefix: &str,
     to: Option<&HostName>,
-) -> Result<Found, CliError> {
+) -> Result<Held, CliError> {
     let listing = list(nats, key, to).await?;
     let missing: Vec<String> = listing
         .unanswered
         .iter()
         .map(|(s, why)| format!("{s} ({why})"))
         .collect();
-    let mut hits: Vec<Found> = listing
-        .found
+    if listing.contested.iter().any(|id| id.starts_with(prefix)) {
+        return Err(CliError::Usage(format!(
+            "storage hosts list different records under snapshot id {prefix}; name the one to \
+             read with --from (see `flotilla snapshots`)"
+        )));
+    }
+    let mut hits: Vec<Held> = listing
+        .held()
         .into_iter()
-        .filter(|f| f.record.id.starts_with(prefix))
+        .filter(|h| h.found.record.id.starts_with(prefix))
         .collect();
     match hits.len() {
         0 if !missing.is_empty() => Err(CliError::Usage(format!(
@@ -72,18 +83,20 @@ pub(super) async fn snapshots(
     let nats = g.connect().await?;
     let listing = list(&nats, &key, to).await?;
     output::listing_warnings(&listing, json);
-    let found: Vec<Found> = listing
-        .found
+    let held: Vec<Held> = listing
+        .held()
         .into_iter()
-        .filter(|f| host.is_none_or(|h| &f.record.host == h))
+        .filter(|h| host.is_none_or(|want| &h.found.record.host == want))
         .collect();
-    let views: Vec<SnapshotView<'_>> = found
+    let views: Vec<SnapshotView<'_>> = held
         .iter()
-        .map(|f| SnapshotView {
+        .map(|h| (h, &h.found))
+        .map(|(h, f)| SnapshotView {
             id: &f.record.id,
             time: output::rfc3339(f.record.time),
             host: f.record.host.as_str(),
             storage: f.storage.as_str(),
+            storages: h.storages.iter().map(HostName::as_str).collect(),
             partial: f.record.partial,
             paths: f.meta.as_ref().map(|m| m.paths.clone()).unwrap_or_default(),
             files: f
@@ -108,13 +121,13 @@ pub(super) async fn snapshots(
     }
     let rows = views
         .iter()
-        .zip(&found)
-        .map(|(v, f)| {
+        .zip(&held)
+        .map(|(v, h)| {
             vec![
                 output::short(v.id),
-                output::when(f.record.time, g.utc),
+                output::when(h.found.record.time, g.utc),
                 v.host.to_owned(),
-                v.storage.to_owned(),
+                v.storages.join(","),
                 v.files.map(|f| f.to_string()).unwrap_or_else(|| "?".into()),
                 v.bytes_total
                     .map(output::bytes)
@@ -303,7 +316,7 @@ pub(super) async fn ls(
     let fleet = g.fleet()?;
     let key = repo_key(&fleet)?;
     let nats = g.connect().await?;
-    let found = find(&nats, &key, snapshot, to).await?;
+    let found = find(&nats, &key, snapshot, to).await?.found;
     let trees = RemoteTrees {
         nats: &nats,
         key: &key,
