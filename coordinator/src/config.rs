@@ -11,7 +11,7 @@
 //! routes for plans that do not exist, schedules that never fire.
 //! [`Config::unenrolled`] adds warnings for hosts the fleet never enrolled.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::Path;
@@ -72,9 +72,23 @@ pub struct Plan {
     /// a `cancel` and counted failed (retried as `serve.retries` allows);
     /// also `backup --plan/--all --wait`'s default `--timeout`.
     pub timeout: Option<Duration>,
+    /// Storage hosts each snapshot of the plan is copied to
+    /// (`copy_to = ["offsite"]`): after each backup, or on `copy_schedule`.
+    pub copy_to: Vec<HostName>,
+    /// When to copy (the newest snapshot of each host); none: after every
+    /// successful backup.
+    pub copy_schedule: Option<Cron>,
+    /// Retention at each `copy_to` storage host (`keep_copies.offsite =
+    /// { daily = 30 }`); a destination without one keeps every copy.
+    pub keep_copies: BTreeMap<HostName, KeepPolicy>,
+    /// Most bytes per second a copy sends (`copy_limit_upload = "2M"`); 0:
+    /// no limit.
+    pub copy_limit_upload: u64,
     /// Lines of `hosts` entries and of `to`, for warnings found later.
     host_lines: Vec<usize>,
     to_line: usize,
+    /// Lines of `copy_to` entries.
+    copy_lines: Vec<usize>,
 }
 
 /// Where events go.
@@ -218,6 +232,12 @@ struct RawPlan {
     check_read_data: Option<Spanned<String>>,
     prune: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    copy_to: Vec<Spanned<String>>,
+    copy_schedule: Option<Spanned<String>>,
+    #[serde(default)]
+    keep_copies: BTreeMap<Spanned<String>, Spanned<KeepPolicy>>,
+    copy_limit_upload: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,6 +305,16 @@ pub fn duration(s: &str) -> Result<Duration, DurationError> {
         source,
     })?;
     Ok(d)
+}
+
+/// A plan's copy keys, checked.
+#[derive(Debug, Default)]
+struct Copies {
+    to: Vec<HostName>,
+    schedule: Option<Cron>,
+    keep: BTreeMap<HostName, KeepPolicy>,
+    limit: u64,
+    lines: Vec<usize>,
 }
 
 /// Collects mistakes with their lines while the raw file is turned into a
@@ -415,6 +445,7 @@ impl Checker<'_> {
                 self.issue(keep.span(), format!("plan {name}: keep: {e}"));
             }
         }
+        let copies = self.copies(&name, raw, to.as_ref());
         if self.issues.len() > before {
             return None;
         }
@@ -441,7 +472,73 @@ impl Checker<'_> {
             timeout,
             host_lines,
             to_line: self.line(raw.to.span()),
+            copy_to: copies.to,
+            copy_schedule: copies.schedule,
+            keep_copies: copies.keep,
+            copy_limit_upload: copies.limit,
+            copy_lines: copies.lines,
         })
+    }
+
+    /// A plan's copy keys: `copy_to`, `copy_schedule`, `keep_copies`,
+    /// `copy_limit_upload`.
+    fn copies(&mut self, name: &str, raw: &RawPlan, to: Option<&HostName>) -> Copies {
+        let mut out = Copies::default();
+        for c in &raw.copy_to {
+            let Some(host) = self.host(&format!("plan {name}: copy_to"), c) else {
+                continue;
+            };
+            if Some(&host) == to {
+                self.issue(
+                    c.span(),
+                    format!("plan {name}: copy_to: {host} is the plan's own storage host (`to`); name another"),
+                );
+            } else if out.to.contains(&host) {
+                self.issue(
+                    c.span(),
+                    format!("plan {name}: copy_to: {host} is named twice"),
+                );
+            } else {
+                out.lines.push(self.line(c.span()));
+                out.to.push(host);
+            }
+        }
+        out.schedule = self.cron(
+            &format!("plan {name}: copy_schedule"),
+            raw.copy_schedule.as_ref(),
+        );
+        if let (Some(s), true) = (&raw.copy_schedule, raw.copy_to.is_empty()) {
+            self.issue(
+                s.span(),
+                format!("plan {name}: copy_schedule without copy_to: name where to copy"),
+            );
+        }
+        for (dest, keep) in &raw.keep_copies {
+            let Some(host) = self.host(&format!("plan {name}: keep_copies"), dest) else {
+                continue;
+            };
+            if !out.to.contains(&host) {
+                self.issue(
+                    dest.span(),
+                    format!("plan {name}: keep_copies: {host} is not in copy_to"),
+                );
+            }
+            if let Err(e) = keep.get_ref().within() {
+                self.issue(keep.span(), format!("plan {name}: keep_copies.{host}: {e}"));
+            }
+            out.keep.insert(host, keep.get_ref().clone());
+        }
+        if let Some(limit) = &raw.copy_limit_upload {
+            match flotilla_protocol::text::parse_bytes(limit.get_ref()) {
+                Ok(0) => self.issue(
+                    limit.span(),
+                    format!("plan {name}: copy_limit_upload must be above zero (leave it out for no limit)"),
+                ),
+                Ok(n) => out.limit = n,
+                Err(e) => self.issue(limit.span(), format!("plan {name}: copy_limit_upload: {e}")),
+            }
+        }
+        out
     }
 
     fn notify(&mut self, n: usize, raw: &RawNotify, plans: &HashSet<String>) -> Notify {
@@ -610,7 +707,8 @@ impl Config {
                 .hosts
                 .iter()
                 .zip(&plan.host_lines)
-                .chain([(&plan.to, &plan.to_line)]);
+                .chain([(&plan.to, &plan.to_line)])
+                .chain(plan.copy_to.iter().zip(&plan.copy_lines));
             for (host, line) in named {
                 if !enrolled(host) && seen.insert((host.clone(), *line)) {
                     out.push(ConfigIssue {
@@ -677,6 +775,78 @@ listen = "127.0.0.1:9464"
             "metrics address parsed"
         );
         assert_eq!(c.serve, ServeSettings::default());
+    }
+
+    #[test]
+    fn copy_keys_are_checked_against_the_plan() {
+        let with = |extra: &str| GOOD.replace("to = \"nas\"", &format!("to = \"nas\"\n{extra}"));
+        let c = Config::parse(&with(
+            "copy_to = [\"offsite\", \"cloud\"]\ncopy_schedule = \"0 4 * * *\"\n\
+             keep_copies.offsite = { daily = 30 }\ncopy_limit_upload = \"2MiB/s\"",
+        ))
+        .expect("valid");
+        let plan = &c.plan[0];
+        assert_eq!(
+            plan.copy_to,
+            [
+                HostName::new("offsite").expect("valid"),
+                HostName::new("cloud").expect("valid")
+            ]
+        );
+        assert!(plan.copy_schedule.is_some());
+        assert_eq!(plan.copy_limit_upload, 2 << 20);
+        assert_eq!(plan.keep_copies.len(), 1);
+        assert_eq!(
+            plan.keep_copies.values().next().and_then(|k| k.daily),
+            Some(30)
+        );
+        // Copies are off unless named.
+        let plain = &Config::parse(GOOD).expect("valid").plan[0];
+        assert!(plain.copy_to.is_empty() && plain.keep_copies.is_empty());
+        assert_eq!(plain.copy_limit_upload, 0);
+
+        for (extra, says) in [
+            ("copy_to = [\"nas\"]", "is the plan's own storage host"),
+            (
+                "copy_to = [\"offsite\", \"offsite\"]",
+                "offsite is named twice",
+            ),
+            (
+                "copy_schedule = \"0 4 * * *\"",
+                "copy_schedule without copy_to",
+            ),
+            (
+                "copy_to = [\"offsite\"]\nkeep_copies.cloud = { last = 1 }",
+                "cloud is not in copy_to",
+            ),
+            (
+                "copy_to = [\"offsite\"]\ncopy_limit_upload = \"fast\"",
+                "copy_limit_upload",
+            ),
+            (
+                "copy_to = [\"offsite\"]\ncopy_limit_upload = \"0\"",
+                "above zero",
+            ),
+            ("copy_to = [\"off site\"]", "copy_to"),
+        ] {
+            let issues = Config::parse(&with(extra)).expect_err(extra);
+            assert!(
+                issues
+                    .iter()
+                    .any(|i| i.message.contains(says) && i.line.is_some()),
+                "{extra}: {issues:?}"
+            );
+        }
+        // A copy destination never enrolled is warned about like any host.
+        let c = Config::parse(&with("copy_to = [\"offsite\"]")).expect("valid");
+        let warned = c.unenrolled(|h| h.as_str() != "offsite");
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(
+            warned[0]
+                .message
+                .contains("host offsite was never enrolled"),
+            "{warned:?}"
+        );
     }
 
     #[test]

@@ -784,12 +784,24 @@ pub(crate) mod tests {
         assert_eq!(at("nas", &b.id), Some(true));
         // Any field of the record differing makes it no copy.
         for changed in [
-            SnapshotRecord { time: 21, ..b.clone() },
-            SnapshotRecord { partial: true, ..b.clone() },
-            SnapshotRecord { tree: a.tree, ..b.clone() },
+            SnapshotRecord {
+                time: 21,
+                ..b.clone()
+            },
+            SnapshotRecord {
+                partial: true,
+                ..b.clone()
+            },
+            SnapshotRecord {
+                tree: a.tree,
+                ..b.clone()
+            },
         ] {
             let listing = merge(
-                vec![(h("nas"), Ok(vec![b.clone()])), (h("offsite"), Ok(vec![changed]))],
+                vec![
+                    (h("nas"), Ok(vec![b.clone()])),
+                    (h("offsite"), Ok(vec![changed])),
+                ],
                 &key,
             );
             assert_eq!(listing.contested.iter().collect::<Vec<_>>(), [&b.id]);

@@ -117,6 +117,19 @@ pub enum EventBody {
         /// The recovery-point objective, in seconds.
         rpo_secs: u64,
     },
+    /// A host's newest snapshot copied to one of a plan's `copy_to` storage
+    /// hosts is older than the plan's RPO (or none was ever copied there).
+    #[serde(rename = "copy.overdue")]
+    CopyOverdue {
+        /// The plan.
+        plan: String,
+        /// The destination storage host.
+        storage: String,
+        /// When the newest snapshot copied there was taken, if any.
+        last_copied: Option<UnixMillis>,
+        /// The recovery-point objective, in seconds.
+        rpo_secs: u64,
+    },
     /// A storage or backup root is nearly full.
     #[serde(rename = "storage.low_space")]
     StorageLowSpace {
@@ -375,6 +388,7 @@ impl EventBody {
         "job.failed",
         "job.cancelled",
         "backup.overdue",
+        "copy.overdue",
         "storage.low_space",
         "agent.version_mismatch",
         "coordinator.standby",
@@ -397,6 +411,7 @@ impl EventBody {
             EventBody::JobFailed(_) => "job.failed",
             EventBody::JobCancelled(_) => "job.cancelled",
             EventBody::BackupOverdue { .. } => "backup.overdue",
+            EventBody::CopyOverdue { .. } => "copy.overdue",
             EventBody::StorageLowSpace { .. } => "storage.low_space",
             EventBody::AgentVersionMismatch { .. } => "agent.version_mismatch",
             EventBody::CoordinatorStandby { .. } => "coordinator.standby",
@@ -421,6 +436,7 @@ impl EventBody {
             EventBody::AgentOnline { .. }
             | EventBody::AgentOffline { .. }
             | EventBody::BackupOverdue { .. }
+            | EventBody::CopyOverdue { .. }
             | EventBody::StorageLowSpace { .. }
             | EventBody::AgentVersionMismatch { .. }
             | EventBody::CoordinatorStandby { .. }
@@ -534,6 +550,7 @@ mod tests {
                 | EventBody::JobFailed(_)
                 | EventBody::JobCancelled(_)
                 | EventBody::BackupOverdue { .. }
+                | EventBody::CopyOverdue { .. }
                 | EventBody::StorageLowSpace { .. }
                 | EventBody::AgentVersionMismatch { .. }
                 | EventBody::CoordinatorStandby { .. }
@@ -613,6 +630,12 @@ mod tests {
             EventBody::BackupOverdue {
                 plan: "p".into(),
                 last_success: None,
+                rpo_secs: 1,
+            },
+            EventBody::CopyOverdue {
+                plan: "p".into(),
+                storage: "offsite".into(),
+                last_copied: Some(1),
                 rpo_secs: 1,
             },
             EventBody::StorageLowSpace {

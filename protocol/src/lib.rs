@@ -57,9 +57,9 @@ pub use revocation::{
     RevocationError, RevocationList, RevokedCert, REVOCATION_BYTES, REVOCATION_VERSION,
 };
 pub use task::{
-    check_epoch, sign_task, verify_task, verify_task_for_peer, BackupReport, CancelReport, CopyReport, COPY_REPORT_LISTED,
-    DirUsage, EstimateReport, PublicKey, SigningSeed, TaskBody, TaskEnvelope, TaskKind, TaskResult,
-    TaskVerifyError, CLOCK_SKEW_MS, TASK_VERSION,
+    check_epoch, sign_task, verify_task, verify_task_for_peer, BackupReport, CancelReport,
+    CopyReport, DirUsage, EstimateReport, PublicKey, SigningSeed, TaskBody, TaskEnvelope, TaskKind,
+    TaskResult, TaskVerifyError, CLOCK_SKEW_MS, COPY_REPORT_LISTED, TASK_VERSION,
 };
 
 /// Unix time in milliseconds, the one time representation on the wire.

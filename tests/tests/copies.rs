@@ -129,15 +129,24 @@ fn snapshots_copied_off_site_restore_with_the_first_storage_host_gone() {
     assert_eq!(num(&report["snapshots_failed"]), 0, "{report}");
     let sent = num(&report["bytes_sent"]);
     // Everything, once: the data (3×2 + 2×1 MiB, shared file once) plus trees.
-    assert!(sent >= 8 * MIB && sent < 9 * MIB, "sent {sent} bytes: {report}");
+    assert!(
+        (8 * MIB..9 * MIB).contains(&sent),
+        "sent {sent} bytes: {report}"
+    );
     let copied = pack_bytes(offsite.storage_dir());
-    assert!(copied >= sent, "offsite holds {copied} bytes of packs, {sent} sent");
+    assert!(
+        copied >= sent,
+        "offsite holds {copied} bytes of packs, {sent} sent"
+    );
 
     // One row per snapshot, held by both.
     let listed = holders(&fleet);
     assert_eq!(listed.len(), 2, "{listed:?}");
     for (id, storages) in &listed {
-        assert!(snaps.contains(id), "{id} is not a snapshot taken: {listed:?}");
+        assert!(
+            snaps.contains(id),
+            "{id} is not a snapshot taken: {listed:?}"
+        );
         assert_eq!(storages, &["nas", "offsite"], "{listed:?}");
     }
 
@@ -146,7 +155,11 @@ fn snapshots_copied_off_site_restore_with_the_first_storage_host_gone() {
     assert_eq!(num(&again["snapshots_present"]), 2, "{again}");
     assert_eq!(num(&again["snapshots_copied"]), 0, "{again}");
     assert_eq!(num(&again["bytes_sent"]), 0, "{again}");
-    assert_eq!(pack_bytes(offsite.storage_dir()), copied, "nothing written again");
+    assert_eq!(
+        pack_bytes(offsite.storage_dir()),
+        copied,
+        "nothing written again"
+    );
 
     let out = fleet.check("offsite", true).expect("run check");
     let checked = check_report(&out).expect("a check report");
@@ -192,7 +205,14 @@ fn a_copy_cut_short_resumes_without_sending_again_what_arrived() {
     let started = Instant::now();
     let out = fleet
         .cli([
-            "copy", "--from", "nas", "--to", "offsite", "--limit-upload", "8M", "--json",
+            "copy",
+            "--from",
+            "nas",
+            "--to",
+            "offsite",
+            "--limit-upload",
+            "8M",
+            "--json",
         ])
         .expect("send the copy");
     assert_exit(&fleet, &out, 0, "queue the copy");
@@ -219,7 +239,11 @@ fn a_copy_cut_short_resumes_without_sending_again_what_arrived() {
     // ahead of the pace; the rest took its time at 8 MiB/s (unpaced, the
     // whole copy takes well under a second on loopback).
     let floor = Duration::from_secs_f64(arrived.saturating_sub(8 * MIB) as f64 / (8 * MIB) as f64);
-    assert!(started.elapsed() >= floor, "{arrived} bytes in {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= floor,
+        "{arrived} bytes in {:?}",
+        started.elapsed()
+    );
 
     offsite.restart().expect("restart offsite");
     // Its new address (a new port) is what the next copy must dial.
@@ -243,7 +267,16 @@ fn a_copy_cut_short_resumes_without_sending_again_what_arrived() {
     let to = format!("offsite:{}", path_str(&target));
     let out = fleet
         .cli_with_timeout(
-            ["restore", snap.as_str(), "--to", &to, "--from", "offsite", "--wait", "--json"],
+            [
+                "restore",
+                snap.as_str(),
+                "--to",
+                &to,
+                "--from",
+                "offsite",
+                "--wait",
+                "--json",
+            ],
             DATA_TIMEOUT,
         )
         .expect("run flotilla restore");
@@ -253,5 +286,67 @@ fn a_copy_cut_short_resumes_without_sending_again_what_arrived() {
         sources[0].backup_root(),
         &restored_path(&target, sources[0].backup_root()),
         Compare::Contents,
+    );
+}
+
+/// A plan with `copy_to`: `flotilla serve` copies each new snapshot of the
+/// plan's hosts to offsite after its backup (one started by hand counts),
+/// and applies offsite's own keep policy there (`keep_copies`), not nas's.
+#[test]
+fn serve_copies_each_backup_off_site_and_keeps_its_own_policy_there() {
+    let nats = NatsServer::start().expect("start nats-server");
+    let fleet = Fleet::init(&nats).expect("init fleet");
+    let (_nas, _offsite, sources) = start_two_storages(&fleet, &["alpha"]);
+    let config = fleet.dir().join("flotilla.toml");
+    std::fs::write(
+        &config,
+        "[serve]\ntick = \"1s\"\n\n[[plan]]\nname = \"home\"\nhosts = [\"alpha\"]\nto = \"nas\"\n\
+         keep = { last = 5 }\ncopy_to = [\"offsite\"]\nkeep_copies.offsite = { last = 1 }\n",
+    )
+    .expect("write flotilla.toml");
+    let serve = fleet.serve("main", &config).expect("start flotilla serve");
+    fleet.wait_until("the daemon to lead", STARTUP_TIMEOUT, || {
+        Ok(serve.log().contains("acquired the coordinator lease"))
+    });
+    let root = sources[0].backup_root();
+    let mut made = Vec::new();
+    for i in 0..2u64 {
+        fill(root, 50 + i, 1, MIB);
+        made.push(snapshot_of(&backup_ok(&fleet, &["alpha"])[0]));
+        let newest = made[made.len() - 1].clone();
+        fleet.wait_until(
+            "the daemon to copy the new snapshot to offsite",
+            Duration::from_secs(60),
+            || {
+                Ok(holders(&fleet)
+                    .iter()
+                    .any(|(id, on)| *id == newest && on == &["nas", "offsite"]))
+            },
+        );
+    }
+    // offsite keeps one (its policy), nas both (its own keeps five).
+    fleet.wait_until(
+        "offsite's keep policy to apply",
+        Duration::from_secs(60),
+        || {
+            let listed = holders(&fleet);
+            Ok(listed.len() == 2
+                && listed
+                    .iter()
+                    .any(|(id, on)| *id == made[0] && on == &["nas"])
+                && listed
+                    .iter()
+                    .any(|(id, on)| *id == made[1] && on == &["nas", "offsite"]))
+        },
+    );
+    let copies = fleet
+        .events()
+        .expect("read events")
+        .into_iter()
+        .filter(|e| e["kind"] == "job.succeeded" && e["detail"]["job_kind"] == "copy")
+        .count();
+    assert!(
+        copies >= 2,
+        "a copy job per backup, each succeeded: {copies}"
     );
 }

@@ -70,10 +70,13 @@ impl Agent {
             ..CopyReport::default()
         };
         for id in &not_here {
-            fail(&mut report, format!(
-                "snapshot {id} is not in {}'s repository",
-                self.settings.host
-            ));
+            fail(
+                &mut report,
+                format!(
+                    "snapshot {id} is not in {}'s repository",
+                    self.settings.host
+                ),
+            );
         }
         let session = Session::open(&endpoint, *to_addr, to, envelope)
             .await
@@ -339,7 +342,9 @@ impl Run {
                 Path::new(current),
             );
         }
-        self.handle.block_on(uploader.finish()).map_err(Fail::Lost)?;
+        self.handle
+            .block_on(uploader.finish())
+            .map_err(Fail::Lost)?;
         if self.cancel.is_cancelled() {
             return Err(Fail::Cancelled);
         }

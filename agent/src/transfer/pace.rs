@@ -55,7 +55,14 @@ mod tests {
         // quarter second after the one before, 2.25 s for the last start.
         for i in 0..10u32 {
             let wait = pace.wait(now, MIB / 4);
-            assert_eq!(wait, if i == 0 { Duration::ZERO } else { Duration::from_millis(250) });
+            assert_eq!(
+                wait,
+                if i == 0 {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(250)
+                }
+            );
             now += wait;
         }
         assert_eq!(now, Duration::from_millis(2250));

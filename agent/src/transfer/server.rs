@@ -769,17 +769,20 @@ mod tests {
         assert_eq!(may_commit(&grant, &record(&a, "web")), Ok(()));
         assert_eq!(may_commit(&grant, &record(&b, "db")), Ok(()));
 
-        let grant = grant_for(&task(copy("offsite", &["web"], &[])), &host("offsite"))
-            .expect("granted");
+        let grant =
+            grant_for(&task(copy("offsite", &["web"], &[])), &host("offsite")).expect("granted");
         assert_eq!(may_commit(&grant, &record(&a, "web")), Ok(()));
         let why = may_commit(&grant, &record(&b, "db")).expect_err("another host's");
         assert!(why.contains("of web only, not of db"), "{why}");
 
-        let grant = grant_for(&task(copy("offsite", &[], &[&a])), &host("offsite"))
-            .expect("granted");
+        let grant =
+            grant_for(&task(copy("offsite", &[], &[&a])), &host("offsite")).expect("granted");
         assert_eq!(may_commit(&grant, &record(&a, "db")), Ok(()));
         let why = may_commit(&grant, &record(&b, "db")).expect_err("not named");
-        assert!(why.contains("not one this copy session's task names"), "{why}");
+        assert!(
+            why.contains("not one this copy session's task names"),
+            "{why}"
+        );
 
         // A backup grant still commits its own host's snapshots only.
         let grant = grant_for(&task(backup("nas")), &host("nas")).expect("granted");
@@ -789,8 +792,8 @@ mod tests {
 
     #[test]
     fn a_copy_to_another_storage_or_onto_itself_is_refused() {
-        let why = grant_for(&task(copy("elsewhere", &[], &[])), &host("offsite"))
-            .expect_err("refused");
+        let why =
+            grant_for(&task(copy("elsewhere", &[], &[])), &host("offsite")).expect_err("refused");
         assert_eq!(
             why.to_string(),
             "task t1 names storage host elsewhere, not offsite"

@@ -7,9 +7,7 @@
 
 use std::time::Duration;
 
-use flotilla_protocol::{
-    CopyReport, HostName, SnapshotId, TaskKind, TaskOutcome, TaskResult,
-};
+use flotilla_protocol::{CopyReport, HostName, SnapshotId, TaskKind, TaskOutcome, TaskResult};
 use serde_json::json;
 
 use super::follow::follow_one;
@@ -63,7 +61,11 @@ pub(super) async fn run(
     } else {
         let key = repo_key(&fleet)?;
         let listing = list(&nats, &key, Some(&from)).await?;
-        resolve(&snapshots, listing.found.iter().map(|f| f.record.id.as_str()), &from)?
+        resolve(
+            &snapshots,
+            listing.found.iter().map(|f| f.record.id.as_str()),
+            &from,
+        )?
     };
     let dispatch = Dispatch::new(&fleet, &nats)?;
     let task = dispatch
@@ -90,7 +92,11 @@ pub(super) async fn run(
             if hosts.is_empty() {
                 "every host".to_string()
             } else {
-                hosts.iter().map(HostName::as_str).collect::<Vec<_>>().join(", ")
+                hosts
+                    .iter()
+                    .map(HostName::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             },
             if limit_bytes_per_sec > 0 {
                 format!(" at most {}/s", output::bytes(limit_bytes_per_sec))
@@ -110,8 +116,15 @@ pub(super) async fn run(
         }
         return Ok(());
     }
-    let done = follow_one(&from, task, "copy", Wait::with_timeout(WAIT, timeout), json, &dispatch)
-        .await?;
+    let done = follow_one(
+        &from,
+        task,
+        "copy",
+        Wait::with_timeout(WAIT, timeout),
+        json,
+        &dispatch,
+    )
+    .await?;
     let report = match &done.result {
         Some(TaskResult::Copy(r)) => Some(r),
         _ => None,
@@ -150,7 +163,10 @@ fn resolve<'a>(
 ) -> Result<Vec<SnapshotId>, CliError> {
     let mut out: Vec<SnapshotId> = Vec::new();
     for prefix in wanted {
-        let hits: Vec<&str> = listed.clone().filter(|id| id.starts_with(prefix.as_str())).collect();
+        let hits: Vec<&str> = listed
+            .clone()
+            .filter(|id| id.starts_with(prefix.as_str()))
+            .collect();
         let id = match hits.as_slice() {
             [one] => *one,
             [] => {
@@ -213,11 +229,21 @@ mod tests {
     fn prefixes_resolve_to_one_full_id_on_the_source() {
         let (a, b, c) = ("ab".repeat(16), "ac".repeat(16), "ff".repeat(16));
         let listed = [a.as_str(), b.as_str(), c.as_str()];
-        let got = resolve(&["ff".into(), "abab".into(), "ffff".into()], listed.iter().copied(), &h("nas"))
-            .expect("resolves");
-        assert_eq!(got.iter().map(SnapshotId::as_str).collect::<Vec<_>>(), [c.as_str(), a.as_str()]);
+        let got = resolve(
+            &["ff".into(), "abab".into(), "ffff".into()],
+            listed.iter().copied(),
+            &h("nas"),
+        )
+        .expect("resolves");
+        assert_eq!(
+            got.iter().map(SnapshotId::as_str).collect::<Vec<_>>(),
+            [c.as_str(), a.as_str()]
+        );
         let err = resolve(&["a".into()], listed.iter().copied(), &h("nas")).expect_err("ambiguous");
-        assert!(err.to_string().contains("2 snapshots on nas start with a"), "{err}");
+        assert!(
+            err.to_string().contains("2 snapshots on nas start with a"),
+            "{err}"
+        );
         let err = resolve(&["0".into()], listed.iter().copied(), &h("nas")).expect_err("unknown");
         assert!(err.to_string().contains("no snapshot 0 on nas"), "{err}");
     }

@@ -63,7 +63,9 @@ pub(super) async fn run(
             Ok(addr) => addr,
             Err(e) => match next {
                 Some(next) => {
-                    eprintln!("cannot restore from {storage}: {e}; trying {next}, which holds it too");
+                    eprintln!(
+                        "cannot restore from {storage}: {e}; trying {next}, which holds it too"
+                    );
                     continue;
                 }
                 None => return Err(e),

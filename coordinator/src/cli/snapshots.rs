@@ -88,26 +88,25 @@ pub(super) async fn snapshots(
         .into_iter()
         .filter(|h| host.is_none_or(|want| &h.found.record.host == want))
         .collect();
-    let views: Vec<SnapshotView<'_>> = held
-        .iter()
-        .map(|h| (h, &h.found))
-        .map(|(h, f)| SnapshotView {
-            id: &f.record.id,
-            time: output::rfc3339(f.record.time),
-            host: f.record.host.as_str(),
-            storage: f.storage.as_str(),
-            storages: h.storages.iter().map(HostName::as_str).collect(),
-            partial: f.record.partial,
-            paths: f.meta.as_ref().map(|m| m.paths.clone()).unwrap_or_default(),
-            files: f
-                .meta
-                .as_ref()
-                .map(|m| m.summary.files_new + m.summary.files_changed + m.summary.files_unchanged),
-            bytes_total: f.meta.as_ref().map(|m| m.summary.bytes_total),
-            bytes_added: f.meta.as_ref().map(|m| m.summary.bytes_added),
-            task_id: f.meta.as_ref().map(|m| m.task_id.clone()),
-        })
-        .collect();
+    let views: Vec<SnapshotView<'_>> =
+        held.iter()
+            .map(|h| (h, &h.found))
+            .map(|(h, f)| SnapshotView {
+                id: &f.record.id,
+                time: output::rfc3339(f.record.time),
+                host: f.record.host.as_str(),
+                storage: f.storage.as_str(),
+                storages: h.storages.iter().map(HostName::as_str).collect(),
+                partial: f.record.partial,
+                paths: f.meta.as_ref().map(|m| m.paths.clone()).unwrap_or_default(),
+                files: f.meta.as_ref().map(|m| {
+                    m.summary.files_new + m.summary.files_changed + m.summary.files_unchanged
+                }),
+                bytes_total: f.meta.as_ref().map(|m| m.summary.bytes_total),
+                bytes_added: f.meta.as_ref().map(|m| m.summary.bytes_added),
+                task_id: f.meta.as_ref().map(|m| m.task_id.clone()),
+            })
+            .collect();
     if json {
         outln!(
             "{}",

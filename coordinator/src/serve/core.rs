@@ -24,13 +24,14 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use chrono::{DateTime, TimeZone};
 use flotilla_protocol::status::{FleetStatus, PlanHostStatus, STATUS_VERSION};
 use flotilla_protocol::{
-    BackupReport, Event, EventBody, HostName, JobEnded, Severity, TaskId, TaskOutcome, TaskResult,
+    BackupReport, Event, EventBody, HostName, JobEnded, Severity, SnapshotId, TaskId, TaskOutcome,
+    TaskResult,
 };
 use tracing::{info, warn};
 
 use super::lease::{LeaseSeen, LEASE_TTL};
 use super::state::{Store, Success};
-use super::watchdog::{self, overdue_key, Alert, Watch};
+use super::watchdog::{self, copy_overdue_key, overdue_key, Alert, Watch};
 use crate::config::Config;
 use crate::nats::HostRecord;
 use crate::retention::KeepPolicy;
@@ -64,6 +65,14 @@ pub enum JobKind {
         /// The plan.
         plan: usize,
     },
+    /// Copy the newest snapshot of each of the plan's hosts from its
+    /// storage to `copy_to[dest]`.
+    Copy {
+        /// The plan.
+        plan: usize,
+        /// Index into the plan's `copy_to`.
+        dest: usize,
+    },
 }
 
 impl JobKind {
@@ -73,15 +82,17 @@ impl JobKind {
             JobKind::Backup { .. } => "backup",
             JobKind::Check { .. } => "check",
             JobKind::Prune { .. } => "prune",
+            JobKind::Copy { .. } => "copy",
         }
     }
 
     /// The plan it belongs to.
     pub fn plan(&self) -> usize {
         match self {
-            JobKind::Backup { plan } | JobKind::Check { plan, .. } | JobKind::Prune { plan } => {
-                *plan
-            }
+            JobKind::Backup { plan }
+            | JobKind::Check { plan, .. }
+            | JobKind::Prune { plan }
+            | JobKind::Copy { plan, .. } => *plan,
         }
     }
 }
@@ -102,6 +113,35 @@ pub struct Job {
     /// While running: when it times out (the plan's `timeout` after it was
     /// sent), is sent a `cancel` and counts as failed.
     pub deadline: Option<u64>,
+    /// A copy, once sent: the snapshots its task names (each host's newest
+    /// backup then), recorded as copied when it succeeds.
+    pub copying: Vec<Copying>,
+}
+
+/// One snapshot a copy job's task names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Copying {
+    /// Whose snapshot.
+    pub host: HostName,
+    /// Its id.
+    pub snapshot: SnapshotId,
+    /// When its backup succeeded (what the destination's RPO is counted from).
+    pub time: u64,
+}
+
+impl Job {
+    /// A first attempt of `kind` on `host`, counted against `storage`, due at `now`.
+    fn new(kind: JobKind, host: HostName, storage: &HostName, now: u64) -> Job {
+        Job {
+            kind,
+            host,
+            storage: storage.clone(),
+            attempt: 1,
+            not_before: now,
+            deadline: None,
+            copying: Vec::new(),
+        }
+    }
 }
 
 /// Names a job between [`Action::Dispatch`] and [`Core::on_dispatched`].
@@ -132,6 +172,17 @@ pub enum TaskSpec {
     Prune {
         /// Unreferenced data younger than this survives.
         grace_secs: u64,
+    },
+    /// A copy of `snapshots` (of `hosts`) to the storage host `to`.
+    Copy {
+        /// The destination storage host.
+        to: HostName,
+        /// The plan's hosts.
+        hosts: Vec<HostName>,
+        /// The snapshots to copy.
+        snapshots: Vec<SnapshotId>,
+        /// Most bytes per second; 0: no limit.
+        limit_bytes_per_sec: u64,
     },
 }
 
@@ -248,9 +299,23 @@ fn run_key(plan: &str, what: &str) -> String {
     format!("{plan}/{what}")
 }
 
+/// The store's name for the copies of `plan` at `dest`: where their
+/// successes are kept, per host, beside the plan's own. Plan names cannot
+/// hold `>`, so it is never a plan's.
+pub(super) fn copy_plan_key(plan: &str, dest: &HostName) -> String {
+    format!("{plan}>{dest}")
+}
+
 /// The schedules of one plan: store key, cron, job kind.
-fn schedules(config: &Config, i: usize) -> [(&'static str, Option<&Cron>, JobKind); 4] {
+fn schedules(config: &Config, i: usize) -> Vec<(String, Option<&Cron>, JobKind)> {
     let plan = &config.plan[i];
+    let copies = plan.copy_to.iter().enumerate().map(|(dest, to)| {
+        (
+            format!("copy>{to}"),
+            plan.copy_schedule.as_ref(),
+            JobKind::Copy { plan: i, dest },
+        )
+    });
     [
         (
             "backup",
@@ -275,6 +340,10 @@ fn schedules(config: &Config, i: usize) -> [(&'static str, Option<&Cron>, JobKin
         ),
         ("prune", plan.prune.as_ref(), JobKind::Prune { plan: i }),
     ]
+    .map(|(what, cron, kind)| (what.to_owned(), cron, kind))
+    .into_iter()
+    .chain(copies)
+    .collect()
 }
 
 impl<S: Store, Tz: TimeZone> Core<S, Tz> {
@@ -290,7 +359,7 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
     ) -> Self {
         for i in 0..config.plan.len() {
             for (what, _, _) in schedules(&config, i) {
-                let key = run_key(&config.plan[i].name, what);
+                let key = run_key(&config.plan[i].name, &what);
                 if matches!(store.last_run(&key), Ok(None)) {
                     if let Err(e) = store.set_last_run(&key, now) {
                         warn!(%key, error = %e, "cannot arm the schedule");
@@ -360,9 +429,12 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
         self.queue.len()
     }
 
-    /// Every recorded success: `(plan, host, success)`.
+    /// Every recorded backup success: `(plan, host, success)` (copies are
+    /// recorded beside them under their own names, left out here).
     pub fn successes(&self) -> Vec<(String, String, Success)> {
-        self.store.successes()
+        let mut all = self.store.successes();
+        all.retain(|(plan, _, _)| !plan.contains('>'));
+        all
     }
 
     // ---- leadership ---------------------------------------------------------
@@ -481,7 +553,7 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
         for (i, plan) in self.config.plan.iter().enumerate() {
             for (what, cron, kind) in schedules(&self.config, i) {
                 let Some(cron) = cron else { continue };
-                let key = run_key(&plan.name, what);
+                let key = run_key(&plan.name, &what);
                 let last = match self.store.last_run(&key) {
                     Ok(last) => last.unwrap_or(now),
                     Err(e) => {
@@ -499,16 +571,15 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
                 }
                 let hosts = match kind {
                     JobKind::Backup { .. } => plan.hosts.clone(),
-                    JobKind::Check { .. } | JobKind::Prune { .. } => vec![plan.to.clone()],
+                    JobKind::Check { .. } | JobKind::Prune { .. } | JobKind::Copy { .. } => {
+                        vec![plan.to.clone()]
+                    }
                 };
-                due_jobs.extend(hosts.into_iter().map(|host| Job {
-                    kind,
-                    host,
-                    storage: plan.to.clone(),
-                    attempt: 1,
-                    not_before: now,
-                    deadline: None,
-                }));
+                due_jobs.extend(
+                    hosts
+                        .into_iter()
+                        .map(|host| Job::new(kind, host, &plan.to, now)),
+                );
             }
         }
         for job in due_jobs {
@@ -517,12 +588,14 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
     }
 
     /// Queues a job unless the same one is queued, being sent or running.
+    /// A copy is queued even while the same copy runs: its snapshots are
+    /// chosen when it is sent, so one queued behind a running one takes the
+    /// backups that succeeded meanwhile.
     fn enqueue(&mut self, job: Job) {
         let same = |o: &Job| o.kind == job.kind && o.host == job.host;
-        if self.queue.iter().any(same)
-            || self.sending.values().any(same)
-            || self.running.values().any(same)
-        {
+        let out_already = !matches!(job.kind, JobKind::Copy { .. })
+            && (self.sending.values().any(same) || self.running.values().any(same));
+        if self.queue.iter().any(same) || out_already {
             info!(host = %job.host, job = job.kind.name(), "job already queued or running; not queued again");
             return;
         }
@@ -544,17 +617,22 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
         let max = self.config.serve.max_per_storage;
         let mut out = Vec::new();
         let mut kept = VecDeque::new();
-        while let Some(job) = self.queue.pop_front() {
+        while let Some(mut job) = self.queue.pop_front() {
             if job.not_before > now || self.busy(&job.storage) >= max {
                 kept.push_back(job);
                 continue;
             }
+            let Some((task, copying)) = self.task_of(&job) else {
+                info!(host = %job.host, job = job.kind.name(), "nothing to copy yet (no backup of the plan recorded); job dropped");
+                continue;
+            };
+            job.copying = copying;
             let id = JobId(self.next_job);
             self.next_job += 1;
             out.push(Action::Dispatch {
                 job: id,
                 host: job.host.clone(),
-                task: self.task_of(&job),
+                task,
             });
             self.sending.insert(id, job);
         }
@@ -562,9 +640,12 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
         out
     }
 
-    fn task_of(&self, job: &Job) -> TaskSpec {
+    /// The task a job sends now, and for a copy the snapshots it names
+    /// (each host's newest recorded backup of the plan); `None` for a copy
+    /// with nothing recorded to copy.
+    fn task_of(&self, job: &Job) -> Option<(TaskSpec, Vec<Copying>)> {
         let plan = &self.config.plan[job.kind.plan()];
-        match job.kind {
+        let task = match job.kind {
             JobKind::Backup { .. } => TaskSpec::Backup {
                 storage: job.storage.clone(),
                 paths: plan.paths.clone(),
@@ -575,7 +656,32 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
             JobKind::Prune { .. } => TaskSpec::Prune {
                 grace_secs: self.config.serve.prune_grace.as_secs(),
             },
-        }
+            JobKind::Copy { dest, .. } => {
+                let copying: Vec<Copying> = plan
+                    .hosts
+                    .iter()
+                    .filter_map(|host| {
+                        let s = self.store.success(&plan.name, host.as_str())?;
+                        Some(Copying {
+                            host: host.clone(),
+                            snapshot: s.snapshot?,
+                            time: s.time,
+                        })
+                    })
+                    .collect();
+                if copying.is_empty() {
+                    return None;
+                }
+                let task = TaskSpec::Copy {
+                    to: plan.copy_to[dest].clone(),
+                    hosts: plan.hosts.clone(),
+                    snapshots: copying.iter().map(|c| c.snapshot.clone()).collect(),
+                    limit_bytes_per_sec: plan.copy_limit_upload,
+                };
+                return Some((task, copying));
+            }
+        };
+        Some((task, Vec::new()))
     }
 
     /// The delay before attempt `attempt + 1`: the configured backoff,
@@ -607,7 +713,9 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
                     JobKind::Backup { plan } => vec![Action::JobStarted {
                         plan: self.config.plan[plan].name.clone(),
                     }],
-                    JobKind::Check { .. } | JobKind::Prune { .. } => Vec::new(),
+                    JobKind::Check { .. } | JobKind::Prune { .. } | JobKind::Copy { .. } => {
+                        Vec::new()
+                    }
                 };
                 self.running.insert(task_id, j);
                 started
@@ -653,6 +761,9 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
             error: done.error.clone(),
             snapshot,
         };
+        if let (JobKind::Copy { dest, .. }, Some(TaskResult::Copy(r))) = (job.kind, &done.result) {
+            out.extend(self.copied(&job, dest, done.outcome, r));
+        }
         let host = job.host.clone();
         let (severity, message, body) = match done.outcome {
             TaskOutcome::Cancelled => (
@@ -794,6 +905,86 @@ impl<S: Store, Tz: TimeZone> Core<S, Tz> {
                     host: host.clone(),
                     storage: plan.to.clone(),
                     keep: plan.keep.clone(),
+                });
+            }
+        }
+        // Copies that follow every backup (no `copy_schedule`).
+        let follow: Vec<Job> = self
+            .config
+            .plan
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| {
+                p.to.as_str() == report.storage
+                    && p.hosts.contains(host)
+                    && p.copy_schedule.is_none()
+            })
+            .flat_map(|(i, p)| (0..p.copy_to.len()).map(move |dest| (i, dest, p.to.clone())))
+            .map(|(plan, dest, to)| Job::new(JobKind::Copy { plan, dest }, to.clone(), &to, time))
+            .collect();
+        if self.leader {
+            for job in follow {
+                self.enqueue(job);
+            }
+        }
+        out
+    }
+
+    /// A copy job ended with `outcome` and `report`: each snapshot it named
+    /// that is now at the destination counts as that host's newest copy
+    /// there (clearing its `copy.overdue`), and the destination's keep
+    /// policy, if the plan has one, is applied to that host's copies.
+    fn copied(
+        &mut self,
+        job: &Job,
+        dest: usize,
+        outcome: TaskOutcome,
+        report: &flotilla_protocol::CopyReport,
+    ) -> Vec<Action> {
+        let plan = &self.config.plan[job.kind.plan()];
+        let to = &plan.copy_to[dest];
+        let key = copy_plan_key(&plan.name, to);
+        let mut out = Vec::new();
+        for c in &job.copying {
+            // A partial copy names what it committed; what was already
+            // there is not told apart from what failed, so only a copy that
+            // succeeded whole counts for every snapshot it named.
+            let there = match outcome {
+                TaskOutcome::Succeeded => true,
+                TaskOutcome::Partial => report.copied.contains(&c.snapshot),
+                TaskOutcome::Failed | TaskOutcome::Cancelled => false,
+            };
+            if !there {
+                continue;
+            }
+            let newer = self
+                .store
+                .success(&key, c.host.as_str())
+                .is_none_or(|s| s.time <= c.time);
+            if newer {
+                let s = Success {
+                    v: 1,
+                    time: c.time,
+                    snapshot: Some(c.snapshot.clone()),
+                    bytes_added: 0,
+                    duration_ms: 0,
+                };
+                if let Err(e) = self.store.set_success(&key, c.host.as_str(), &s) {
+                    warn!(error = %e, "cannot record the copy");
+                }
+                if let Err(e) = self
+                    .store
+                    .clear_alert(&copy_overdue_key(&plan.name, to, &c.host))
+                {
+                    warn!(error = %e, "cannot clear the copy's overdue alert");
+                }
+            }
+            if let Some(keep) = plan.keep_copies.get(to).filter(|k| !k.is_empty()) {
+                out.push(Action::ApplyRetention {
+                    plan: plan.name.clone(),
+                    host: c.host.clone(),
+                    storage: to.clone(),
+                    keep: keep.clone(),
                 });
             }
         }

@@ -538,6 +538,18 @@ impl Driver {
                 dry_run: false,
                 grace_secs,
             },
+            TaskSpec::Copy {
+                to,
+                hosts,
+                snapshots,
+                limit_bytes_per_sec,
+            } => TaskKind::Copy {
+                to_addr: fleetops::storage_addr(&self.nats, &to).await?,
+                to,
+                hosts,
+                snapshots,
+                limit_bytes_per_sec,
+            },
         };
         dispatch.publish(host, kind).await
     }

@@ -45,7 +45,9 @@ impl Notifier {
             | EventBody::JobPartial(j)
             | EventBody::JobFailed(j)
             | EventBody::JobCancelled(j) => j.plan.as_deref(),
-            EventBody::BackupOverdue { plan, .. } => Some(plan),
+            EventBody::BackupOverdue { plan, .. } | EventBody::CopyOverdue { plan, .. } => {
+                Some(plan)
+            }
             _ => None,
         }
     }
@@ -79,11 +81,21 @@ impl Notifier {
                 });
             }
             if let (Some(base), Some(plan)) = (&route.healthchecks, plan) {
+                // A plan's healthchecks URL stands for its backups (and
+                // its checks and prunes, as before copies): a copy job's
+                // end does not ping it; `copy.overdue` has its own event.
                 let suffix = match &ev.body {
-                    EventBody::JobSucceeded(_) | EventBody::JobPartial(_) => Some(""),
-                    EventBody::JobFailed(_)
-                    | EventBody::JobCancelled(_)
-                    | EventBody::BackupOverdue { .. } => Some("/fail"),
+                    EventBody::JobSucceeded(j) | EventBody::JobPartial(j)
+                        if j.job_kind != "copy" =>
+                    {
+                        Some("")
+                    }
+                    EventBody::JobFailed(j) | EventBody::JobCancelled(j)
+                        if j.job_kind != "copy" =>
+                    {
+                        Some("/fail")
+                    }
+                    EventBody::BackupOverdue { .. } => Some("/fail"),
                     _ => None,
                 };
                 if let Some(suffix) = suffix {

@@ -47,6 +47,11 @@ pub(super) fn overdue_key(plan: &str, host: &HostName) -> String {
     format!("overdue/{plan}/{host}")
 }
 
+/// The key of a plan's copy-overdue alert for one host's copies at `dest`.
+pub(super) fn copy_overdue_key(plan: &str, dest: &HostName, host: &HostName) -> String {
+    format!("copy_overdue/{plan}/{dest}/{host}")
+}
+
 /// Raises an alert once: `true` when `key` was not already raised for
 /// `marker` (and is now).
 fn raise(store: &mut impl Store, key: &str, marker: &[u8]) -> bool {
@@ -91,6 +96,7 @@ pub(super) fn check(
         low_space(store, w.config.serve.low_space_ratio, rec, &mut out);
     }
     overdue(store, w, now, hosts, &mut out);
+    copy_overdue(store, w, now, &mut out);
     out
 }
 
@@ -228,6 +234,47 @@ fn overdue(
                     rpo_secs: rpo_ms / 1000,
                 },
             ));
+        }
+    }
+}
+
+/// `copy.overdue` once per missed RPO of a host's copies at one of a plan's
+/// `copy_to` storage hosts: the newest snapshot copied there was taken
+/// longer ago than the RPO (or nothing was copied since the daemon
+/// started). A copy that succeeds clears it (in the core).
+fn copy_overdue(store: &mut impl Store, w: &Watch<'_>, now: u64, out: &mut Vec<Alert>) {
+    for plan in &w.config.plan {
+        let Some(rpo) = plan.rpo else { continue };
+        let rpo_ms = u64::try_from(rpo.as_millis()).unwrap_or(u64::MAX);
+        for dest in &plan.copy_to {
+            let copies = super::core::copy_plan_key(&plan.name, dest);
+            for host in &plan.hosts {
+                let last = store.success(&copies, host.as_str()).map(|s| s.time);
+                let since = last.unwrap_or(w.started);
+                if now.saturating_sub(since) <= rpo_ms {
+                    continue;
+                }
+                let key = copy_overdue_key(&plan.name, dest, host);
+                if !raise(store, &key, &since.to_be_bytes()) {
+                    continue;
+                }
+                let msg = format!(
+                    "no snapshot of plan {} of {host} copied to {dest} for longer than its RPO of {} s",
+                    plan.name,
+                    rpo_ms / 1000
+                );
+                out.push(alert(
+                    host,
+                    Severity::Error,
+                    msg,
+                    EventBody::CopyOverdue {
+                        plan: plan.name.clone(),
+                        storage: dest.to_string(),
+                        last_copied: last,
+                        rpo_secs: rpo_ms / 1000,
+                    },
+                ));
+            }
         }
     }
 }

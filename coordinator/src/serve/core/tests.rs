@@ -993,3 +993,233 @@ fn a_job_ends_only_on_word_from_its_own_host() {
     assert_eq!(kind, "job.failed");
     assert_eq!(w.core.running_jobs(), 1);
 }
+
+// ---- copies -----------------------------------------------------------------------
+
+/// [`five_minutely`], each snapshot copied to offsite, where two per host are kept.
+fn copied() -> String {
+    format!(
+        "{}copy_to = [\"offsite\"]\nkeep_copies.offsite = {{ last = 2 }}\ncopy_limit_upload = \"1M\"\n",
+        five_minutely()
+    )
+}
+
+fn copy_done(outcome: TaskOutcome, copied: &[&str]) -> Done {
+    Done {
+        outcome,
+        retryable: false,
+        result: Some(TaskResult::Copy(flotilla_protocol::CopyReport {
+            to: "offsite".into(),
+            copied: copied.iter().map(|s| snap(s)).collect(),
+            snapshots_copied: copied.len() as u64,
+            ..Default::default()
+        })),
+    }
+}
+
+fn copy_of(sent: &Sent) -> (&str, &str, Vec<SnapshotId>) {
+    match &sent.2 {
+        TaskSpec::Copy {
+            to,
+            hosts,
+            snapshots,
+            limit_bytes_per_sec,
+        } => {
+            assert_eq!(hosts, &[name("alpha"), name("beta")]);
+            assert_eq!(*limit_bytes_per_sec, 1 << 20);
+            (sent.1.as_str(), to.as_str(), snapshots.clone())
+        }
+        other => panic!("not a copy: {other:?}"),
+    }
+}
+
+#[test]
+fn a_copy_follows_each_backup_with_each_hosts_newest_snapshot() {
+    let mut w = World::leader(&copied());
+    let backups = w.tick(T0 + 5 * MIN);
+    assert_eq!(hosts_of(&backups), ["alpha", "beta"]);
+    // alpha's backup succeeds: a copy of its snapshot, run on nas.
+    w.finish(T0 + 6 * MIN, &backups[0].0, "alpha", succeeded("a1"));
+    let first = w.tick(T0 + 6 * MIN);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(copy_of(&first[0]), ("nas", "offsite", vec![snap("a1")]));
+    // beta's succeeds while that copy runs: another copy is queued, and
+    // names both hosts' newest snapshots.
+    w.finish(T0 + 7 * MIN, &backups[1].0, "beta", succeeded("b1"));
+    let second = w.tick(T0 + 7 * MIN);
+    assert_eq!(
+        copy_of(&second[0]),
+        ("nas", "offsite", vec![snap("a1"), snap("b1")])
+    );
+    // Only one copy waits at a time.
+    w.finish(T0 + 8 * MIN, "by-hand", "alpha", succeeded("a2"));
+    w.finish(T0 + 8 * MIN, "by-hand-2", "alpha", succeeded("a3"));
+    assert_eq!(w.core.queued_jobs(), 1);
+
+    // The first copy ends: its job event, alpha's copy recorded, and
+    // offsite's own keep policy applied to alpha's copies there.
+    let actions = w.finish(
+        T0 + 9 * MIN,
+        &first[0].0,
+        "nas",
+        copy_done(TaskOutcome::Succeeded, &["a1"]),
+    );
+    let (kind, ended) = job_ended(&actions);
+    assert_eq!((kind, ended.job_kind.as_str()), ("job.succeeded", "copy"));
+    let retention: Vec<&Action> = actions
+        .iter()
+        .filter(|a| matches!(a, Action::ApplyRetention { .. }))
+        .collect();
+    assert_eq!(
+        retention,
+        [&Action::ApplyRetention {
+            plan: "home".into(),
+            host: name("alpha"),
+            storage: name("offsite"),
+            keep: KeepPolicy {
+                last: Some(2),
+                ..Default::default()
+            },
+        }]
+    );
+    let recorded = w
+        .core
+        .store()
+        .success("home>offsite", "alpha")
+        .expect("recorded");
+    assert_eq!(recorded.snapshot, Some(snap("a1")));
+    // Copies stay out of the backup successes (metrics, status).
+    assert!(w.core.successes().iter().all(|(plan, _, _)| plan == "home"));
+
+    // A partial copy counts only what it committed.
+    let actions = w.finish(
+        T0 + 10 * MIN,
+        &second[0].0,
+        "nas",
+        copy_done(TaskOutcome::Partial, &["b1"]),
+    );
+    assert_eq!(job_ended(&actions).0, "job.partial");
+    assert_eq!(
+        w.core
+            .store()
+            .success("home>offsite", "beta")
+            .and_then(|s| s.snapshot),
+        Some(snap("b1"))
+    );
+    assert_eq!(
+        w.core
+            .store()
+            .success("home>offsite", "alpha")
+            .and_then(|s| s.snapshot),
+        Some(snap("a1"))
+    );
+}
+
+#[test]
+fn a_copy_schedule_copies_on_its_own_time_and_nothing_before_a_backup() {
+    let text = copied().replace(
+        "copy_to = [\"offsite\"]",
+        "copy_to = [\"offsite\"]\ncopy_schedule = \"32 * * * *\"",
+    );
+    let mut w = World::leader(&text);
+    let backups = w.tick(T0 + 5 * MIN);
+    w.finish(T0 + 6 * MIN, &backups[0].0, "alpha", succeeded("a1"));
+    w.finish(T0 + 6 * MIN, &backups[1].0, "beta", failed(false));
+    // No copy after the backup: the schedule says when.
+    assert!(w
+        .tick(T0 + 7 * MIN)
+        .iter()
+        .all(|s| !matches!(s.2, TaskSpec::Copy { .. })));
+    // The half hour's backups go first (and fail, leaving a1 the newest).
+    let backups = w.tick(T0 + 31 * MIN);
+    assert!(backups
+        .iter()
+        .all(|s| !matches!(s.2, TaskSpec::Copy { .. })));
+    for (task, host, _) in &backups {
+        w.finish(T0 + 31 * MIN, task, host.as_str(), failed(false));
+    }
+    let at_the_hour = w.tick(T0 + 32 * MIN);
+    let copies: Vec<&Sent> = at_the_hour
+        .iter()
+        .filter(|s| matches!(s.2, TaskSpec::Copy { .. }))
+        .collect();
+    assert_eq!(copies.len(), 1, "{at_the_hour:?}");
+    assert_eq!(copy_of(copies[0]), ("nas", "offsite", vec![snap("a1")]));
+
+    // With no backup recorded, a scheduled copy has nothing to send.
+    let mut w = World::leader(&text);
+    for (task, host, _) in &w.tick(T0 + 31 * MIN) {
+        w.finish(T0 + 31 * MIN, task, host.as_str(), failed(false));
+    }
+    let sent = w.tick(T0 + 32 * MIN);
+    assert!(
+        sent.iter().all(|s| !matches!(s.2, TaskSpec::Copy { .. })),
+        "{sent:?}"
+    );
+    assert_eq!(w.core.queued_jobs(), 0, "dropped, not waiting");
+}
+
+#[test]
+fn copy_overdue_is_raised_per_destination_and_cleared_by_a_copy() {
+    let text = format!(
+        "{}rpo = \"10m\"\ncopy_to = [\"offsite\"]\n",
+        five_minutely().replace("\"alpha\", \"beta\"", "\"alpha\"")
+    );
+    let mut w = World::leader(&text);
+    let alpha = [record("alpha", T0 + 11 * MIN, VERSION, Vec::new())];
+    let raised = w.core.on_tick(T0 + 11 * MIN, Some(&alpha));
+    let copy_overdue: Vec<&EventBody> = raised
+        .iter()
+        .filter_map(|a| match a {
+            Action::Publish {
+                body: b @ EventBody::CopyOverdue { .. },
+                ..
+            } => Some(b),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        copy_overdue,
+        [&EventBody::CopyOverdue {
+            plan: "home".into(),
+            storage: "offsite".into(),
+            last_copied: None,
+            rpo_secs: 600,
+        }]
+    );
+    assert!(
+        published(&w.core.on_tick(T0 + 12 * MIN, Some(&alpha)))
+            .iter()
+            .all(|(k, _)| *k != "copy.overdue"),
+        "raised once"
+    );
+    // A backup, then its copy: cleared, and counted from that backup.
+    w.finish(T0 + 16 * MIN, "by-hand", "alpha", succeeded("a1"));
+    let sent = w.tick(T0 + 16 * MIN);
+    let copy: Vec<&Sent> = sent
+        .iter()
+        .filter(|s| matches!(s.2, TaskSpec::Copy { .. }))
+        .collect();
+    assert_eq!(copy.len(), 1, "{sent:?}");
+    w.finish(
+        T0 + 17 * MIN,
+        &copy[0].0,
+        "nas",
+        copy_done(TaskOutcome::Succeeded, &["a1"]),
+    );
+    assert!(w
+        .core
+        .store()
+        .alert("copy_overdue/home/offsite/alpha")
+        .is_none());
+    let fresh = [record("alpha", T0 + 20 * MIN, VERSION, Vec::new())];
+    let quiet = published(&w.core.on_tick(T0 + 20 * MIN, Some(&fresh)));
+    assert!(quiet.iter().all(|(k, _)| *k != "copy.overdue"), "{quiet:?}");
+    // A failed copy clears nothing: overdue again once the RPO passes.
+    let later = [record("alpha", T0 + 27 * MIN, VERSION, Vec::new())];
+    let again = published(&w.core.on_tick(T0 + 27 * MIN, Some(&later)));
+    assert!(
+        again.contains(&("copy.overdue", "alpha".to_owned())),
+        "{again:?}"
+    );
+}
