@@ -141,7 +141,8 @@ impl Bus {
                     other => debug!(event = %other, "NATS event"),
                 }
             })
-            .connect(url)
+            // Every node of a clustered bus: the client fails over between them.
+            .connect(flotilla_protocol::server_urls(url).as_slice())
             .await
             .map_err(|source| BusError::Connect {
                 url: url.to_owned(),

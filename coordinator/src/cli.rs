@@ -159,6 +159,24 @@ pub enum Command {
         /// Overwrite an existing configuration file.
         #[arg(long)]
         force: bool,
+        /// Make this server one node of a JetStream cluster with this name (three
+        /// nodes survive the loss of any one); run nats-config once per node.
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        /// With --cluster: this node's name, unique in the cluster [default: the first --name or listen host].
+        #[arg(long, value_name = "NAME", requires = "cluster")]
+        server_name: Option<String>,
+        /// With --cluster: where this node listens for the other nodes.
+        #[arg(
+            long,
+            value_name = "HOST:PORT",
+            default_value = "0.0.0.0:6222",
+            requires = "cluster"
+        )]
+        cluster_listen: String,
+        /// With --cluster: another node's cluster address, HOST:PORT (repeatable; every other node).
+        #[arg(long = "route", value_name = "HOST:PORT", requires = "cluster")]
+        routes: Vec<String>,
     },
     /// Check the fleet's streams, buckets and task consumers and repair them;
     /// push the fleet account (revocations) and the signed revocation list.
@@ -598,8 +616,7 @@ fn report(e: &CliError, json: bool) {
     }
 }
 
-/// `--timeout`: a duration such as `90s`, `30m` or `2h` (a bare number is
-/// seconds, as `estimate --timeout` takes), above zero.
+/// A rate for `--limit-upload`: a size per second, above zero.
 fn rate_arg(s: &str) -> Result<u64, String> {
     match flotilla_protocol::text::parse_bytes(s)? {
         0 => Err("a rate must be above zero (leave the flag out for no limit)".into()),
@@ -607,6 +624,8 @@ fn rate_arg(s: &str) -> Result<u64, String> {
     }
 }
 
+/// `--timeout`: a duration such as `90s`, `30m` or `2h` (a bare number is
+/// seconds, as `estimate --timeout` takes), above zero.
 fn timeout_arg(s: &str) -> Result<Duration, String> {
     let d = match s.parse::<u64>() {
         Ok(secs) => Duration::from_secs(secs),
@@ -719,7 +738,19 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             out,
             names,
             force,
-        } => bus::nats_config(g, &listen, &store, &out, &names, force),
+            cluster,
+            server_name,
+            cluster_listen,
+            routes,
+        } => {
+            let cluster = cluster.map(|name| bus::Cluster {
+                name,
+                server_name,
+                listen: cluster_listen,
+                routes,
+            });
+            bus::nats_config(g, &listen, &store, &out, &names, force, cluster.as_ref())
+        }
         Command::Doctor {
             check,
             recreate,

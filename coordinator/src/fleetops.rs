@@ -146,7 +146,7 @@ fn same_record(a: &SnapshotRecord, b: &SnapshotRecord) -> bool {
 #[derive(Debug, Clone)]
 pub(crate) struct Held {
     /// The first holder's record (by storage host name; the records are the
-    /// same, or the id would be contested).
+    /// same: a contested id is held once per storage host, never merged).
     pub found: Found,
     /// Every storage host listing it, the first one's first.
     pub storages: Vec<HostName>,
@@ -182,7 +182,10 @@ impl Listing {
         let mut out: Vec<Held> = Vec::new();
         let mut at: BTreeMap<&str, usize> = BTreeMap::new();
         for f in &self.found {
-            match at.get(f.record.id.as_str()) {
+            // Different records under one id are not copies of each other:
+            // each stays a row of its own (and `find` refuses the id).
+            let copy = !self.contested.contains(&f.record.id);
+            match at.get(f.record.id.as_str()).filter(|_| copy) {
                 Some(&i) => out[i].storages.push(f.storage.clone()),
                 None => {
                     at.insert(&f.record.id, out.len());
@@ -805,6 +808,10 @@ pub(crate) mod tests {
                 &key,
             );
             assert_eq!(listing.contested.iter().collect::<Vec<_>>(), [&b.id]);
+            // Not merged into one row as a copy would be.
+            let held = listing.held();
+            assert_eq!(held.len(), 2, "{held:?}");
+            assert!(held.iter().all(|h| h.storages.len() == 1), "{held:?}");
         }
     }
 

@@ -106,10 +106,12 @@ impl Nats {
                 .require_tls(true)
                 .custom_inbox_prefix(&auth.inbox_prefix);
         }
+        // Every node of a clustered bus: the client fails over between them.
+        let urls = flotilla_protocol::server_urls(url);
         let client = options
             .name("flotilla")
             .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect(urls.as_slice())
             .await
             .map_err(|e| CliError::Nats {
                 url: url.to_owned(),

@@ -39,6 +39,17 @@ pub struct Bundle {
     pub nats_creds: Option<String>,
 }
 
+/// The server URLs of a comma-separated list (`nats_url` of a bundle, the
+/// fleet file, `--nats`), trimmed, empty entries dropped: every node of a
+/// clustered control plane, tried in turn and failed over between.
+pub fn server_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A NATS user JWT and its nkey seed in the `.creds` file format every NATS
 /// client reads (`nats --creds`, nats-py `user_credentials`, Go `nats.UserCredentials`).
 pub fn format_creds(jwt: &str, seed: &str) -> String {
@@ -97,5 +108,20 @@ impl Bundle {
     pub fn to_toml(&self) -> String {
         // Serialising plain strings and integers to TOML cannot fail.
         toml::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_list_is_every_node_once_trimmed() {
+        assert_eq!(server_urls("tls://a:4222"), ["tls://a:4222"]);
+        assert_eq!(
+            server_urls(" tls://a:4222, tls://b:4222 ,,tls://c:4222,"),
+            ["tls://a:4222", "tls://b:4222", "tls://c:4222"]
+        );
+        assert!(server_urls(" , ").is_empty());
     }
 }

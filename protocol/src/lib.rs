@@ -42,7 +42,7 @@ mod task;
 pub mod text;
 pub mod transfer;
 
-pub use bundle::{format_creds, Bundle, BundleError, BUNDLE_VERSION};
+pub use bundle::{format_creds, server_urls, Bundle, BundleError, BUNDLE_VERSION};
 pub use codec::{decode, encode, DecodeError, EncodeError};
 pub use event::{
     Event, EventBody, JobEnded, OfflineReason, RejectReason, Severity, TaskFinished, TaskOutcome,

@@ -22,7 +22,7 @@ use super::backup::{failed, session_err};
 use super::prune::on_repository;
 use super::{Agent, JobError};
 use crate::engine::{Cancel, Counters, Progress};
-use crate::repository::Repository;
+use crate::repository::{RepoError, Repository};
 use crate::transfer::client::{Session, SessionError, UPLOAD_LANES};
 use crate::transfer::pace::Pace;
 
@@ -62,7 +62,7 @@ impl Agent {
             .ok_or_else(|| failed("the QUIC endpoint is not running; see the agent log"))?;
         let (selected, not_here) = {
             let (repo, hosts, snapshots) = (repo.clone(), hosts.clone(), snapshots.clone());
-            on_repository("copy", move || Ok(select(&repo, &hosts, &snapshots))).await?
+            on_repository("copy", move || select(&repo, &hosts, &snapshots)).await?
         };
         let mut report = CopyReport {
             to: to.to_string(),
@@ -114,12 +114,12 @@ impl Agent {
             }
             Ended::Lost(e) => return Err(session_err(e)),
         }
-        let outcome = match (report.snapshots_failed, report.snapshots_selected) {
-            (0, _) => TaskOutcome::Succeeded,
-            (failed, selected) if failed >= selected && report.snapshots_copied == 0 => {
-                TaskOutcome::Failed
-            }
-            _ => TaskOutcome::Partial,
+        let outcome = if report.snapshots_failed == 0 {
+            TaskOutcome::Succeeded
+        } else if report.snapshots_copied + report.snapshots_present == 0 {
+            TaskOutcome::Failed
+        } else {
+            TaskOutcome::Partial
         };
         Ok((outcome, TaskResult::Copy(report)))
     }
@@ -133,14 +133,8 @@ fn select(
     repo: &Repository,
     hosts: &[HostName],
     snapshots: &[SnapshotId],
-) -> (Vec<Selected>, Vec<SnapshotId>) {
-    let ids = match repo.snapshot_ids() {
-        Ok(ids) => ids,
-        Err(e) => {
-            warn!(error = %e, "cannot list snapshots to copy");
-            return (Vec::new(), snapshots.to_vec());
-        }
-    };
+) -> Result<(Vec<Selected>, Vec<SnapshotId>), RepoError> {
+    let ids = repo.snapshot_ids()?;
     let mut out = Vec::new();
     for id in &ids {
         if !snapshots.is_empty() && !snapshots.iter().any(|s| s.as_str() == id) {
@@ -162,7 +156,7 @@ fn select(
         .cloned()
         .collect();
     out.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
-    (out, not_here)
+    Ok((out, not_here))
 }
 
 /// How the run over the selected snapshots ended.
@@ -265,12 +259,17 @@ impl Run {
         // A commit refused for missing blobs (the destination lost some
         // between the question and the commit) is tried once more.
         for attempt in 1..=2 {
-            let missing = self
+            let mut missing = self
                 .handle
                 .block_on(session.missing(&needed))
                 .map_err(Fail::Lost)?;
+            // Only what this snapshot needs is read and sent, whatever the
+            // destination answers.
+            missing.retain(|id| needed.binary_search(id).is_ok());
+            missing.sort_unstable();
+            missing.dedup();
             if attempt == 1 {
-                report.blobs_present += (needed.len() - missing.len()) as u64;
+                report.blobs_present += needed.len().saturating_sub(missing.len()) as u64;
             }
             self.send(session, &missing, report, progress, (done, &rec.id))?;
             match self.handle.block_on(session.commit(rec.clone())) {
@@ -279,6 +278,13 @@ impl Run {
                 Err(e) if attempt == 1 && e.code() == Some(&ErrorCode::MissingBlobs) => {
                     warn!(snapshot = %rec.id, error = %e, "destination lacks blobs at commit; sending again");
                 }
+                // A refusal trying again may mend (the destination's disk)
+                // ends the copy retryably; any other skips this snapshot.
+                Err(
+                    e @ SessionError::Refused {
+                        retryable: true, ..
+                    },
+                ) => return Err(Fail::Lost(e)),
                 Err(e @ SessionError::Refused { .. }) => return Err(Fail::Snapshot(e.to_string())),
                 Err(e) => return Err(Fail::Lost(e)),
             }
@@ -323,8 +329,14 @@ impl Run {
             let len = data.len() as u64;
             if let Some(pace) = &mut self.pace {
                 let wait = pace.wait(self.started.elapsed(), len);
-                if !wait.is_zero() {
-                    std::thread::sleep(wait.min(Duration::from_secs(60)));
+                // In slices, so that a cancel is heard within a second
+                // however slow the limit (no cap: the pace is kept).
+                let until = Instant::now() + wait;
+                while let Some(left) = until.checked_duration_since(Instant::now()) {
+                    if left.is_zero() || self.cancel.is_cancelled() {
+                        break;
+                    }
+                    std::thread::sleep(left.min(Duration::from_secs(1)));
                 }
             }
             if uploader.put_blocking(*id, kind, data).is_err() {
@@ -344,7 +356,12 @@ impl Run {
         }
         self.handle
             .block_on(uploader.finish())
-            .map_err(Fail::Lost)?;
+            .map_err(|e| match e.code() {
+                // A blob the destination refused (its shape): this snapshot
+                // cannot go, the next may.
+                Some(ErrorCode::Corrupt) => Fail::Snapshot(e.to_string()),
+                _ => Fail::Lost(e),
+            })?;
         if self.cancel.is_cancelled() {
             return Err(Fail::Cancelled);
         }

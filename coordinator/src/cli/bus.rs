@@ -61,6 +61,71 @@ pub fn server_names(listen_host: &str, fleet_urls: &str, extra: &[String]) -> Ve
     names
 }
 
+/// One node of a JetStream cluster (`nats-config --cluster`).
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// The cluster's name, the same on every node.
+    pub name: String,
+    /// This node's name, unique in the cluster.
+    pub server_name: Option<String>,
+    /// Where this node listens for the others, HOST:PORT.
+    pub listen: String,
+    /// The other nodes' cluster addresses, HOST:PORT.
+    pub routes: Vec<String>,
+}
+
+/// A cluster node's configuration, checked: (server name, route URLs).
+fn cluster_parts(c: &Cluster, names: &[String]) -> Result<(String, Vec<String>), CliError> {
+    let word = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    if !word(&c.name) {
+        return Err(CliError::Usage(format!(
+            "--cluster {:?}: use letters, digits, '-', '_' and '.'",
+            c.name
+        )));
+    }
+    let server_name = c
+        .server_name
+        .clone()
+        .or_else(|| names.first().cloned())
+        .unwrap_or_default();
+    if !word(&server_name) {
+        return Err(CliError::Usage(format!(
+            "--server-name {server_name:?}: use letters, digits, '-', '_' and '.'"
+        )));
+    }
+    if c.listen.rsplit_once(':').is_none() {
+        return Err(CliError::Usage(format!(
+            "--cluster-listen {}: give HOST:PORT, e.g. 0.0.0.0:6222",
+            c.listen
+        )));
+    }
+    if c.routes.is_empty() {
+        return Err(CliError::Usage(
+            "--cluster needs a --route HOST:PORT for every other node".into(),
+        ));
+    }
+    let routes = c
+        .routes
+        .iter()
+        .map(|r| {
+            let bare = r.split_once("://").map_or(r.as_str(), |(_, rest)| rest);
+            match bare.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    Ok(format!("tls://{bare}"))
+                }
+                _ => Err(CliError::Usage(format!(
+                    "--route {r}: give HOST:PORT of another node's --cluster-listen"
+                ))),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((server_name, routes))
+}
+
 /// `flotilla nats-config`.
 pub fn nats_config(
     g: &Global,
@@ -69,6 +134,7 @@ pub fn nats_config(
     out: &Path,
     extra_names: &[String],
     force: bool,
+    cluster: Option<&Cluster>,
 ) -> Result<(), CliError> {
     let fleet = g.fleet()?;
     let auth = fleet.nats_auth();
@@ -90,6 +156,9 @@ pub fn nats_config(
             "--listen {listen} names no address clients dial: add --name HOST (the name or address in the fleet's NATS URL)"
         )));
     }
+    let cluster = cluster
+        .map(|c| cluster_parts(c, &names).map(|(server, routes)| (c, server, routes)))
+        .transpose()?;
     if out.exists() && !force {
         return Err(FleetError::Exists(out.to_path_buf()).into());
     }
@@ -105,6 +174,12 @@ pub fn nats_config(
     let tls = store.join("tls");
     write_file(&tls.join("server.crt"), cert.as_bytes(), 0o644, true)?;
     write_file(&tls.join("server.key"), key.as_bytes(), 0o600, true)?;
+    // The other nodes' certificates are checked against the fleet CA.
+    let ca = fs::read(fleet.ca_cert_path()).map_err(|source| FleetError::Io {
+        path: fleet.ca_cert_path(),
+        source,
+    })?;
+    write_file(&tls.join("ca.crt"), &ca, 0o644, true)?;
     let accounts = store.join("accounts");
     let account = auth.account_id()?;
     // The fleet account's JWT, where the server's account resolver looks
@@ -126,6 +201,14 @@ pub fn nats_config(
         operator_jwt: &auth.operator_jwt()?,
         system_jwt: &auth.system_account_jwt()?,
         out,
+        cluster: cluster.as_ref().map(|(c, server, routes)| {
+            (
+                c.name.as_str(),
+                server.as_str(),
+                c.listen.as_str(),
+                routes.as_slice(),
+            )
+        }),
     });
     write_file(out, text.as_bytes(), 0o644, force)?;
     outln!(
@@ -149,6 +232,8 @@ struct ConfigParts<'a> {
     operator_jwt: &'a str,
     system_jwt: &'a str,
     out: &'a Path,
+    /// (cluster name, server name, cluster listen, route URLs).
+    cluster: Option<(&'a str, &'a str, &'a str, &'a [String])>,
 }
 
 fn config_text(p: &ConfigParts<'_>) -> String {
@@ -211,6 +296,36 @@ resolver_preload {{
         operator = p.operator_jwt,
         system_jwt = p.system_jwt,
     );
+    if let Some((name, server, listen, routes)) = p.cluster {
+        let routes: Vec<String> = routes.iter().map(|r| format!("    \"{r}\"")).collect();
+        let _ = write!(
+            t,
+            r#"
+# One node of the JetStream cluster {name}: streams and buckets are kept
+# on three nodes (`flotilla doctor` sets the replicas), so the fleet runs on
+# while any one node is down. Every node has a configuration like this one,
+# each with its own server_name, store and certificate.
+server_name: "{server}"
+cluster {{
+  name: "{name}"
+  listen: "{listen}"
+  routes: [
+{routes}
+  ]
+  # Nodes talk TLS to each other, each presenting a certificate from the
+  # fleet CA and checking the other's (a machine without one cannot join).
+  tls {{
+    cert_file: "{store}/tls/server.crt"
+    key_file: "{store}/tls/server.key"
+    ca_file: "{store}/tls/ca.crt"
+    verify: true
+    timeout: 5
+  }}
+}}
+"#,
+            routes = routes.join(",\n"),
+        );
+    }
     t
 }
 
@@ -388,6 +503,52 @@ pub async fn revoke(g: &Global, name: &HostName, json: bool) -> Result<(), CliEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_node_needs_a_name_and_the_other_nodes() {
+        let node = |routes: &[&str]| Cluster {
+            name: "fleet-bus".into(),
+            server_name: None,
+            listen: "0.0.0.0:6222".into(),
+            routes: routes.iter().map(|r| r.to_string()).collect(),
+        };
+        let names = ["nats1.lan".to_owned()];
+        let (server, routes) = cluster_parts(
+            &node(&["nats2.lan:6222", "nats-route://10.0.0.3:6222"]),
+            &names,
+        )
+        .expect("valid");
+        assert_eq!(server, "nats1.lan", "the first name by default");
+        assert_eq!(routes, ["tls://nats2.lan:6222", "tls://10.0.0.3:6222"]);
+        for (c, says) in [
+            (node(&[]), "--route HOST:PORT for every other node"),
+            (node(&["nats2.lan"]), "--route nats2.lan"),
+            (
+                Cluster {
+                    name: "a b".into(),
+                    ..node(&["x:1"])
+                },
+                "--cluster",
+            ),
+            (
+                Cluster {
+                    listen: "6222".into(),
+                    ..node(&["x:1"])
+                },
+                "--cluster-listen",
+            ),
+            (
+                Cluster {
+                    server_name: Some("n/1".into()),
+                    ..node(&["x:1"])
+                },
+                "--server-name",
+            ),
+        ] {
+            let err = cluster_parts(&c, &names).expect_err(says).to_string();
+            assert!(err.contains(says), "{err}");
+        }
+    }
 
     #[test]
     fn the_certificate_names_what_clients_dial() {
