@@ -83,6 +83,6 @@ mod tests {
     fn a_huge_send_saturates_instead_of_overflowing() {
         let mut pace = Pace::new(1).expect("a limit");
         pace.wait(Duration::ZERO, u64::MAX);
-        assert!(pace.wait(Duration::ZERO, 1) > Duration::from_secs(1 << 40));
+        assert!(pace.wait(Duration::ZERO, 1) > Duration::from_secs(1 << 30));
     }
 }
