@@ -44,11 +44,14 @@ impl Agent {
                 self.settings.host
             ))
         })?;
-        let endpoint = self
-            .endpoint
+        Ok((key, self.quic()?))
+    }
+
+    /// The QUIC endpoint a data-plane task dials from.
+    pub(crate) fn quic(&self) -> Result<Arc<TransferEndpoint>, JobError> {
+        self.endpoint
             .clone()
-            .ok_or_else(|| failed("the QUIC endpoint is not running; see the agent log"))?;
-        Ok((key, endpoint))
+            .ok_or_else(|| failed("the QUIC endpoint is not running; see the agent log"))
     }
 
     pub(super) async fn backup(

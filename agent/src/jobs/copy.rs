@@ -56,10 +56,7 @@ impl Agent {
             )));
         }
         let repo = self.repository()?;
-        let endpoint = self
-            .endpoint
-            .clone()
-            .ok_or_else(|| failed("the QUIC endpoint is not running; see the agent log"))?;
+        let endpoint = self.quic()?;
         let (selected, not_here) = {
             let (repo, hosts, snapshots) = (repo.clone(), hosts.clone(), snapshots.clone());
             on_repository("copy", move || select(&repo, &hosts, &snapshots)).await?

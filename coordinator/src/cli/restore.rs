@@ -106,7 +106,7 @@ pub(super) async fn run(
         let wait = Wait::with_timeout(WAIT, timeout);
         let done = follow_one(&host, task, "restore", wait, json, &dispatch).await?;
         match next {
-            Some(next) if done.outcome == TaskOutcome::Failed && done.retryable => {
+            Some(next) if try_next_holder(done.outcome, done.retryable) => {
                 eprintln!(
                     "restore from {storage} failed: {}; trying {next}, which holds it too",
                     done.error.as_deref().unwrap_or("no reason given")
@@ -160,5 +160,31 @@ pub(super) async fn run(
             retryable: done.retryable,
             error: done.error.unwrap_or_default(),
         }),
+    }
+}
+
+/// Whether a restore that ended so is tried again from the next storage host
+/// holding the snapshot: a failure trying again may mend (the storage host
+/// unreachable, the session lost). A partial restore, a cancel or a refusal
+/// would end the same anywhere.
+fn try_next_holder(outcome: TaskOutcome, retryable: bool) -> bool {
+    outcome == TaskOutcome::Failed && retryable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_retryable_failure_moves_to_the_next_holder() {
+        assert!(try_next_holder(TaskOutcome::Failed, true));
+        assert!(!try_next_holder(TaskOutcome::Failed, false));
+        for outcome in [
+            TaskOutcome::Succeeded,
+            TaskOutcome::Partial,
+            TaskOutcome::Cancelled,
+        ] {
+            assert!(!try_next_holder(outcome, true), "{outcome:?}");
+        }
     }
 }
